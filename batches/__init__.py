@@ -1,0 +1,1 @@
+"""Batch jobs: models, REST API, scheduler, output sinks, recovery (later issues)."""

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class OrchestratorSiteConfig(AppConfig):
+    name = "orchestrator_site"
+    verbose_name = "prompt-orchestrator"
+
+    def ready(self) -> None:
+        # Load the Celery app in every Django process (gateway, manage.py, tests),
+        # so that shared tasks are sent through it and never through a default app.
+        from orchestrator_site import celery  # noqa: F401

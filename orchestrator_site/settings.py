@@ -1,0 +1,173 @@
+"""Django settings. Infrastructure comes from the environment (README lists every
+variable); pipeline behaviour comes from ``pipeline.toml`` (``pipeline.config``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator_site.env import env_bool, env_int, env_list, env_str, parse_database_url
+from orchestrator_site.errors import ConfigInvalid
+from orchestrator_site.logging import configure_logging
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+ORCHESTRATOR_ENV = env_str("ORCHESTRATOR_ENV", "development")
+if ORCHESTRATOR_ENV not in {"development", "production"}:
+    raise ConfigInvalid("ORCHESTRATOR_ENV must be 'development' or 'production'", data={"variable": "ORCHESTRATOR_ENV"})
+PRODUCTION = ORCHESTRATOR_ENV == "production"
+
+DEBUG = env_bool("DJANGO_DEBUG", default=not PRODUCTION)
+_DEV_SECRET = "dev-only-insecure-secret-key-change-me-0123456789-abcdefghijklmnopqrstuvwxyz"
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", "" if PRODUCTION else _DEV_SECRET)
+if not SECRET_KEY:
+    # A production process must never start on a guessable key.
+    raise ConfigInvalid("DJANGO_SECRET_KEY must be set when ORCHESTRATOR_ENV=production", data={"variable": "DJANGO_SECRET_KEY"})
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "orchestrator_site.apps.OrchestratorSiteConfig",
+    "pipeline",
+    "batches",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "orchestrator_site.urls"
+WSGI_APPLICATION = "orchestrator_site.wsgi.application"
+ASGI_APPLICATION = "orchestrator_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+_db = parse_database_url(env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator"))
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": _db.name,
+        "USER": _db.user,
+        "PASSWORD": _db.password,
+        "HOST": _db.host,
+        "PORT": _db.port,
+        # Persistent connections: a Celery thread or a gateway thread reuses its
+        # connection instead of paying the handshake on every request.
+        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 60),
+        "CONN_HEALTH_CHECKS": True,
+        "OPTIONS": {"connect_timeout": 5},
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# Daphne serves static files itself in development (ASGIStaticFilesHandler);
+# production puts a CDN or reverse proxy in front of STATIC_ROOT.
+SERVE_STATIC = env_bool("SERVE_STATIC", default=not PRODUCTION)
+
+# Shared fast state: token streams, request status. Everything under one prefix
+# so that several deployments (or the test suite) can share one Redis.
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "orch")
+REDIS_SOCKET_TIMEOUT_S = float(env_int("REDIS_SOCKET_TIMEOUT_MS", 2000)) / 1000.0
+
+PIPELINE_CONFIG_PATH = env_str("PIPELINE_CONFIG", str(BASE_DIR / "pipeline.toml"))
+
+# --- Celery (read by orchestrator_site.celery through the CELERY_ namespace) ---
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
+CELERY_RESULT_BACKEND = None  # results travel on the token bus, never through Celery
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    # acks_late tasks are redelivered if unacknowledged this long: longer than
+    # the longest hard time limit, so a slow batch item is not run twice.
+    "visibility_timeout": 3600,
+    "socket_timeout": 5,
+    "socket_connect_timeout": 5,
+}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower
+CELERY_TASK_SEND_SENT_EVENT = True
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["pipeline.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["pipeline.auth.IsTenant"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "pipeline.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "prompt-orchestrator API",
+    "DESCRIPTION": "Real-time and batch LLM prompt orchestration for many tenants.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    # Offline docs: Swagger UI from the sidecar package, never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+if PRODUCTION:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", default=True)
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+LOG_FORMAT = env_str("LOG_FORMAT", "json" if PRODUCTION else "console")
+LOGGING_CONFIG = None
+configure_logging(level=LOG_LEVEL, fmt=LOG_FORMAT)

@@ -1,0 +1,91 @@
+"""What must last: tenants, API keys (hashed), RAG documents, session turns."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector, SearchVectorField
+from django.db import models
+
+
+class Tenant(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=100, unique=True)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ApiKey(models.Model):
+    """Only the SHA-256 of a key is stored; ``prefix`` stays visible to tell keys apart."""
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True, default="")
+    prefix = models.CharField(max_length=16, db_index=True, editable=False)
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.tenant})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class Document(models.Model):
+    """A tenant's RAG document, searched with Postgres full-text search."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="documents")
+    title = models.CharField(max_length=300)
+    body = models.TextField()
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Computed by Postgres on every write, so no code path can forget to update it.
+    search_vector = models.GeneratedField(
+        expression=SearchVector("title", weight="A", config="english") + SearchVector("body", weight="B", config="english"),
+        output_field=SearchVectorField(),
+        db_persist=True,
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            GinIndex(fields=["search_vector"], name="document_search_gin"),
+            models.Index(fields=["tenant", "-created_at"], name="document_tenant_created"),
+        ]
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class SessionTurn(models.Model):
+    """One message of a conversation; assemble replays the latest turns of a session."""
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="turns")
+    session_id = models.CharField(max_length=128)
+    request_id = models.CharField(max_length=64)
+    role = models.CharField(max_length=16, choices=[("user", "user"), ("assistant", "assistant")])
+    content = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["tenant", "session_id", "-id"], name="turn_session_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.session_id}:{self.role}"

@@ -1,0 +1,35 @@
+"""A fake llama.cpp server: ``/completion`` and ``/health``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, sse_event
+
+
+class FakeLlamaCpp(FakeProvider):
+    def error_body(self, status: int) -> dict[str, Any]:
+        kinds = {503: "unavailable_error", 429: "unavailable_error", 401: "authentication_error"}
+        return {"error": {"code": status, "message": "Loading model" if status == 503 else f"fake {status}", "type": kinds.get(status, "server_error")}}
+
+    def reply(self, path: str, body: dict[str, Any]) -> Reply | SseReply:
+        if path == "/health":
+            return json_reply(200, {"status": "ok"})
+        if path != "/completion":
+            return json_reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+        limit = int(body.get("n_predict", -1))
+        tokens = self.tokens if limit < 0 else self.tokens[:limit]
+        stop_type = "limit" if len(tokens) < len(self.tokens) else "eos"
+        evaluated = len(str(body.get("prompt", "")).split())
+        final = {"content": "", "stop": True, "tokens_predicted": len(tokens), "tokens_evaluated": evaluated, "stop_type": stop_type, "model": "fake.gguf"}
+        if not body.get("stream"):
+            if self.mode == "malformed":
+                return Reply(body=b'{"content": ')
+            return json_reply(200, {**final, "content": "".join(tokens)})
+        events = [sse_event(json.dumps({"content": t, "stop": False, "tokens_predicted": i + 1})) for i, t in enumerate(tokens)]
+        if self.mode == "malformed":
+            events.insert(1, b"data: {]\n\n")
+        if self.mode != "cut":
+            events.append(sse_event(json.dumps(final)))
+        return SseReply(events, drop_after=(1 + len(tokens) // 2) if self.mode == "drop" else None, delay_s=self.token_delay_s)

@@ -1,0 +1,188 @@
+"""A small threaded HTTP/1.1 server on loopback that fakes providers.
+
+A test sets ``fake.mode`` to choose the behaviour of the next requests:
+
+- ``ok``: a normal reply (JSON, or SSE when the request asks to stream);
+- ``429``: rate limited, with ``Retry-After: fake.retry_after``;
+- ``500`` / ``503`` / ``529`` / ``401``: that status with the provider's error body;
+- ``hang``: accept the request and answer nothing until ``hang_s`` has passed;
+- ``malformed``: a body (or one SSE event) that is not valid JSON;
+- ``drop``: stream some events, then close the socket mid-body
+  (no terminating chunk: the client sees an incomplete chunked body);
+- ``cut``: stream some events, then end the body cleanly but without the
+  protocol's final event.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SseReply:
+    events: list[bytes]
+    drop_after: int | None = None  # close the socket after this many events
+    delay_s: float = 0.0
+
+
+@dataclass
+class Hang:
+    seconds: float
+
+
+def json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status=status, body=json.dumps(payload).encode(), headers=headers or {})
+
+
+def sse_event(data: str, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return (head + f"data: {data}\n\n").encode()
+
+
+class FakeProvider:
+    """Base class: subclasses implement ``reply(path, body)`` for their protocol."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.retry_after = "2"
+        self.tokens = ["Hello", ",", " world", "!"]
+        self.token_delay_s = 0.0
+        self.hang_s = 3.0
+        self.requests: list[dict[str, Any]] = []
+        self.headers_seen: list[dict[str, str]] = []
+        self.open_connections = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle -------------------------------------------------------------
+    def start(self) -> FakeProvider:
+        fake = self
+
+        class Handler(_Handler):
+            provider = fake
+
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("fake not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    # --- behaviour -------------------------------------------------------------
+    def reply(self, path: str, body: dict[str, Any]) -> Reply | SseReply | Hang:
+        raise NotImplementedError
+
+    def dispatch(self, path: str, body: dict[str, Any]) -> Reply | SseReply | Hang:
+        if self.mode == "hang":
+            return Hang(self.hang_s)
+        if self.mode.isdigit():
+            status = int(self.mode)
+            headers = {"Retry-After": self.retry_after} if status in (429, 503, 529) else {}
+            return json_reply(status, self.error_body(status), headers)
+        return self.reply(path, body)
+
+    def error_body(self, status: int) -> dict[str, Any]:
+        return {"error": {"message": f"fake error {status}", "type": "server_error", "code": status}}
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that gives up (timeout, cancelled stream) resets the socket; that is the point of the test.
+        return
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, chunked bodies
+    provider: FakeProvider
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return
+
+    def setup(self) -> None:
+        super().setup()
+        with self.provider._lock:
+            self.provider.open_connections += 1
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.provider._lock:
+                self.provider.open_connections -= 1
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self._handle({})
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {"_raw": raw.decode("utf-8", "replace")}
+        self._handle(body)
+
+    def _handle(self, body: dict[str, Any]) -> None:
+        self.provider.requests.append({"path": self.path, "body": body})
+        self.provider.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
+        result = self.provider.dispatch(self.path, body)
+        if isinstance(result, Hang):
+            time.sleep(result.seconds)
+            self.close_connection = True
+            return
+        if isinstance(result, Reply):
+            self.send_response(result.status)
+            self.send_header("Content-Type", result.content_type)
+            self.send_header("Content-Length", str(len(result.body)))
+            for key, value in result.headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(result.body)
+            return
+        self._stream(result)
+
+    def _stream(self, reply: SseReply) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for n, event in enumerate(reply.events):
+            if reply.drop_after is not None and n >= reply.drop_after:
+                # Mid-stream drop: no terminating zero-length chunk, socket closed.
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if reply.delay_s:
+                time.sleep(reply.delay_s)
+            self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()

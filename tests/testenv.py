@@ -1,0 +1,13 @@
+"""Loaded with ``-p tests.testenv`` before pytest-django imports the settings:
+points the suite at its own Redis databases and key prefix, so a running
+``make run`` on the same machine is never disturbed."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
+os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("REDIS_KEY_PREFIX", f"orchtest{os.getpid()}")
+os.environ.setdefault("PIPELINE_CONFIG", os.path.join(os.path.dirname(__file__), "pipeline.test.toml"))
+os.environ.setdefault("LOG_LEVEL", "WARNING")

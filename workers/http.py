@@ -1,0 +1,145 @@
+"""httpx plumbing shared by the HTTP workers, and the one place where httpx and
+protocol failures become ``WorkerError``s."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import weakref
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from orchestrator_site.errors import (
+    OrchestratorError,
+    PermanentWorkerError,
+    TransientWorkerError,
+    WorkerAuthError,
+    WorkerConnectionError,
+    WorkerProtocolError,
+    WorkerRateLimited,
+    WorkerTimeout,
+)
+from workers.base import WorkerSettings
+
+# 408/409 and 5xx are worth retrying; 529 is Anthropic's "overloaded".
+_TRANSIENT_STATUSES = {408, 409, 500, 502, 503, 504, 520, 522, 524, 529}
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def _provider_message(body: bytes) -> str:
+    """The provider's own error message, when the body is the usual JSON error shape."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace")
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+        if isinstance(err, str):
+            return err
+        if isinstance(payload.get("message"), str):
+            return str(payload["message"])
+    return str(payload)[:200]
+
+
+def error_for_status(worker: str, status: int, headers: httpx.Headers, body: bytes) -> OrchestratorError:
+    data: dict[str, Any] = {"worker": worker, "upstream_status": status, "upstream_message": _provider_message(body)}
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if status == 429:
+        return WorkerRateLimited(f"{worker}: provider rate limit", data=data, retry_after=retry_after)
+    if status in (401, 403):
+        return WorkerAuthError(f"{worker}: provider rejected the credentials", data=data)
+    if status == 504:
+        return WorkerTimeout(f"{worker}: upstream gateway timeout", data=data, retry_after=retry_after)
+    if status in _TRANSIENT_STATUSES:
+        return TransientWorkerError(f"{worker}: upstream answered {status}", data=data, retry_after=retry_after)
+    return PermanentWorkerError(f"{worker}: upstream answered {status}", data=data)
+
+
+@contextlib.contextmanager
+def translate_errors(worker: str) -> Iterator[None]:
+    """The choke point: httpx and parsing failures inside become the error tree."""
+    try:
+        yield
+    except OrchestratorError:
+        raise
+    except httpx.TimeoutException as exc:
+        raise WorkerTimeout(f"{worker}: timed out ({type(exc).__name__})", data={"worker": worker}) from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        raise WorkerConnectionError(f"{worker}: connection failed ({type(exc).__name__})", data={"worker": worker}) from exc
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        # json.JSONDecodeError is a ValueError; the rest come from bodies of the wrong shape.
+        raise WorkerProtocolError(f"{worker}: malformed response ({type(exc).__name__}: {exc})", data={"worker": worker}) from exc
+
+
+def check_response(worker: str, response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        raise error_for_status(worker, response.status_code, response.headers, response.read())
+
+
+async def acheck_response(worker: str, response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        raise error_for_status(worker, response.status_code, response.headers, await response.aread())
+
+
+def json_object(worker: str, raw: str | bytes) -> dict[str, Any]:
+    payload = json.loads(raw)
+    if not isinstance(payload, dict):
+        raise WorkerProtocolError(f"{worker}: expected a JSON object, got {type(payload).__name__}", data={"worker": worker})
+    return payload
+
+
+class HttpClients:
+    """One pooled sync client per worker, and one async client per event loop
+    (an httpx.AsyncClient's connections belong to the loop that opened them)."""
+
+    def __init__(self, settings: WorkerSettings, headers: dict[str, str]) -> None:
+        self._timeout = httpx.Timeout(settings.timeout_s, connect=settings.connect_timeout_s)
+        self._limits = httpx.Limits(max_connections=settings.max_connections, max_keepalive_connections=settings.max_connections)
+        self._headers = {**headers, **settings.extra_headers}
+        self._base_url = settings.base_url.rstrip("/")
+        self._sync: httpx.Client | None = None
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+
+    @property
+    def sync(self) -> httpx.Client:
+        if self._sync is None:
+            self._sync = httpx.Client(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
+        return self._sync
+
+    @property
+    def async_(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            client = httpx.AsyncClient(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
+            self._async[loop] = client
+        return client
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None

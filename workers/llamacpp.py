@@ -1,0 +1,82 @@
+"""The llama.cpp server's native ``POST /completion`` (``stream: true`` over SSE)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
+from workers.base import WorkerSettings
+from workers.http import HttpClients, acheck_response, check_response, json_object, translate_errors
+from workers.sse import aiter_sse
+from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
+
+
+def render_prompt(messages: tuple[ChatMessage, ...], fmt: str) -> str:
+    """Chat messages as one prompt string. ``chatml`` suits SmolLM2, Qwen and most instruct GGUFs."""
+    if fmt == "chatml":
+        parts = [f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n" for m in messages]
+        return "".join(parts) + "<|im_start|>assistant\n"
+    return "\n\n".join(f"{m.role}: {m.content}" for m in messages) + "\n\nassistant:"
+
+
+class LlamaCppWorker:
+    supports_streaming = True
+    path = "/completion"
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.name = settings.name
+        self.settings = settings
+        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self._http = HttpClients(settings, headers)
+
+    def body(self, prompt: AssembledPrompt, *, stream: bool) -> dict[str, Any]:
+        stop = list(prompt.stop)
+        if self.settings.prompt_format == "chatml":
+            stop.append("<|im_end|>")
+        body: dict[str, Any] = {
+            "prompt": render_prompt(prompt.messages, self.settings.prompt_format),
+            "n_predict": prompt.max_tokens,
+            "stream": stream,
+            "stop": stop,
+            "cache_prompt": True,
+        }
+        if prompt.temperature is not None:
+            body["temperature"] = prompt.temperature
+        return body
+
+    def infer(self, prompt: AssembledPrompt) -> Completion:
+        with translate_errors(self.name):
+            response = self._http.sync.post(self.path, json=self.body(prompt, stream=False))
+            check_response(self.name, response)
+            payload = json_object(self.name, response.content)
+            return Completion(
+                text=str(payload["content"]),
+                model=prompt.model,
+                worker=self.name,
+                finish_reason=_finish(payload),
+                usage=Usage(int(payload.get("tokens_evaluated", 0)), int(payload.get("tokens_predicted", 0))),
+            )
+
+    async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
+        index = 0
+        with translate_errors(self.name):
+            async with self._http.async_.stream("POST", self.path, json=self.body(prompt, stream=True)) as response:
+                await acheck_response(self.name, response)
+                async for event in aiter_sse(response.aiter_lines()):
+                    payload = json_object(self.name, event.data)
+                    if "error" in payload:
+                        raise WorkerProtocolError(f"{self.name}: error event in stream", data={"worker": self.name, "upstream_message": str(payload["error"])})
+                    text = str(payload.get("content") or "")
+                    if payload.get("stop"):
+                        usage = Usage(int(payload.get("tokens_evaluated", 0)), int(payload.get("tokens_predicted", 0)))
+                        yield TokenChunk(index=index, text=text, finish_reason=_finish(payload), usage=usage)
+                        return
+                    if text:
+                        yield TokenChunk(index=index, text=text)
+                        index += 1
+        raise WorkerConnectionError(f"{self.name}: stream ended before the final event", data={"worker": self.name})
+
+
+def _finish(payload: dict[str, Any]) -> str:
+    return "length" if payload.get("stop_type") == "limit" else "stop"

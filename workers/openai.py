@@ -1,0 +1,88 @@
+"""OpenAI Chat Completions (``POST /v1/chat/completions``), streaming over SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
+from workers.base import WorkerSettings
+from workers.http import HttpClients, acheck_response, check_response, json_object, translate_errors
+from workers.sse import aiter_sse
+from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
+
+
+class OpenAIWorker:
+    supports_streaming = True
+    # OpenAI renamed max_tokens; OpenAI-compatible servers (vLLM) still take the old name.
+    max_tokens_field = "max_completion_tokens"
+    path = "/chat/completions"
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.name = settings.name
+        self.settings = settings
+        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self._http = HttpClients(settings, headers)
+
+    def body(self, prompt: AssembledPrompt, *, stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": prompt.model,
+            "messages": [m.to_dict() for m in prompt.messages],
+            self.max_tokens_field: prompt.max_tokens,
+            "stream": stream,
+        }
+        if prompt.temperature is not None:
+            body["temperature"] = prompt.temperature
+        if prompt.stop:
+            body["stop"] = list(prompt.stop)
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def infer(self, prompt: AssembledPrompt) -> Completion:
+        with translate_errors(self.name):
+            response = self._http.sync.post(self.path, json=self.body(prompt, stream=False))
+            check_response(self.name, response)
+            payload = json_object(self.name, response.content)
+            choice = payload["choices"][0]
+            usage = payload.get("usage") or {}
+            return Completion(
+                text=str(choice["message"].get("content") or ""),
+                model=str(payload.get("model") or prompt.model),
+                worker=self.name,
+                finish_reason=_finish(choice.get("finish_reason")),
+                usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+            )
+
+    async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
+        index = 0
+        finish: str | None = None
+        usage: Usage | None = None
+        with translate_errors(self.name):
+            async with self._http.async_.stream("POST", self.path, json=self.body(prompt, stream=True)) as response:
+                await acheck_response(self.name, response)
+                async for event in aiter_sse(response.aiter_lines()):
+                    if event.data == "[DONE]":
+                        yield TokenChunk(index=index, text="", finish_reason=finish or "stop", usage=usage or Usage())
+                        return
+                    payload = json_object(self.name, event.data)
+                    if "error" in payload:
+                        raise WorkerProtocolError(f"{self.name}: error event in stream", data={"worker": self.name, "upstream_message": str(payload["error"])})
+                    if payload.get("usage"):
+                        u = payload["usage"]
+                        usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
+                    for choice in payload.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if choice.get("finish_reason"):
+                            finish = _finish(choice["finish_reason"])
+                        if text:
+                            yield TokenChunk(index=index, text=str(text))
+                            index += 1
+        # The body ended cleanly but without "data: [DONE]": the stream was cut.
+        raise WorkerConnectionError(f"{self.name}: stream ended before [DONE]", data={"worker": self.name})
+
+
+def _finish(reason: object) -> str:
+    if reason in ("length", "max_tokens"):
+        return "length"
+    return "stop"

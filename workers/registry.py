@@ -1,0 +1,28 @@
+"""Worker kinds by name: the only place that knows which class serves which kind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator_site.errors import ConfigInvalid
+from workers.anthropic import AnthropicWorker
+from workers.base import StreamingModelWorker, WorkerSettings
+from workers.echo import EchoWorker
+from workers.llamacpp import LlamaCppWorker
+from workers.openai import OpenAIWorker
+from workers.vllm import VllmWorker
+
+WORKER_KINDS: dict[str, Callable[[WorkerSettings], StreamingModelWorker]] = {
+    "echo": EchoWorker,
+    "openai": OpenAIWorker,
+    "anthropic": AnthropicWorker,
+    "llamacpp": LlamaCppWorker,
+    "vllm": VllmWorker,
+}
+
+
+def build_worker(settings: WorkerSettings) -> StreamingModelWorker:
+    factory = WORKER_KINDS.get(settings.kind)
+    if factory is None:
+        raise ConfigInvalid(f"worker {settings.name!r} has unknown kind {settings.kind!r}", data={"kinds": sorted(WORKER_KINDS)})
+    return factory(settings)
