@@ -2,7 +2,17 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from orchestrator_site.health import health_view
 
 urlpatterns = [
+    path("health", health_view, name="health"),
+    path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/v1/", include("pipeline.api.urls")),
     path("admin/", admin.site.urls),
 ]
+
+handler404 = "pipeline.api.errors.not_found_view"
+handler500 = "pipeline.api.errors.server_error_view"

@@ -97,6 +97,11 @@ class LimitsConfig(_Strict):
     max_stop_sequences: int = Field(4, ge=0, le=16)
 
 
+class TokenBusConfig(_Strict):
+    maxlen: int = Field(10_000, ge=10)  # entries kept per request stream
+    ttl_s: int = Field(3600, ge=10)  # how long streams and request status stay readable
+
+
 WorkerKind = Literal["echo", "openai", "anthropic", "llamacpp", "vllm"]
 
 
@@ -152,6 +157,7 @@ class PipelineSettings(_Strict):
     assemble: AssembleConfig = AssembleConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     limits: LimitsConfig = LimitsConfig()
+    tokenbus: TokenBusConfig = TokenBusConfig()
 
     @model_validator(mode="after")
     def _default_exists(self) -> PipelineSettings:

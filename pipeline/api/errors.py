@@ -1,0 +1,98 @@
+"""The one exception handler: every API error is ``{"error": {"code", "message", "data"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions as drf
+from rest_framework.response import Response
+
+from orchestrator_site.errors import (
+    ApiKeyInvalid,
+    ApiKeyMissing,
+    InvalidRequest,
+    MalformedJson,
+    MethodNotAllowed,
+    NotFound,
+    OrchestratorError,
+    PromptMissing,
+    PromptTooLarge,
+    UnsupportedMediaType,
+)
+
+log = structlog.get_logger("pipeline.api")
+
+_PROMPT_MISSING_CODES = {"required", "blank", "null"}
+
+
+def validation_error(detail: Any) -> OrchestratorError:
+    """The most specific error for a serializer's field errors."""
+    if not isinstance(detail, dict):
+        return InvalidRequest("the request body must be a JSON object", data={"fields": {"non_field_errors": _messages(detail)}})
+    prompt_errors = detail.get("prompt")
+    if isinstance(prompt_errors, list) and prompt_errors:
+        code = getattr(prompt_errors[0], "code", "")
+        if code in _PROMPT_MISSING_CODES:
+            return PromptMissing()
+        if code == "too_large":
+            return PromptTooLarge(str(prompt_errors[0]))
+    fields = {str(name): _messages(errors) for name, errors in detail.items()}
+    return InvalidRequest("some fields are invalid: " + ", ".join(sorted(fields)), data={"fields": fields})
+
+
+def _messages(errors: Any) -> list[str]:
+    if isinstance(errors, list):
+        return [str(e) for e in errors]
+    if isinstance(errors, dict):
+        return [f"{k}: {v}" for k, v in errors.items()]
+    return [str(errors)]
+
+
+def to_orchestrator_error(exc: Exception) -> OrchestratorError | None:
+    if isinstance(exc, OrchestratorError):
+        return exc
+    if isinstance(exc, drf.ParseError):
+        return MalformedJson(f"the request body is not valid JSON: {exc.detail}")
+    if isinstance(exc, drf.UnsupportedMediaType):
+        return UnsupportedMediaType()
+    if isinstance(exc, drf.NotAuthenticated):
+        return ApiKeyMissing()
+    if isinstance(exc, drf.AuthenticationFailed):
+        return ApiKeyInvalid()
+    if isinstance(exc, drf.MethodNotAllowed):
+        return MethodNotAllowed(str(exc.detail))
+    if isinstance(exc, drf.NotFound | Http404 | drf.PermissionDenied):
+        return NotFound()  # never 403: another tenant's objects simply do not exist
+    if isinstance(exc, drf.ValidationError):
+        return validation_error(exc.detail)
+    if isinstance(exc, drf.APIException):
+        return InvalidRequest(str(exc.detail), data={"status": exc.status_code})
+    return None
+
+
+def error_response(error: OrchestratorError) -> Response:
+    headers: dict[str, str] = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if error.http_status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="api"'
+    return Response({"error": error.to_dict()}, status=error.http_status, headers=headers)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    error = to_orchestrator_error(exc)
+    if error is None:
+        return None  # a bug: Django logs it and handler500 renders internal_error
+    if error.http_status >= 500:
+        log.warning("api_error", code=error.code, status=error.http_status, outcome="error")
+    return error_response(error)
+
+
+def not_found_view(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    return JsonResponse({"error": NotFound("no such endpoint").to_dict()}, status=404)
+
+
+def server_error_view(request: HttpRequest) -> JsonResponse:
+    return JsonResponse({"error": OrchestratorError().to_dict()}, status=500)

@@ -1,0 +1,135 @@
+"""Input validation for the HTTP API. Field errors become specific error codes in
+``pipeline.api.errors``; everything else about a request is checked in services."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rest_framework import serializers
+
+from pipeline.config import get_config
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+
+
+def clean_text(value: str) -> str:
+    """Text that Postgres and Redis can store: no NUL, valid UTF-8 (no lone surrogates)."""
+    if "\x00" in value:
+        raise serializers.ValidationError("must not contain NUL characters", code="invalid_text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise serializers.ValidationError("must be valid Unicode text", code="invalid_text") from exc
+    return value
+
+
+class InferInput(serializers.Serializer):
+    prompt = serializers.CharField(trim_whitespace=False, allow_blank=True)
+    session_id = serializers.CharField(required=False, max_length=128)
+    worker = serializers.CharField(required=False, max_length=100)
+    model = serializers.CharField(required=False, max_length=200)
+    max_tokens = serializers.IntegerField(required=False, min_value=1, max_value=1_000_000)
+    temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
+    stop = serializers.ListField(child=serializers.CharField(max_length=64, trim_whitespace=False), required=False, max_length=16)
+    metadata = serializers.DictField(required=False)
+    wait = serializers.BooleanField(required=False, default=True)
+
+    def validate_prompt(self, value: str) -> str:
+        if not value.strip():
+            raise serializers.ValidationError("prompt must not be empty", code="blank")
+        limit = get_config().limits.max_prompt_chars
+        if len(value) > limit:
+            raise serializers.ValidationError(f"prompt is longer than {limit} characters", code="too_large")
+        return clean_text(value)
+
+    def validate_session_id(self, value: str) -> str:
+        if not SESSION_ID.match(value):
+            raise serializers.ValidationError("use 1-128 of A-Z a-z 0-9 _ . : @ -", code="invalid")
+        return value
+
+    def validate_stop(self, value: list[str]) -> list[str]:
+        limit = get_config().limits.max_stop_sequences
+        if len(value) > limit:
+            raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
+        return [clean_text(v) for v in value if v]
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        if len(repr(value)) > 4096:
+            raise serializers.ValidationError("metadata is larger than 4 KiB", code="max_length")
+        return value
+
+    def validate_worker(self, value: str) -> str:
+        return clean_text(value)
+
+    def validate_model(self, value: str) -> str:
+        return clean_text(value)
+
+
+class InferQueued(serializers.Serializer):
+    request_id = serializers.CharField()
+    status = serializers.CharField()
+
+
+class UsageOut(serializers.Serializer):
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+
+
+class TimingsOut(serializers.Serializer):
+    rag = serializers.IntegerField()
+    assemble = serializers.IntegerField()
+    inference = serializers.IntegerField()
+    post = serializers.IntegerField()
+    stream = serializers.IntegerField()
+
+
+class InferResult(serializers.Serializer):
+    request_id = serializers.CharField()
+    session_id = serializers.CharField()
+    status = serializers.CharField()
+    text = serializers.CharField()
+    worker = serializers.CharField()
+    model = serializers.CharField()
+    finish_reason = serializers.CharField()
+    usage = UsageOut()
+    timings_us = TimingsOut()
+
+
+class RequestStatusOut(serializers.Serializer):
+    request_id = serializers.CharField()
+    session_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=["queued", "running", "completed", "failed"])
+    created_at = serializers.FloatField()
+    updated_at = serializers.FloatField()
+
+
+class DocumentInput(serializers.Serializer):
+    title = serializers.CharField(max_length=300)
+    body = serializers.CharField(max_length=1_000_000)
+    metadata = serializers.DictField(required=False)
+
+    def validate_title(self, value: str) -> str:
+        return clean_text(value)
+
+    def validate_body(self, value: str) -> str:
+        return clean_text(value)
+
+
+class DocumentOut(serializers.Serializer):
+    id = serializers.UUIDField()
+    title = serializers.CharField()
+    body = serializers.CharField()
+    metadata = serializers.DictField()
+    created_at = serializers.DateTimeField()
+
+
+class ErrorBody(serializers.Serializer):
+    code = serializers.CharField()
+    message = serializers.CharField()
+    data = serializers.DictField()
+
+
+class ErrorOut(serializers.Serializer):
+    error = ErrorBody()

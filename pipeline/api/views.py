@@ -1,0 +1,114 @@
+"""The HTTP API: each view validates, calls one service, renders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adrf.views import APIView as AsyncAPIView
+from asgiref.sync import sync_to_async
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orchestrator_site.errors import ApiKeyMissing, InvalidRequest
+from pipeline import selectors, services
+from pipeline.api import serializers as s
+from pipeline.api.errors import validation_error
+from pipeline.api.parsers import LimitedJSONParser
+from pipeline.auth import TenantPrincipal
+from pipeline.config import get_config
+
+
+def tenant_of(request: Request) -> TenantPrincipal:
+    principal = request.user
+    if not isinstance(principal, TenantPrincipal):  # IsTenant has run; this keeps the types honest
+        raise ApiKeyMissing()
+    return principal
+
+
+def validated(serializer_cls: type[Any], data: Any) -> dict[str, Any]:
+    serializer = serializer_cls(data=data)
+    if not serializer.is_valid():
+        raise validation_error(serializer.errors)
+    return dict(serializer.validated_data)
+
+
+_ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 413, 415, 503, 504)}
+
+
+class InferApi(AsyncAPIView):
+    parser_classes = [LimitedJSONParser]
+
+    @extend_schema(request=s.InferInput, responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="infer")
+    async def post(self, request: Request) -> Response:
+        principal = tenant_of(request)
+        data = validated(s.InferInput, request.data)
+        config = get_config()
+        prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
+        # Publishing to the broker is blocking I/O: keep it off the event loop.
+        await sync_to_async(services.infer_submit, thread_sensitive=False)(request=prompt_request)
+        if not data["wait"]:
+            return Response({"request_id": prompt_request.request_id, "status": "queued"}, status=202)
+        result = await services.infer_wait(request=prompt_request, timeout_s=config.limits.request_timeout_s)
+        return Response(result.to_dict())
+
+
+class RequestStatusApi(APIView):
+    @extend_schema(responses={200: s.RequestStatusOut, 401: s.ErrorOut, 404: s.ErrorOut}, operation_id="request_status")
+    def get(self, request: Request, request_id: str) -> Response:
+        status = services.request_status_get(tenant_id=tenant_of(request).tenant_id, request_id=request_id)
+        return Response(
+            {
+                "request_id": request_id,
+                "session_id": status.get("session_id", ""),
+                "status": status.get("status", "queued"),
+                "created_at": float(status.get("created_at", 0)),
+                "updated_at": float(status.get("updated_at", 0)),
+            }
+        )
+
+
+class RequestResultApi(APIView):
+    @extend_schema(responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="request_result")
+    def get(self, request: Request, request_id: str) -> Response:
+        tenant_id = tenant_of(request).tenant_id
+        result = services.request_result_get(tenant_id=tenant_id, request_id=request_id)
+        if result is None:
+            status = services.request_status_get(tenant_id=tenant_id, request_id=request_id)
+            return Response({"request_id": request_id, "status": status.get("status", "queued")}, status=202)
+        return Response(result.to_dict())
+
+
+def _document_out(doc: Any) -> dict[str, Any]:
+    return {"id": str(doc.id), "title": doc.title, "body": doc.body, "metadata": doc.metadata, "created_at": doc.created_at.isoformat()}
+
+
+class DocumentListCreateApi(APIView):
+    @extend_schema(responses={200: s.DocumentOut(many=True), 401: s.ErrorOut}, operation_id="documents_list")
+    def get(self, request: Request) -> Response:
+        try:
+            limit = min(max(int(request.query_params.get("limit", 50)), 1), 500)
+            offset = max(int(request.query_params.get("offset", 0)), 0)
+        except ValueError as exc:
+            raise InvalidRequest("limit and offset must be integers") from exc
+        docs = selectors.document_list_for_tenant(tenant_id=tenant_of(request).tenant_id, limit=limit, offset=offset)
+        return Response([_document_out(d) for d in docs])
+
+    @extend_schema(request=s.DocumentInput, responses={201: s.DocumentOut, 400: s.ErrorOut, 401: s.ErrorOut}, operation_id="documents_create")
+    def post(self, request: Request) -> Response:
+        data = validated(s.DocumentInput, request.data)
+        doc = services.document_create(tenant=tenant_of(request).tenant, title=data["title"], body=data["body"], metadata=data.get("metadata"))
+        return Response(_document_out(doc), status=201)
+
+
+class DocumentDetailApi(APIView):
+    @extend_schema(responses={200: s.DocumentOut, 401: s.ErrorOut, 404: s.ErrorOut}, operation_id="documents_get")
+    def get(self, request: Request, document_id: str) -> Response:
+        doc = selectors.document_get_for_tenant(tenant_id=tenant_of(request).tenant_id, document_id=document_id)
+        return Response(_document_out(doc))
+
+    @extend_schema(responses={204: None, 401: s.ErrorOut, 404: s.ErrorOut}, operation_id="documents_delete")
+    def delete(self, request: Request, document_id: str) -> Response:
+        services.document_delete(tenant_id=tenant_of(request).tenant_id, document_id=document_id)
+        return Response(status=204)

@@ -1,0 +1,77 @@
+"""The engine: runs the five stages in order, timing and logging each one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import structlog
+
+from orchestrator_site.errors import OrchestratorError
+from pipeline.config import PipelineSettings
+from pipeline.stages.assemble import assemble
+from pipeline.stages.context import StageContext
+from pipeline.stages.inference import inference
+from pipeline.stages.postprocess import postprocess
+from pipeline.stages.rag import Retriever, rag
+from pipeline.stages.stream import Publisher, stream
+from pipeline.types import ChatMessage, PipelineResult, PromptRequest, Usage
+from workers.base import ModelWorker
+
+log = structlog.get_logger("pipeline")
+
+
+@dataclass(frozen=True)
+class PipelineDeps:
+    """Everything the stages touch outside themselves, injected (real or fake)."""
+
+    config: PipelineSettings
+    retrieve: Retriever
+    load_history: Callable[[], tuple[ChatMessage, ...]]
+    worker: ModelWorker
+    publish: Publisher
+
+
+Stage = Callable[[StageContext, PipelineDeps], StageContext]
+
+
+def _assemble(ctx: StageContext, deps: PipelineDeps) -> StageContext:
+    return assemble(replace(ctx, history=deps.load_history()), config=deps.config.assemble)
+
+
+STAGE_TABLE: tuple[tuple[str, Stage], ...] = (
+    ("rag", lambda ctx, deps: rag(ctx, retrieve=deps.retrieve, config=deps.config.rag)),
+    ("assemble", _assemble),
+    ("inference", lambda ctx, deps: inference(ctx, worker=deps.worker)),
+    ("post", lambda ctx, deps: postprocess(ctx, config=deps.config.postprocess)),
+    ("stream", lambda ctx, deps: stream(ctx, publish=deps.publish)),
+)
+
+
+def run_pipeline(request: PromptRequest, deps: PipelineDeps) -> tuple[StageContext, PipelineResult]:
+    ctx = StageContext(request=request)
+    timings: dict[str, int] = {}
+    bound = log.bind(request_id=request.request_id, session_id=request.session_id, tenant_id=request.tenant_id, worker=request.worker)
+    for name, stage in STAGE_TABLE:
+        started = time.perf_counter_ns()
+        try:
+            ctx = stage(ctx, deps)
+        except OrchestratorError as exc:
+            bound.warning("stage", stage=name, duration_us=(time.perf_counter_ns() - started) // 1000, outcome="error", error_code=exc.code)
+            raise
+        timings[name] = (time.perf_counter_ns() - started) // 1000
+        outcome = ctx.rag_outcome if name == "rag" else "ok"
+        bound.info("stage", stage=name, duration_us=timings[name], outcome=outcome)
+    completion = ctx.completion
+    result = PipelineResult(
+        request_id=request.request_id,
+        session_id=request.session_id,
+        text=ctx.output,
+        worker=request.worker,
+        model=completion.model if completion else request.model,
+        finish_reason=ctx.finish_reason,
+        usage=completion.usage if completion else Usage(),
+        timings_us=timings,
+    )
+    return ctx, result

@@ -1,0 +1,52 @@
+"""Choosing the worker and model for a request, and building workers from the config."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from orchestrator_site.errors import UnknownModel, UnknownWorker
+from pipeline.config import PipelineSettings
+from workers.base import StreamingModelWorker
+from workers.registry import build_worker
+
+
+@dataclass(frozen=True)
+class Route:
+    worker: str
+    model: str
+
+
+def route_request(config: PipelineSettings, *, worker: str | None, model: str | None) -> Route:
+    name = worker or config.default_worker
+    worker_cfg = config.workers.get(name)
+    if worker_cfg is None:
+        raise UnknownWorker(f"no worker named {name!r}", data={"worker": name, "available": sorted(config.workers)})
+    chosen = model or worker_cfg.model_default
+    if worker_cfg.models and chosen not in worker_cfg.models:
+        raise UnknownModel(f"worker {name!r} does not serve model {chosen!r}", data={"worker": name, "model": chosen, "available": list(worker_cfg.models)})
+    return Route(worker=name, model=chosen)
+
+
+class WorkerPool:
+    """Built workers, one per name, rebuilt when the config object changes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._config: PipelineSettings | None = None
+        self._workers: dict[str, StreamingModelWorker] = {}
+
+    def get(self, config: PipelineSettings, name: str) -> StreamingModelWorker:
+        with self._lock:
+            if self._config is not config:
+                self._config, self._workers = config, {}
+            worker = self._workers.get(name)
+            if worker is None:
+                worker_cfg = config.workers.get(name)
+                if worker_cfg is None:
+                    raise UnknownWorker(f"no worker named {name!r}", data={"worker": name})
+                worker = self._workers[name] = build_worker(worker_cfg.settings(name))
+            return worker
+
+
+worker_pool = WorkerPool()

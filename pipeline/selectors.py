@@ -1,0 +1,65 @@
+"""Reads. Every selector takes the tenant: another tenant's row is simply not found."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg.errors
+from django.db import OperationalError, connection, transaction
+
+from orchestrator_site.errors import NotFound
+from pipeline.models import Document, SessionTurn
+from pipeline.stages.context import RetrievedDocument
+from pipeline.stages.rag import RetrievalResult
+from pipeline.types import ChatMessage
+
+# OR semantics over the prompt's lexemes: a natural-language question rarely has
+# every one of its words in the right document (plainto_tsquery would AND them).
+_SEARCH_SQL = """
+SELECT d.id, d.title, d.body, ts_rank(d.search_vector, q.query) AS rank
+FROM pipeline_document d,
+     (SELECT replace(plainto_tsquery(%(cfg)s::regconfig, %(text)s)::text, ' & ', ' | ')::tsquery AS query) q
+WHERE d.tenant_id = %(tenant)s AND d.search_vector @@ q.query
+ORDER BY rank DESC, d.created_at DESC
+LIMIT %(top_k)s
+"""
+
+
+def document_search(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str) -> RetrievalResult:
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            # SET LOCAL: the timeout ends with this transaction and never leaks to the pooled connection.
+            cursor.execute("SET LOCAL statement_timeout = %s", [int(timeout_ms)])
+            cursor.execute(_SEARCH_SQL, {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k})
+            rows = cursor.fetchall()
+    except OperationalError as exc:
+        if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+            return RetrievalResult(documents=(), timed_out=True)
+        raise
+    return RetrievalResult(documents=tuple(RetrievedDocument(id=str(r[0]), title=r[1], body=r[2], rank=float(r[3])) for r in rows))
+
+
+def _uuid_or_404(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError as exc:
+        raise NotFound("document not found") from exc
+
+
+def document_get_for_tenant(*, tenant_id: str, document_id: str) -> Document:
+    try:
+        return Document.objects.get(tenant_id=tenant_id, id=_uuid_or_404(document_id))
+    except Document.DoesNotExist as exc:
+        raise NotFound("document not found") from exc
+
+
+def document_list_for_tenant(*, tenant_id: str, limit: int, offset: int) -> list[Document]:
+    return list(Document.objects.filter(tenant_id=tenant_id).order_by("-created_at")[offset : offset + limit])
+
+
+def session_history(*, tenant_id: str, session_id: str, turns: int) -> tuple[ChatMessage, ...]:
+    """The latest ``turns`` exchanges (two messages each), oldest first."""
+    if turns <= 0:
+        return ()
+    recent = SessionTurn.objects.filter(tenant_id=tenant_id, session_id=session_id).order_by("-id").values_list("role", "content")[: 2 * turns]
+    return tuple(ChatMessage(role, content) for role, content in reversed(list(recent)))

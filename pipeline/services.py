@@ -1,0 +1,168 @@
+"""Writes and orchestration of the real-time path. Views, tasks and commands call these."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import transaction
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, RequestTimeout, ServiceUnavailable
+from pipeline import selectors
+from pipeline.config import PipelineSettings, get_config
+from pipeline.engine import PipelineDeps, run_pipeline
+from pipeline.models import Document, SessionTurn, Tenant
+from pipeline.routing import route_request, worker_pool
+from pipeline.tokenbus import get_bus
+from pipeline.types import PipelineResult, PromptRequest, TokenChunk
+
+log = structlog.get_logger("pipeline.services")
+
+
+def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings) -> PromptRequest:
+    """A routed ``PromptRequest`` from validated input (see ``api.serializers.InferInput``)."""
+    route = route_request(config, worker=data.get("worker"), model=data.get("model"))
+    max_tokens = data.get("max_tokens") or config.limits.default_max_tokens
+    if max_tokens > config.limits.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens may be at most {config.limits.max_tokens_limit}", data={"field": "max_tokens"})
+    request_id = uuid.uuid4().hex
+    return PromptRequest(
+        request_id=request_id,
+        tenant_id=tenant_id,
+        session_id=data.get("session_id") or request_id,
+        prompt=data["prompt"],
+        worker=route.worker,
+        model=route.model,
+        max_tokens=max_tokens,
+        temperature=data.get("temperature"),
+        stop=tuple(data.get("stop") or ()),
+        metadata=dict(data.get("metadata") or {}),
+    )
+
+
+def infer_submit(*, request: PromptRequest) -> None:
+    """Record the request as queued and put one task on the ``realtime`` queue."""
+    from pipeline.tasks import run_realtime
+
+    bus = get_bus()
+    bus.set_status(request.request_id, tenant_id=request.tenant_id, session_id=request.session_id, status="queued", created_at=f"{time.time():.6f}")
+    try:
+        run_realtime.apply_async(args=[request.to_dict()], retry=False)
+    except KombuOperationalError as exc:
+        failure = ServiceUnavailable("the task broker is unavailable", data={"service": "broker"})
+        _record_failure(request, failure)
+        raise failure from exc
+
+
+async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineResult:
+    """The result, read from the request's token stream (never a Celery result backend)."""
+    async for event in get_bus().events(request.request_id, timeout_s=timeout_s):
+        if event.type == "done":
+            return PipelineResult.from_dict(event.data)
+        if event.type == "error":
+            raise OrchestratorError.from_dict(event.data)
+    raise RequestTimeout(f"no result within {timeout_s:g}s; poll GET /api/v1/status/{request.request_id}", data={"request_id": request.request_id})
+
+
+def realtime_execute(payload: Mapping[str, Any]) -> None:
+    """Run one request through the five stages. The task boundary: nothing escapes."""
+    try:
+        request = PromptRequest.from_dict(payload)
+    except (KeyError, TypeError, ValueError):
+        # Not one of ours (or from an incompatible version): nothing to answer to.
+        log.error("task_payload_invalid", outcome="dropped", keys=sorted(payload) if isinstance(payload, Mapping) else None)
+        return
+    bus = get_bus()
+    status = bus.get_status(request.request_id).get("status")
+    if status in ("completed", "failed"):
+        log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
+        return
+    bus.set_status(request.request_id, status="running")
+    try:
+        result = _execute(request, get_config())
+    except OrchestratorError as exc:
+        _record_failure(request, exc)
+    except SoftTimeLimitExceeded:
+        _record_failure(request, RequestTimeout("the request hit the task time limit"))
+    except Exception as exc:  # noqa: BLE001 - task boundary: an unexpected error is logged with its traceback and answered as internal_error
+        log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
+        _record_failure(request, OrchestratorError("internal error while running the pipeline"))
+    else:
+        bus.publish(request.request_id, "done", result.to_dict())
+        bus.set_status(request.request_id, status="completed")
+
+
+def _execute(request: PromptRequest, config: PipelineSettings) -> PipelineResult:
+    bus = get_bus()
+    seq = 0
+
+    def publish(chunk: TokenChunk) -> None:
+        nonlocal seq
+        bus.publish(request.request_id, "token", {"seq": seq, "text": chunk.text})
+        seq += 1
+
+    deps = PipelineDeps(
+        config=config,
+        retrieve=selectors.document_search,
+        load_history=lambda: selectors.session_history(tenant_id=request.tenant_id, session_id=request.session_id, turns=config.assemble.history_turns),
+        worker=worker_pool.get(config, request.worker),
+        publish=publish,
+    )
+    _ctx, result = run_pipeline(request, deps)
+    session_turns_append(request=request, reply=result.text)
+    return result
+
+
+def _record_failure(request: PromptRequest, error: OrchestratorError) -> None:
+    bus = get_bus()
+    log.warning("request_failed", request_id=request.request_id, session_id=request.session_id, outcome="error", error_code=error.code)
+    bus.publish(request.request_id, "error", error.to_dict())
+    bus.set_status(request.request_id, status="failed")
+
+
+@transaction.atomic
+def session_turns_append(*, request: PromptRequest, reply: str) -> None:
+    SessionTurn.objects.bulk_create(
+        [
+            SessionTurn(tenant_id=request.tenant_id, session_id=request.session_id, request_id=request.request_id, role="user", content=request.prompt),
+            SessionTurn(tenant_id=request.tenant_id, session_id=request.session_id, request_id=request.request_id, role="assistant", content=reply),
+        ]
+    )
+
+
+def document_create(*, tenant: Tenant, title: str, body: str, metadata: Mapping[str, Any] | None = None) -> Document:
+    return Document.objects.create(tenant=tenant, title=title, body=body, metadata=dict(metadata or {}))
+
+
+def document_delete(*, tenant_id: str, document_id: str) -> None:
+    selectors.document_get_for_tenant(tenant_id=tenant_id, document_id=document_id).delete()
+
+
+def request_status_get(*, tenant_id: str, request_id: str) -> dict[str, Any]:
+    """The status hash of one of the tenant's requests; another tenant's is not found."""
+    status = get_bus().get_status(request_id)
+    if not status or status.get("tenant_id") != tenant_id:
+        raise _request_not_found(request_id)
+    return status
+
+
+def request_result_get(*, tenant_id: str, request_id: str) -> PipelineResult | None:
+    """The result when completed, None while pending; the recorded error when it failed."""
+    status = request_status_get(tenant_id=tenant_id, request_id=request_id)
+    if status.get("status") not in ("completed", "failed"):
+        return None
+    for event in reversed(get_bus().read_all(request_id)):
+        if event.type == "done":
+            return PipelineResult.from_dict(event.data)
+        if event.type == "error":
+            raise OrchestratorError.from_dict(event.data)
+    raise _request_not_found(request_id)  # the stream expired before the status hash
+
+
+def _request_not_found(request_id: str) -> NotFound:
+    return NotFound("request not found", data={"request_id": request_id})

@@ -1,0 +1,1 @@
+"""The five stages: plain functions over a frozen ``StageContext``. No ORM, no request object."""

@@ -1,0 +1,33 @@
+"""Assemble: system prompt + retrieved context + the session's earlier turns + the user prompt."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipeline.config import AssembleConfig
+from pipeline.stages.context import StageContext
+from pipeline.types import AssembledPrompt, ChatMessage
+
+
+def render_context(ctx: StageContext, config: AssembleConfig) -> str:
+    return "\n\n".join(config.document_template.format(title=d.title, body=d.body) for d in ctx.documents)
+
+
+def assemble(ctx: StageContext, *, config: AssembleConfig) -> StageContext:
+    system = config.system_prompt
+    if ctx.documents:
+        block = config.context_template.format(context=render_context(ctx, config))
+        system = f"{system}\n\n{block}" if system else block
+    messages: list[ChatMessage] = [ChatMessage("system", system)] if system else []
+    messages.extend(ctx.history[-2 * config.history_turns :] if config.history_turns else ())
+    messages.append(ChatMessage("user", ctx.request.prompt))
+    request = ctx.request
+    prompt = AssembledPrompt(
+        messages=tuple(messages),
+        model=request.model,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        stop=request.stop,
+        request_id=request.request_id,
+    )
+    return replace(ctx, prompt=prompt)

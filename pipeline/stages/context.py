@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator_site.errors import OrchestratorError
+from pipeline.types import AssembledPrompt, ChatMessage, Completion, PromptRequest
+
+
+@dataclass(frozen=True)
+class RetrievedDocument:
+    id: str
+    title: str
+    body: str
+    rank: float
+
+
+@dataclass(frozen=True)
+class StageContext:
+    request: PromptRequest
+    documents: tuple[RetrievedDocument, ...] = ()
+    rag_outcome: str = "skipped"
+    history: tuple[ChatMessage, ...] = ()
+    prompt: AssembledPrompt | None = None
+    completion: Completion | None = None
+    output: str = ""
+    finish_reason: str = "stop"
+
+
+class StageOrderError(OrchestratorError):
+    """A stage ran before the one it depends on: a bug in the engine, never user input."""
+
+    code = "stage_order"
+    default_message = "pipeline stages ran out of order"
+
+
+def require_prompt(ctx: StageContext) -> AssembledPrompt:
+    if ctx.prompt is None:
+        raise StageOrderError("inference ran before assemble")
+    return ctx.prompt
+
+
+def require_completion(ctx: StageContext) -> Completion:
+    if ctx.completion is None:
+        raise StageOrderError("post-process ran before inference")
+    return ctx.completion

@@ -1,0 +1,114 @@
+"""Post-process: stop sequences, redaction and trimming, over a stream of text pieces.
+
+``TextFilter.feed`` takes pieces as they arrive and returns what is safe to
+release; ``finish`` returns the rest. It holds back just enough text that a
+stop sequence or a redaction match split across pieces is still caught, so
+the output for any split of a text equals the output for the whole text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from pipeline.config import PostprocessConfig, RedactionPattern
+from pipeline.stages.context import StageContext, require_completion
+
+EMAIL = RedactionPattern(name="email", pattern=r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", max_length=254)
+API_KEY = RedactionPattern(
+    name="api_key",
+    pattern=r"\b(?:sk|pk|rk|po)[-_][A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}|\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    max_length=256,
+)
+
+
+def patterns_for(config: PostprocessConfig) -> tuple[RedactionPattern, ...]:
+    builtin = ([EMAIL] if config.redact_emails else []) + ([API_KEY] if config.redact_api_keys else [])
+    return (*builtin, *config.patterns)
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    text: str
+    stopped: bool
+
+
+class TextFilter:
+    def __init__(self, *, stops: Iterable[str], patterns: Iterable[RedactionPattern], replacement: str, trim: bool) -> None:
+        self._stops = tuple(s for s in stops if s)
+        compiled = [(re.compile(p.pattern), p.max_length) for p in patterns]
+        self._regex = re.compile("|".join(f"(?:{r.pattern})" for r, _ in compiled)) if compiled else None
+        self._holdback = max([len(s) - 1 for s in self._stops] + [n for _, n in compiled] + [0])
+        self._replacement = replacement
+        self._trim = trim
+        self._raw = ""  # text received but not yet released
+        self._pending_space = ""  # trailing whitespace held until more text follows (trim)
+        self._started = not trim
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self._raw += piece
+        if self._cut_at_stop():
+            return self._release(len(self._raw))
+        return self._release(self._safe_cut())
+
+    def finish(self) -> str:
+        out = self._release(len(self._raw))
+        self._pending_space = ""  # trailing whitespace dropped when trimming
+        return out
+
+    def _cut_at_stop(self) -> bool:
+        hits = [i for i in (self._raw.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._raw = self._raw[: min(hits)]
+            self.stopped = True
+        return self.stopped
+
+    def _safe_cut(self) -> int:
+        cut = len(self._raw) - self._holdback
+        if self._regex is not None:
+            for match in self._regex.finditer(self._raw):
+                # A match still touching the end may keep growing; one across the cut is held whole.
+                if match.end() >= len(self._raw) or match.start() < cut < match.end():
+                    cut = min(cut, match.start())
+        return max(cut, 0)
+
+    def _release(self, cut: int) -> str:
+        head, self._raw = self._raw[:cut], self._raw[cut:]
+        if self._regex is not None:
+            head = self._regex.sub(self._replacement, head)
+        return self._trimmed(head)
+
+    def _trimmed(self, text: str) -> str:
+        if not self._trim:
+            return text
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        body = text.rstrip()
+        if not body:
+            self._pending_space += text
+            return ""
+        out = self._pending_space + body
+        self._pending_space = text[len(body) :]
+        return out
+
+
+def filter_text(pieces: Iterable[str], text_filter: TextFilter) -> FilterResult:
+    out = "".join(text_filter.feed(p) for p in pieces) + text_filter.finish()
+    return FilterResult(text=out, stopped=text_filter.stopped)
+
+
+def build_filter(config: PostprocessConfig, request_stops: Iterable[str]) -> TextFilter:
+    return TextFilter(stops=(*config.stop, *request_stops), patterns=patterns_for(config), replacement=config.replacement, trim=config.trim)
+
+
+def postprocess(ctx: StageContext, *, config: PostprocessConfig) -> StageContext:
+    completion = require_completion(ctx)
+    result = filter_text([completion.text], build_filter(config, ctx.request.stop))
+    return replace(ctx, output=result.text, finish_reason="stop" if result.stopped else completion.finish_reason)

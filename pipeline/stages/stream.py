@@ -1,0 +1,18 @@
+"""Stream: hands the output to the token bus, chunk by chunk, with sequence numbers."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pipeline.stages.context import StageContext
+from pipeline.types import TokenChunk
+
+
+class Publisher(Protocol):
+    def __call__(self, chunk: TokenChunk) -> None: ...
+
+
+def stream(ctx: StageContext, *, publish: Publisher) -> StageContext:
+    if ctx.output:
+        publish(TokenChunk(index=0, text=ctx.output))
+    return ctx

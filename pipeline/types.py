@@ -1,0 +1,104 @@
+"""Request and result types of the real-time path (frozen, JSON round-trip).
+
+``AssembledPrompt``, ``Completion``, ``TokenChunk``, ``ChatMessage`` and ``Usage``
+live in ``workers.types`` (workers know nothing of the pipeline) and are
+re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
+
+__all__ = ["AssembledPrompt", "ChatMessage", "Completion", "PipelineResult", "PromptRequest", "TokenChunk", "Usage"]
+
+STAGES = ("rag", "assemble", "inference", "post", "stream")
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    request_id: str
+    tenant_id: str
+    session_id: str
+    prompt: str
+    worker: str
+    model: str
+    max_tokens: int
+    temperature: float | None = None
+    stop: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "tenant_id": self.tenant_id,
+            "session_id": self.session_id,
+            "prompt": self.prompt,
+            "worker": self.worker,
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "stop": list(self.stop),
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PromptRequest:
+        temperature = data.get("temperature")
+        return cls(
+            request_id=str(data["request_id"]),
+            tenant_id=str(data["tenant_id"]),
+            session_id=str(data["session_id"]),
+            prompt=str(data["prompt"]),
+            worker=str(data["worker"]),
+            model=str(data["model"]),
+            max_tokens=int(data["max_tokens"]),
+            temperature=None if temperature is None else float(temperature),
+            stop=tuple(str(s) for s in data.get("stop") or ()),
+            metadata=dict(data.get("metadata") or {}),
+        )
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """What ``POST /api/v1/infer`` returns when a request completes."""
+
+    request_id: str
+    session_id: str
+    text: str
+    worker: str
+    model: str
+    finish_reason: str
+    usage: Usage
+    timings_us: Mapping[str, int]
+    status: str = "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "session_id": self.session_id,
+            "status": self.status,
+            "text": self.text,
+            "worker": self.worker,
+            "model": self.model,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage.to_dict(),
+            "timings_us": dict(self.timings_us),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PipelineResult:
+        return cls(
+            request_id=str(data["request_id"]),
+            session_id=str(data["session_id"]),
+            text=str(data["text"]),
+            worker=str(data["worker"]),
+            model=str(data["model"]),
+            finish_reason=str(data.get("finish_reason", "stop")),
+            usage=Usage.from_dict(data.get("usage") or {}),
+            timings_us={str(k): int(v) for k, v in (data.get("timings_us") or {}).items()},
+            status=str(data.get("status", "completed")),
+        )

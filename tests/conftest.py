@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from rest_framework.test import APIClient
+
+from pipeline.auth import IssuedKey, tenant_create
+from pipeline.config import PipelineSettings, set_config
+
+
+@dataclass
+class TenantFixture:
+    issued: IssuedKey
+    client: APIClient
+
+    @property
+    def tenant(self):  # noqa: ANN201
+        return self.issued.api_key.tenant
+
+    @property
+    def key(self) -> str:
+        return self.issued.raw
+
+
+def make_tenant(name: str) -> TenantFixture:
+    issued = tenant_create(name=name)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {issued.raw}")
+    return TenantFixture(issued=issued, client=client)
+
+
+@pytest.fixture
+def owner(db: None) -> TenantFixture:
+    return make_tenant("owner")
+
+
+@pytest.fixture
+def outsider(db: None) -> TenantFixture:
+    return make_tenant("outsider")
+
+
+@pytest.fixture
+def anon() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def pipeline_config() -> Iterator[callable]:
+    """Swap the process-wide pipeline config for one test."""
+
+    def use(config: PipelineSettings) -> PipelineSettings:
+        set_config(config)
+        return config
+
+    yield use
+    set_config(None)
+
+
+# --- a real Celery worker consuming `realtime`, and provider fakes it can reach ------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests.fakes.anthropic import FakeAnthropic  # noqa: E402
+from tests.fakes.llamacpp import FakeLlamaCpp  # noqa: E402
+from tests.fakes.openai import FakeOpenAI  # noqa: E402
+from tests.fakes.server import FakeProvider  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Fakes:
+    openai: FakeOpenAI
+    anthropic: FakeAnthropic
+    llamacpp: FakeLlamaCpp
+    vllm: FakeOpenAI
+
+    def all(self) -> list[FakeProvider]:
+        return [self.openai, self.anthropic, self.llamacpp, self.vllm]
+
+    def reset(self) -> None:
+        for fake in self.all():
+            fake.mode, fake.token_delay_s, fake.tokens = "ok", 0.0, ["Hello", ",", " world", "!"]
+
+
+def _pipeline_toml(fakes: Fakes) -> str:
+    return f"""
+default_worker = "echo"
+
+[workers.echo]
+kind = "echo"
+models = ["echo-1"]
+token_count = 8
+
+[workers.openai]
+kind = "openai"
+base_url = "{fakes.openai.url}/v1"
+models = ["gpt-fake", "gpt-other"]
+timeout_s = 2
+
+[workers.anthropic]
+kind = "anthropic"
+base_url = "{fakes.anthropic.url}"
+models = ["claude-fake"]
+timeout_s = 2
+
+[workers.llamacpp]
+kind = "llamacpp"
+base_url = "{fakes.llamacpp.url}"
+timeout_s = 2
+
+[workers.vllm]
+kind = "vllm"
+base_url = "{fakes.vllm.url}/v1"
+timeout_s = 2
+
+[limits]
+max_prompt_chars = 2000
+request_timeout_s = 15
+"""
+
+
+@pytest.fixture(scope="session")
+def session_fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fakes]:
+    from django.conf import settings
+
+    from pipeline.config import load_config
+
+    fakes = Fakes(FakeOpenAI().start(), FakeAnthropic().start(), FakeLlamaCpp().start(), FakeOpenAI().start())
+    path = tmp_path_factory.mktemp("config") / "pipeline.toml"
+    path.write_text(_pipeline_toml(fakes))
+    settings.PIPELINE_CONFIG_PATH = str(path)
+    os.environ["PIPELINE_CONFIG"] = str(path)
+    set_config(load_config(path))
+    yield fakes
+    for fake in fakes.all():
+        fake.stop()
+
+
+@pytest.fixture
+def fakes(session_fakes: Fakes) -> Iterator[Fakes]:
+    session_fakes.reset()
+    yield session_fakes
+    session_fakes.reset()
+
+
+def _database_url() -> str:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
+def start_celery_worker(queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    from orchestrator_site.celery import app
+
+    env = {**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})}
+    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", queues, "-P", "threads", "-c", "8",
+           "-n", name, "--without-gossip", "--without-mingle", "--loglevel", "WARNING"]
+    log = log_path.open("wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"celery worker exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        if app.control.ping(destination=[name], timeout=0.5):
+            return proc
+    proc.kill()
+    raise RuntimeError(f"celery worker did not become ready: {log_path.read_text()[-2000:]}")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def realtime_worker(django_db_setup: None, django_db_blocker: object, session_fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery worker -Q realtime`` process on the test database and broker."""
+    from orchestrator_site.celery import app
+
+    app.control.purge()  # leftovers of an interrupted earlier run
+    proc = start_celery_worker("realtime", f"realtime-test-{os.getpid()}@localhost", tmp_path_factory.mktemp("celery") / "worker.log")
+    yield proc
+    stop_process(proc)
