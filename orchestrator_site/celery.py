@@ -18,11 +18,14 @@ def _declare_queues() -> None:
     from pipeline.queues import TASK_ROUTES, Queue
 
     exchange = Exchange("orchestrator", type="direct")
-    app.conf.task_queues = tuple(KombuQueue(q.value, exchange, routing_key=q.value) for q in Queue)
-    app.conf.task_default_queue = Queue.BATCH_DEFAULT.value
-    app.conf.task_default_exchange = exchange.name
-    app.conf.task_default_routing_key = Queue.BATCH_DEFAULT.value
-    app.conf.task_routes = TASK_ROUTES
+    app.conf.update(
+        task_queues=tuple(KombuQueue(q.value, exchange, routing_key=q.value) for q in Queue),
+        # Nothing may land on Celery's implicit "celery" queue, which no worker here consumes.
+        task_default_queue=Queue.BATCH_DEFAULT.value,
+        task_default_exchange=exchange.name,
+        task_default_routing_key=Queue.BATCH_DEFAULT.value,
+        task_routes=TASK_ROUTES,
+    )
 
 
 _declare_queues()

@@ -32,7 +32,7 @@ def check_redis() -> None:
 
 def check_broker() -> None:
     with Connection(settings.CELERY_BROKER_URL, connect_timeout=TIMEOUT_S, transport_options={"socket_timeout": TIMEOUT_S}) as conn:
-        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=TIMEOUT_S)
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=int(TIMEOUT_S))
 
 
 # The failures each check can raise; anything else is a bug and is not hidden here.

@@ -52,7 +52,7 @@ def infer_submit(*, request: PromptRequest) -> None:
     bus = get_bus()
     bus.set_status(request.request_id, tenant_id=request.tenant_id, session_id=request.session_id, status="queued", created_at=f"{time.time():.6f}")
     try:
-        run_realtime.apply_async(args=[request.to_dict()], retry=False)
+        run_realtime.apply_async(args=(request.to_dict(),), retry=False)
     except KombuOperationalError as exc:
         failure = ServiceUnavailable("the task broker is unavailable", data={"service": "broker"})
         _record_failure(request, failure)
@@ -71,11 +71,10 @@ async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineRes
 
 def realtime_execute(payload: Mapping[str, Any]) -> None:
     """Run one request through the five stages. The task boundary: nothing escapes."""
-    try:
-        request = PromptRequest.from_dict(payload)
-    except (KeyError, TypeError, ValueError):
+    request = _parse_payload(payload)
+    if request is None:
         # Not one of ours (or from an incompatible version): nothing to answer to.
-        log.error("task_payload_invalid", outcome="dropped", keys=sorted(payload) if isinstance(payload, Mapping) else None)
+        log.error("task_payload_invalid", outcome="dropped", payload_type=type(payload).__name__)
         return
     bus = get_bus()
     status = bus.get_status(request.request_id).get("status")
@@ -89,12 +88,21 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
         _record_failure(request, exc)
     except SoftTimeLimitExceeded:
         _record_failure(request, RequestTimeout("the request hit the task time limit"))
-    except Exception as exc:  # noqa: BLE001 - task boundary: an unexpected error is logged with its traceback and answered as internal_error
+    except Exception as exc:
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
         _record_failure(request, OrchestratorError("internal error while running the pipeline"))
     else:
         bus.publish(request.request_id, "done", result.to_dict())
         bus.set_status(request.request_id, status="completed")
+
+
+def _parse_payload(payload: object) -> PromptRequest | None:
+    if not isinstance(payload, Mapping):
+        return None
+    try:
+        return PromptRequest.from_dict(payload)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _execute(request: PromptRequest, config: PipelineSettings) -> PipelineResult:

@@ -85,7 +85,8 @@ class TokenBus:
         key = self.stream_key(request_id)
         with redis_errors("publish to the token bus"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(key, {"type": event_type, "data": json.dumps(data)}, maxlen=self.maxlen, approximate=True)
+            fields: dict[Any, Any] = {"type": event_type, "data": json.dumps(data)}
+            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
             pipe.expire(key, self.ttl_s)
             entry_id, _ = pipe.execute()
         return str(entry_id)
@@ -94,17 +95,19 @@ class TokenBus:
         key = self.status_key(request_id)
         with redis_errors("record the request status"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.hset(key, mapping={**fields, "updated_at": f"{time.time():.6f}"})
+            mapping: dict[Any, Any] = {**fields, "updated_at": f"{time.time():.6f}"}
+            pipe.hset(key, mapping=mapping)
             pipe.expire(key, self.ttl_s)
             pipe.execute()
 
     def get_status(self, request_id: str) -> dict[str, str]:
         with redis_errors("read the request status"):
-            return dict(self.client.hgetall(self.status_key(request_id)))
+            raw: Any = self.client.hgetall(self.status_key(request_id))
+        return {str(k): str(v) for k, v in raw.items()}
 
     def read_all(self, request_id: str) -> list[BusEvent]:
         with redis_errors("read the token bus"):
-            entries = self.client.xrange(self.stream_key(request_id))
+            entries: Any = self.client.xrange(self.stream_key(request_id))
         return [_event(entry_id, fields) for entry_id, fields in entries]
 
     # --- consumer side (async: the gateway) ---------------------------------------
@@ -118,7 +121,7 @@ class TokenBus:
             if remaining_ms <= 0:
                 return
             with redis_errors("read the token bus"):
-                reply = await client.xread({key: after}, count=256, block=min(remaining_ms, 5000))
+                reply: Any = await client.xread({key: after}, count=256, block=min(remaining_ms, 5000))
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     after = entry_id

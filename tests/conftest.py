@@ -16,7 +16,7 @@ class TenantFixture:
     client: APIClient
 
     @property
-    def tenant(self):  # noqa: ANN201
+    def tenant(self):
         return self.issued.api_key.tenant
 
     @property
@@ -161,8 +161,26 @@ def start_celery_worker(queues: str, name: str, log_path: Path, extra_env: dict[
     from orchestrator_site.celery import app
 
     env = {**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})}
-    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", queues, "-P", "threads", "-c", "8",
-           "-n", name, "--without-gossip", "--without-mingle", "--loglevel", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "orchestrator_site",
+        "worker",
+        "-Q",
+        queues,
+        "-P",
+        "threads",
+        "-c",
+        "8",
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -185,7 +203,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def realtime_worker(django_db_setup: None, django_db_blocker: object, session_fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+def realtime_worker(
+    django_db_setup: None, django_db_blocker: object, session_fakes: Fakes, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery worker -Q realtime`` process on the test database and broker."""
     from orchestrator_site.celery import app
 

@@ -8,8 +8,8 @@ import contextlib
 import json
 import weakref
 from collections.abc import Iterator
-from email.utils import parsedate_to_datetime
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -35,10 +35,8 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if value is None or not value.strip():
         return None
     value = value.strip()
-    try:
+    if value.replace(".", "", 1).isdigit():
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -57,7 +55,7 @@ def _provider_message(body: bytes) -> str:
     if isinstance(payload, dict):
         err = payload.get("error")
         if isinstance(err, dict) and isinstance(err.get("message"), str):
-            return err["message"]
+            return str(err["message"])
         if isinstance(err, str):
             return err
         if isinstance(payload.get("message"), str):

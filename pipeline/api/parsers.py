@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from typing import IO, Any
 
 from rest_framework.parsers import JSONParser
@@ -18,7 +19,7 @@ def body_limit() -> int:
 class LimitedJSONParser(JSONParser):
     """JSON, read with a size cap so that a huge body is refused before it is held in memory."""
 
-    def parse(self, stream: IO[Any], media_type: str | None = None, parser_context: dict[str, Any] | None = None) -> Any:
+    def parse(self, stream: IO[Any], media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
         limit = body_limit()
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:

@@ -128,7 +128,7 @@ class DocumentOut(serializers.Serializer):
 class ErrorBody(serializers.Serializer):
     code = serializers.CharField()
     message = serializers.CharField()
-    data = serializers.DictField()
+    data = serializers.DictField()  # type: ignore[assignment]  # the wire name; DRF pops declared fields, so Serializer.data is intact
 
 
 class ErrorOut(serializers.Serializer):

@@ -25,21 +25,44 @@ class FakeAnthropic(FakeProvider):
         if not body.get("stream"):
             if self.mode == "malformed":
                 return Reply(body=b"<html>bad gateway</html>", content_type="text/html")
-            return json_reply(200, {
-                "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": "".join(tokens)}],
-                "stop_reason": stop_reason, "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": len(tokens)},
-            })
-        return SseReply(self._events(model, tokens, stop_reason, input_tokens), drop_after=(3 + len(tokens) // 2) if self.mode == "drop" else None, delay_s=self.token_delay_s)
+            return json_reply(
+                200,
+                {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [{"type": "text", "text": "".join(tokens)}],
+                    "stop_reason": stop_reason,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": input_tokens, "output_tokens": len(tokens)},
+                },
+            )
+        return SseReply(
+            self._events(model, tokens, stop_reason, input_tokens),
+            drop_after=(3 + len(tokens) // 2) if self.mode == "drop" else None,
+            delay_s=self.token_delay_s,
+        )
 
     def _events(self, model: str, tokens: list[str], stop_reason: str, input_tokens: int) -> list[bytes]:
         def ev(kind: str, payload: dict[str, Any]) -> bytes:
             return sse_event(json.dumps({"type": kind, **payload}), event=kind)
 
         events = [
-            ev("message_start", {"message": {"id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
-                                             "stop_reason": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+            ev(
+                "message_start",
+                {
+                    "message": {
+                        "id": "msg_fake",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+                    }
+                },
+            ),
             ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
             ev("ping", {}),
         ]

@@ -11,7 +11,10 @@ from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, sse_ev
 
 class FakeOpenAI(FakeProvider):
     def error_body(self, status: int) -> dict[str, Any]:
-        kinds = {429: ("Rate limit reached for requests", "requests", "rate_limit_exceeded"), 401: ("Incorrect API key provided", "invalid_request_error", "invalid_api_key")}
+        kinds = {
+            429: ("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
+            401: ("Incorrect API key provided", "invalid_request_error", "invalid_api_key"),
+        }
         message, kind, code = kinds.get(status, ("The server had an error while processing your request.", "server_error", None))
         return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
@@ -28,11 +31,17 @@ class FakeOpenAI(FakeProvider):
         if not body.get("stream"):
             if self.mode == "malformed":
                 return Reply(body=b'{"id": "chatcmpl-1", "choices": [')
-            return json_reply(200, {
-                "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)},
-            })
+            return json_reply(
+                200,
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)},
+                },
+            )
         return SseReply(self._events(model, tokens, finish, prompt_tokens, body), drop_after=self._drop_after(tokens), delay_s=self.token_delay_s)
 
     def _drop_after(self, tokens: list[str]) -> int | None:
@@ -40,8 +49,14 @@ class FakeOpenAI(FakeProvider):
 
     def _events(self, model: str, tokens: list[str], finish: str, prompt_tokens: int, body: dict[str, Any]) -> list[bytes]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
-            payload = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+            payload = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                **extra,
+            }
             return sse_event(json.dumps(payload))
 
         events = [chunk({"role": "assistant", "content": ""})]
@@ -51,7 +66,9 @@ class FakeOpenAI(FakeProvider):
         events.append(chunk({}, finish))
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)}
-            events.append(sse_event(json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage})))
+            events.append(
+                sse_event(json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage}))
+            )
         if self.mode != "cut":
             events.append(b"data: [DONE]\n\n")
         return events

@@ -136,10 +136,10 @@ class _Handler(BaseHTTPRequestHandler):
             with self.provider._lock:
                 self.provider.open_connections -= 1
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         self._handle({})
 
-    def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         try:
