@@ -8,6 +8,7 @@ per integration with ``raise ... from exc``.
 
     OrchestratorError ............................ 500 internal_error
     ├── ConfigInvalid ............................ 500 config_invalid
+    ├── StageOrderError .......................... 500 stage_order (a bug: stages ran out of order)
     ├── InvalidRequest ........................... 400 invalid_request
     │   ├── MalformedJson ........................ 400 malformed_json
     │   ├── UnsupportedMediaType ................. 415 unsupported_media_type
@@ -86,6 +87,11 @@ class OrchestratorError(Exception):
 class ConfigInvalid(OrchestratorError):
     code = "config_invalid"
     default_message = "configuration is invalid"
+
+
+class StageOrderError(OrchestratorError):
+    code = "stage_order"
+    default_message = "pipeline stages ran out of order"
 
 
 class InvalidRequest(OrchestratorError):

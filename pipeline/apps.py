@@ -7,3 +7,6 @@ class PipelineConfig(AppConfig):
     name = "pipeline"
     verbose_name = "Pipeline"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from pipeline.api import schema  # noqa: F401  (registers the OpenAPI auth extension)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator_site.errors import OrchestratorError
+from orchestrator_site.errors import StageOrderError
 from pipeline.types import AssembledPrompt, ChatMessage, Completion, PromptRequest
 
 
@@ -24,13 +24,6 @@ class StageContext:
     completion: Completion | None = None
     output: str = ""
     finish_reason: str = "stop"
-
-
-class StageOrderError(OrchestratorError):
-    """A stage ran before the one it depends on: a bug in the engine, never user input."""
-
-    code = "stage_order"
-    default_message = "pipeline stages ran out of order"
 
 
 def require_prompt(ctx: StageContext) -> AssembledPrompt:

@@ -1,0 +1,47 @@
+"""The Celery app: queues from the Queue enum, JSON only, routing, limits."""
+
+from __future__ import annotations
+
+from orchestrator_site.celery import app
+from pipeline.queues import TASK_ROUTES, Queue
+from pipeline.tasks import run_realtime
+
+
+def test_all_four_queues_are_declared() -> None:
+    names = {q.name for q in app.conf.task_queues}
+    assert names == {"realtime", "batch.high", "batch.default", "batch.low"}
+    assert {q.value for q in Queue} == names
+
+
+def test_routing_keys_match_queue_names() -> None:
+    for queue in app.conf.task_queues:
+        assert queue.routing_key == queue.name
+        assert queue.exchange.name == "orchestrator"
+
+
+def test_realtime_task_is_routed_to_realtime() -> None:
+    route = app.amqp.router.route({}, run_realtime.name, args=(), kwargs={})
+    assert route["queue"].name == "realtime"
+    assert TASK_ROUTES[run_realtime.name]["queue"] == Queue.REALTIME
+
+
+def test_nothing_defaults_to_the_implicit_celery_queue() -> None:
+    route = app.amqp.router.route({}, "some.unrouted.task", args=(), kwargs={})
+    assert route["queue"].name == "batch.default"
+
+
+def test_json_only_and_no_result_backend() -> None:
+    assert app.conf.task_serializer == "json"
+    assert app.conf.accept_content == ["json"]
+    assert app.conf.task_ignore_result is True
+    assert not app.conf.result_backend
+
+
+def test_realtime_task_limits_and_delivery() -> None:
+    assert run_realtime.soft_time_limit == 150 and run_realtime.time_limit == 180
+    assert run_realtime.acks_late is False  # a real-time request is never replayed to a gone client
+
+
+def test_batch_queues_helper() -> None:
+    assert Queue.batch_queues() == (Queue.BATCH_HIGH, Queue.BATCH_DEFAULT, Queue.BATCH_LOW)
+    assert Queue.REALTIME not in Queue.batch_queues()

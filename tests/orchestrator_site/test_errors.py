@@ -1,0 +1,74 @@
+"""The error tree: stable codes, HTTP and WebSocket mappings, and the wire form."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator_site import errors
+from orchestrator_site.errors import OrchestratorError, all_error_classes, error_class_for_code
+
+
+def test_every_code_is_unique() -> None:
+    codes = [k.code for k in all_error_classes()]
+    assert len(codes) == len(set(codes))
+
+
+@pytest.mark.parametrize("klass", all_error_classes(), ids=lambda k: k.__name__)
+def test_every_class_has_consistent_mappings(klass: type[OrchestratorError]) -> None:
+    assert klass.code and klass.code == klass.code.lower()
+    assert 400 <= klass.http_status <= 599
+    assert 4000 <= klass.ws_close_code <= 4999
+    # The WebSocket close code mirrors the HTTP status where one exists.
+    assert klass.ws_close_code - 4000 in (klass.http_status, 500)
+
+
+@pytest.mark.parametrize("klass", all_error_classes(), ids=lambda k: k.__name__)
+def test_wire_form_round_trips(klass: type[OrchestratorError]) -> None:
+    original = klass("boom", data={"worker": "w1"}, retry_after=2.5)
+    rebuilt = OrchestratorError.from_dict(original.to_dict())
+    assert type(rebuilt) is klass
+    assert rebuilt.message == "boom" and rebuilt.data == {"worker": "w1"} and rebuilt.retry_after == 2.5
+
+
+def test_to_dict_shape() -> None:
+    body = errors.WorkerRateLimited(data={"worker": "openai"}, retry_after=3).to_dict()
+    assert body == {"code": "worker_rate_limited", "message": "the model provider is rate limiting", "data": {"worker": "openai", "retry_after": 3}}
+
+
+def test_default_message_and_no_retry_after_key() -> None:
+    body = errors.NotFound().to_dict()
+    assert body == {"code": "not_found", "message": "not found", "data": {}}
+
+
+def test_unknown_code_rebuilds_as_root() -> None:
+    rebuilt = OrchestratorError.from_dict({"code": "from_the_future", "message": "x"})
+    assert type(rebuilt) is OrchestratorError and rebuilt.message == "x"
+    assert error_class_for_code("nope") is OrchestratorError
+
+
+def test_from_dict_tolerates_missing_fields_and_bad_retry_after() -> None:
+    rebuilt = OrchestratorError.from_dict({"code": "worker_timeout", "data": {"retry_after": "soon"}})
+    assert isinstance(rebuilt, errors.WorkerTimeout)
+    assert rebuilt.retry_after is None and rebuilt.message == errors.WorkerTimeout.default_message
+
+
+def test_transient_worker_errors_are_retryable_and_permanent_are_not() -> None:
+    for klass in all_error_classes():
+        if issubclass(klass, errors.TransientWorkerError):
+            assert klass.retryable
+        if issubclass(klass, errors.PermanentWorkerError):
+            assert not klass.retryable
+
+
+def test_tree_is_drawn_in_the_module_docstring() -> None:
+    doc = errors.__doc__ or ""
+    for klass in all_error_classes():
+        assert klass.__name__ in doc and klass.code in doc, klass.__name__
+
+
+def test_specific_statuses() -> None:
+    assert errors.PromptTooLarge.http_status == 413
+    assert errors.UnsupportedMediaType.http_status == 415
+    assert errors.WorkerRateLimited.http_status == 429
+    assert errors.ApiKeyRevoked.http_status == 401
+    assert issubclass(errors.PromptMissing, errors.InvalidRequest)

@@ -1,0 +1,72 @@
+"""GET /health reports Postgres, Redis and the broker, and answers 503 when one is down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.test import Client, override_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.django_db
+def test_all_up_is_200_with_each_check() -> None:
+    resp = Client().get("/health")
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"postgres", "redis", "broker"}
+    assert all(c["status"] == "ok" and c["latency_ms"] >= 0 for c in body["checks"].values())
+
+
+@pytest.mark.django_db
+def test_redis_down_is_503() -> None:
+    with override_settings(REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0"):
+        resp = Client().get("/health")
+    assert resp.status_code == 503
+    checks = resp.json()["checks"]
+    assert checks["redis"]["status"] == "down" and "Connection" in checks["redis"]["error"]
+    assert checks["postgres"]["status"] == "ok"
+
+
+@pytest.mark.django_db
+def test_broker_down_is_503() -> None:
+    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{closed_port()}/0"):
+        resp = Client().get("/health")
+    assert resp.status_code == 503
+    assert resp.json()["checks"]["broker"]["status"] == "down"
+
+
+@pytest.mark.django_db
+def test_rabbitmq_broker_is_checked_too() -> None:
+    with override_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:5672//"):
+        resp = Client().get("/health")
+    assert resp.json()["checks"]["broker"]["status"] == "ok"
+
+
+def test_postgres_down_is_503() -> None:
+    # A separate process, so that its database connection points at a closed port.
+    code = (
+        "import django, json; django.setup(); from django.test import Client; "
+        "r = Client().get('/health'); print(r.status_code, json.dumps(r.json()['checks']['postgres']))"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "DATABASE_URL": f"postgres://postgres@127.0.0.1:{closed_port()}/x"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("503 ") and '"status": "down"' in proc.stdout
+
+
+def test_health_needs_no_key_and_only_answers_get() -> None:
+    resp = Client().post("/health")
+    assert resp.status_code == 405

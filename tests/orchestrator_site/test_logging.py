@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from orchestrator_site.logging import configure_logging
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
+    configure_logging(level="WARNING", fmt="console")
+
+
+def test_json_format_gives_one_json_object_per_line(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    structlog.get_logger("t").info("stage", stage="rag", duration_us=12, outcome="ok")
+    logging.getLogger("django").warning("plain %s", "stdlib")
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert lines[0]["event"] == "stage" and lines[0]["stage"] == "rag" and lines[0]["level"] == "info"
+    assert lines[1]["event"] == "plain stdlib" and lines[1]["logger"] == "django"
+    assert all("timestamp" in line for line in lines)
+
+
+def test_level_filters_and_httpx_is_quiet(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="WARNING", fmt="json")
+    structlog.get_logger("t").info("hidden")
+    logging.getLogger("httpx").info("HTTP Request: POST https://api.example.com")
+    assert capsys.readouterr().err == ""
+
+
+def test_console_format_is_readable(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="console")
+    structlog.get_logger("t").info("hello", stage="post")
+    err = capsys.readouterr().err
+    assert "hello" in err and "stage=post" in err

@@ -1,0 +1,105 @@
+"""The one place where httpx and protocol failures become worker errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+from orchestrator_site.errors import (
+    OrchestratorError,
+    PermanentWorkerError,
+    TransientWorkerError,
+    WorkerAuthError,
+    WorkerConnectionError,
+    WorkerProtocolError,
+    WorkerRateLimited,
+    WorkerTimeout,
+)
+from workers.base import WorkerSettings
+from workers.http import HttpClients, error_for_status, json_object, parse_retry_after, translate_errors
+
+NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("5", 5.0), ("0.5", 0.5), (" 12 ", 12.0), ("", None), (None, None), ("soon", None)])
+def test_retry_after_seconds(value: str | None, expected: float | None) -> None:
+    assert parse_retry_after(value, now=NOW) == expected
+
+
+def test_retry_after_http_date() -> None:
+    assert parse_retry_after("Thu, 26 Nov 2026 12:00:30 GMT", now=NOW) == 30.0
+    assert parse_retry_after("Thu, 26 Nov 2026 11:00:00 GMT", now=NOW) == 0.0  # in the past
+
+
+def test_retry_after_negative_is_clamped() -> None:
+    assert parse_retry_after("-3", now=NOW) is None  # not a delta-seconds value at all
+
+
+@pytest.mark.parametrize(
+    ("status", "klass"),
+    [(429, WorkerRateLimited), (401, WorkerAuthError), (403, WorkerAuthError), (504, WorkerTimeout), (500, TransientWorkerError),
+     (502, TransientWorkerError), (503, TransientWorkerError), (529, TransientWorkerError), (408, TransientWorkerError),
+     (400, PermanentWorkerError), (404, PermanentWorkerError), (422, PermanentWorkerError)],
+)
+def test_status_mapping(status: int, klass: type[OrchestratorError]) -> None:
+    error = error_for_status("w", status, httpx.Headers({"retry-after": "4"}), b'{"error": {"message": "nope"}}')
+    assert type(error) is klass
+    assert error.data["upstream_status"] == status and error.data["upstream_message"] == "nope"
+
+
+def test_retry_after_only_kept_where_it_means_something() -> None:
+    assert error_for_status("w", 429, httpx.Headers({"retry-after": "4"}), b"").retry_after == 4.0
+    assert error_for_status("w", 400, httpx.Headers({"retry-after": "4"}), b"").retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [(b'{"error": "plain string"}', "plain string"), (b'{"message": "top level"}', "top level"), (b"<html>oops</html>", "<html>oops</html>"),
+     (b'["a list"]', "['a list']"), (b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "Overloaded")],
+)
+def test_provider_message_shapes(body: bytes, message: str) -> None:
+    assert error_for_status("w", 500, httpx.Headers(), body).data["upstream_message"] == message
+
+
+@pytest.mark.parametrize(
+    ("exc", "klass"),
+    [(httpx.ReadTimeout("t"), WorkerTimeout), (httpx.ConnectTimeout("t"), WorkerTimeout), (httpx.ConnectError("c"), WorkerConnectionError),
+     (httpx.RemoteProtocolError("r"), WorkerConnectionError), (httpx.ReadError("r"), WorkerConnectionError), (ValueError("v"), WorkerProtocolError),
+     (KeyError("choices"), WorkerProtocolError), (TypeError("t"), WorkerProtocolError), (IndexError("i"), WorkerProtocolError)],
+)
+def test_translate_errors(exc: Exception, klass: type[OrchestratorError]) -> None:
+    with pytest.raises(klass) as info, translate_errors("w"):
+        raise exc
+    assert info.value.__cause__ is exc and info.value.data["worker"] == "w"
+
+
+def test_translate_errors_passes_tree_errors_through() -> None:
+    original = WorkerRateLimited(retry_after=1)
+    with pytest.raises(WorkerRateLimited) as info, translate_errors("w"):
+        raise original
+    assert info.value is original
+
+
+def test_translate_errors_does_not_hide_other_bugs() -> None:
+    with pytest.raises(ZeroDivisionError), translate_errors("w"):
+        _ = 1 / 0
+
+
+def test_json_object_requires_an_object() -> None:
+    assert json_object("w", '{"a": 1}') == {"a": 1}
+    with pytest.raises(WorkerProtocolError):
+        json_object("w", "[1, 2]")
+
+
+def test_clients_carry_headers_timeouts_and_close() -> None:
+    clients = HttpClients(WorkerSettings(name="w", kind="openai", base_url="http://127.0.0.1:9/v1/", timeout_s=3, connect_timeout_s=1, extra_headers={"X-A": "b"}), {"Authorization": "Bearer k"})
+    sync = clients.sync
+    assert clients.sync is sync  # pooled: one client per worker
+    assert sync.headers["authorization"] == "Bearer k" and sync.headers["x-a"] == "b"
+    assert sync.timeout.read == 3 and sync.timeout.connect == 1
+    assert str(sync.base_url) == "http://127.0.0.1:9/v1/"
+    clients.close()
+    assert clients.sync is not sync
+    clients.close()
