@@ -10,7 +10,7 @@ from psycopg import sql
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from orchestrator_site.env import parse_database_url  # noqa: E402
+from orchestrator_site.env import parse_database_url
 
 
 def main() -> int:

@@ -6,7 +6,9 @@ from orchestrator_site.env import env_bool, env_int, env_list, env_str, parse_da
 from orchestrator_site.errors import ConfigInvalid
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False), ("false", False), ("no", False), ("", False)])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("1", True), ("true", True), ("YES", True), (" on ", True), ("0", False), ("false", False), ("no", False), ("", False)]
+)
 def test_env_bool_accepts_common_spellings(monkeypatch: pytest.MonkeyPatch, raw: str, expected: bool) -> None:
     monkeypatch.setenv("X_FLAG", raw)
     assert env_bool("X_FLAG", default=not expected) is expected

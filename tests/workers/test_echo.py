@@ -19,8 +19,8 @@ def worker(**kw: float) -> EchoWorker:
     return EchoWorker(WorkerSettings(name="echo", kind="echo", **kw))  # type: ignore[arg-type]
 
 
-def stream(w: EchoWorker, p: AssembledPrompt) -> list:  # noqa: ANN401
-    async def run() -> list:  # noqa: ANN401
+def stream(w: EchoWorker, p: AssembledPrompt) -> list:
+    async def run() -> list:
         return [c async for c in w.infer_stream(p)]
 
     return asyncio.run(run())

@@ -39,9 +39,20 @@ def test_retry_after_negative_is_clamped() -> None:
 
 @pytest.mark.parametrize(
     ("status", "klass"),
-    [(429, WorkerRateLimited), (401, WorkerAuthError), (403, WorkerAuthError), (504, WorkerTimeout), (500, TransientWorkerError),
-     (502, TransientWorkerError), (503, TransientWorkerError), (529, TransientWorkerError), (408, TransientWorkerError),
-     (400, PermanentWorkerError), (404, PermanentWorkerError), (422, PermanentWorkerError)],
+    [
+        (429, WorkerRateLimited),
+        (401, WorkerAuthError),
+        (403, WorkerAuthError),
+        (504, WorkerTimeout),
+        (500, TransientWorkerError),
+        (502, TransientWorkerError),
+        (503, TransientWorkerError),
+        (529, TransientWorkerError),
+        (408, TransientWorkerError),
+        (400, PermanentWorkerError),
+        (404, PermanentWorkerError),
+        (422, PermanentWorkerError),
+    ],
 )
 def test_status_mapping(status: int, klass: type[OrchestratorError]) -> None:
     error = error_for_status("w", status, httpx.Headers({"retry-after": "4"}), b'{"error": {"message": "nope"}}')
@@ -56,8 +67,13 @@ def test_retry_after_only_kept_where_it_means_something() -> None:
 
 @pytest.mark.parametrize(
     ("body", "message"),
-    [(b'{"error": "plain string"}', "plain string"), (b'{"message": "top level"}', "top level"), (b"<html>oops</html>", "<html>oops</html>"),
-     (b'["a list"]', "['a list']"), (b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "Overloaded")],
+    [
+        (b'{"error": "plain string"}', "plain string"),
+        (b'{"message": "top level"}', "top level"),
+        (b"<html>oops</html>", "<html>oops</html>"),
+        (b'["a list"]', "['a list']"),
+        (b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', "Overloaded"),
+    ],
 )
 def test_provider_message_shapes(body: bytes, message: str) -> None:
     assert error_for_status("w", 500, httpx.Headers(), body).data["upstream_message"] == message
@@ -65,9 +81,17 @@ def test_provider_message_shapes(body: bytes, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("exc", "klass"),
-    [(httpx.ReadTimeout("t"), WorkerTimeout), (httpx.ConnectTimeout("t"), WorkerTimeout), (httpx.ConnectError("c"), WorkerConnectionError),
-     (httpx.RemoteProtocolError("r"), WorkerConnectionError), (httpx.ReadError("r"), WorkerConnectionError), (ValueError("v"), WorkerProtocolError),
-     (KeyError("choices"), WorkerProtocolError), (TypeError("t"), WorkerProtocolError), (IndexError("i"), WorkerProtocolError)],
+    [
+        (httpx.ReadTimeout("t"), WorkerTimeout),
+        (httpx.ConnectTimeout("t"), WorkerTimeout),
+        (httpx.ConnectError("c"), WorkerConnectionError),
+        (httpx.RemoteProtocolError("r"), WorkerConnectionError),
+        (httpx.ReadError("r"), WorkerConnectionError),
+        (ValueError("v"), WorkerProtocolError),
+        (KeyError("choices"), WorkerProtocolError),
+        (TypeError("t"), WorkerProtocolError),
+        (IndexError("i"), WorkerProtocolError),
+    ],
 )
 def test_translate_errors(exc: Exception, klass: type[OrchestratorError]) -> None:
     with pytest.raises(klass) as info, translate_errors("w"):
@@ -94,7 +118,10 @@ def test_json_object_requires_an_object() -> None:
 
 
 def test_clients_carry_headers_timeouts_and_close() -> None:
-    clients = HttpClients(WorkerSettings(name="w", kind="openai", base_url="http://127.0.0.1:9/v1/", timeout_s=3, connect_timeout_s=1, extra_headers={"X-A": "b"}), {"Authorization": "Bearer k"})
+    clients = HttpClients(
+        WorkerSettings(name="w", kind="openai", base_url="http://127.0.0.1:9/v1/", timeout_s=3, connect_timeout_s=1, extra_headers={"X-A": "b"}),
+        {"Authorization": "Bearer k"},
+    )
     sync = clients.sync
     assert clients.sync is sync  # pooled: one client per worker
     assert sync.headers["authorization"] == "Bearer k" and sync.headers["x-a"] == "b"

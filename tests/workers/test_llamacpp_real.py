@@ -60,7 +60,9 @@ def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             code = proc.poll()
             if code is not None:
                 if code in (132, -4):  # SIGILL
-                    pytest.fail(f"llama-server died with status {code} (illegal instruction): this CPU lacks an instruction set the prebuilt binary needs (AVX-512?)")
+                    pytest.fail(
+                        f"llama-server died with status {code} (illegal instruction): this CPU lacks an instruction set the prebuilt binary needs (AVX-512?)"
+                    )
                 pytest.fail(f"llama-server exited with {code}: {log.read_text()[-2000:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:

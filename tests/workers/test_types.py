@@ -27,7 +27,7 @@ completions = st.builds(Completion, text=text, model=text, worker=text, finish_r
 chunks = st.builds(TokenChunk, index=st.integers(0, 10**6), text=text, finish_reason=st.none() | st.sampled_from(["stop", "length"]), usage=st.none() | usage)
 
 
-def via_json(obj: object) -> dict:  # noqa: ANN401
+def via_json(obj: object) -> dict:
     return json.loads(json.dumps(obj.to_dict()))  # type: ignore[attr-defined]
 
 

@@ -1,0 +1,116 @@
+"""RAG retrieval and session history against the real Postgres, tenant by tenant."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from orchestrator_site.errors import NotFound
+from pipeline import selectors, services
+from pipeline.models import Document, SessionTurn
+from pipeline.types import PromptRequest
+from tests.conftest import TenantFixture
+
+
+def search(tenant: TenantFixture, query: str, top_k: int = 3, timeout_ms: int = 2000) -> list[str]:
+    result = selectors.document_search(tenant_id=str(tenant.tenant.id), query=query, top_k=top_k, timeout_ms=timeout_ms, text_search_config="english")
+    assert not result.timed_out
+    return [d.title for d in result.documents]
+
+
+@pytest.fixture
+def library(owner: TenantFixture, outsider: TenantFixture) -> None:
+    for title, body in [
+        ("Refund policy", "Customers may request a refund within 30 days of purchase."),
+        ("Shipping", "Orders ship within two business days. Refund shipping costs are not covered."),
+        ("Careers", "We are hiring engineers in Lisbon."),
+    ]:
+        services.document_create(tenant=owner.tenant, title=title, body=body)
+    services.document_create(tenant=outsider.tenant, title="Outsider refund secrets", body="refund refund refund policy purchase")
+
+
+@pytest.mark.django_db
+def test_most_relevant_documents_first(owner: TenantFixture, library: None) -> None:
+    assert search(owner, "how do I get a refund for my purchase?") == ["Refund policy", "Shipping"]
+
+
+@pytest.mark.django_db
+def test_title_matches_weigh_more_than_body_matches(owner: TenantFixture, library: None) -> None:
+    assert search(owner, "shipping")[0] == "Shipping"
+
+
+@pytest.mark.django_db
+def test_never_another_tenants_documents(owner: TenantFixture, outsider: TenantFixture, library: None) -> None:
+    assert "Outsider refund secrets" not in search(owner, "refund policy purchase secrets")
+    assert search(outsider, "refund") == ["Outsider refund secrets"]
+
+
+@pytest.mark.django_db
+def test_top_k_and_no_match(owner: TenantFixture, library: None) -> None:
+    assert len(search(owner, "refund", top_k=1)) == 1
+    assert search(owner, "quantum chromodynamics") == []
+    assert search(owner, "the of and") == []  # only stop words: no lexemes, no error
+
+
+@pytest.mark.django_db
+def test_search_vector_is_maintained_by_postgres(owner: TenantFixture) -> None:
+    doc = services.document_create(tenant=owner.tenant, title="Alpha", body="zebra")
+    assert search(owner, "zebra") == ["Alpha"]
+    Document.objects.filter(pk=doc.pk).update(body="giraffe")
+    assert search(owner, "giraffe") == ["Alpha"] and search(owner, "zebra") == []
+
+
+@pytest.mark.django_db
+def test_slow_search_times_out_and_reports_it(owner: TenantFixture) -> None:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO pipeline_document (id, tenant_id, title, body, metadata, created_at) "
+            "SELECT gen_random_uuid(), %s, 'refund ' || g, repeat('refund policy purchase words ', 40), '{}', now() FROM generate_series(1, 20000) g",
+            [owner.tenant.id],
+        )
+    result = selectors.document_search(tenant_id=str(owner.tenant.id), query="refund policy purchase", top_k=3, timeout_ms=1, text_search_config="english")
+    assert result.timed_out and result.documents == ()
+    # The timeout was local to that search: the connection still works without it.
+    assert search(owner, "refund", top_k=1, timeout_ms=60_000)
+
+
+@pytest.mark.django_db
+def test_document_get_and_list_are_tenant_scoped(owner: TenantFixture, outsider: TenantFixture) -> None:
+    doc = services.document_create(tenant=owner.tenant, title="Mine", body="x", metadata={"k": 1})
+    assert selectors.document_get_for_tenant(tenant_id=str(owner.tenant.id), document_id=str(doc.id)) == doc
+    with pytest.raises(NotFound):
+        selectors.document_get_for_tenant(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
+    with pytest.raises(NotFound):
+        selectors.document_get_for_tenant(tenant_id=str(owner.tenant.id), document_id="not-a-uuid")
+    assert selectors.document_list_for_tenant(tenant_id=str(outsider.tenant.id), limit=10, offset=0) == []
+    assert [d.title for d in selectors.document_list_for_tenant(tenant_id=str(owner.tenant.id), limit=10, offset=0)] == ["Mine"]
+
+
+def request(tenant: TenantFixture, session: str, prompt: str, n: int) -> PromptRequest:
+    return PromptRequest(request_id=f"r{n}", tenant_id=str(tenant.tenant.id), session_id=session, prompt=prompt, worker="echo", model="echo-1", max_tokens=5)
+
+
+@pytest.mark.django_db
+def test_session_history_is_chronological_and_bounded(owner: TenantFixture) -> None:
+    for n in range(5):
+        services.session_turns_append(request=request(owner, "s1", f"q{n}", n), reply=f"a{n}")
+    services.session_turns_append(request=request(owner, "s2", "other", 9), reply="x")
+    history = selectors.session_history(tenant_id=str(owner.tenant.id), session_id="s1", turns=2)
+    assert [(m.role, m.content) for m in history] == [("user", "q3"), ("assistant", "a3"), ("user", "q4"), ("assistant", "a4")]
+    assert selectors.session_history(tenant_id=str(owner.tenant.id), session_id="s1", turns=0) == ()
+    assert SessionTurn.objects.filter(session_id="s1").count() == 10
+
+
+@pytest.mark.django_db
+def test_session_history_never_crosses_tenants(owner: TenantFixture, outsider: TenantFixture) -> None:
+    services.session_turns_append(request=request(owner, "shared-id", "owner secret", 1), reply="r")
+    assert selectors.session_history(tenant_id=str(outsider.tenant.id), session_id="shared-id", turns=5) == ()
+
+
+@pytest.mark.django_db
+def test_document_delete_is_tenant_scoped(owner: TenantFixture, outsider: TenantFixture) -> None:
+    doc = services.document_create(tenant=owner.tenant, title="Mine", body="x")
+    with pytest.raises(NotFound):
+        services.document_delete(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
+    services.document_delete(tenant_id=str(owner.tenant.id), document_id=str(doc.id))
+    assert not Document.objects.filter(pk=doc.pk).exists()

@@ -1,0 +1,129 @@
+"""The token bus against the real Redis: streams, status, TTLs, readers, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings
+
+from orchestrator_site.errors import ServiceUnavailable
+from pipeline.tokenbus import BusEvent, TokenBus, get_bus
+
+
+@pytest.fixture
+def bus() -> Iterator[TokenBus]:
+    bus = TokenBus(url=settings.REDIS_URL, prefix=f"bustest{uuid.uuid4().hex[:8]}", maxlen=50, ttl_s=30, socket_timeout_s=1.0)
+    yield bus
+    keys = bus.client.keys(f"{bus.prefix}:*")
+    if keys:
+        bus.client.delete(*keys)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read(bus: TokenBus, request_id: str, after: str = "0-0", timeout_s: float = 2.0) -> list[BusEvent]:
+    async def run() -> list[BusEvent]:
+        return [e async for e in bus.events(request_id, after=after, timeout_s=timeout_s)]
+
+    return asyncio.run(run())
+
+
+def test_events_are_read_in_order_up_to_the_terminal_one(bus: TokenBus) -> None:
+    for i in range(3):
+        bus.publish("r", "token", {"seq": i, "text": f"t{i}"})
+    bus.publish("r", "done", {"ok": True})
+    bus.publish("r", "token", {"seq": 99})  # after done: never read
+    events = read(bus, "r")
+    assert [e.type for e in events] == ["token", "token", "token", "done"]
+    assert [e.data.get("seq") for e in events[:3]] == [0, 1, 2]
+
+
+def test_a_reader_resumes_after_an_id(bus: TokenBus) -> None:
+    first = bus.publish("r", "token", {"seq": 0})
+    bus.publish("r", "error", {"code": "worker_timeout"})
+    events = read(bus, "r", after=first)
+    assert [e.type for e in events] == ["error"]
+
+
+def test_a_reader_waits_for_a_producer(bus: TokenBus) -> None:
+    def produce() -> None:
+        time.sleep(0.3)
+        bus.publish("late", "done", {"n": 1})
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    started = time.monotonic()
+    events = read(bus, "late", timeout_s=5)
+    thread.join()
+    assert [e.type for e in events] == ["done"] and 0.25 < time.monotonic() - started < 3
+
+
+def test_reading_stops_quietly_at_the_timeout(bus: TokenBus) -> None:
+    started = time.monotonic()
+    assert read(bus, "nothing", timeout_s=0.3) == []
+    assert time.monotonic() - started < 2
+
+
+def test_streams_and_status_expire(bus: TokenBus) -> None:
+    bus.publish("r", "token", {})
+    bus.set_status("r", status="queued", tenant_id="t")
+    assert 0 < bus.client.ttl(bus.stream_key("r")) <= 30
+    assert 0 < bus.client.ttl(bus.status_key("r")) <= 30
+
+
+def test_stream_length_is_bounded(bus: TokenBus) -> None:
+    for i in range(500):
+        bus.publish("big", "token", {"seq": i})
+    assert bus.client.xlen(bus.stream_key("big")) < 200  # approximate trimming keeps it near maxlen (50)
+
+
+def test_status_hash_round_trip(bus: TokenBus) -> None:
+    assert bus.get_status("missing") == {}
+    bus.set_status("r", status="queued", tenant_id="t1")
+    bus.set_status("r", status="running")
+    status = bus.get_status("r")
+    assert status["status"] == "running" and status["tenant_id"] == "t1" and float(status["updated_at"]) > 0
+
+
+def test_read_all_returns_everything(bus: TokenBus) -> None:
+    bus.publish("r", "token", {"seq": 0})
+    bus.publish("r", "done", {})
+    assert [e.type for e in bus.read_all("r")] == ["token", "done"]
+
+
+def test_keys_live_under_the_prefix(bus: TokenBus) -> None:
+    assert bus.stream_key("x") == f"{bus.prefix}:stream:x" and bus.status_key("x") == f"{bus.prefix}:req:x"
+
+
+def test_redis_down_is_service_unavailable() -> None:
+    down = TokenBus(url=f"redis://127.0.0.1:{closed_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
+    with pytest.raises(ServiceUnavailable) as info:
+        down.publish("r", "token", {})
+    assert info.value.data == {"service": "redis"}
+    for call in (lambda: down.set_status("r", status="x"), lambda: down.get_status("r"), lambda: down.read_all("r"), lambda: read(down, "r", timeout_s=1)):
+        with pytest.raises(ServiceUnavailable):
+            call()
+
+
+def test_one_async_client_per_event_loop(bus: TokenBus) -> None:
+    async def twice() -> tuple[int, int]:
+        return id(bus._aclient()), id(bus._aclient())
+
+    a, b = asyncio.run(twice())
+    assert a == b
+
+
+def test_process_bus_uses_settings() -> None:
+    bus = get_bus()
+    assert bus is get_bus()
+    assert bus.prefix == settings.REDIS_KEY_PREFIX and bus.url == settings.REDIS_URL
