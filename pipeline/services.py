@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 import uuid
 from collections.abc import Mapping
@@ -81,7 +83,8 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
     if status in ("completed", "failed"):
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return
-    bus.set_status(request.request_id, status="running")
+    # Which worker process ran it: for operators, and the proof that no eager mode is involved.
+    bus.set_status(request.request_id, status="running", executed_by=f"{socket.gethostname()}:{os.getpid()}")
     try:
         result = _execute(request, get_config())
     except OrchestratorError as exc:

@@ -1,5 +1,8 @@
 """Input validation for the HTTP API. Field errors become specific error codes in
-``pipeline.api.errors``; everything else about a request is checked in services."""
+``pipeline.api.errors``; everything else about a request is checked in services.
+
+DRF's CharField already refuses NUL characters and lone surrogates, which
+Postgres and Redis could not store."""
 
 from __future__ import annotations
 
@@ -11,17 +14,6 @@ from rest_framework import serializers
 from pipeline.config import get_config
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
-
-
-def clean_text(value: str) -> str:
-    """Text that Postgres and Redis can store: no NUL, valid UTF-8 (no lone surrogates)."""
-    if "\x00" in value:
-        raise serializers.ValidationError("must not contain NUL characters", code="invalid_text")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise serializers.ValidationError("must be valid Unicode text", code="invalid_text") from exc
-    return value
 
 
 class InferInput(serializers.Serializer):
@@ -41,7 +33,7 @@ class InferInput(serializers.Serializer):
         limit = get_config().limits.max_prompt_chars
         if len(value) > limit:
             raise serializers.ValidationError(f"prompt is longer than {limit} characters", code="too_large")
-        return clean_text(value)
+        return value
 
     def validate_session_id(self, value: str) -> str:
         if not SESSION_ID.match(value):
@@ -52,18 +44,12 @@ class InferInput(serializers.Serializer):
         limit = get_config().limits.max_stop_sequences
         if len(value) > limit:
             raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
-        return [clean_text(v) for v in value if v]
+        return [v for v in value if v]
 
     def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
         if len(repr(value)) > 4096:
             raise serializers.ValidationError("metadata is larger than 4 KiB", code="max_length")
         return value
-
-    def validate_worker(self, value: str) -> str:
-        return clean_text(value)
-
-    def validate_model(self, value: str) -> str:
-        return clean_text(value)
 
 
 class InferQueued(serializers.Serializer):
@@ -109,12 +95,6 @@ class DocumentInput(serializers.Serializer):
     title = serializers.CharField(max_length=300)
     body = serializers.CharField(max_length=1_000_000)
     metadata = serializers.DictField(required=False)
-
-    def validate_title(self, value: str) -> str:
-        return clean_text(value)
-
-    def validate_body(self, value: str) -> str:
-        return clean_text(value)
 
 
 class DocumentOut(serializers.Serializer):

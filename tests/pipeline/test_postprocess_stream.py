@@ -20,7 +20,7 @@ def splits(text: str, cuts: list[int]) -> list[str]:
     return pieces
 
 
-alphabet = st.sampled_from(list("ab @.-_xyzSTOP\n ") + ["sk-", "bob@ex.com", "STOP", "AKIA"])
+alphabet = st.sampled_from([*"ab @.-_xyzSTOP\n ", "sk-", "bob@ex.com", "STOP", "AKIA"])
 texts = st.lists(alphabet, max_size=40).map("".join)
 
 
