@@ -1,0 +1,164 @@
+"""The task boundary and the services around it, run in-process against real Postgres and Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+
+from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, UnknownModel, UnknownWorker
+from pipeline import services
+from pipeline.config import PipelineSettings, WorkerConfig
+from pipeline.routing import WorkerPool, route_request, worker_pool
+from pipeline.tokenbus import get_bus
+from pipeline.types import AssembledPrompt, Completion, PromptRequest
+from tests.conftest import TenantFixture
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def build(tenant: TenantFixture, **data: object) -> PromptRequest:
+    return services.infer_build_request(tenant_id=str(tenant.tenant.id), data={"prompt": "hello world", **data}, config=PipelineSettings())
+
+
+def last_event(request_id: str) -> tuple[str, dict]:
+    event = get_bus().read_all(request_id)[-1]
+    return event.type, event.data
+
+
+@pytest.mark.django_db
+def test_build_request_routes_and_fills_defaults(owner: TenantFixture) -> None:
+    request = build(owner)
+    assert (request.worker, request.model, request.max_tokens) == ("echo", "echo-1", 256)
+    assert request.session_id == request.request_id and len(request.request_id) == 32
+    explicit = build(owner, session_id="s", max_tokens=9, temperature=0.1, stop=["x"], metadata={"k": 1})
+    assert (explicit.session_id, explicit.max_tokens, explicit.temperature, explicit.stop, dict(explicit.metadata)) == ("s", 9, 0.1, ("x",), {"k": 1})
+
+
+@pytest.mark.django_db
+def test_build_request_rejects_unknown_worker_model_and_big_max_tokens(owner: TenantFixture) -> None:
+    with pytest.raises(UnknownWorker):
+        build(owner, worker="nope")
+    with pytest.raises(UnknownModel):
+        build(owner, model="gpt-4")
+    with pytest.raises(InvalidRequest):
+        build(owner, max_tokens=10_000)
+
+
+def test_route_request_accepts_any_model_when_none_are_listed() -> None:
+    config = PipelineSettings(workers={"echo": WorkerConfig(kind="echo")})
+    assert route_request(config, worker=None, model="anything").model == "anything"
+    assert route_request(config, worker=None, model=None).model == "echo"
+
+
+def test_worker_pool_builds_once_per_config() -> None:
+    pool = WorkerPool()
+    config = PipelineSettings()
+    first = pool.get(config, "echo")
+    assert pool.get(config, "echo") is first
+    assert pool.get(PipelineSettings(), "echo") is not first  # a new config object rebuilds
+    with pytest.raises(UnknownWorker):
+        pool.get(config, "missing")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_execute_publishes_done_and_stores_turns(owner: TenantFixture) -> None:
+    request = build(owner, session_id="svc")
+    services.realtime_execute(request.to_dict())
+    kind, data = last_event(request.request_id)
+    assert kind == "done" and data["text"].startswith("hello world")
+    assert get_bus().get_status(request.request_id)["status"] == "completed"
+    assert owner.tenant.turns.filter(session_id="svc").count() == 2
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"request_id": "x"},
+        {"request_id": "x", "tenant_id": "t", "session_id": "s", "prompt": "p", "worker": "w", "model": "m", "max_tokens": "lots"},
+        ["not", "a", "dict"],
+    ],
+)
+def test_invalid_payload_is_dropped_without_crashing(payload: object) -> None:
+    services.realtime_execute(payload)  # type: ignore[arg-type]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_stale_redelivery_is_dropped(owner: TenantFixture) -> None:
+    request = build(owner)
+    get_bus().set_status(request.request_id, status="completed", tenant_id=str(owner.tenant.id))
+    services.realtime_execute(request.to_dict())
+    assert get_bus().read_all(request.request_id) == []
+
+
+class Exploding:
+    name = "boom"
+    supports_streaming = False
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def infer(self, prompt: AssembledPrompt) -> Completion:
+        raise self.exc
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("exc", "code"), [(RuntimeError("bug"), "internal_error"), (SoftTimeLimitExceeded(), "request_timeout"), (OrchestratorError("x"), "internal_error")]
+)
+def test_failures_become_error_events(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch, exc: BaseException, code: str) -> None:
+    monkeypatch.setattr(worker_pool, "get", lambda config, name: Exploding(exc))
+    request = build(owner)
+    services.realtime_execute(request.to_dict())
+    kind, data = last_event(request.request_id)
+    assert kind == "error" and data["code"] == code
+    assert get_bus().get_status(request.request_id)["status"] == "failed"
+    assert "bug" not in json.dumps(data)  # internals are logged, not sent to the client
+
+
+@pytest.mark.django_db
+def test_result_of_an_expired_stream_is_not_found(owner: TenantFixture) -> None:
+    get_bus().set_status("gone", status="completed", tenant_id=str(owner.tenant.id))
+    with pytest.raises(NotFound):
+        services.request_result_get(tenant_id=str(owner.tenant.id), request_id="gone")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_broker_down_is_503_and_the_request_is_marked_failed(owner: TenantFixture) -> None:
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    code = (
+        "import django, json; django.setup(); from rest_framework.test import APIClient; c = APIClient(); "
+        f"c.credentials(HTTP_AUTHORIZATION='Bearer {owner.key}'); "
+        "r = c.post('/api/v1/infer', {'prompt': 'hi'}, format='json'); print(r.status_code, json.dumps(r.json()))"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
+        "DATABASE_URL": f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0",
+    }
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    status, body = proc.stdout.split(" ", 1)
+    assert status == "503" and json.loads(body)["error"] == {
+        "code": "service_unavailable",
+        "message": "the task broker is unavailable",
+        "data": {"service": "broker"},
+    }
