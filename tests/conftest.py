@@ -213,3 +213,47 @@ def realtime_worker(
     proc = start_celery_worker("realtime", f"realtime-test-{os.getpid()}@localhost", tmp_path_factory.mktemp("celery") / "worker.log")
     yield proc
     stop_process(proc)
+
+
+# --- every error of the tree is raised somewhere in the suite ------------------------------
+
+import contextlib  # noqa: E402
+
+from orchestrator_site import errors as _errors  # noqa: E402
+
+RAISED: set[type[_errors.OrchestratorError]] = set()
+_recording = [True]
+# Categories that are only ever raised through a subclass.
+ABSTRACT = {_errors.AuthenticationFailed, _errors.WorkerError}
+_original_init = _errors.OrchestratorError.__init__
+
+
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """For tests that build every class of the tree on purpose (not a trigger)."""
+    _recording[0] = False
+    try:
+        yield
+    finally:
+        _recording[0] = True
+
+
+def _recording_init(self: _errors.OrchestratorError, *args: object, **kwargs: object) -> None:
+    if _recording[0]:
+        RAISED.add(type(self))
+    _original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+
+_errors.OrchestratorError.__init__ = _recording_init  # type: ignore[method-assign]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """When the whole suite ran green, fail it if an error class was never triggered."""
+    config = session.config
+    whole_suite = not config.option.keyword and not config.option.markexpr and [str(a) for a in config.args] in (["tests"], [])
+    if exitstatus != 0 or not whole_suite:
+        return
+    missing = sorted(k.__name__ for k in _errors.all_error_classes() if k not in RAISED and k not in ABSTRACT)
+    if missing:
+        session.config.get_terminal_writer().line(f"error classes never triggered by a test: {', '.join(missing)}", red=True)
+        session.exitstatus = 1

@@ -6,6 +6,7 @@ import pytest
 
 from orchestrator_site import errors
 from orchestrator_site.errors import OrchestratorError, all_error_classes, error_class_for_code
+from tests.conftest import unrecorded
 
 
 def test_every_code_is_unique() -> None:
@@ -24,8 +25,9 @@ def test_every_class_has_consistent_mappings(klass: type[OrchestratorError]) -> 
 
 @pytest.mark.parametrize("klass", all_error_classes(), ids=lambda k: k.__name__)
 def test_wire_form_round_trips(klass: type[OrchestratorError]) -> None:
-    original = klass("boom", data={"worker": "w1"}, retry_after=2.5)
-    rebuilt = OrchestratorError.from_dict(original.to_dict())
+    with unrecorded():
+        original = klass("boom", data={"worker": "w1"}, retry_after=2.5)
+        rebuilt = OrchestratorError.from_dict(original.to_dict())
     assert type(rebuilt) is klass
     assert rebuilt.message == "boom" and rebuilt.data == {"worker": "w1"} and rebuilt.retry_after == 2.5
 
