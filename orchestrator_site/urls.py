@@ -1,16 +1,19 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from orchestrator_site.health import health_view
+from pipeline.api.errors import not_found_view
 
 urlpatterns = [
     path("health", health_view, name="health"),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/v1/", include("pipeline.api.urls")),
+    # API clients get the JSON error even when DEBUG would render an HTML 404 page.
+    re_path(r"^api/", not_found_view),
     path("admin/", admin.site.urls),
 ]
 

@@ -44,7 +44,7 @@ class InferInput(serializers.Serializer):
         limit = get_config().limits.max_stop_sequences
         if len(value) > limit:
             raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
-        return [v for v in value if v]
+        return value
 
     def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
         if len(repr(value)) > 4096:

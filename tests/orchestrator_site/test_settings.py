@@ -59,3 +59,56 @@ def test_check_deploy_is_clean_under_production_settings() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no issues" in proc.stdout
+
+
+def settings_json(**env: str) -> dict:
+    import json
+
+    code = (
+        "import json; from orchestrator_site import settings as s; "
+        "print(json.dumps({k: getattr(s, k, None) for k in ['DEBUG', 'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', "
+        "'SECURE_HSTS_SECONDS', 'SERVE_STATIC', 'LOG_FORMAT', 'REDIS_SOCKET_TIMEOUT_S', 'REDIS_KEY_PREFIX', 'PIPELINE_CONFIG_PATH', 'CSRF_TRUSTED_ORIGINS']} "
+        "| {'conn_max_age': s.DATABASES['default']['CONN_MAX_AGE'], 'password': s.DATABASES['default']['PASSWORD']}))"
+    )
+    proc = run_python(code, **env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_production_turns_on_the_secure_defaults() -> None:
+    prod = settings_json(ORCHESTRATOR_ENV="production", DJANGO_SECRET_KEY="k" * 60)
+    assert prod["DEBUG"] is False and prod["SECURE_SSL_REDIRECT"] is True
+    assert prod["SESSION_COOKIE_SECURE"] and prod["CSRF_COOKIE_SECURE"] and prod["SECURE_HSTS_SECONDS"] == 31536000
+    assert prod["SERVE_STATIC"] is False and prod["LOG_FORMAT"] == "json"
+
+
+def test_development_defaults() -> None:
+    dev = settings_json()
+    assert dev["DEBUG"] is True and dev["SERVE_STATIC"] is True and dev["LOG_FORMAT"] == "console"
+    assert dev["SECURE_SSL_REDIRECT"] is None and dev["SECURE_HSTS_SECONDS"] is None
+
+
+def test_tuning_variables() -> None:
+    tuned = settings_json(
+        DATABASE_CONN_MAX_AGE="0",
+        REDIS_SOCKET_TIMEOUT_MS="250",
+        REDIS_KEY_PREFIX="blue",
+        PIPELINE_CONFIG="/etc/po/pipeline.toml",
+        CSRF_TRUSTED_ORIGINS="https://a.example,https://b.example",
+        DATABASE_URL="postgres://u:s3cret@h/db",
+        LOG_FORMAT="json",
+        SERVE_STATIC="0",
+    )
+    assert tuned["conn_max_age"] == 0 and tuned["REDIS_SOCKET_TIMEOUT_S"] == 0.25 and tuned["REDIS_KEY_PREFIX"] == "blue"
+    assert tuned["PIPELINE_CONFIG_PATH"] == "/etc/po/pipeline.toml" and tuned["CSRF_TRUSTED_ORIGINS"] == ["https://a.example", "https://b.example"]
+    assert tuned["password"] == "s3cret" and tuned["LOG_FORMAT"] == "json" and tuned["SERVE_STATIC"] is False
+
+
+def test_bad_variables_fail_at_startup_with_the_variable_named() -> None:
+    for env, name in [
+        ({"DJANGO_DEBUG": "perhaps"}, "DJANGO_DEBUG"),
+        ({"DATABASE_CONN_MAX_AGE": "soon"}, "DATABASE_CONN_MAX_AGE"),
+        ({"DATABASE_URL": "sqlite:///x"}, "DATABASE_URL"),
+    ]:
+        proc = run_python("import orchestrator_site.settings", **env)
+        assert proc.returncode != 0 and name in proc.stderr, (env, proc.stderr[-500:])

@@ -1,0 +1,96 @@
+"""`make run` brings the whole platform up on loopback, serves the README's curl, and
+Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
+    gateway, flower, llama = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_CONFIG", "DJANGO_SETTINGS_MODULE")}
+    env.update(
+        GATEWAY_PORT=str(gateway),
+        FLOWER_PORT=str(flower),
+        LLAMA_PORT=str(llama),
+        RUN_DIR=str(tmp_path),
+        DATABASE_URL="postgres://postgres@127.0.0.1:5432/orchestrator_runtest",
+        REDIS_URL="redis://127.0.0.1:6379/12",
+        CELERY_BROKER_URL="redis://127.0.0.1:6379/11",
+        REDIS_KEY_PREFIX="runtest",
+    )
+    out_path = tmp_path / "make-run.out"
+    with out_path.open("wb") as out:
+        proc = subprocess.Popen(["make", "run"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "demo tenant API key" not in out_path.read_text() or not re.search(r"po_\w+_\S+", out_path.read_text().split("API key", 1)[1]):
+            assert proc.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.3)
+        text = out_path.read_text()
+        key = re.search(r"po_\w+_\S+", text.split("API key", 1)[1]).group(0)  # type: ignore[union-attr]
+        assert f"http://127.0.0.1:{gateway}" in text and f"http://127.0.0.1:{flower}" in text
+
+        base = f"http://127.0.0.1:{gateway}"
+        assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
+        resp = httpx.post(f"{base}/api/v1/infer", json={"prompt": "Hello from the README"}, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert list(resp.json()["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
+
+        if "local" in text.split("workers", 1)[1].splitlines()[0]:
+            local = httpx.post(
+                f"{base}/api/v1/infer", json={"prompt": "Say hi.", "worker": "local", "max_tokens": 8}, headers={"Authorization": f"Bearer {key}"}, timeout=120
+            )
+            assert local.status_code == 200, local.text
+            assert local.json()["model"] == "smollm2-135m" and 1 <= local.json()["usage"]["completion_tokens"] <= 8
+
+        deadline = time.monotonic() + 30
+        while True:  # Flower takes a moment longer than the gateway
+            try:
+                if httpx.get(f"http://127.0.0.1:{flower}/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "flower did not answer"
+            time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        try:
+            proc.wait(timeout=60)
+        finally:
+            deadline = time.monotonic() + 30
+            while group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            leftover = group_alive(proc.pid)
+            if leftover:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert not leftover, "processes were left running after Ctrl-C"
+    assert "stopped." in out_path.read_text()

@@ -1,0 +1,89 @@
+"""Input parsing and validation before anything is enqueued."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator_site.errors import PromptTooLarge
+from pipeline.api.parsers import LimitedJSONParser, body_limit
+from pipeline.api.serializers import InferInput
+from pipeline.config import LimitsConfig, PipelineSettings
+
+
+@pytest.fixture(autouse=True)
+def small_limits(pipeline_config: object) -> None:
+    pipeline_config(PipelineSettings(limits=LimitsConfig(max_prompt_chars=100, max_stop_sequences=2)))  # type: ignore[operator]
+
+
+def test_body_limit_scales_with_the_prompt_limit() -> None:
+    assert body_limit() == 100 * 6 + 64 * 1024
+
+
+def test_parser_reads_json_within_the_limit() -> None:
+    assert LimitedJSONParser().parse(io.BytesIO(b'{"prompt": "hi"}'), "application/json", {}) == {"prompt": "hi"}
+
+
+def test_parser_refuses_a_body_over_the_limit_without_reading_it_all() -> None:
+    stream = io.BytesIO(b"x" * (body_limit() + 10_000))
+    with pytest.raises(PromptTooLarge):
+        LimitedJSONParser().parse(stream, "application/json", {})
+    assert stream.tell() == body_limit() + 1
+
+
+def test_parser_reads_an_exactly_full_body() -> None:
+    body = b'{"p": "' + b"y" * (body_limit() - 9) + b'"}'
+    assert len(body) == body_limit()
+    assert LimitedJSONParser().parse(io.BytesIO(body), "application/json", {})["p"].startswith("y")
+
+
+def valid(data: dict) -> dict | None:
+    serializer = InferInput(data=data)
+    return dict(serializer.validated_data) if serializer.is_valid() else None
+
+
+def test_defaults() -> None:
+    assert valid({"prompt": "hi"}) == {"prompt": "hi", "wait": True}
+
+
+def test_prompt_at_and_over_the_limit() -> None:
+    assert valid({"prompt": "x" * 100}) is not None
+    serializer = InferInput(data={"prompt": "x" * 101})
+    assert not serializer.is_valid() and serializer.errors["prompt"][0].code == "too_large"
+
+
+def test_prompt_whitespace_is_kept() -> None:
+    assert valid({"prompt": "  padded  "}) == {"prompt": "  padded  ", "wait": True}
+
+
+def test_stop_limit_and_empty_stops_refused() -> None:
+    assert valid({"prompt": "p", "stop": ["a", " "]}) == {"prompt": "p", "stop": ["a", " "], "wait": True}
+    assert valid({"prompt": "p", "stop": ["a", ""]}) is None  # an empty stop sequence would stop at once
+    assert valid({"prompt": "p", "stop": ["a", "b", "c"]}) is None
+
+
+@given(st.from_regex(r"[A-Za-z0-9_.:@-]{1,128}", fullmatch=True))
+def test_any_well_formed_session_id_is_accepted(session_id: str) -> None:
+    assert valid({"prompt": "p", "session_id": session_id}) is not None
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda s: any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:@-" for c in s)))
+def test_session_ids_with_other_characters_are_refused(session_id: str) -> None:
+    assert valid({"prompt": "p", "session_id": session_id}) is None
+
+
+@given(st.floats(0, 2))
+def test_temperature_range(value: float) -> None:
+    assert valid({"prompt": "p", "temperature": value}) is not None
+
+
+@pytest.mark.parametrize("value", [-0.1, 2.01, "hot"])
+def test_temperature_out_of_range(value: object) -> None:
+    assert valid({"prompt": "p", "temperature": value}) is None
+
+
+def test_null_temperature_means_provider_default() -> None:
+    assert valid({"prompt": "p", "temperature": None}) == {"prompt": "p", "temperature": None, "wait": True}

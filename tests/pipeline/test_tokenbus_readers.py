@@ -1,0 +1,68 @@
+"""Several readers of one request stream, each at its own pace, all see every event."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.conf import settings
+
+from pipeline.tokenbus import BusEvent, TokenBus
+
+
+@pytest.fixture
+def bus() -> Iterator[TokenBus]:
+    bus = TokenBus(url=settings.REDIS_URL, prefix=f"readers{uuid.uuid4().hex[:8]}", maxlen=10_000, ttl_s=30, socket_timeout_s=1.0)
+    yield bus
+    keys = bus.client.keys(f"{bus.prefix}:*")
+    if keys:
+        bus.client.delete(*keys)
+
+
+def produce(bus: TokenBus, n: int, delay_s: float) -> None:
+    for i in range(n):
+        bus.publish("r", "token", {"seq": i})
+        time.sleep(delay_s)
+    bus.publish("r", "done", {})
+
+
+def test_slow_and_fast_readers_each_get_the_whole_sequence(bus: TokenBus) -> None:
+    producer = threading.Thread(target=produce, args=(bus, 200, 0.001))
+
+    async def reader(pause_s: float) -> list[BusEvent]:
+        seen = []
+        async for event in bus.events("r", timeout_s=20):
+            seen.append(event)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        return seen
+
+    async def both() -> tuple[list[BusEvent], list[BusEvent], float, float]:
+        started = time.monotonic()
+
+        async def timed(pause: float) -> tuple[list[BusEvent], float]:
+            events = await reader(pause)
+            return events, time.monotonic() - started
+
+        (fast, fast_t), (slow, slow_t) = await asyncio.gather(timed(0), timed(0.01))
+        return fast, slow, fast_t, slow_t
+
+    producer.start()
+    fast, slow, fast_t, slow_t = asyncio.run(both())
+    producer.join()
+    for events in (fast, slow):
+        assert [e.data.get("seq") for e in events[:-1]] == list(range(200)) and events[-1].type == "done"
+    assert fast_t < slow_t  # the fast reader finished first: the slow one never held it back
+
+
+def test_a_late_reader_replays_from_the_start(bus: TokenBus) -> None:
+    produce(bus, 5, 0)
+
+    async def late() -> list[BusEvent]:
+        return [e async for e in bus.events("r", timeout_s=2)]
+
+    assert [e.type for e in asyncio.run(late())] == ["token"] * 5 + ["done"]
