@@ -91,7 +91,7 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
         _record_failure(request, exc)
     except SoftTimeLimitExceeded:
         _record_failure(request, RequestTimeout("the request hit the task time limit"))
-    except Exception as exc:
+    except Exception as exc:  # task boundary: logged with its traceback, answered as internal_error
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
         _record_failure(request, OrchestratorError("internal error while running the pipeline"))
     else:

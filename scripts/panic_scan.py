@@ -2,7 +2,7 @@
 
 Catalogues and fails on:
 - a blind ``except Exception``/``BaseException`` not marked as a boundary
-  (``# noqa: BLE001 - ... boundary ...``);
+  (a comment on the ``except`` line that says ``boundary``);
 - a swallowed exception: a handler whose body is only ``pass``, ``...`` or ``continue``;
 - a Celery task that does not hand its work to a function with a marked boundary;
 - ``assert``, ``print`` and ``breakpoint`` in the packages.
