@@ -55,3 +55,18 @@ def test_parse_database_url_defaults() -> None:
 def test_parse_database_url_rejects(url: str) -> None:
     with pytest.raises(ConfigInvalid):
         parse_database_url(url)
+
+
+from urllib.parse import quote  # noqa: E402
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20)
+
+
+@given(user=names, password=names, dbname=names, port=st.integers(1, 65535))
+def test_any_quoted_url_parses_back(user: str, password: str, dbname: str, port: int) -> None:
+    url = f"postgres://{quote(user, safe='')}:{quote(password, safe='')}@db.internal:{port}/{quote(dbname, safe='')}"
+    db = parse_database_url(url)
+    assert (db.user, db.password, db.name, db.port, db.host) == (user, password, dbname, port, "db.internal")

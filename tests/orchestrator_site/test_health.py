@@ -70,3 +70,28 @@ def test_postgres_down_is_503() -> None:
 def test_health_needs_no_key_and_only_answers_get() -> None:
     resp = Client().post("/health")
     assert resp.status_code == 405
+
+
+def test_a_failing_check_reports_its_error_and_others_still_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator_site import health
+
+    def broken() -> None:
+        raise OSError("x" * 1000)
+
+    monkeypatch.setitem(health.CHECKS, "redis", (broken, (OSError,)))
+    monkeypatch.setitem(health.CHECKS, "postgres", (lambda: None, ()))
+    results = health.run_checks()
+    assert results["redis"]["status"] == "down" and len(results["redis"]["error"]) == 300 and results["redis"]["error"].startswith("OSError: xxx")
+    assert results["postgres"]["status"] == "ok" and results["broker"]["status"] == "ok"
+
+
+def test_an_unexpected_failure_in_a_check_is_not_hidden(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator_site import health
+
+    def buggy() -> None:
+        raise ZeroDivisionError
+
+    monkeypatch.setitem(health.CHECKS, "postgres", (lambda: None, ()))
+    monkeypatch.setitem(health.CHECKS, "redis", (buggy, (OSError,)))
+    with pytest.raises(ZeroDivisionError):
+        health.run_checks()

@@ -1,0 +1,43 @@
+"""What a real-time task looks like on the broker: JSON, on the `realtime` queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu import Connection
+
+from orchestrator_site.celery import app
+from pipeline.tasks import run_realtime
+
+BROKER = "redis://127.0.0.1:6379/10"
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(BROKER)
+    client.delete("realtime", "batch.default", "celery")
+    yield client
+    client.delete("realtime", "batch.default", "celery")
+    client.close()
+
+
+def test_realtime_task_is_a_json_message_on_the_realtime_list(broker: redis.Redis) -> None:
+    payload = {"request_id": "r1", "prompt": "p"}
+    with Connection(BROKER) as conn:
+        run_realtime.apply_async(args=(payload,), connection=conn)
+    assert broker.llen("realtime") == 1 and broker.llen("celery") == 0
+    message = json.loads(broker.lindex("realtime", 0))
+    assert message["content-type"] == "application/json" and message["headers"]["task"] == "pipeline.tasks.run_realtime"
+    args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    assert args == [payload] and kwargs == {}
+    assert message["properties"]["delivery_info"]["routing_key"] == "realtime"
+
+
+def test_unrouted_tasks_go_to_batch_default(broker: redis.Redis) -> None:
+    with Connection(BROKER) as conn:
+        app.send_task("batches.tasks.not_yet_written", args=(1,), connection=conn)
+    assert broker.llen("batch.default") == 1 and broker.llen("celery") == 0
