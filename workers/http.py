@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -120,12 +121,17 @@ class HttpClients:
         self._headers = {**headers, **settings.extra_headers}
         self._base_url = settings.base_url.rstrip("/")
         self._sync: httpx.Client | None = None
+        self._lock = threading.Lock()
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 
     @property
     def sync(self) -> httpx.Client:
         if self._sync is None:
-            self._sync = httpx.Client(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
+            # Celery's thread pool reaches this from many threads at once: without the
+            # lock each would build its own client, and the pool limit would not hold.
+            with self._lock:
+                if self._sync is None:
+                    self._sync = httpx.Client(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
         return self._sync
 
     @property
