@@ -80,11 +80,18 @@ DATABASES = {
         "PASSWORD": _db.password,
         "HOST": _db.host,
         "PORT": _db.port,
-        # Persistent connections: a Celery thread or a gateway thread reuses its
-        # connection instead of paying the handshake on every request.
-        "CONN_MAX_AGE": env_int("DATABASE_CONN_MAX_AGE", 60),
-        "CONN_HEALTH_CHECKS": True,
-        "OPTIONS": {"connect_timeout": 5},
+        # A connection pool (psycopg_pool), not persistent connections: under ASGI each
+        # request runs its sync code in a thread of its own, so per-thread persistent
+        # connections would pile up, one per request, until the server ran out.
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            "connect_timeout": 5,
+            "pool": {
+                "min_size": env_int("DATABASE_POOL_MIN", 1),
+                "max_size": env_int("DATABASE_POOL_MAX", 20),
+                "timeout": 10,  # seconds to wait for a free connection before failing
+            },
+        },
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

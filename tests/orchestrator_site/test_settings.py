@@ -68,7 +68,7 @@ def settings_json(**env: str) -> dict:
         "import json; from orchestrator_site import settings as s; "
         "print(json.dumps({k: getattr(s, k, None) for k in ['DEBUG', 'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', "
         "'SECURE_HSTS_SECONDS', 'SERVE_STATIC', 'LOG_FORMAT', 'REDIS_SOCKET_TIMEOUT_S', 'REDIS_KEY_PREFIX', 'PIPELINE_CONFIG_PATH', 'CSRF_TRUSTED_ORIGINS']} "
-        "| {'conn_max_age': s.DATABASES['default']['CONN_MAX_AGE'], 'password': s.DATABASES['default']['PASSWORD']}))"
+        "| {'conn_max_age': s.DATABASES['default']['CONN_MAX_AGE'], 'pool': s.DATABASES['default']['OPTIONS']['pool'], 'password': s.DATABASES['default']['PASSWORD']}))"
     )
     proc = run_python(code, **env)
     assert proc.returncode == 0, proc.stderr
@@ -90,7 +90,8 @@ def test_development_defaults() -> None:
 
 def test_tuning_variables() -> None:
     tuned = settings_json(
-        DATABASE_CONN_MAX_AGE="0",
+        DATABASE_POOL_MIN="2",
+        DATABASE_POOL_MAX="7",
         REDIS_SOCKET_TIMEOUT_MS="250",
         REDIS_KEY_PREFIX="blue",
         PIPELINE_CONFIG="/etc/po/pipeline.toml",
@@ -99,7 +100,8 @@ def test_tuning_variables() -> None:
         LOG_FORMAT="json",
         SERVE_STATIC="0",
     )
-    assert tuned["conn_max_age"] == 0 and tuned["REDIS_SOCKET_TIMEOUT_S"] == 0.25 and tuned["REDIS_KEY_PREFIX"] == "blue"
+    assert tuned["conn_max_age"] == 0 and tuned["pool"] == {"min_size": 2, "max_size": 7, "timeout": 10}
+    assert tuned["REDIS_SOCKET_TIMEOUT_S"] == 0.25 and tuned["REDIS_KEY_PREFIX"] == "blue"
     assert tuned["PIPELINE_CONFIG_PATH"] == "/etc/po/pipeline.toml" and tuned["CSRF_TRUSTED_ORIGINS"] == ["https://a.example", "https://b.example"]
     assert tuned["password"] == "s3cret" and tuned["LOG_FORMAT"] == "json" and tuned["SERVE_STATIC"] is False
 
@@ -107,7 +109,7 @@ def test_tuning_variables() -> None:
 def test_bad_variables_fail_at_startup_with_the_variable_named() -> None:
     for env, name in [
         ({"DJANGO_DEBUG": "perhaps"}, "DJANGO_DEBUG"),
-        ({"DATABASE_CONN_MAX_AGE": "soon"}, "DATABASE_CONN_MAX_AGE"),
+        ({"DATABASE_POOL_MAX": "soon"}, "DATABASE_POOL_MAX"),
         ({"DATABASE_URL": "sqlite:///x"}, "DATABASE_URL"),
     ]:
         proc = run_python("import orchestrator_site.settings", **env)
