@@ -74,3 +74,28 @@ def test_specific_statuses() -> None:
     assert errors.WorkerRateLimited.http_status == 429
     assert errors.ApiKeyRevoked.http_status == 401
     assert issubclass(errors.PromptMissing, errors.InvalidRequest)
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+    lambda v: st.lists(v, max_size=3) | st.dictionaries(st.text(max_size=5), v, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    klass=st.sampled_from(all_error_classes()),
+    message=st.text(min_size=1, max_size=40),
+    data=st.dictionaries(st.text(max_size=8).filter(lambda k: k != "retry_after"), json_values, max_size=4),
+    retry_after=st.none() | st.floats(0, 3600),
+)
+def test_any_error_survives_the_trip_through_json(klass: type[OrchestratorError], message: str, data: dict, retry_after: float | None) -> None:
+    import json
+
+    with unrecorded():
+        original = klass(message, data=data, retry_after=retry_after)
+        rebuilt = OrchestratorError.from_dict(json.loads(json.dumps(original.to_dict())))
+    assert (type(rebuilt), rebuilt.message, rebuilt.data, rebuilt.retry_after) == (klass, message, data, retry_after)

@@ -43,3 +43,26 @@ def test_console_format_is_readable(restore_logging: None, capsys: pytest.Captur
     structlog.get_logger("t").info("hello", stage="post")
     err = capsys.readouterr().err
     assert "hello" in err and "stage=post" in err
+
+
+def test_exceptions_are_rendered_into_the_json_line(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    try:
+        raise ValueError("kaput")
+    except ValueError:
+        structlog.get_logger("t").exception("task_crashed", request_id="r1")
+    line = json.loads(capsys.readouterr().err.strip())
+    assert line["event"] == "task_crashed" and line["level"] == "error" and line["request_id"] == "r1"
+    assert "ValueError: kaput" in line["exception"]
+
+
+def test_context_variables_join_every_line(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    structlog.contextvars.bind_contextvars(request_id="ctx-1")
+    try:
+        structlog.get_logger("t").info("one")
+        logging.getLogger("celery").info("two")
+    finally:
+        structlog.contextvars.clear_contextvars()
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert [line["request_id"] for line in lines] == ["ctx-1", "ctx-1"]
