@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Iterator
 
@@ -28,7 +29,7 @@ class Rechunking(FakeProvider):
 
     def reply(self, path: str, body: dict) -> Reply | SseReply:
         points = sorted({c % (len(self.body) + 1) for c in self.cuts} | {0, len(self.body)})
-        pieces = [self.body[a:b] for a, b in zip(points, points[1:], strict=False) if b > a]
+        pieces = [self.body[a:b] for a, b in itertools.pairwise(points) if b > a]
         return SseReply(pieces)
 
 
