@@ -45,3 +45,18 @@ def test_realtime_task_limits_and_delivery() -> None:
 def test_batch_queues_helper() -> None:
     assert Queue.batch_queues() == (Queue.BATCH_HIGH, Queue.BATCH_DEFAULT, Queue.BATCH_LOW)
     assert Queue.REALTIME not in Queue.batch_queues()
+
+
+def test_one_direct_exchange_and_durable_queues() -> None:
+    exchanges = {q.exchange.name: q.exchange.type for q in app.conf.task_queues}
+    assert exchanges == {"orchestrator": "direct"}
+    assert all(q.durable for q in app.conf.task_queues)
+    assert app.conf.task_default_exchange == "orchestrator" and app.conf.task_default_routing_key == "batch.default"
+
+
+def test_broker_url_comes_from_the_settings() -> None:
+    from django.conf import settings
+
+    assert app.conf.broker_url == settings.CELERY_BROKER_URL
+    assert app.conf.broker_connection_retry_on_startup is True
+    assert app.conf.worker_hijack_root_logger is False  # our structlog handler stays in charge

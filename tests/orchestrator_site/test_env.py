@@ -70,3 +70,18 @@ def test_any_quoted_url_parses_back(user: str, password: str, dbname: str, port:
     url = f"postgres://{quote(user, safe='')}:{quote(password, safe='')}@db.internal:{port}/{quote(dbname, safe='')}"
     db = parse_database_url(url)
     assert (db.user, db.password, db.name, db.port, db.host) == (user, password, dbname, port, "db.internal")
+
+
+def test_env_list_of_an_empty_string_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_L", "")
+    assert env_list("X_L", ["default"]) == []
+
+
+def test_env_str_reads_the_value_verbatim(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_S", "  spaced  ")
+    assert env_str("X_S", "d") == "  spaced  "
+
+
+def test_env_int_negative_and_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_N", " -3 ")
+    assert env_int("X_N", 0) == -3

@@ -99,3 +99,30 @@ def test_any_error_survives_the_trip_through_json(klass: type[OrchestratorError]
         original = klass(message, data=data, retry_after=retry_after)
         rebuilt = OrchestratorError.from_dict(json.loads(json.dumps(original.to_dict())))
     assert (type(rebuilt), rebuilt.message, rebuilt.data, rebuilt.retry_after) == (klass, message, data, retry_after)
+
+
+def test_tree_order_is_root_first_and_every_code_resolves() -> None:
+    classes = all_error_classes()
+    assert classes[0] is OrchestratorError
+    for klass in classes:
+        assert error_class_for_code(klass.code) is klass
+        assert issubclass(klass, OrchestratorError)
+
+
+def test_categories_group_their_members() -> None:
+    assert {k.code for k in all_error_classes() if issubclass(k, errors.AuthenticationFailed)} == {
+        "authentication_failed",
+        "api_key_missing",
+        "api_key_invalid",
+        "api_key_revoked",
+    }
+    assert {k.code for k in all_error_classes() if issubclass(k, errors.InvalidRequest)} == {
+        "invalid_request",
+        "malformed_json",
+        "unsupported_media_type",
+        "prompt_missing",
+        "prompt_too_large",
+        "unknown_worker",
+        "unknown_model",
+    }
+    assert {k.code for k in all_error_classes() if issubclass(k, errors.WorkerError)} >= {"worker_timeout", "worker_protocol_error"}
