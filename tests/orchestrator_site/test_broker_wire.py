@@ -41,3 +41,20 @@ def test_unrouted_tasks_go_to_batch_default(broker: redis.Redis) -> None:
     with Connection(BROKER) as conn:
         app.send_task("batches.tasks.not_yet_written", args=(1,), connection=conn)
     assert broker.llen("batch.default") == 1 and broker.llen("celery") == 0
+
+
+def test_the_same_message_over_rabbitmq_lands_on_a_durable_realtime_queue() -> None:
+    amqp = "amqp://guest:guest@127.0.0.1:5672//"
+    with Connection(amqp) as conn:
+        channel = conn.channel()
+        for queue in app.conf.task_queues:  # declare (idempotent) so that a first-ever run has them
+            queue.bind(channel).declare()
+        channel.queue_purge("realtime")
+        run_realtime.apply_async(args=({"request_id": "amqp-1"},), connection=conn)
+        _name, count, _consumers = channel.queue_declare("realtime", passive=True)
+        assert count == 1
+        message = channel.basic_get("realtime", no_ack=True)
+        assert message.content_type == "application/json" and message.headers["task"] == "pipeline.tasks.run_realtime"
+        assert json.loads(message.body)[0] == [{"request_id": "amqp-1"}]
+        assert message.properties["delivery_mode"] == 2  # persistent: survives a broker restart
+        channel.close()

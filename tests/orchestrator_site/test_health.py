@@ -95,3 +95,19 @@ def test_an_unexpected_failure_in_a_check_is_not_hidden(monkeypatch: pytest.Monk
     monkeypatch.setitem(health.CHECKS, "redis", (buggy, (OSError,)))
     with pytest.raises(ZeroDivisionError):
         health.run_checks()
+
+
+@pytest.mark.django_db
+def test_each_check_succeeds_on_its_own() -> None:
+    from orchestrator_site.health import check_broker, check_postgres, check_redis
+
+    for check in (check_postgres, check_redis, check_broker):
+        assert check() is None
+
+
+def test_rabbitmq_down_is_reported() -> None:
+    from orchestrator_site import health
+
+    check, failures = health.CHECKS["broker"]
+    with override_settings(CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}//"), pytest.raises(failures):
+        check()
