@@ -120,3 +120,24 @@ class SlowReplies:
 
     def __exit__(self, *exc: object) -> None:
         self.fake.reply = self.original  # type: ignore[method-assign]
+
+
+def test_async_form_and_documents_through_daphne(gateway: str, owner: TenantFixture) -> None:
+    headers = {"Authorization": f"Bearer {owner.key}"}
+    created = httpx.post(f"{gateway}/api/v1/documents", json={"title": "Gateway doc", "body": "served by daphne"}, headers=headers)
+    assert created.status_code == 201
+    assert [d["title"] for d in httpx.get(f"{gateway}/api/v1/documents", headers=headers).json()] == ["Gateway doc"]
+    queued = httpx.post(f"{gateway}/api/v1/infer", json={"prompt": "later", "wait": False}, headers=headers)
+    assert queued.status_code == 202
+    request_id = queued.json()["request_id"]
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{gateway}/api/v1/status/{request_id}", headers=headers).json()["status"] != "completed":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert httpx.get(f"{gateway}/api/v1/result/{request_id}", headers=headers).json()["text"].startswith("later")
+
+
+def test_schema_and_docs_through_daphne(gateway: str) -> None:
+    assert httpx.get(f"{gateway}/api/v1/schema/").status_code == 200
+    page = httpx.get(f"{gateway}/api/v1/docs/")
+    assert page.status_code == 200 and "swagger-ui" in page.text

@@ -111,3 +111,20 @@ def test_rabbitmq_down_is_reported() -> None:
     check, failures = health.CHECKS["broker"]
     with override_settings(CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}//"), pytest.raises(failures):
         check()
+
+
+@pytest.mark.django_db
+def test_health_body_shape_is_stable_for_monitors() -> None:
+    body = Client().get("/health").json()
+    assert set(body) == {"status", "checks"}
+    for check in body["checks"].values():
+        assert set(check) == {"status", "latency_ms"} and isinstance(check["latency_ms"], float)
+
+
+@pytest.mark.django_db
+def test_down_body_names_only_the_failed_check() -> None:
+    with override_settings(REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0"):
+        body = Client().get("/health").json()
+    assert body["status"] == "unavailable"
+    assert [name for name, c in body["checks"].items() if c["status"] == "down"] == ["redis"]
+    assert set(body["checks"]["redis"]) == {"status", "error"}

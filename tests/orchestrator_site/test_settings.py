@@ -114,3 +114,22 @@ def test_bad_variables_fail_at_startup_with_the_variable_named() -> None:
     ]:
         proc = run_python("import orchestrator_site.settings", **env)
         assert proc.returncode != 0 and name in proc.stderr, (env, proc.stderr[-500:])
+
+
+def test_docs_are_served_from_the_sidecar_not_a_cdn() -> None:
+    from django.conf import settings
+
+    spectacular = settings.SPECTACULAR_SETTINGS
+    assert spectacular["SWAGGER_UI_DIST"] == "SIDECAR" and spectacular["REDOC_DIST"] == "SIDECAR"
+    assert spectacular["SERVE_AUTHENTICATION"] == [] and spectacular["SERVE_INCLUDE_SCHEMA"] is False
+
+
+def test_time_is_utc_and_aware() -> None:
+    from django.conf import settings
+
+    assert settings.TIME_ZONE == "UTC" and settings.USE_TZ is True and settings.CELERY_TIMEZONE == "UTC"
+
+
+def test_log_level_is_case_insensitive() -> None:
+    proc = run_python("import logging, orchestrator_site.settings; print(logging.getLogger().level)", LOG_LEVEL="debug")
+    assert proc.returncode == 0 and proc.stdout.strip() == "10"

@@ -92,3 +92,33 @@ def test_rag_disabled_is_reported() -> None:
 
 def test_structlog_is_configured_for_the_suite() -> None:
     assert structlog.is_configured()
+
+
+def test_history_is_loaded_once_inside_assemble() -> None:
+    calls: list[int] = []
+
+    def load() -> tuple[ChatMessage, ...]:
+        calls.append(1)
+        return ()
+
+    base = deps(ScriptedWorker(), [])
+    run_pipeline(REQUEST, PipelineDeps(config=base.config, retrieve=base.retrieve, load_history=load, worker=base.worker, publish=base.publish))
+    assert calls == [1]
+
+
+def test_a_failing_publisher_fails_the_stream_stage() -> None:
+    from orchestrator_site.errors import ServiceUnavailable
+
+    def publish(chunk: TokenChunk) -> None:
+        raise ServiceUnavailable(data={"service": "redis"})
+
+    base = deps(ScriptedWorker(), [])
+    with capture_logs() as logs, pytest.raises(ServiceUnavailable):
+        run_pipeline(REQUEST, PipelineDeps(config=base.config, retrieve=base.retrieve, load_history=base.load_history, worker=base.worker, publish=publish))
+    assert [e["stage"] for e in logs if e.get("outcome") == "error"] == ["stream"]
+
+
+def test_an_empty_reply_publishes_nothing_but_still_completes() -> None:
+    published: list[TokenChunk] = []
+    _, result = run_pipeline(REQUEST, deps(ScriptedWorker(text="   "), published))
+    assert result.text == "" and published == [] and list(result.timings_us) == list(STAGES)

@@ -114,3 +114,19 @@ def test_document_delete_is_tenant_scoped(owner: TenantFixture, outsider: Tenant
         services.document_delete(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
     services.document_delete(tenant_id=str(owner.tenant.id), document_id=str(doc.id))
     assert not Document.objects.filter(pk=doc.pk).exists()
+
+
+@pytest.mark.django_db
+def test_document_list_pages_newest_first(owner: TenantFixture) -> None:
+    for i in range(7):
+        services.document_create(tenant=owner.tenant, title=f"d{i}", body="x")
+    tenant_id = str(owner.tenant.id)
+    pages = [[d.title for d in selectors.document_list_for_tenant(tenant_id=tenant_id, limit=3, offset=o)] for o in (0, 3, 6, 9)]
+    assert pages == [["d6", "d5", "d4"], ["d3", "d2", "d1"], ["d0"], []]
+
+
+@pytest.mark.django_db
+def test_metadata_is_stored_as_json(owner: TenantFixture) -> None:
+    doc = services.document_create(tenant=owner.tenant, title="m", body="b", metadata={"source": "faq", "tags": ["a", "b"], "n": 1})
+    assert Document.objects.get(pk=doc.pk).metadata == {"source": "faq", "tags": ["a", "b"], "n": 1}
+    assert services.document_create(tenant=owner.tenant, title="n", body="b").metadata == {}
