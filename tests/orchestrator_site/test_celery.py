@@ -60,3 +60,12 @@ def test_broker_url_comes_from_the_settings() -> None:
     assert app.conf.broker_url == settings.CELERY_BROKER_URL
     assert app.conf.broker_connection_retry_on_startup is True
     assert app.conf.worker_hijack_root_logger is False  # our structlog handler stays in charge
+
+
+def test_declared_queues_follow_the_enum_order() -> None:
+    assert [q.name for q in app.conf.task_queues] == [q.value for q in Queue]
+
+
+def test_tasks_are_discovered_from_the_apps() -> None:
+    app.loader.import_default_modules()
+    assert "pipeline.tasks.run_realtime" in app.tasks

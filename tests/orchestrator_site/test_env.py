@@ -85,3 +85,25 @@ def test_env_str_reads_the_value_verbatim(monkeypatch: pytest.MonkeyPatch) -> No
 def test_env_int_negative_and_padded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("X_N", " -3 ")
     assert env_int("X_N", 0) == -3
+
+
+def test_database_url_is_a_frozen_value() -> None:
+    import dataclasses
+
+    db = parse_database_url("postgres://u@h/d")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        db.name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("TRUE", True), ("On", True), ("Off", False), ("No", False)])
+def test_env_bool_ignores_case(monkeypatch: pytest.MonkeyPatch, raw: str, expected: bool) -> None:
+    monkeypatch.setenv("X_FLAG", raw)
+    assert env_bool("X_FLAG", default=not expected) is expected
+
+
+def test_config_errors_name_the_variable_in_their_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("X_N", "ten")
+    with pytest.raises(ConfigInvalid) as info:
+        env_int("X_N", 1)
+    assert info.value.data == {"variable": "X_N"} and "X_N must be an integer" in info.value.message
+    assert info.value.code == "config_invalid" and info.value.http_status == 500

@@ -126,3 +126,23 @@ def test_categories_group_their_members() -> None:
         "unknown_model",
     }
     assert {k.code for k in all_error_classes() if issubclass(k, errors.WorkerError)} >= {"worker_timeout", "worker_protocol_error"}
+
+
+def test_data_and_retry_after_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        errors.NotFound("message", {"data": 1})  # type: ignore[misc]
+
+
+def test_custom_message_overrides_the_default_only_when_given() -> None:
+    assert errors.PromptMissing("").message == errors.PromptMissing.default_message
+    assert errors.PromptMissing("say something").message == "say something"
+
+
+def test_errors_are_exceptions_that_can_chain() -> None:
+    try:
+        try:
+            raise KeyError("x")
+        except KeyError as inner:
+            raise errors.WorkerProtocolError("bad body") from inner
+    except errors.OrchestratorError as outer:
+        assert isinstance(outer.__cause__, KeyError) and isinstance(outer, Exception)

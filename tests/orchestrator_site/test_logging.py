@@ -66,3 +66,28 @@ def test_context_variables_join_every_line(restore_logging: None, capsys: pytest
         structlog.contextvars.clear_contextvars()
     lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
     assert [line["request_id"] for line in lines] == ["ctx-1", "ctx-1"]
+
+
+def test_configuring_twice_keeps_one_handler(restore_logging: None) -> None:
+    configure_logging(level="INFO", fmt="json")
+    configure_logging(level="INFO", fmt="json")
+    assert len(logging.getLogger().handlers) == 1
+
+
+def test_celery_and_django_loggers_share_the_format(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    for name in ("celery.worker", "django.request", "pipeline"):
+        logging.getLogger(name).warning("from %s", name)
+    lines = [json.loads(line) for line in capsys.readouterr().err.strip().splitlines()]
+    assert [(line["logger"], line["event"], line["level"]) for line in lines] == [
+        ("celery.worker", "from celery.worker", "warning"),
+        ("django.request", "from django.request", "warning"),
+        ("pipeline", "from pipeline", "warning"),
+    ]
+
+
+def test_non_ascii_and_odd_values_stay_valid_json(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    structlog.get_logger("t").info("stage", text="héllo 世界", quote='"', newline="a\nb", number=1.5, none=None)
+    line = json.loads(capsys.readouterr().err.strip())
+    assert (line["text"], line["quote"], line["newline"], line["number"], line["none"]) == ("héllo 世界", '"', "a\nb", 1.5, None)

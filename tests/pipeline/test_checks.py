@@ -33,3 +33,14 @@ def test_manage_py_check_fails_on_a_bad_pipeline_toml(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "pipeline.E001" in proc.stderr and "default_worker 'ghost'" in proc.stderr
+
+
+def test_the_check_is_registered_with_django() -> None:
+    from django.core import checks
+
+    assert pipeline_config_check in checks.registry.registry.get_checks()
+
+
+def test_the_example_file_passes_the_check() -> None:
+    with override_settings(PIPELINE_CONFIG_PATH=str(ROOT / "pipeline.example.toml")):
+        assert pipeline_config_check() == []
