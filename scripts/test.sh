@@ -13,3 +13,5 @@ echo "== migrations"; "$BIN/python" manage.py makemigrations --check --dry-run >
 echo "== pytest"
 # pytest exits 5 when it collected no test: that is a failure here too.
 "$BIN/python" -m pytest "$@"
+echo "== benchmark regression gate"
+"$BIN/python" scripts/bench_gate.py

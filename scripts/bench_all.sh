@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every benchmark; rewrites the results section of BENCHMARKS.md.
+# Numbers are only comparable within one run on one machine: compare side by side
+# (scripts/bench_gate.py), never against a figure from another day.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+PY="$(pwd)/.venv/bin/python"
+OUT="$(mktemp)"
+
+{
+    echo "## Results"
+    echo
+    echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)."
+    echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GB, $("$PY" --version)."
+    echo
+    echo "### Stages in memory (scripts/bench_stages.py, single calls)"
+    echo
+    "$PY" scripts/bench_stages.py --percentiles 2000
+    echo
+    echo "### The real-time path (scripts/bench_path.py: Daphne + a real-time Celery worker + Postgres + Redis, echo worker)"
+    echo
+    "$PY" scripts/bench_path.py --requests "${BENCH_REQUESTS:-400}"
+} >"$OUT"
+
+# Keep the hand-written part of BENCHMARKS.md (everything before "## Results").
+if [[ -f BENCHMARKS.md ]]; then
+    sed '/^## Results$/,$d' BENCHMARKS.md >"$OUT.head"
+else
+    printf '# Benchmarks\n\n' >"$OUT.head"
+fi
+cat "$OUT.head" "$OUT" >BENCHMARKS.md
+rm -f "$OUT" "$OUT.head"
+echo "wrote BENCHMARKS.md"

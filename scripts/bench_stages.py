@@ -1,0 +1,129 @@
+"""CPU micro-benchmarks of the pipeline's pure stages and of the engine with
+in-memory dependencies (no Postgres, Redis or network).
+
+    python scripts/bench_stages.py [--tree DIR] [--rounds N] [--json]
+
+``--tree`` imports the packages from another checkout (the regression gate
+runs this file from HEAD against the merge base's packages). Prints, per
+case, the per-call time in microseconds of each round (a round is the mean
+of ``number`` calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def build_cases() -> dict[str, tuple[Callable[[], object], int]]:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    from pipeline.config import AssembleConfig, PipelineSettings, PostprocessConfig
+    from pipeline.engine import PipelineDeps, run_pipeline
+    from pipeline.stages.assemble import assemble
+    from pipeline.stages.context import RetrievedDocument, StageContext
+    from pipeline.stages.postprocess import build_filter, postprocess
+    from pipeline.stages.rag import RetrievalResult, limit_context
+    from pipeline.types import ChatMessage, Completion, PromptRequest, Usage
+    from workers.base import WorkerSettings
+    from workers.echo import EchoWorker
+
+    request = PromptRequest(
+        request_id="bench", tenant_id="t", session_id="s", prompt="How do refunds work for damaged items?", worker="echo", model="echo-1", max_tokens=64
+    )
+    docs = tuple(RetrievedDocument(str(i), f"Policy {i}", "Refunds are issued within 30 days of purchase. " * 12, 1.0 / (i + 1)) for i in range(5))
+    many_docs = tuple(RetrievedDocument(str(i), f"Doc {i}", "x" * 150, 1.0) for i in range(50))
+    history = tuple(ChatMessage("user" if i % 2 == 0 else "assistant", f"turn {i} " * 20) for i in range(20))
+    reply = ("Thanks for asking. Mail support@example.com or use key sk-abcdefghijklmnopqrstuvwx. " + "Refunds take five days. " * 60)[:2048]
+    completion_ctx = StageContext(request, completion=Completion(text=reply, model="m", worker="w", usage=Usage(10, 400)))
+    config = PipelineSettings()
+    deps = PipelineDeps(
+        config=config,
+        retrieve=lambda **_: RetrievalResult(docs),
+        load_history=lambda: history,
+        worker=EchoWorker(WorkerSettings(name="echo", kind="echo", token_count=64)),
+        publish=lambda chunk: None,
+    )
+    pieces = [reply[i : i + 7] for i in range(0, len(reply), 7)]
+
+    def stream_filter() -> str:
+        f = build_filter(PostprocessConfig(stop=("###",)), ())
+        return "".join(f.feed(p) for p in pieces) + f.finish()
+
+    return {
+        "rag.limit_context (50 docs)": (lambda: limit_context(many_docs, 6000), 2000),
+        "assemble": (lambda: assemble(StageContext(request, documents=docs, history=history), config=AssembleConfig()), 2000),
+        "post (2 KiB reply)": (lambda: postprocess(completion_ctx, config=PostprocessConfig()), 500),
+        "post on a stream (7-char chunks)": (stream_filter, 30),
+        "engine (5 stages, in memory)": (lambda: run_pipeline(request, deps), 300),
+    }
+
+
+def run(rounds: int) -> dict[str, list[float]]:
+    cases = build_cases()
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for fn, number in cases.values():
+        for _ in range(max(1, number // 10)):  # warm up
+            fn()
+    for _ in range(rounds):
+        for name, (fn, number) in cases.items():
+            gc.collect()
+            gc.disable()
+            started = time.perf_counter_ns()
+            for _ in range(number):
+                fn()
+            elapsed = time.perf_counter_ns() - started
+            gc.enable()
+            results[name].append(elapsed / number / 1000.0)
+    return results
+
+
+def percentiles(calls: int) -> dict[str, tuple[float, float]]:
+    """P50 and P99 of single calls, in microseconds."""
+    out = {}
+    for name, (fn, number) in build_cases().items():
+        for _ in range(max(1, number // 10)):
+            fn()
+        samples = []
+        for _ in range(min(calls, number * 4)):
+            started = time.perf_counter_ns()
+            fn()
+            samples.append((time.perf_counter_ns() - started) / 1000.0)
+        samples.sort()
+        out[name] = (samples[len(samples) // 2], samples[min(len(samples) - 1, int(len(samples) * 0.99))])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--percentiles", type=int, metavar="CALLS", help="time single calls and print a P50/P99 table")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(args.tree.resolve()))
+    if args.percentiles:
+        sys.stdout.write("| stage (in memory) | P50 us | P99 us |\n| --- | --- | --- |\n")
+        for name, (p50, p99) in percentiles(args.percentiles).items():
+            sys.stdout.write(f"| {name} | {p50:.1f} | {p99:.1f} |\n")
+        return 0
+    results = run(args.rounds)
+    if args.json:
+        sys.stdout.write(json.dumps(results) + "\n")
+    else:
+        for name, samples in results.items():
+            sys.stdout.write(f"{name:<36} median {statistics.median(samples):9.2f} us  min {min(samples):9.2f} us\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
