@@ -1,0 +1,117 @@
+"""Deterministic cost gate: SQL queries and Redis round trips per real-time request.
+
+Unlike timings, these counts do not depend on how busy the machine is, so a
+regression is caught exactly. The budget lives in benchmarks/io_budget.json;
+a change that needs more must raise it there, in review.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import redis.connection
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from pipeline import selectors, services
+from pipeline.config import PipelineSettings
+from pipeline.tokenbus import get_bus
+from tests.conftest import ROOT, TenantFixture
+
+BUDGET = json.loads((ROOT / "benchmarks" / "io_budget.json").read_text())
+TOLERANCE = 0.10
+
+
+@contextmanager
+def redis_round_trips() -> Iterator[list[int]]:
+    """Counts what the sync Redis client sends: a pipeline is one round trip."""
+    counter = [0]
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counting(self: redis.connection.AbstractConnection, command: object, check_health: bool = True) -> None:
+        counter[0] += 1
+        return original(self, command, check_health)
+
+    redis.connection.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        redis.connection.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+
+
+def measure(fn: Callable[[], object]) -> dict[str, int]:
+    get_bus().client.ping()  # connect outside the measurement
+    with CaptureQueriesContext(connection) as queries, redis_round_trips() as trips:
+        fn()
+    return {"sql": len(queries.captured_queries), "redis": trips[0]}
+
+
+def over_budget(name: str, counts: dict[str, int]) -> list[str]:
+    allowed = BUDGET[name]
+    return [
+        f"{name}: {kind} {counts[kind]} > budget {allowed[kind]} (+{TOLERANCE:.0%})"
+        for kind in ("sql", "redis")
+        if counts[kind] > allowed[kind] * (1 + TOLERANCE)
+    ]
+
+
+@pytest.fixture
+def request_payload(owner: TenantFixture) -> Callable[[], dict]:
+    def build() -> dict:
+        request = services.infer_build_request(
+            tenant_id=str(owner.tenant.id), data={"prompt": "refund policy?", "session_id": "budget"}, config=PipelineSettings()
+        )
+        get_bus().set_status(request.request_id, tenant_id=request.tenant_id, status="queued")
+        return request.to_dict()
+
+    return build
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_side_of_a_request_stays_within_budget(request_payload: Callable[[], dict]) -> None:
+    services.realtime_execute(request_payload())  # warm: first-use connections, config
+    counts = measure(lambda: services.realtime_execute(request_payload()))
+    assert over_budget("realtime_execute", counts) == [], counts
+    assert counts == BUDGET["realtime_execute"], f"counts changed to {counts}: update benchmarks/io_budget.json if intended"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_submit_stays_within_budget(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.tasks import run_realtime
+
+    monkeypatch.setattr(run_realtime, "apply_async", lambda args, retry: None)  # the broker publish is kombu's, counted apart
+    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
+    counts = measure(lambda: services.infer_submit(request=request))
+    assert over_budget("infer_submit", counts) == [] and counts == BUDGET["infer_submit"], counts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_gate_catches_an_extra_query(request_payload: Callable[[], dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    original = selectors.session_history
+
+    def chatty(**kwargs: object) -> object:
+        original(**kwargs)  # an N+1 slipped in: the same query twice
+        return original(**kwargs)
+
+    monkeypatch.setattr(selectors, "session_history", chatty)
+    services.realtime_execute(request_payload())
+    counts = measure(lambda: services.realtime_execute(request_payload()))
+    assert over_budget("realtime_execute", counts), counts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_gate_catches_an_extra_redis_round_trip(request_payload: Callable[[], dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    bus = get_bus()
+    original = bus.set_status
+
+    def unbatched(request_id: str, **fields: str) -> None:
+        for key, value in fields.items():  # one round trip per field instead of one pipeline
+            original(request_id, **{key: value})
+
+    monkeypatch.setattr(bus, "set_status", unbatched)
+    services.realtime_execute(request_payload())
+    counts = measure(lambda: services.realtime_execute(request_payload()))
+    assert over_budget("realtime_execute", counts), counts
