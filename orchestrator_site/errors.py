@@ -24,6 +24,7 @@ per integration with ``raise ... from exc``.
     ├── MethodNotAllowed ......................... 405 method_not_allowed
     ├── RequestTimeout ........................... 504 request_timeout
     ├── ServiceUnavailable ....................... 503 service_unavailable
+    ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
     └── WorkerError .............................. 502 worker_error
         ├── TransientWorkerError ................. 503 worker_unavailable   (retryable)
         │   ├── WorkerRateLimited ................ 429 worker_rate_limited  (retry_after)
@@ -183,6 +184,14 @@ class ServiceUnavailable(OrchestratorError):
     http_status = 503
     ws_close_code = 4503
     default_message = "a backing service is unavailable"
+    retryable = True
+
+
+class Overloaded(OrchestratorError):
+    code = "overloaded"
+    http_status = 503
+    ws_close_code = 4503
+    default_message = "too many requests in flight; retry later"
     retryable = True
 
 

@@ -95,6 +95,9 @@ class LimitsConfig(_Strict):
     max_tokens_limit: int = Field(4096, ge=1)
     request_timeout_s: float = Field(120.0, gt=0, le=3600)
     max_stop_sequences: int = Field(4, ge=0, le=16)
+    # Real-time requests queued or running at once; beyond, new ones are shed with a 503.
+    max_inflight_per_tenant: int = Field(100, ge=1)
+    max_inflight_global: int = Field(1000, ge=1)
 
 
 class TokenBusConfig(_Strict):

@@ -14,11 +14,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, RequestTimeout, ServiceUnavailable
+from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, Overloaded, RequestTimeout, ServiceUnavailable
 from pipeline import selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.models import Document, SessionTurn, Tenant
+from pipeline.resilience.admission import Admission
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
 from pipeline.types import PipelineResult, PromptRequest, TokenChunk
@@ -47,10 +48,32 @@ def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: Pipe
     )
 
 
+def admission(config: PipelineSettings | None = None) -> Admission:
+    """The real-time queue's bounds, shared by every gateway process through Redis."""
+    limits = (config or get_config()).limits
+    return Admission(
+        get_bus().client,
+        prefix=get_bus().prefix,
+        max_global=limits.max_inflight_global,
+        max_per_tenant=limits.max_inflight_per_tenant,
+        # A slot whose release never came (a killed worker) frees itself after the
+        # longest a request can live: the gateway's wait or the task's hard limit.
+        lease_s=max(limits.request_timeout_s, 180.0) + 30.0,
+    )
+
+
 def infer_submit(*, request: PromptRequest) -> None:
-    """Record the request as queued and put one task on the ``realtime`` queue."""
+    """Admit the request (or shed it), record it as queued, put one task on ``realtime``."""
     from pipeline.tasks import run_realtime
 
+    gate = admission()
+    verdict = gate.acquire(request.tenant_id, request.request_id)
+    if not verdict.admitted:
+        limit = gate.max_per_tenant if verdict.scope == "tenant" else gate.max_global
+        # Shed at once rather than queue without bound: the client retries, nothing waits here.
+        raise Overloaded(
+            f"the {verdict.scope} real-time queue is full ({limit} requests in flight)", data={"scope": verdict.scope, "limit": limit}, retry_after=1.0
+        )
     bus = get_bus()
     bus.set_status(request.request_id, tenant_id=request.tenant_id, session_id=request.session_id, status="queued", created_at=f"{time.time():.6f}")
     try:
@@ -58,6 +81,7 @@ def infer_submit(*, request: PromptRequest) -> None:
     except KombuOperationalError as exc:
         failure = ServiceUnavailable("the task broker is unavailable", data={"service": "broker"})
         _record_failure(request, failure)
+        gate.release(request.tenant_id, request.request_id)
         raise failure from exc
 
 
@@ -78,25 +102,46 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
         # Not one of ours (or from an incompatible version): nothing to answer to.
         log.error("task_payload_invalid", outcome="dropped", payload_type=type(payload).__name__)
         return
+    try:
+        _run_and_answer(request)
+    except ServiceUnavailable:
+        # Redis is gone, so nobody can be told: the gateway answers with its timeout.
+        log.warning("task_unanswered", request_id=request.request_id, outcome="degraded", reason="redis unavailable")
+    except Exception as exc:  # task boundary: even answering failed; logged, never raised into Celery
+        log.exception("task_unanswered", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
+    finally:
+        _release_slot(request)
+
+
+def _run_and_answer(request: PromptRequest) -> None:
     bus = get_bus()
-    status = bus.get_status(request.request_id).get("status")
-    if status in ("completed", "failed"):
+    if bus.get_status(request.request_id).get("status") in ("completed", "failed"):
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return
     # Which worker process ran it: for operators, and the proof that no eager mode is involved.
     bus.set_status(request.request_id, status="running", executed_by=f"{socket.gethostname()}:{os.getpid()}")
     try:
         result = _execute(request, get_config())
+    except ServiceUnavailable:
+        raise  # the answer cannot be delivered either; realtime_execute logs it
     except OrchestratorError as exc:
         _record_failure(request, exc)
     except SoftTimeLimitExceeded:
         _record_failure(request, RequestTimeout("the request hit the task time limit"))
-    except Exception as exc:  # task boundary: logged with its traceback, answered as internal_error
+    except Exception as exc:  # pipeline boundary: logged with its traceback, answered as internal_error
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
         _record_failure(request, OrchestratorError("internal error while running the pipeline"))
     else:
         bus.publish(request.request_id, "done", result.to_dict())
         bus.set_status(request.request_id, status="completed")
+
+
+def _release_slot(request: PromptRequest) -> None:
+    try:
+        admission().release(request.tenant_id, request.request_id)
+    except ServiceUnavailable:
+        # The slot's lease expires on its own; it is only held longer.
+        log.warning("admission_release_failed", request_id=request.request_id, outcome="degraded")
 
 
 def _parse_payload(payload: object) -> PromptRequest | None:

@@ -1,0 +1,1 @@
+"""Keeping the service up: retry backoff, deduplication keys, bounded admission (load shedding)."""

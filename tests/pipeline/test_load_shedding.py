@@ -1,0 +1,121 @@
+"""Beyond the real-time queue's bounds the gateway sheds at once: 503 with Retry-After."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline import services
+from pipeline.config import LimitsConfig, PipelineSettings
+from pipeline.tokenbus import get_bus
+from tests.conftest import TenantFixture
+
+
+@pytest.fixture
+def tight(pipeline_config: object) -> Iterator[PipelineSettings]:
+    config = pipeline_config(PipelineSettings(limits=LimitsConfig(max_inflight_per_tenant=2, max_inflight_global=3)))  # type: ignore[operator]
+    yield config
+    bus = get_bus()
+    keys = bus.client.keys(f"{bus.prefix}:inflight*")
+    if keys:
+        bus.client.delete(*keys)
+
+
+@pytest.mark.django_db
+def test_a_tenant_over_its_bound_is_shed_with_retry_after(owner: TenantFixture, outsider: TenantFixture, tight: PipelineSettings) -> None:
+    gate = services.admission()
+    for n in range(2):
+        assert gate.acquire(str(owner.tenant.id), f"held-{n}").admitted
+    resp = owner.client.post("/api/v1/infer", {"prompt": "one more"}, format="json")
+    assert resp.status_code == 503 and resp["Retry-After"] == "1"
+    assert resp.json()["error"] == {
+        "code": "overloaded",
+        "message": "the tenant real-time queue is full (2 requests in flight)",
+        "data": {"scope": "tenant", "limit": 2, "retry_after": 1.0},
+    }
+    # Another tenant is not held back by the first one's backlog.
+    other = outsider.client.post("/api/v1/infer", {"prompt": "mine", "wait": False}, format="json")
+    assert other.status_code == 202
+
+
+@pytest.mark.django_db
+def test_the_global_bound_sheds_every_tenant(owner: TenantFixture, tight: PipelineSettings) -> None:
+    gate = services.admission()
+    for n in range(3):
+        assert gate.acquire(f"someone-{n}", f"held-{n}").admitted
+    resp = owner.client.post("/api/v1/infer", {"prompt": "p"}, format="json")
+    assert resp.status_code == 503 and resp.json()["error"]["data"] == {"scope": "global", "limit": 3, "retry_after": 1.0}
+
+
+@pytest.mark.django_db
+def test_a_shed_request_leaves_no_trace(owner: TenantFixture, tight: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.tasks import run_realtime
+
+    sent: list[object] = []
+    monkeypatch.setattr(run_realtime, "apply_async", lambda **kw: sent.append(kw))
+    gate = services.admission()
+    gate.acquire(str(owner.tenant.id), "a")
+    gate.acquire(str(owner.tenant.id), "b")
+    owner.client.post("/api/v1/infer", {"prompt": "p", "wait": False}, format="json")
+    assert sent == [] and gate.in_flight(str(owner.tenant.id)) == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finished_requests_give_their_slot_back(owner: TenantFixture, tight: PipelineSettings) -> None:
+    for _ in range(4):  # more than the bound, one after another
+        request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=tight)
+        assert services.admission().acquire(request.tenant_id, request.request_id).admitted
+        get_bus().set_status(request.request_id, tenant_id=request.tenant_id, status="queued")
+        services.realtime_execute(request.to_dict())
+    assert services.admission().in_flight(str(owner.tenant.id)) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_broker_publish_gives_the_slot_back(owner: TenantFixture, tight: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kombu.exceptions import OperationalError
+
+    from orchestrator_site.errors import ServiceUnavailable
+    from pipeline.tasks import run_realtime
+
+    def down(**kwargs: object) -> None:
+        raise OperationalError("broker down")
+
+    monkeypatch.setattr(run_realtime, "apply_async", down)
+    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=tight)
+    with pytest.raises(ServiceUnavailable):
+        services.infer_submit(request=request)
+    assert services.admission().in_flight(str(owner.tenant.id)) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_redis_gone_mid_task_is_logged_not_raised(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    from orchestrator_site.errors import ServiceUnavailable
+
+    def gone(*args: object, **kwargs: object) -> dict:
+        raise ServiceUnavailable(data={"service": "redis"})
+
+    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
+    monkeypatch.setattr(get_bus(), "get_status", gone)
+    monkeypatch.setattr(services.Admission, "release", gone)
+    with capture_logs() as logs:
+        services.realtime_execute(request.to_dict())  # must not raise into Celery
+    events = [e["event"] for e in logs]
+    assert "task_unanswered" in events and "admission_release_failed" in events
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unexpected_failure_while_answering_stays_inside_the_task(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    def broken(*args: object, **kwargs: object) -> dict:
+        raise RuntimeError("bug in answering")
+
+    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
+    monkeypatch.setattr(get_bus(), "get_status", broken)
+    with capture_logs() as logs:
+        services.realtime_execute(request.to_dict())
+    unanswered = [e for e in logs if e["event"] == "task_unanswered"]
+    assert unanswered and unanswered[0]["outcome"] == "error" and unanswered[0]["error_type"] == "RuntimeError"
