@@ -25,6 +25,7 @@ per integration with ``raise ... from exc``.
     ├── RequestTimeout ........................... 504 request_timeout
     ├── ServiceUnavailable ....................... 503 service_unavailable
     ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
+    ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
     └── WorkerError .............................. 502 worker_error
         ├── TransientWorkerError ................. 503 worker_unavailable   (retryable)
         │   ├── WorkerRateLimited ................ 429 worker_rate_limited  (retry_after)
@@ -192,6 +193,14 @@ class Overloaded(OrchestratorError):
     http_status = 503
     ws_close_code = 4503
     default_message = "too many requests in flight; retry later"
+    retryable = True
+
+
+class RateLimited(OrchestratorError):
+    code = "rate_limited"
+    http_status = 429
+    ws_close_code = 4429
+    default_message = "the tenant's rate limit is reached"
     retryable = True
 
 

@@ -24,7 +24,7 @@ class ApiKeyInline(admin.TabularInline):
 
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
-    list_display = ("name", "is_active", "created_at")
+    list_display = ("name", "is_active", "requests_per_minute", "tokens_per_minute", "created_at")
     search_fields = ("name",)
     inlines = [ApiKeyInline]
     actions = ["issue_key"]

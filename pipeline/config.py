@@ -100,6 +100,13 @@ class LimitsConfig(_Strict):
     max_inflight_global: int = Field(1000, ge=1)
 
 
+class RateLimitConfig(_Strict):
+    """Defaults for tenants whose own limits are empty; 0 means no limit."""
+
+    requests_per_minute: int = Field(0, ge=0)
+    tokens_per_minute: int = Field(0, ge=0)
+
+
 class TokenBusConfig(_Strict):
     maxlen: int = Field(10_000, ge=10)  # entries kept per request stream
     ttl_s: int = Field(3600, ge=10)  # how long streams and request status stay readable
@@ -161,6 +168,7 @@ class PipelineSettings(_Strict):
     postprocess: PostprocessConfig = PostprocessConfig()
     limits: LimitsConfig = LimitsConfig()
     tokenbus: TokenBusConfig = TokenBusConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
 
     @model_validator(mode="after")
     def _default_exists(self) -> PipelineSettings:

@@ -14,12 +14,13 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, Overloaded, RequestTimeout, ServiceUnavailable
+from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, Overloaded, RateLimited, RequestTimeout, ServiceUnavailable
 from pipeline import selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.models import Document, SessionTurn, Tenant
 from pipeline.resilience.admission import Admission
+from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
 from pipeline.types import PipelineResult, PromptRequest, TokenChunk
@@ -62,13 +63,36 @@ def admission(config: PipelineSettings | None = None) -> Admission:
     )
 
 
-def infer_submit(*, request: PromptRequest) -> None:
-    """Admit the request (or shed it), record it as queued, put one task on ``realtime``."""
+def rate_limiter() -> RateLimiter:
+    return RateLimiter(get_bus().client, prefix=get_bus().prefix)
+
+
+def tenant_rates(tenant: Tenant, config: PipelineSettings | None = None) -> TenantRates:
+    """The tenant's own limits, or the configured defaults where it has none."""
+    defaults = (config or get_config()).rate_limits
+    return TenantRates(
+        requests_per_minute=defaults.requests_per_minute if tenant.requests_per_minute is None else tenant.requests_per_minute,
+        tokens_per_minute=defaults.tokens_per_minute if tenant.tokens_per_minute is None else tenant.tokens_per_minute,
+    )
+
+
+def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) -> None:
+    """Rate-limit, admit (or shed), record as queued, put one task on ``realtime``."""
     from pipeline.tasks import run_realtime
 
+    limiter = rate_limiter()
+    allowed = limiter.check(request.tenant_id, request.request_id, rates or TenantRates())
+    if not allowed.allowed:
+        limit = (rates or TenantRates()).requests_per_minute if allowed.kind == "requests_per_minute" else (rates or TenantRates()).tokens_per_minute
+        raise RateLimited(
+            f"rate limit reached: {limit} {allowed.kind.replace('_', ' ')}",
+            data={"limit": limit, "kind": allowed.kind, "window_s": int(limiter.window_s)},
+            retry_after=allowed.retry_after_s,
+        )
     gate = admission()
     verdict = gate.acquire(request.tenant_id, request.request_id)
     if not verdict.admitted:
+        limiter.forget(request.tenant_id, request.request_id)  # shed by us: not the tenant's to pay for
         limit = gate.max_per_tenant if verdict.scope == "tenant" else gate.max_global
         # Shed at once rather than queue without bound: the client retries, nothing waits here.
         raise Overloaded(
@@ -134,6 +158,7 @@ def _run_and_answer(request: PromptRequest) -> None:
     else:
         bus.publish(request.request_id, "done", result.to_dict())
         bus.set_status(request.request_id, status="completed")
+        rate_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
 
 
 def _release_slot(request: PromptRequest) -> None:

@@ -11,7 +11,8 @@ echo "== panic scan"; scripts/panic_scan.sh
 echo "== ratio check"; scripts/ratio_check.sh
 echo "== migrations"; "$BIN/python" manage.py makemigrations --check --dry-run >/dev/null
 echo "== pytest"
+# The whole suite under branch coverage (floors: scripts/coverage_check.py).
 # pytest exits 5 when it collected no test: that is a failure here too.
-"$BIN/python" -m pytest "$@"
+scripts/coverage.sh "$@"
 echo "== benchmark regression gate"
 "$BIN/python" scripts/bench_gate.py

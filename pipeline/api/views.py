@@ -34,7 +34,7 @@ def validated(serializer_cls: type[Any], data: Any) -> dict[str, Any]:
     return dict(serializer.validated_data)
 
 
-_ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 413, 415, 503, 504)}
+_ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 413, 415, 429, 503, 504)}
 
 
 class InferApi(AsyncAPIView):
@@ -47,7 +47,8 @@ class InferApi(AsyncAPIView):
         config = get_config()
         prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
         # Publishing to the broker is blocking I/O: keep it off the event loop.
-        await sync_to_async(services.infer_submit, thread_sensitive=False)(request=prompt_request)
+        rates = services.tenant_rates(principal.tenant, config)
+        await sync_to_async(services.infer_submit, thread_sensitive=False)(request=prompt_request, rates=rates)
         if not data["wait"]:
             return Response({"request_id": prompt_request.request_id, "status": "queued"}, status=202)
         result = await services.infer_wait(request=prompt_request, timeout_s=config.limits.request_timeout_s)

@@ -29,6 +29,7 @@ CONTRACT = {
     "request_timeout": (504, 4504),
     "service_unavailable": (503, 4503),
     "overloaded": (503, 4503),
+    "rate_limited": (429, 4429),
     "worker_error": (502, 4502),
     "worker_unavailable": (503, 4503),
     "worker_rate_limited": (429, 4429),
@@ -51,7 +52,15 @@ def test_each_code_keeps_its_statuses(klass: type[errors.OrchestratorError]) -> 
 
 def test_retryable_errors_are_exactly_the_transient_ones() -> None:
     retryable = {k.code for k in all_error_classes() if k.retryable}
-    assert retryable == {"service_unavailable", "overloaded", "worker_unavailable", "worker_rate_limited", "worker_timeout", "worker_connection_error"}
+    assert retryable == {
+        "service_unavailable",
+        "overloaded",
+        "rate_limited",
+        "worker_unavailable",
+        "worker_rate_limited",
+        "worker_timeout",
+        "worker_connection_error",
+    }
 
 
 def test_every_default_message_is_a_sentence_fragment_without_secrets() -> None:
