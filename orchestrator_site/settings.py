@@ -84,6 +84,8 @@ DATABASES = {
         # request runs its sync code in a thread of its own, so per-thread persistent
         # connections would pile up, one per request, until the server ran out.
         "CONN_MAX_AGE": 0,
+        # The test database's name; two checkouts on one machine must not share it.
+        "TEST": {"NAME": env_str("DATABASE_TEST_NAME", "") or None},
         "OPTIONS": {
             "connect_timeout": 5,
             "pool": {
@@ -144,6 +146,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "interval_step": 0.2,
     "interval_max": 0.5,
 }
+if env_str("CELERY_BROKER_KEY_PREFIX", ""):
+    # Several deployments (or test runs) on one Redis broker, each with its own queues.
+    CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = env_str("CELERY_BROKER_KEY_PREFIX", "")
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower
 CELERY_TASK_SEND_SENT_EVENT = True

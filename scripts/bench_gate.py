@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -43,7 +44,11 @@ def default_base() -> str:
 
 
 def sample(tree: Path, rounds: int) -> dict[str, list[float]]:
-    proc = subprocess.run([sys.executable, str(BENCH), "--tree", str(tree), "--rounds", str(rounds), "--json"], capture_output=True, text=True, timeout=600)
+    # Never benchmark under coverage: it would trace one tree (inside its source) and not the other.
+    env = {k: v for k, v in os.environ.items() if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--tree", str(tree), "--rounds", str(rounds), "--json"], capture_output=True, text=True, timeout=600, env=env
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark failed for {tree}: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,6 +4,7 @@ points the suite at its own Redis databases and key prefix, so a running
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -11,3 +12,7 @@ os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("REDIS_KEY_PREFIX", f"orchtest{os.getpid()}")
 os.environ.setdefault("PIPELINE_CONFIG", os.path.join(os.path.dirname(__file__), "pipeline.test.toml"))
 os.environ.setdefault("LOG_LEVEL", "WARNING")
+# One test database per checkout, so that a CI clone and a working tree can run side by side.
+_checkout = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:8]
+os.environ.setdefault("DATABASE_TEST_NAME", f"test_orchestrator_{_checkout}")
+os.environ.setdefault("CELERY_BROKER_KEY_PREFIX", f"orchtest{_checkout}:")
