@@ -133,7 +133,7 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = "UTC"
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BROKER_TRANSPORT_OPTIONS = {
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
     # acks_late tasks are redelivered if unacknowledged this long: longer than
     # the longest hard time limit, so a slow batch item is not run twice.
     "visibility_timeout": 3600,
