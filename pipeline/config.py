@@ -112,6 +112,13 @@ class TokenBusConfig(_Strict):
     ttl_s: int = Field(3600, ge=10)  # how long streams and request status stay readable
 
 
+class RetryConfig(_Strict):
+    attempts: int = Field(3, ge=1, le=10)  # calls in all, the first one included; 1 = no retry
+    base_ms: float = Field(200, gt=0)
+    max_ms: float = Field(10_000, gt=0)
+    retry_after_cap_s: float = Field(30.0, ge=0)  # a provider's Retry-After is honoured up to this
+
+
 WorkerKind = Literal["echo", "openai", "anthropic", "llamacpp", "vllm"]
 
 
@@ -127,6 +134,7 @@ class WorkerConfig(_Strict):
     token_count: int = Field(16, ge=0, le=100_000)
     token_delay_ms: float = Field(0.0, ge=0)
     prompt_format: Literal["chatml", "plain"] = "chatml"
+    retry: RetryConfig = RetryConfig()
 
     @model_validator(mode="after")
     def _needs_url(self) -> WorkerConfig:

@@ -6,7 +6,9 @@ import threading
 from dataclasses import dataclass
 
 from orchestrator_site.errors import UnknownModel, UnknownWorker
-from pipeline.config import PipelineSettings
+from pipeline.config import PipelineSettings, WorkerConfig
+from pipeline.resilience.backoff import BackoffPolicy
+from pipeline.resilience.retry import RetryingWorker
 from workers.base import StreamingModelWorker
 from workers.registry import build_worker
 
@@ -45,8 +47,16 @@ class WorkerPool:
                 worker_cfg = config.workers.get(name)
                 if worker_cfg is None:
                     raise UnknownWorker(f"no worker named {name!r}", data={"worker": name})
-                worker = self._workers[name] = build_worker(worker_cfg.settings(name))
+                worker = self._workers[name] = with_retries(build_worker(worker_cfg.settings(name)), worker_cfg)
             return worker
+
+
+def with_retries(worker: StreamingModelWorker, config: WorkerConfig) -> StreamingModelWorker:
+    retry = config.retry
+    if retry.attempts <= 1 or config.kind == "echo":
+        return worker  # echo never fails transiently
+    policy = BackoffPolicy(base_s=retry.base_ms / 1000, max_s=retry.max_ms / 1000, attempts=retry.attempts, retry_after_cap_s=retry.retry_after_cap_s)
+    return RetryingWorker(worker, policy)
 
 
 worker_pool = WorkerPool()

@@ -87,6 +87,7 @@ class Fakes:
     def reset(self) -> None:
         for fake in self.all():
             fake.mode, fake.token_delay_s, fake.tokens = "ok", 0.0, ["Hello", ",", " world", "!"]
+            fake.fail_times, fake.fail_mode = 0, "503"
 
 
 def _pipeline_toml(fakes: Fakes) -> str:
@@ -103,22 +104,33 @@ kind = "openai"
 base_url = "{fakes.openai.url}/v1"
 models = ["gpt-fake", "gpt-other"]
 timeout_s = 2
+retry = {{ attempts = 1 }}  # the error-mapping tests want the first answer
+
+[workers.openai_retry]
+kind = "openai"
+base_url = "{fakes.openai.url}/v1"
+models = ["gpt-fake"]
+timeout_s = 2
+retry = {{ attempts = 3, base_ms = 1, max_ms = 20, retry_after_cap_s = 0.05 }}
 
 [workers.anthropic]
 kind = "anthropic"
 base_url = "{fakes.anthropic.url}"
 models = ["claude-fake"]
 timeout_s = 2
+retry = {{ attempts = 1 }}
 
 [workers.llamacpp]
 kind = "llamacpp"
 base_url = "{fakes.llamacpp.url}"
 timeout_s = 2
+retry = {{ attempts = 1 }}
 
 [workers.vllm]
 kind = "vllm"
 base_url = "{fakes.vllm.url}/v1"
 timeout_s = 2
+retry = {{ attempts = 1 }}
 
 [limits]
 max_prompt_chars = 2000

@@ -58,6 +58,8 @@ class FakeProvider:
 
     def __init__(self) -> None:
         self.mode = "ok"
+        self.fail_times = 0
+        self.fail_mode = "503"
         self.retry_after = "2"
         self.tokens = ["Hello", ",", " world", "!"]
         self.token_delay_s = 0.0
@@ -99,10 +101,23 @@ class FakeProvider:
         raise NotImplementedError
 
     def dispatch(self, path: str, body: dict[str, Any]) -> Reply | SseReply | Hang:
-        if self.mode == "hang":
+        with self._lock:
+            failing = self.fail_times > 0  # the next `fail_times` requests fail with `fail_mode`
+            if failing:
+                self.fail_times -= 1
+        if not failing:
+            return self._answer(self.mode, path, body)
+        saved, self.mode = self.mode, self.fail_mode
+        try:
+            return self._answer(self.fail_mode, path, body)
+        finally:
+            self.mode = saved
+
+    def _answer(self, mode: str, path: str, body: dict[str, Any]) -> Reply | SseReply | Hang:
+        if mode == "hang":
             return Hang(self.hang_s)
-        if self.mode.isdigit():
-            status = int(self.mode)
+        if mode.isdigit():
+            status = int(mode)
             headers = {"Retry-After": self.retry_after} if status in (429, 503, 529) else {}
             return json_reply(status, self.error_body(status), headers)
         return self.reply(path, body)
@@ -112,6 +127,10 @@ class FakeProvider:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: twenty clients connecting at once
+    # overflow it and see resets, which no real provider (backlog 511+) would cause.
+    request_queue_size = 1024
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that gives up (timeout, cancelled stream) resets the socket; that is the point of the test.
         return
