@@ -26,6 +26,7 @@ per integration with ``raise ... from exc``.
     ├── ServiceUnavailable ....................... 503 service_unavailable
     ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
     ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
+    ├── CircuitOpen .............................. 503 circuit_open (worker's breaker open, no fallback)
     └── WorkerError .............................. 502 worker_error
         ├── TransientWorkerError ................. 503 worker_unavailable   (retryable)
         │   ├── WorkerRateLimited ................ 429 worker_rate_limited  (retry_after)
@@ -201,6 +202,14 @@ class RateLimited(OrchestratorError):
     http_status = 429
     ws_close_code = 4429
     default_message = "the tenant's rate limit is reached"
+    retryable = True
+
+
+class CircuitOpen(OrchestratorError):
+    code = "circuit_open"
+    http_status = 503
+    ws_close_code = 4503
+    default_message = "the worker is failing and its circuit is open; retry later"
     retryable = True
 
 

@@ -119,6 +119,12 @@ class RetryConfig(_Strict):
     retry_after_cap_s: float = Field(30.0, ge=0)  # a provider's Retry-After is honoured up to this
 
 
+class BreakerConfig(_Strict):
+    failure_threshold: int = Field(5, ge=1)  # consecutive transient failures that open the circuit
+    open_s: float = Field(30.0, gt=0)  # how long it stays open before trial calls
+    half_open_trials: int = Field(1, ge=1)  # calls let through while half-open
+
+
 WorkerKind = Literal["echo", "openai", "anthropic", "llamacpp", "vllm"]
 
 
@@ -135,6 +141,8 @@ class WorkerConfig(_Strict):
     token_delay_ms: float = Field(0.0, ge=0)
     prompt_format: Literal["chatml", "plain"] = "chatml"
     retry: RetryConfig = RetryConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    fallback: str = ""  # the worker that serves this one's requests while its circuit is open
 
     @model_validator(mode="after")
     def _needs_url(self) -> WorkerConfig:
@@ -182,6 +190,9 @@ class PipelineSettings(_Strict):
     def _default_exists(self) -> PipelineSettings:
         if self.default_worker not in self.workers:
             raise ValueError(f"default_worker {self.default_worker!r} is not among workers {sorted(self.workers)}")
+        for name, worker in self.workers.items():
+            if worker.fallback and (worker.fallback == name or worker.fallback not in self.workers):
+                raise ValueError(f"workers.{name}.fallback must name another worker, got {worker.fallback!r}")
         if self.limits.default_max_tokens > self.limits.max_tokens_limit:
             raise ValueError("limits.default_max_tokens exceeds limits.max_tokens_limit")
         return self

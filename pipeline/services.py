@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -14,12 +15,24 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, Overloaded, RateLimited, RequestTimeout, ServiceUnavailable
+from orchestrator_site.errors import (
+    CircuitOpen,
+    InvalidRequest,
+    NotFound,
+    OrchestratorError,
+    Overloaded,
+    PermanentWorkerError,
+    RateLimited,
+    RequestTimeout,
+    ServiceUnavailable,
+    TransientWorkerError,
+)
 from pipeline import selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.models import Document, SessionTurn, Tenant
 from pipeline.resilience.admission import Admission
+from pipeline.resilience.breaker import BreakerPolicy, CircuitBreaker
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
@@ -178,7 +191,45 @@ def _parse_payload(payload: object) -> PromptRequest | None:
         return None
 
 
+def breaker_for(config: PipelineSettings, worker: str) -> CircuitBreaker:
+    settings = config.workers[worker].breaker
+    policy = BreakerPolicy(failure_threshold=settings.failure_threshold, open_s=settings.open_s, half_open_trials=settings.half_open_trials)
+    return CircuitBreaker(get_bus().client, prefix=get_bus().prefix, worker=worker, policy=policy)
+
+
+def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings) -> PromptRequest:
+    """The request as it will run: on its worker, on the fallback while the worker's
+    circuit is open, or not at all (CircuitOpen: fail fast, no upstream call)."""
+    permission = breaker_for(config, request.worker).allow()
+    if permission.allowed:
+        return request
+    fallback = config.workers[request.worker].fallback
+    if fallback and breaker_for(config, fallback).allow().allowed:
+        log.warning("circuit_fallback", request_id=request.request_id, worker=request.worker, fallback=fallback, outcome="fallback")
+        return dataclasses.replace(request, worker=fallback, model=config.workers[fallback].model_default)
+    raise CircuitOpen(
+        f"worker {request.worker!r} is failing and its circuit is {permission.state.name.lower().replace('_', '-')}",
+        data={"worker": request.worker, "state": permission.state.name.lower()},
+        retry_after=permission.retry_after_s or None,
+    )
+
+
 def _execute(request: PromptRequest, config: PipelineSettings) -> PipelineResult:
+    request = _route_around_open_circuits(request, config)
+    breaker = breaker_for(config, request.worker)
+    try:
+        result = _run_stages(request, config)
+    except TransientWorkerError:
+        breaker.record(success=False)
+        raise
+    except PermanentWorkerError:
+        breaker.record(success=True)  # the provider is up: it answered, if only to refuse
+        raise
+    breaker.record(success=True)
+    return result
+
+
+def _run_stages(request: PromptRequest, config: PipelineSettings) -> PipelineResult:
     bus = get_bus()
     seq = 0
 

@@ -113,6 +113,23 @@ models = ["gpt-fake"]
 timeout_s = 2
 retry = {{ attempts = 3, base_ms = 1, max_ms = 20, retry_after_cap_s = 0.05 }}
 
+[workers.flaky]
+kind = "openai"
+base_url = "{fakes.openai.url}/v1"
+models = ["gpt-fake"]
+timeout_s = 2
+retry = {{ attempts = 1 }}
+breaker = {{ failure_threshold = 2, open_s = 60 }}
+fallback = "echo"
+
+[workers.flaky_alone]
+kind = "openai"
+base_url = "{fakes.openai.url}/v1"
+models = ["gpt-fake"]
+timeout_s = 2
+retry = {{ attempts = 1 }}
+breaker = {{ failure_threshold = 1, open_s = 60 }}
+
 [workers.anthropic]
 kind = "anthropic"
 base_url = "{fakes.anthropic.url}"

@@ -30,6 +30,7 @@ CONTRACT = {
     "service_unavailable": (503, 4503),
     "overloaded": (503, 4503),
     "rate_limited": (429, 4429),
+    "circuit_open": (503, 4503),
     "worker_error": (502, 4502),
     "worker_unavailable": (503, 4503),
     "worker_rate_limited": (429, 4429),
@@ -54,6 +55,7 @@ def test_retryable_errors_are_exactly_the_transient_ones() -> None:
     retryable = {k.code for k in all_error_classes() if k.retryable}
     assert retryable == {
         "service_unavailable",
+        "circuit_open",
         "overloaded",
         "rate_limited",
         "worker_unavailable",
