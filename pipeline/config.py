@@ -107,6 +107,14 @@ class RateLimitConfig(_Strict):
     tokens_per_minute: int = Field(0, ge=0)
 
 
+class DedupConfig(_Strict):
+    """Identical requests (same tenant, session and answer-relevant fields) share one answer."""
+
+    enabled: bool = True
+    window_s: int = Field(30, ge=1, le=86_400)  # how long a finished answer is served again
+    max_entries: int = Field(10_000, ge=1)  # finished answers kept at most; the oldest go first
+
+
 class TokenBusConfig(_Strict):
     maxlen: int = Field(10_000, ge=10)  # entries kept per request stream
     ttl_s: int = Field(3600, ge=10)  # how long streams and request status stay readable
@@ -185,6 +193,7 @@ class PipelineSettings(_Strict):
     limits: LimitsConfig = LimitsConfig()
     tokenbus: TokenBusConfig = TokenBusConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
+    dedup: DedupConfig = DedupConfig()
 
     @model_validator(mode="after")
     def _default_exists(self) -> PipelineSettings:

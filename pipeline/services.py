@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import time
@@ -33,6 +34,7 @@ from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.models import Document, SessionTurn, Tenant
 from pipeline.resilience.admission import Admission
 from pipeline.resilience.breaker import BreakerPolicy, CircuitBreaker
+from pipeline.resilience.dedup import DedupStore, dedup_key
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
@@ -74,6 +76,44 @@ def admission(config: PipelineSettings | None = None) -> Admission:
         # longest a request can live: the gateway's wait or the task's hard limit.
         lease_s=max(limits.request_timeout_s, 180.0) + 30.0,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    """How a request was answered at the gateway: ``submitted`` (a task runs it),
+    ``attached`` (an identical request in flight will answer it) or ``cached``
+    (an identical request answered within the deduplication window)."""
+
+    how: str
+    request_id: str  # the request whose stream carries the answer
+    result: PipelineResult | None = None
+
+
+def dedup_store(config: PipelineSettings) -> DedupStore:
+    return DedupStore(get_bus().client, prefix=get_bus().prefix, window_s=config.dedup.window_s, max_entries=config.dedup.max_entries)
+
+
+def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> Started:
+    """Deduplicate, or submit. Attached and cached answers cost no upstream call and
+    are not counted against the tenant's rate limits."""
+    config = get_config()
+    if not config.dedup.enabled:
+        infer_submit(request=request, rates=rates)
+        return Started("submitted", request.request_id)
+    store = dedup_store(config)
+    key = dedup_key(request)
+    kind, value = store.claim(key, request.request_id)
+    if kind == "done":
+        result = PipelineResult.from_dict(json.loads(value))
+        return Started("cached", result.request_id, result)
+    if kind == "inflight":
+        return Started("attached", value)
+    try:
+        infer_submit(request=request, rates=rates)
+    except OrchestratorError:
+        store.abandon(key, request.request_id)  # refused: whoever comes next must try for themselves
+        raise
+    return Started("submitted", request.request_id)
 
 
 def rate_limiter() -> RateLimiter:
@@ -157,8 +197,12 @@ def _run_and_answer(request: PromptRequest) -> None:
         return
     # Which worker process ran it: for operators, and the proof that no eager mode is involved.
     bus.set_status(request.request_id, status="running", executed_by=f"{socket.gethostname()}:{os.getpid()}")
+    config = get_config()
+    # Computed before any fallback re-routing: the key is the client's request.
+    key = dedup_key(request) if config.dedup.enabled else None
+    answered = False
     try:
-        result = _execute(request, get_config())
+        result = _execute(request, config)
     except ServiceUnavailable:
         raise  # the answer cannot be delivered either; realtime_execute logs it
     except OrchestratorError as exc:
@@ -171,7 +215,13 @@ def _run_and_answer(request: PromptRequest) -> None:
     else:
         bus.publish(request.request_id, "done", result.to_dict())
         bus.set_status(request.request_id, status="completed")
+        answered = True
+        if key:
+            dedup_store(config).complete(key, json.dumps(result.to_dict()))
         rate_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
+    finally:
+        if key and not answered:
+            dedup_store(config).abandon(key, request.request_id)  # errors are not served to others
 
 
 def _release_slot(request: PromptRequest) -> None:

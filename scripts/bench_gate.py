@@ -46,6 +46,7 @@ def default_base() -> str:
 def sample(tree: Path, rounds: int) -> dict[str, list[float]]:
     # Never benchmark under coverage: it would trace one tree (inside its source) and not the other.
     env = {k: v for k, v in os.environ.items() if k not in ("COVERAGE_PROCESS_CONFIG", "COVERAGE_PROCESS_START")}
+    env["PYTHONHASHSEED"] = "0"  # the same dict and set layouts on both sides
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--tree", str(tree), "--rounds", str(rounds), "--json"], capture_output=True, text=True, timeout=600, env=env
     )
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-ref")
     parser.add_argument("--base-tree", type=Path)
     parser.add_argument("--head-tree", type=Path, default=ROOT)
-    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threshold", type=float, default=0.10)
     args = parser.parse_args(argv)

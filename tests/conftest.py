@@ -149,6 +149,9 @@ base_url = "{fakes.vllm.url}/v1"
 timeout_s = 2
 retry = {{ attempts = 1 }}
 
+[dedup]
+enabled = false  # most tests repeat prompts on purpose; tests/pipeline/test_dedup.py turns it on
+
 [limits]
 max_prompt_chars = 2000
 request_timeout_s = 15
@@ -286,3 +289,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if missing:
         session.config.get_terminal_writer().line(f"error classes never triggered by a test: {', '.join(missing)}", red=True)
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_database_pool(django_db_setup: None, django_db_blocker: object) -> Iterator[None]:
+    """Tests that call the API from threads leave connections in the psycopg pool;
+    close it before pytest-django drops the test database."""
+    yield
+    from django.db import connections
+
+    # The pool is shared by the threads (one per alias, held by the backend class).
+    close_pool = getattr(connections["default"], "close_pool", None)
+    if close_pool is not None:
+        close_pool()

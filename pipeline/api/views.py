@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from adrf.views import APIView as AsyncAPIView
@@ -46,12 +47,15 @@ class InferApi(AsyncAPIView):
         data = validated(s.InferInput, request.data)
         config = get_config()
         prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
-        # Publishing to the broker is blocking I/O: keep it off the event loop.
         rates = services.tenant_rates(principal.tenant, config)
-        await sync_to_async(services.infer_submit, thread_sensitive=False)(request=prompt_request, rates=rates)
+        # Broker and Redis I/O is blocking: keep it off the event loop.
+        started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=prompt_request, rates=rates)
         if not data["wait"]:
-            return Response({"request_id": prompt_request.request_id, "status": "queued"}, status=202)
-        result = await services.infer_wait(request=prompt_request, timeout_s=config.limits.request_timeout_s)
+            return Response({"request_id": started.request_id, "status": "completed" if started.result else "queued"}, status=202)
+        if started.result is not None:
+            return Response(started.result.to_dict())
+        answering = dataclasses.replace(prompt_request, request_id=started.request_id)
+        result = await services.infer_wait(request=answering, timeout_s=config.limits.request_timeout_s)
         return Response(result.to_dict())
 
 

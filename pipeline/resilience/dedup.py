@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from typing import Any
 
+from pipeline.tokenbus import redis_errors
 from pipeline.types import PromptRequest
 
 KEY_VERSION = 1
@@ -34,3 +37,75 @@ def normalised(request: PromptRequest) -> dict[str, object]:
 def dedup_key(request: PromptRequest) -> str:
     canonical = json.dumps(normalised(request), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+# --- the cluster-wide store ---------------------------------------------------------------
+
+# KEYS: inflight key, done key. ARGV: request_id, window_s. Returns {"done", result} |
+# {"inflight", request_id} | {"claimed", request_id}: one script, so two gateways never
+# both become the producer of the same answer.
+_CLAIM = """
+local done = redis.call('GET', KEYS[2])
+if done then return {'done', done} end
+local owner = redis.call('GET', KEYS[1])
+if owner then return {'inflight', owner} end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return {'claimed', ARGV[1]}
+"""
+
+# KEYS: inflight key, done key, index. ARGV: result json, window_s, now, max_entries, key.
+_COMPLETE = """
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[3]) - tonumber(ARGV[2]))
+local extra = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+if extra > 0 then
+  local done_prefix = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[5])
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, extra - 1)) do
+    redis.call('DEL', done_prefix .. old)
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, extra - 1)
+end
+return 1
+"""
+
+
+class DedupStore:
+    """In-flight owners and finished results per key, for ``window_s`` seconds,
+    at most ``max_entries`` finished results (the oldest are dropped first)."""
+
+    def __init__(self, client: Any, *, prefix: str, window_s: int, max_entries: int) -> None:
+        self._client = client
+        self._prefix = prefix
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._claim: Any = client.register_script(_CLAIM)
+        self._complete: Any = client.register_script(_COMPLETE)
+
+    def _keys(self, key: str) -> tuple[str, str, str]:
+        return f"{self._prefix}:dedup:inflight:{key}", f"{self._prefix}:dedup:done:{key}", f"{self._prefix}:dedup:index"
+
+    def claim(self, key: str, request_id: str) -> tuple[str, str]:
+        """("claimed", request_id): run it; ("inflight", owner): wait for the owner's
+        stream; ("done", result json): answer from the window."""
+        inflight, done, _ = self._keys(key)
+        with redis_errors("look up the deduplication window"):
+            kind, value = self._claim(keys=[inflight, done], args=[request_id, self.window_s])
+        return _text(kind), _text(value)
+
+    def complete(self, key: str, result_json: str) -> None:
+        inflight, done, index = self._keys(key)
+        with redis_errors("record the deduplicated result"):
+            self._complete(keys=[inflight, done, index], args=[result_json, self.window_s, time.time(), self.max_entries, key])
+
+    def abandon(self, key: str, request_id: str) -> None:
+        """The owner failed: nobody else may wait on it, and errors are not cached."""
+        inflight, _, _ = self._keys(key)
+        with redis_errors("clear the deduplication entry"):
+            if _text(self._client.get(inflight) or "") == request_id:
+                self._client.delete(inflight)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -58,6 +58,12 @@ def over_budget(name: str, counts: dict[str, int]) -> list[str]:
     ]
 
 
+@pytest.fixture(autouse=True)
+def default_config(pipeline_config: Callable[[PipelineSettings], PipelineSettings]) -> None:
+    """The budget is for the default pipeline (dedup on), whatever config ran before."""
+    pipeline_config(PipelineSettings())
+
+
 @pytest.fixture
 def request_payload(owner: TenantFixture) -> Callable[[], dict]:
     def build() -> dict:
