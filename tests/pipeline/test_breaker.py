@@ -55,31 +55,31 @@ def test_the_state_is_shared_by_every_process(client: redis.Redis) -> None:
 
 
 def test_half_open_lets_a_limited_number_of_trials_through(client: redis.Redis) -> None:
-    b = breaker(client, uuid.uuid4().hex, failure_threshold=1, open_s=0.2, half_open_trials=2)
+    b = breaker(client, uuid.uuid4().hex, failure_threshold=1, open_s=0.5, half_open_trials=2)
     b.record(success=False)
-    time.sleep(0.25)
+    time.sleep(0.55)
     first, second, third = b.allow(), b.allow(), b.allow()
     assert first.allowed and second.allowed and first.state == BreakerState.HALF_OPEN
     assert not third.allowed and third.state == BreakerState.HALF_OPEN
 
 
 def test_a_successful_trial_closes_and_a_failed_one_reopens(client: redis.Redis) -> None:
-    b = breaker(client, uuid.uuid4().hex, failure_threshold=1, open_s=0.2)
+    b = breaker(client, uuid.uuid4().hex, failure_threshold=1, open_s=0.5)
     b.record(success=False)
-    time.sleep(0.25)
+    time.sleep(0.55)
     assert b.allow().allowed
     assert b.record(success=False) == BreakerState.OPEN  # one failure in half-open is enough
-    time.sleep(0.25)
+    time.sleep(0.55)
     assert b.allow().allowed
     assert b.record(success=True) == BreakerState.CLOSED and b.allow().allowed
 
 
 def test_a_trial_that_never_reports_does_not_wedge_the_breaker(client: redis.Redis) -> None:
-    b = breaker(client, uuid.uuid4().hex, failure_threshold=1, open_s=0.2)
+    b = breaker(client, uuid.uuid4().hex, failure_threshold=1, open_s=0.5)
     b.record(success=False)
-    time.sleep(0.25)
+    time.sleep(0.55)
     assert b.allow().allowed and not b.allow().allowed  # the trial's request died somewhere
-    time.sleep(0.25)
+    time.sleep(0.55)
     assert b.allow().allowed
 
 

@@ -49,11 +49,11 @@ def test_exactly_n_requests_are_admitted_under_concurrency(client: redis.Redis) 
 
 
 def test_the_window_slides_and_retry_after_says_when(client: redis.Redis) -> None:
-    rl = limiter(client, window_s=0.5)
+    rl = limiter(client, window_s=2.0)
     rates = TenantRates(requests_per_minute=2)
     assert rl.check("t", "a", rates).allowed and rl.check("t", "b", rates).allowed
     refused = rl.check("t", "c", rates)
-    assert not refused.allowed and refused.kind == "requests_per_minute" and 0 < refused.retry_after_s <= 0.5
+    assert not refused.allowed and refused.kind == "requests_per_minute" and 0 < refused.retry_after_s <= 2.0
     time.sleep(refused.retry_after_s + 0.05)
     assert rl.check("t", "d", rates).allowed
 
