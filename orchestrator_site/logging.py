@@ -7,9 +7,40 @@ so every line a process writes has one format.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
 
 import structlog
+
+# Fields that carry what users wrote, what models answered, or credentials.
+SENSITIVE_FIELDS = frozenset({"prompt", "text", "content", "messages", "response", "completion", "authorization", "api_key", "password", "secret"})
+# Credentials that can hide inside any string: our keys, provider keys, bearer headers.
+SECRET_PATTERN = re.compile(
+    r"\bpo_[0-9a-f]{8}_[A-Za-z0-9_-]{8,}|\b(?:sk|pk|rk)[-_][A-Za-z0-9_-]{16,}|\bBearer\s+[A-Za-z0-9._~+/=-]{8,}|\bAKIA[0-9A-Z]{16}\b",
+)
+REDACTED = "[REDACTED]"
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return SECRET_PATTERN.sub(REDACTED, value)
+    if isinstance(value, Mapping):
+        return {k: REDACTED if str(k).lower() in SENSITIVE_FIELDS else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def redact(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Prompts, replies and credentials never reach a log line, whoever logs them."""
+    for key in list(event):
+        if key.lower() in SENSITIVE_FIELDS:
+            event[key] = REDACTED
+        else:
+            event[key] = _scrub(event[key])
+    return event
 
 
 def configure_logging(*, level: str, fmt: str) -> None:
@@ -19,6 +50,8 @@ def configure_logging(*, level: str, fmt: str) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Last before rendering, after exc_info is formatted: tracebacks are scrubbed too.
+    tail: list[structlog.types.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, redact]
     renderer: structlog.types.Processor = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -30,7 +63,7 @@ def configure_logging(*, level: str, fmt: str) -> None:
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
+        processors=[*tail, renderer],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)

@@ -88,6 +88,60 @@ def test_celery_and_django_loggers_share_the_format(restore_logging: None, capsy
 
 def test_non_ascii_and_odd_values_stay_valid_json(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(level="INFO", fmt="json")
-    structlog.get_logger("t").info("stage", text="héllo 世界", quote='"', newline="a\nb", number=1.5, none=None)
+    structlog.get_logger("t").info("stage", title="héllo 世界", quote='"', newline="a\nb", number=1.5, none=None)
     line = json.loads(capsys.readouterr().err.strip())
-    assert (line["text"], line["quote"], line["newline"], line["number"], line["none"]) == ("héllo 世界", '"', "a\nb", 1.5, None)
+    assert (line["title"], line["quote"], line["newline"], line["number"], line["none"]) == ("héllo 世界", '"', "a\nb", 1.5, None)
+
+
+KEY = "po_1a2b3c4d_" + "Q" * 43
+PLANTED = {"prompt": "my secret medical question", "authorization": f"Bearer {KEY}", "text": "the model's private answer"}
+
+
+def test_sensitive_fields_and_planted_secrets_never_reach_a_line(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    log = structlog.get_logger("t")
+    log.info("stage", stage="post", **PLANTED)
+    log.info("nested", data={"messages": [{"role": "user", "content": "hidden"}], "note": f"key {KEY} in a note"}, headers=["Bearer abcdefgh12345678"])
+    logging.getLogger("django.request").warning("got %s and sk-proj-abcdefghijklmnop1234", KEY)
+    try:
+        raise ValueError(f"failed with {KEY}")
+    except ValueError:
+        log.exception("crash")
+    out = capsys.readouterr().err
+    for secret in ("my secret medical question", "private answer", "hidden", KEY, "abcdefgh12345678", "sk-proj-abcdefghijklmnop1234"):
+        assert secret not in out, secret
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert lines[0]["prompt"] == "[REDACTED]" and lines[0]["stage"] == "post"
+    assert lines[1]["data"]["messages"] == "[REDACTED]" and lines[1]["data"]["note"] == "key [REDACTED] in a note"
+    assert "[REDACTED]" in lines[2]["event"] and "[REDACTED]" in lines[3]["exception"]
+
+
+def test_ordinary_fields_are_left_alone(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="json")
+    structlog.get_logger("t").info("stage", stage="rag", request_id="abc123", duration_us=42, outcome="hit", worker="openai")
+    line = json.loads(capsys.readouterr().err)
+    assert (line["stage"], line["request_id"], line["duration_us"], line["outcome"], line["worker"]) == ("rag", "abc123", 42, "hit", "openai")
+
+
+def test_scrub_walks_every_container_and_ignores_case() -> None:
+    from orchestrator_site.logging import REDACTED, _scrub, redact
+
+    assert _scrub(("x", [f"Bearer {'t' * 12}"], {"Prompt": "p", "n": 3})) == ["x", [REDACTED], {"Prompt": REDACTED, "n": 3}]
+    assert _scrub(5) == 5 and _scrub(None) is None and _scrub("plain words") == "plain words"
+    event = redact(None, "info", {"event": "e", "API_KEY": "k", "Messages": [], "tenant": "acme"})
+    assert event == {"event": "e", "API_KEY": REDACTED, "Messages": REDACTED, "tenant": "acme"}
+
+
+@pytest.mark.parametrize("secret", ["AKIAIOSFODNN7EXAMPLE", "rk_live_0123456789abcdefgh", "Bearer eyJhbGciOi.payload.sig"])
+def test_credentials_inside_free_text_are_caught(secret: str) -> None:
+    from orchestrator_site.logging import SECRET_PATTERN
+
+    assert SECRET_PATTERN.sub("X", f"before {secret} after") == "before X after"
+
+
+def test_the_development_format_is_redacted_too(restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(level="INFO", fmt="console")
+    structlog.get_logger("t").info("stage", prompt="do not print me", note=f"key {KEY}")
+    err = capsys.readouterr().err
+    assert "do not print me" not in err and KEY not in err
+    assert "prompt=[REDACTED]" in err
