@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -76,12 +77,12 @@ def run_load(url: str, key: str, *, requests: int, concurrency: int) -> tuple[li
     per_thread = requests // concurrency
 
     def client() -> None:
+        # A fresh session per run and thread: no request duplicates another (dedup is on).
+        session = f"bench-{uuid.uuid4().hex}"
         with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
             for i in range(per_thread):
                 started = time.perf_counter()
-                resp = http.post(
-                    f"{url}/api/v1/infer", json={"prompt": f"how do I get a refund for order {i}?", "session_id": f"bench-{threading.get_ident()}"}
-                )
+                resp = http.post(f"{url}/api/v1/infer", json={"prompt": f"how do I get a refund for order {i}?", "session_id": session})
                 elapsed = time.perf_counter() - started
                 resp.raise_for_status()
                 timings = resp.json()["timings_us"]
