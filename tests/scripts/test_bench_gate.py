@@ -46,20 +46,49 @@ def gate(base: Path, head: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+CONTROLS = ("rag.limit_context", "post (2 KiB reply)")  # cases the injection does not touch
+
+
+def disturbed(stdout: str) -> bool:
+    """A run in which the untouched cases moved by more than 10 % was disturbed by the
+    shared machine (seen once in CI: every base case 20 % slower); it says nothing."""
+    for line in stdout.splitlines():
+        if line.startswith(CONTROLS) and "%" in line:
+            change = float(line.split()[-2 if "REGRESSION" in line else -1].rstrip("%"))
+            if abs(change) > 10:
+                return True
+    return False
+
+
 def test_an_injected_20_percent_slowdown_fails_the_gate(tmp_path: Path) -> None:
     base = copy_tree(tmp_path / "base")
     head = copy_tree(tmp_path / "head")
     with (head / "pipeline" / "stages" / "assemble.py").open("a") as f:
         f.write(SLOWDOWN)
-    proc = gate(base, head)
+    for _ in range(3):
+        proc = gate(base, head)
+        if not disturbed(proc.stdout):
+            break
+    assert not disturbed(proc.stdout), proc.stdout
     assert proc.returncode == 1, proc.stdout
     flagged = [line for line in proc.stdout.splitlines() if "REGRESSION" in line]
     assert any(line.startswith("assemble") for line in flagged), proc.stdout
 
 
+def test_disturbed_runs_are_recognised() -> None:
+    calm = "rag.limit_context (50 docs)   4.6   4.7   +2.0%\npost (2 KiB reply)   170.0   171.0   +0.6%\nassemble   12.0   14.8  +23.3%  REGRESSION"
+    noisy = "rag.limit_context (50 docs)   6.45   4.93  -23.6%\npost (2 KiB reply)   230.5   184.3  -20.0%"
+    assert not disturbed(calm) and disturbed(noisy)
+
+
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_an_unchanged_tree_passes(tmp_path: Path, attempt: int) -> None:
-    proc = gate(copy_tree(tmp_path / "base"), ROOT)
+    base = copy_tree(tmp_path / "base")
+    proc = gate(base, ROOT)
+    for _ in range(2):
+        if proc.returncode == 0 or not disturbed(proc.stdout):
+            break
+        proc = gate(base, ROOT)  # the machine, not the code, moved the controls
     assert proc.returncode == 0, proc.stdout
     assert "bench gate: ok" in proc.stdout
 
