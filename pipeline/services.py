@@ -133,10 +133,11 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     """Rate-limit, admit (or shed), record as queued, put one task on ``realtime``."""
     from pipeline.tasks import run_realtime
 
+    rates = rates or TenantRates()
     limiter = rate_limiter()
-    allowed = limiter.check(request.tenant_id, request.request_id, rates or TenantRates())
+    allowed = limiter.check(request.tenant_id, request.request_id, rates)
     if not allowed.allowed:
-        limit = (rates or TenantRates()).requests_per_minute if allowed.kind == "requests_per_minute" else (rates or TenantRates()).tokens_per_minute
+        limit = getattr(rates, allowed.kind)  # the verdict's kind names the limit's field
         raise RateLimited(
             f"rate limit reached: {limit} {allowed.kind.replace('_', ' ')}",
             data={"limit": limit, "kind": allowed.kind, "window_s": int(limiter.window_s)},
@@ -333,14 +334,15 @@ def request_status_get(*, tenant_id: str, request_id: str) -> dict[str, Any]:
     return status
 
 
-def request_result_get(*, tenant_id: str, request_id: str) -> PipelineResult | None:
-    """The result when completed, None while pending; the recorded error when it failed."""
-    status = request_status_get(tenant_id=tenant_id, request_id=request_id)
-    if status.get("status") not in ("completed", "failed"):
-        return None
+def request_result_get(*, tenant_id: str, request_id: str) -> tuple[str, PipelineResult | None]:
+    """The status, with the result when completed (None while pending); the recorded
+    error when it failed."""
+    status = request_status_get(tenant_id=tenant_id, request_id=request_id).get("status", "queued")
+    if status not in ("completed", "failed"):
+        return status, None
     for event in reversed(get_bus().read_all(request_id)):
         if event.type == "done":
-            return PipelineResult.from_dict(event.data)
+            return status, PipelineResult.from_dict(event.data)
         if event.type == "error":
             raise OrchestratorError.from_dict(event.data)
     raise _request_not_found(request_id)  # the stream expired before the status hash

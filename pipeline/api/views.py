@@ -77,11 +77,9 @@ class RequestStatusApi(APIView):
 class RequestResultApi(APIView):
     @extend_schema(responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="request_result")
     def get(self, request: Request, request_id: str) -> Response:
-        tenant_id = tenant_of(request).tenant_id
-        result = services.request_result_get(tenant_id=tenant_id, request_id=request_id)
-        if result is None:
-            status = services.request_status_get(tenant_id=tenant_id, request_id=request_id)
-            return Response({"request_id": request_id, "status": status.get("status", "queued")}, status=202)
+        status, result = services.request_result_get(tenant_id=tenant_of(request).tenant_id, request_id=request_id)
+        if result is None:  # still queued or running: one status read, not two
+            return Response({"request_id": request_id, "status": status}, status=202)
         return Response(result.to_dict())
 
 
