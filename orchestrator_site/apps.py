@@ -11,3 +11,7 @@ class OrchestratorSiteConfig(AppConfig):
         # Load the Celery app in every Django process (gateway, manage.py, tests),
         # so that shared tasks are sent through it and never through a default app.
         from orchestrator_site import celery  # noqa: F401
+        from orchestrator_site.telemetry import configure_tracing
+
+        # Before the first request builds the middleware chain, which tracing extends.
+        configure_tracing()

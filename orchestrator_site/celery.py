@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_shutdown, worker_ready
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -30,3 +32,20 @@ def _declare_queues() -> None:
 
 _declare_queues()
 app.autodiscover_tasks(["pipeline", "batches"])
+
+
+@worker_ready.connect
+def _serve_metrics(**_: Any) -> None:
+    from django.conf import settings
+
+    from orchestrator_site.metrics import serve_worker_metrics
+
+    if settings.WORKER_METRICS_PORT:
+        serve_worker_metrics(settings.WORKER_METRICS_PORT, settings.WORKER_METRICS_ADDR)
+
+
+@worker_process_shutdown.connect
+def _forget_process(pid: int | None = None, **_: Any) -> None:
+    from orchestrator_site.metrics import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())

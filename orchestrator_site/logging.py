@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from orchestrator_site.telemetry import add_trace_context
+
 # Fields that carry what users wrote, what models answered, or credentials.
 SENSITIVE_FIELDS = frozenset({"prompt", "text", "content", "messages", "response", "completion", "authorization", "api_key", "password", "secret"})
 # Credentials that can hide inside any string: our keys, provider keys, bearer headers.
@@ -49,6 +51,7 @@ def configure_logging(*, level: str, fmt: str) -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_context,
     ]
     # Last before rendering, after exc_info is formatted: tracebacks are scrubbed too.
     tail: list[structlog.types.Processor] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, redact]

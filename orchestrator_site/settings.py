@@ -122,6 +122,12 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "orch")
 REDIS_SOCKET_TIMEOUT_S = float(env_int("REDIS_SOCKET_TIMEOUT_MS", 2000)) / 1000.0
 
+# --- Observability: /metrics on the gateway; a Celery worker serves its own on this
+# port when set (0: none). Tracing is configured by the OTEL_* variables
+# (orchestrator_site.telemetry); PROMETHEUS_MULTIPROC_DIR by prometheus_client.
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
+WORKER_METRICS_ADDR = env_str("WORKER_METRICS_ADDR", "127.0.0.1")
+
 PIPELINE_CONFIG_PATH = env_str("PIPELINE_CONFIG", str(BASE_DIR / "pipeline.toml"))
 
 # --- Celery (read by orchestrator_site.celery through the CELERY_ namespace) ---

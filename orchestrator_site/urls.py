@@ -5,10 +5,12 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from orchestrator_site.health import health_view
+from orchestrator_site.metrics import metrics_view
 from pipeline.api.errors import not_found_view
 
 urlpatterns = [
     path("health", health_view, name="health"),
+    path("metrics", metrics_view, name="metrics"),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/v1/", include("pipeline.api.urls")),

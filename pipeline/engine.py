@@ -8,7 +8,9 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from orchestrator_site import telemetry
 from orchestrator_site.errors import OrchestratorError
+from pipeline import metrics
 from pipeline.config import PipelineSettings
 from pipeline.stages.assemble import assemble
 from pipeline.stages.context import StageContext
@@ -53,15 +55,22 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps) -> tuple[StageConte
     ctx = StageContext(request=request)
     timings: dict[str, int] = {}
     bound = log.bind(request_id=request.request_id, session_id=request.session_id, tenant_id=request.tenant_id, worker=request.worker)
+    attributes = {"request_id": request.request_id, "worker": request.worker, "model": request.model}
     for name, stage in STAGE_TABLE:
-        started = time.perf_counter_ns()
-        try:
-            ctx = stage(ctx, deps)
-        except OrchestratorError as exc:
-            bound.warning("stage", stage=name, duration_us=(time.perf_counter_ns() - started) // 1000, outcome="error", error_code=exc.code)
-            raise
-        timings[name] = (time.perf_counter_ns() - started) // 1000
-        outcome = ctx.rag_outcome if name == "rag" else "ok"
+        with telemetry.span(f"pipeline.{name}", attributes):
+            started = time.perf_counter_ns()
+            try:
+                ctx = stage(ctx, deps)
+            except OrchestratorError as exc:
+                _observe(name, request.worker, time.perf_counter_ns() - started, exc.code)
+                bound.warning("stage", stage=name, duration_us=(time.perf_counter_ns() - started) // 1000, outcome="error", error_code=exc.code)
+                raise
+            elapsed = time.perf_counter_ns() - started
+            timings[name] = elapsed // 1000
+            outcome = ctx.rag_outcome if name == "rag" else "ok"
+            _observe(name, request.worker, elapsed, outcome)
+            if name == "inference" and ctx.completion:
+                telemetry.annotate(tokens=ctx.completion.usage.total_tokens, model=ctx.completion.model)
         bound.info("stage", stage=name, duration_us=timings[name], outcome=outcome)
     completion = ctx.completion
     result = PipelineResult(
@@ -75,3 +84,10 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps) -> tuple[StageConte
         timings_us=timings,
     )
     return ctx, result
+
+
+def _observe(stage: str, worker: str, elapsed_ns: int, outcome: str) -> None:
+    seconds = elapsed_ns / 1e9
+    metrics.STAGE_DURATION.labels(stage, outcome).observe(seconds)
+    if stage == "inference":  # the stage is the worker call
+        metrics.WORKER_LATENCY.labels(worker, outcome).observe(seconds)

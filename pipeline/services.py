@@ -16,6 +16,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from orchestrator_site import telemetry
 from orchestrator_site.errors import (
     CircuitOpen,
     InvalidRequest,
@@ -28,7 +29,7 @@ from orchestrator_site.errors import (
     ServiceUnavailable,
     TransientWorkerError,
 )
-from pipeline import selectors
+from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.models import Document, SessionTurn, Tenant
@@ -103,6 +104,9 @@ def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> 
     store = dedup_store(config)
     key = dedup_key(request)
     kind, value = store.claim(key, request.request_id)
+    hit = kind in ("done", "inflight")
+    metrics.DEDUP_REQUESTS.labels("hit" if hit else "miss").inc()
+    telemetry.annotate(dedup_key=key, cache_hit=hit)
     if kind == "done":
         result = PipelineResult.from_dict(json.loads(value))
         return Started("cached", result.request_id, result)
@@ -137,6 +141,7 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     limiter = rate_limiter()
     allowed = limiter.check(request.tenant_id, request.request_id, rates)
     if not allowed.allowed:
+        metrics.RATE_LIMITED.labels(allowed.kind).inc()
         limit = getattr(rates, allowed.kind)  # the verdict's kind names the limit's field
         raise RateLimited(
             f"rate limit reached: {limit} {allowed.kind.replace('_', ' ')}",
@@ -147,6 +152,7 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     verdict = gate.acquire(request.tenant_id, request.request_id)
     if not verdict.admitted:
         limiter.forget(request.tenant_id, request.request_id)  # shed by us: not the tenant's to pay for
+        metrics.REQUESTS_SHED.labels(verdict.scope).inc()
         limit = gate.max_per_tenant if verdict.scope == "tenant" else gate.max_global
         # Shed at once rather than queue without bound: the client retries, nothing waits here.
         raise Overloaded(
@@ -193,7 +199,8 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
 
 def _run_and_answer(request: PromptRequest) -> None:
     bus = get_bus()
-    if bus.get_status(request.request_id).get("status") in ("completed", "failed"):
+    status = bus.get_status(request.request_id)
+    if status.get("status") in ("completed", "failed"):
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return
     # Which worker process ran it: for operators, and the proof that no eager mode is involved.
@@ -201,21 +208,24 @@ def _run_and_answer(request: PromptRequest) -> None:
     config = get_config()
     # Computed before any fallback re-routing: the key is the client's request.
     key = dedup_key(request) if config.dedup.enabled else None
+    telemetry.annotate(request_id=request.request_id, dedup_key=key, cache_hit=False)
+    clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(status.get("created_at")))
     answered = False
     try:
-        result = _execute(request, config)
+        result = _execute(request, config, clock)
     except ServiceUnavailable:
         raise  # the answer cannot be delivered either; realtime_execute logs it
     except OrchestratorError as exc:
-        _record_failure(request, exc)
+        _record_failure(request, exc, clock)
     except SoftTimeLimitExceeded:
-        _record_failure(request, RequestTimeout("the request hit the task time limit"))
+        _record_failure(request, RequestTimeout("the request hit the task time limit"), clock)
     except Exception as exc:  # pipeline boundary: logged with its traceback, answered as internal_error
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
-        _record_failure(request, OrchestratorError("internal error while running the pipeline"))
+        _record_failure(request, OrchestratorError("internal error while running the pipeline"), clock)
     else:
         bus.publish(request.request_id, "done", result.to_dict())
         bus.set_status(request.request_id, status="completed")
+        clock.finished("ok")
         answered = True
         if key:
             dedup_store(config).complete(key, json.dumps(result.to_dict()))
@@ -265,11 +275,13 @@ def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings
     )
 
 
-def _execute(request: PromptRequest, config: PipelineSettings) -> PipelineResult:
+def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock | None = None) -> PipelineResult:
     request = _route_around_open_circuits(request, config)
+    clock = clock or metrics.StreamClock(request.worker, accepted_at=None)
+    clock.worker = request.worker
     breaker = breaker_for(config, request.worker)
     try:
-        result = _run_stages(request, config)
+        result = _run_stages(request, config, clock)
     except TransientWorkerError:
         breaker.record(success=False)
         raise
@@ -280,14 +292,12 @@ def _execute(request: PromptRequest, config: PipelineSettings) -> PipelineResult
     return result
 
 
-def _run_stages(request: PromptRequest, config: PipelineSettings) -> PipelineResult:
+def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock) -> PipelineResult:
     bus = get_bus()
-    seq = 0
 
     def publish(chunk: TokenChunk) -> None:
-        nonlocal seq
-        bus.publish(request.request_id, "token", {"seq": seq, "text": chunk.text})
-        seq += 1
+        bus.publish(request.request_id, "token", {"seq": clock.tokens, "text": chunk.text})
+        clock.token()
 
     deps = PipelineDeps(
         config=config,
@@ -301,11 +311,13 @@ def _run_stages(request: PromptRequest, config: PipelineSettings) -> PipelineRes
     return result
 
 
-def _record_failure(request: PromptRequest, error: OrchestratorError) -> None:
+def _record_failure(request: PromptRequest, error: OrchestratorError, clock: metrics.StreamClock | None = None) -> None:
     bus = get_bus()
     log.warning("request_failed", request_id=request.request_id, session_id=request.session_id, outcome="error", error_code=error.code)
     bus.publish(request.request_id, "error", error.to_dict())
     bus.set_status(request.request_id, status="failed")
+    if clock:
+        clock.finished(error.code)
 
 
 @transaction.atomic

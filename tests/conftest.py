@@ -74,6 +74,15 @@ from tests.fakes.server import FakeProvider  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (just bound and released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class Fakes:
     openai: FakeOpenAI
@@ -234,17 +243,58 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=5)
 
 
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    metrics_url: str  # the worker's own Prometheus exposition
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
 @pytest.fixture(scope="session")
 def realtime_worker(
     django_db_setup: None, django_db_blocker: object, session_fakes: Fakes, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``celery worker -Q realtime`` process on the test database and broker."""
+) -> Iterator[WorkerProcess]:
+    """A real ``celery worker -Q realtime`` process on the test database and broker,
+    serving its metrics on a port of its own, from a metrics directory of its own."""
     from orchestrator_site.celery import app
 
     app.control.purge()  # leftovers of an interrupted earlier run
-    proc = start_celery_worker("realtime", f"realtime-test-{os.getpid()}@localhost", tmp_path_factory.mktemp("celery") / "worker.log")
-    yield proc
+    port = free_port()
+    env = {"WORKER_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("worker-metrics"))}
+    proc = start_celery_worker("realtime", f"realtime-test-{os.getpid()}@localhost", tmp_path_factory.mktemp("celery") / "worker.log", env)
+    yield WorkerProcess(proc, f"http://127.0.0.1:{port}/metrics")
     stop_process(proc)
+
+
+def start_gateway(log: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A real Daphne gateway process on the test database; returns it and its base URL
+    once ``/health`` answers."""
+    import httpx
+
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code in (200, 503):
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    stop_process(proc)
+    raise RuntimeError(f"gateway did not start: {log.read_text()[-2000:]}")
 
 
 # --- every error of the tree is raised somewhere in the suite ------------------------------

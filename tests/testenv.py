@@ -4,8 +4,11 @@ points the suite at its own Redis databases and key prefix, so a running
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
 os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
@@ -16,3 +19,9 @@ os.environ.setdefault("LOG_LEVEL", "WARNING")
 _checkout = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:8]
 os.environ.setdefault("DATABASE_TEST_NAME", f"test_orchestrator_{_checkout}")
 os.environ.setdefault("CELERY_BROKER_KEY_PREFIX", f"orchtest{_checkout}:")
+
+# prometheus_client reads this when first imported: the suite's processes keep their
+# metrics in a directory of their own, as under `make run`, and nothing outlives the run.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="orchtest-metrics-")
+    atexit.register(shutil.rmtree, os.environ["PROMETHEUS_MULTIPROC_DIR"], True)

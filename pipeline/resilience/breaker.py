@@ -114,3 +114,14 @@ class CircuitBreaker:
         if raw is None:
             return BreakerState.CLOSED
         return BreakerState(int(raw))
+
+
+def read_states(client: redis.Redis, *, prefix: str, workers: list[str]) -> dict[str, BreakerState]:
+    """Every named worker's stored state in one round trip (for the metrics scrape).
+    An open breaker whose ``open_s`` has passed reads as open until a request tries it."""
+    with redis_errors("read the circuit breakers"):
+        pipe = client.pipeline(transaction=False)
+        for worker in workers:
+            pipe.hget(f"{prefix}:breaker:{worker}", "state")
+        raw = pipe.execute()
+    return {worker: BreakerState(int(value)) if value is not None else BreakerState.CLOSED for worker, value in zip(workers, raw, strict=True)}

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import structlog
 
 from orchestrator_site.errors import TransientWorkerError
+from pipeline import metrics
 from pipeline.resilience.backoff import BackoffPolicy, retry_delay
 from workers.base import StreamingModelWorker
 from workers.types import AssembledPrompt, Completion, TokenChunk
@@ -47,15 +48,22 @@ class RetryingWorker:
             log.warning("worker_retry", worker=self.name, attempt=attempt + 1, delay_s=round(delay, 3), error_code=exc.code, outcome="retry")
         return delay
 
+    def _retried(self, attempt: int) -> None:
+        metrics.WORKER_RETRIES.labels(self.name).observe(attempt)
+
     def infer(self, prompt: AssembledPrompt) -> Completion:
         attempt = 0
         while True:
             try:
-                return self.inner.infer(prompt)
+                completion = self.inner.infer(prompt)
             except TransientWorkerError as exc:
                 delay = self._next_delay(attempt, exc)
                 if delay is None:
+                    self._retried(attempt)
                     raise
+            else:
+                self._retried(attempt)
+                return completion
             self._sleep(delay)
             attempt += 1
 
@@ -65,14 +73,19 @@ class RetryingWorker:
             started = False
             try:
                 async for chunk in self.inner.infer_stream(prompt):
-                    started = True
+                    if not started:
+                        started = True
+                        self._retried(attempt)
                     yield chunk
+                if not started:
+                    self._retried(attempt)
                 return
             except TransientWorkerError as exc:
                 if started:
                     raise  # a token has reached the client: never replay the reply
                 delay = self._next_delay(attempt, exc)
                 if delay is None:
+                    self._retried(attempt)
                     raise
             await self._asleep(delay)
             attempt += 1

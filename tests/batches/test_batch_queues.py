@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 from django.apps import apps
 
 from orchestrator_site.celery import app
 from pipeline.queues import Queue
+from tests.conftest import WorkerProcess
 
 
 def test_batches_app_is_registered() -> None:
@@ -24,7 +23,7 @@ def test_three_priority_queues_are_declared_for_batches() -> None:
 
 @pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
-def test_realtime_worker_consumes_only_realtime(realtime_worker: subprocess.Popen[bytes]) -> None:
+def test_realtime_worker_consumes_only_realtime(realtime_worker: WorkerProcess) -> None:
     replies = app.control.inspect(timeout=2).active_queues() or {}
     queues = [q["name"] for node, qs in replies.items() if node.startswith("realtime-test-") for q in qs]
     assert queues == ["realtime"]  # a 10,000-prompt batch can never sit in front of a real-time request

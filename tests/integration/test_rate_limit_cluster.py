@@ -3,12 +3,7 @@ gets exactly N through, never more and never fewer, however the load is split.""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,43 +12,14 @@ import pytest
 
 from pipeline.models import Tenant
 from pipeline.tokenbus import get_bus
-from tests.conftest import ROOT, TenantFixture, _database_url, stop_process
+from tests.conftest import TenantFixture, start_gateway, stop_process
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_gateway(log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"],
-            cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": _database_url()},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
 def gateways(tmp_path: Path) -> Iterator[list[str]]:
     started = [start_gateway(tmp_path / f"gw{i}.log") for i in range(2)]
-    deadline = time.monotonic() + 60
-    for proc, url in started:
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code in (200, 503):
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.1)
     yield [url for _, url in started]
     for proc, _ in started:
         stop_process(proc)

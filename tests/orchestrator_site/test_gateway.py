@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,20 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Fakes, TenantFixture, _database_url, stop_process
+from tests.conftest import ROOT, Fakes, TenantFixture, WorkerProcess, _database_url, free_port, stop_process
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def gateway(
-    django_db_setup: None, django_db_blocker: object, session_fakes: Fakes, realtime_worker: subprocess.Popen[bytes], tmp_path_factory: pytest.TempPathFactory
+    django_db_setup: None, django_db_blocker: object, session_fakes: Fakes, realtime_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     port = free_port()
     log_path: Path = tmp_path_factory.mktemp("daphne") / "daphne.log"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,9 @@ from pathlib import Path
 import pytest
 from django.test import Client, override_settings
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.django_db
@@ -32,7 +27,7 @@ def test_all_up_is_200_with_each_check() -> None:
 
 @pytest.mark.django_db
 def test_redis_down_is_503() -> None:
-    with override_settings(REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0"):
+    with override_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"):
         resp = Client().get("/health")
     assert resp.status_code == 503
     checks = resp.json()["checks"]
@@ -42,7 +37,7 @@ def test_redis_down_is_503() -> None:
 
 @pytest.mark.django_db
 def test_broker_down_is_503() -> None:
-    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{closed_port()}/0"):
+    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
         resp = Client().get("/health")
     assert resp.status_code == 503
     assert resp.json()["checks"]["broker"]["status"] == "down"
@@ -61,7 +56,7 @@ def test_postgres_down_is_503() -> None:
         "import django, json; django.setup(); from django.test import Client; "
         "r = Client().get('/health'); print(r.status_code, json.dumps(r.json()['checks']['postgres']))"
     )
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "DATABASE_URL": f"postgres://postgres@127.0.0.1:{closed_port()}/x"}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "DATABASE_URL": f"postgres://postgres@127.0.0.1:{free_port()}/x"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("503 ") and '"status": "down"' in proc.stdout
@@ -109,7 +104,7 @@ def test_rabbitmq_down_is_reported() -> None:
     from orchestrator_site import health
 
     check, failures = health.CHECKS["broker"]
-    with override_settings(CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}//"), pytest.raises(failures):
+    with override_settings(CELERY_BROKER_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}//"), pytest.raises(failures):
         check()
 
 
@@ -123,7 +118,7 @@ def test_health_body_shape_is_stable_for_monitors() -> None:
 
 @pytest.mark.django_db
 def test_down_body_names_only_the_failed_check() -> None:
-    with override_settings(REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0"):
+    with override_settings(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"):
         body = Client().get("/health").json()
     assert body["status"] == "unavailable"
     assert [name for name, c in body["checks"].items() if c["status"] == "down"] == ["redis"]

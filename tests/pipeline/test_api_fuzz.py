@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Fakes, TenantFixture
+from tests.conftest import Fakes, TenantFixture, WorkerProcess
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -34,7 +33,7 @@ bodies = (
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(body=bodies)
-def test_arbitrary_json_never_gets_a_5xx(owner: TenantFixture, realtime_worker: subprocess.Popen[bytes], fakes: Fakes, body: object) -> None:
+def test_arbitrary_json_never_gets_a_5xx(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes, body: object) -> None:
     resp = owner.client.generic("POST", "/api/v1/infer", json.dumps(body), content_type="application/json")
     assert resp.status_code < 500, (body, resp.content)
     payload = resp.json()

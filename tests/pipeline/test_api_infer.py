@@ -3,14 +3,13 @@ worker process runs the five stages, the result comes back over the token bus.""
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 
 from pipeline.config import get_config, set_config
 from pipeline.tokenbus import get_bus
-from tests.conftest import Fakes, TenantFixture
+from tests.conftest import Fakes, TenantFixture, WorkerProcess
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -19,7 +18,7 @@ STAGES = ["rag", "assemble", "inference", "post", "stream"]
 
 
 @pytest.fixture(autouse=True)
-def _worker(realtime_worker: subprocess.Popen[bytes], fakes: Fakes) -> None:
+def _worker(realtime_worker: WorkerProcess, fakes: Fakes) -> None:
     """Every test here runs against the real worker process and the fakes."""
 
 
@@ -28,7 +27,7 @@ def infer(tenant: TenantFixture, **body: object) -> tuple[int, dict]:
     return resp.status_code, resp.json()
 
 
-def test_echo_completion_with_all_five_timings(owner: TenantFixture, realtime_worker: subprocess.Popen[bytes]) -> None:
+def test_echo_completion_with_all_five_timings(owner: TenantFixture, realtime_worker: WorkerProcess) -> None:
     status, body = infer(owner, prompt="hello there world")
     assert status == 200, body
     assert set(body) == {"request_id", "session_id", "status", "text", "worker", "model", "finish_reason", "usage", "timings_us"}

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import httpx
 import pytest
 
 from pipeline.auth import api_key_revoke
 from pipeline.tokenbus import get_bus
-from tests.conftest import Fakes, TenantFixture
+from tests.conftest import Fakes, TenantFixture, WorkerProcess
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
-def _worker(realtime_worker: subprocess.Popen[bytes], fakes: Fakes) -> None:
+def _worker(realtime_worker: WorkerProcess, fakes: Fakes) -> None:
     """Every test here runs against the real worker process and the fakes."""
 
 

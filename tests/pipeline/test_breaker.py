@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pipeline.config import BreakerConfig, PipelineSettings, WorkerConfig, load_
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
-from tests.conftest import Fakes, TenantFixture
+from tests.conftest import Fakes, TenantFixture, WorkerProcess
 
 
 @pytest.fixture
@@ -144,7 +143,7 @@ def test_outcomes_are_recorded_by_kind(clean_breakers: None, monkeypatch: pytest
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 def test_end_to_end_failures_open_the_circuit_and_the_fallback_answers(
-    owner: TenantFixture, realtime_worker: subprocess.Popen[bytes], fakes: Fakes, clean_breakers: None
+    owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes, clean_breakers: None
 ) -> None:
     fakes.openai.mode = "503"
     for _ in range(2):
@@ -157,9 +156,7 @@ def test_end_to_end_failures_open_the_circuit_and_the_fallback_answers(
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
-def test_end_to_end_without_a_fallback_it_fails_fast(
-    owner: TenantFixture, realtime_worker: subprocess.Popen[bytes], fakes: Fakes, clean_breakers: None
-) -> None:
+def test_end_to_end_without_a_fallback_it_fails_fast(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes, clean_breakers: None) -> None:
     fakes.openai.mode = "500"
     assert owner.client.post("/api/v1/infer", {"prompt": "hi", "worker": "flaky_alone"}, format="json").status_code == 503
     calls = len(fakes.openai.requests)

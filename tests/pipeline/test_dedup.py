@@ -4,7 +4,6 @@ are served again within the window; errors are never shared."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 import uuid
@@ -19,7 +18,7 @@ from pipeline.config import DedupConfig, PipelineSettings, get_config, set_confi
 from pipeline.resilience.dedup import DedupStore, dedup_key
 from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
-from tests.conftest import Fakes, TenantFixture
+from tests.conftest import Fakes, TenantFixture, WorkerProcess
 
 
 @pytest.fixture
@@ -149,7 +148,7 @@ def test_tenants_never_share_answers(owner: TenantFixture, outsider: TenantFixtu
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 def test_identical_concurrent_requests_make_one_upstream_call(
-    owner: TenantFixture, realtime_worker: subprocess.Popen[bytes], fakes: Fakes, dedup_on: PipelineSettings
+    owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes, dedup_on: PipelineSettings
 ) -> None:
     from tests.orchestrator_site.test_gateway import SlowReplies
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +13,7 @@ from pipeline.config import PipelineSettings, RetryConfig, WorkerConfig
 from pipeline.resilience.backoff import BackoffPolicy
 from pipeline.resilience.retry import RetryingWorker
 from pipeline.routing import WorkerPool
-from tests.conftest import Fakes, TenantFixture
+from tests.conftest import Fakes, TenantFixture, WorkerProcess
 from tests.fakes.openai import FakeOpenAI
 from workers.base import WorkerSettings
 from workers.openai import OpenAIWorker
@@ -152,7 +151,7 @@ def test_against_the_fake_a_503_storm_then_recovery() -> None:
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
-def test_through_the_pipeline_a_retried_request_succeeds(owner: TenantFixture, realtime_worker: subprocess.Popen[bytes], fakes: Fakes) -> None:
+def test_through_the_pipeline_a_retried_request_succeeds(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes) -> None:
     fakes.openai.fail_times, fakes.openai.fail_mode, fakes.openai.retry_after = 2, "429", "0"
     resp = owner.client.post("/api/v1/infer", {"prompt": "hi", "worker": "openai_retry"}, format="json")
     assert resp.status_code == 200 and resp.json()["text"] == "Hello, world!"
@@ -161,7 +160,7 @@ def test_through_the_pipeline_a_retried_request_succeeds(owner: TenantFixture, r
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
-def test_through_the_pipeline_retries_run_out(owner: TenantFixture, realtime_worker: subprocess.Popen[bytes], fakes: Fakes) -> None:
+def test_through_the_pipeline_retries_run_out(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes) -> None:
     fakes.openai.fail_times, fakes.openai.fail_mode, fakes.openai.retry_after = 5, "503", "0"
     resp = owner.client.post("/api/v1/infer", {"prompt": "hi", "worker": "openai_retry"}, format="json")
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "worker_unavailable"

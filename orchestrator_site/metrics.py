@@ -1,0 +1,165 @@
+"""Prometheus exposition: ``GET /metrics`` on the gateway, and a port on each Celery
+worker (``WORKER_METRICS_PORT``).
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set before a process starts, prometheus_client
+keeps every process's values in files there, and an exposition aggregates all
+the processes that share the directory: under ``make run`` one directory holds
+the gateway's and the workers' metrics, so the gateway's ``/metrics`` shows the
+whole host. In containers each process group has its own directory and port
+(``docker/compose.yml``). Without it, each process exposes its own values.
+
+Besides the recorded metrics (``pipeline.metrics``), a scrape computes:
+
+- ``orchestrator_dedup_hit_ratio``: hits / (hits + misses) of the aggregated
+  ``orchestrator_dedup_requests_total``;
+- ``orchestrator_circuit_breaker_state{worker}`` (0 closed, 1 half-open, 2 open),
+  read from Redis, where the breakers live;
+- ``orchestrator_queue_depth{queue}``, read from the broker;
+- ``orchestrator_realtime_inflight``, the admitted real-time requests, from Redis;
+- ``orchestrator_metrics_source_up{source}``: 0 when Redis or the broker could
+  not be read (their gauges are then missing from this scrape, not zero).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import structlog
+from amqp.exceptions import ChannelError as AmqpChannelError
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_GET
+from kombu import Connection
+from kombu.exceptions import ChannelError, OperationalError
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest, multiprocess, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator_site.errors import ServiceUnavailable
+
+log = structlog.get_logger("orchestrator_site.metrics")
+SOURCE_TIMEOUT_S = 2.0  # a scrape never waits longer than this on Redis or the broker
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def _source() -> Collector:
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
+    return REGISTRY
+
+
+class Derived(Collector):
+    """The recorded metrics, followed by the gauges derived from them."""
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        counts = {"hit": 0.0, "miss": 0.0}
+        for family in self._source.collect():
+            if family.name == "orchestrator_dedup_requests":
+                for sample in family.samples:
+                    if sample.name.endswith("_total") and sample.labels.get("outcome") in counts:
+                        counts[sample.labels["outcome"]] += sample.value
+            yield family
+        checked = counts["hit"] + counts["miss"]
+        yield GaugeMetricFamily(
+            "orchestrator_dedup_hit_ratio",
+            "Share of deduplication checks answered by an identical request (0 before any check).",
+            value=counts["hit"] / checked if checked else 0.0,
+        )
+
+
+class Live(Collector):
+    """Gauges whose truth is in Redis or the broker, read at scrape time."""
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("orchestrator_metrics_source_up", "Whether this scrape could read a source (redis, broker).", labels=["source"])
+        redis_families = _guarded(_redis_families, "redis")
+        up.add_metric(["redis"], 0 if redis_families is None else 1)
+        broker_families = _guarded(_broker_families, "broker")
+        up.add_metric(["broker"], 0 if broker_families is None else 1)
+        yield from redis_families or ()
+        yield from broker_families or ()
+        yield up
+
+
+def _guarded(read: Any, source: str) -> list[GaugeMetricFamily] | None:
+    try:
+        return list(read())
+    except (ServiceUnavailable, OperationalError, ChannelError, AmqpChannelError, OSError) as exc:
+        log.warning("metrics_source_down", source=source, outcome="degraded", error_type=type(exc).__name__)
+        return None
+
+
+def _redis_families() -> Iterable[GaugeMetricFamily]:
+    from pipeline.config import get_config
+    from pipeline.resilience.breaker import read_states
+    from pipeline.services import admission
+    from pipeline.tokenbus import get_bus
+
+    bus = get_bus()
+    states = read_states(bus.client, prefix=bus.prefix, workers=sorted(get_config().workers))
+    breaker = GaugeMetricFamily("orchestrator_circuit_breaker_state", "Circuit breaker per worker: 0 closed, 1 half-open, 2 open.", labels=["worker"])
+    for worker, state in states.items():
+        breaker.add_metric([worker], int(state))
+    inflight = GaugeMetricFamily("orchestrator_realtime_inflight", "Real-time requests admitted and not yet finished, all tenants.")
+    inflight.add_metric([], admission().in_flight())
+    return (breaker, inflight)
+
+
+def _broker_families() -> Iterable[GaugeMetricFamily]:
+    from pipeline.queues import Queue
+
+    depth = GaugeMetricFamily("orchestrator_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
+    options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "socket_timeout": SOURCE_TIMEOUT_S}
+    with Connection(settings.CELERY_BROKER_URL, connect_timeout=SOURCE_TIMEOUT_S, transport_options=options) as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=int(SOURCE_TIMEOUT_S))
+        for queue in Queue:
+            depth.add_metric([queue.value], _queue_size(conn, queue.value))
+    return (depth,)
+
+
+def _queue_size(conn: Any, name: str) -> int:
+    # On Redis a declaration only counts the list (kombu's passive check misses lists
+    # under a global key prefix); on AMQP it must be passive, so that the scrape never
+    # declares a queue with arguments other than the workers'.
+    passive = conn.transport.driver_type != "redis"
+    channel = conn.channel()
+    try:
+        return int(channel.queue_declare(queue=name, passive=passive).message_count)
+    except (ChannelError, AmqpChannelError):
+        return 0  # not declared yet: nothing waits
+    finally:
+        channel.close()
+
+
+def exposition_registry() -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Derived(_source()))
+    registry.register(Live())
+    return registry
+
+
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse(generate_latest(exposition_registry()), content_type=CONTENT_TYPE_LATEST)
+
+
+def serve_worker_metrics(port: int, addr: str) -> None:
+    """The Celery worker's own exposition (``WORKER_METRICS_PORT``)."""
+    start_http_server(port, addr=addr, registry=exposition_registry())
+    log.info("metrics_serving", port=port, addr=addr, outcome="ok")
+
+
+def mark_process_dead(pid: int) -> None:
+    """A prefork child's live gauges leave with it (multiprocess mode only)."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)

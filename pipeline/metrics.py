@@ -1,0 +1,107 @@
+"""The Prometheus metrics the pipeline records. Every name starts with ``orchestrator_``.
+
+Recorded where the event happens (gateway or Celery worker process). With
+``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client keeps the values in files
+that ``orchestrator_site.metrics`` aggregates across the processes of a host.
+
+Gauges whose truth lives in Redis or the broker (circuit-breaker state, queue
+depth, requests in flight) and the derived dedup hit ratio are not here: they
+are computed when scraped, in ``orchestrator_site.metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import Counter, Histogram
+
+# From half a millisecond (an in-memory stage) to a minute (a long generation).
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+STAGE_DURATION = Histogram(
+    "orchestrator_stage_duration_seconds",
+    "Time spent in one pipeline stage.",
+    ["stage", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+WORKER_LATENCY = Histogram(
+    "orchestrator_worker_latency_seconds",
+    "Time of one model-worker call, retries included.",
+    ["worker", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+WORKER_RETRIES = Histogram(
+    "orchestrator_worker_retries",
+    "Retries one model-worker call needed (0: the first attempt answered).",
+    ["worker"],
+    buckets=(0, 1, 2, 3, 5, 8),
+)
+PIPELINE_REQUESTS = Counter(
+    "orchestrator_pipeline_requests",
+    "Real-time requests run by a Celery worker, by outcome (ok or the error code).",
+    ["worker", "outcome"],
+)
+DEDUP_REQUESTS = Counter(
+    "orchestrator_dedup_requests",
+    "Requests checked against the deduplication window: hit (answered by an identical request) or miss.",
+    ["outcome"],
+)
+REQUESTS_SHED = Counter(
+    "orchestrator_requests_shed",
+    "Real-time requests refused with 503 because the queue was full, by scope (tenant or global).",
+    ["scope"],
+)
+RATE_LIMITED = Counter(
+    "orchestrator_rate_limited",
+    "Requests refused with 429 by a tenant's rate limit, by kind.",
+    ["kind"],
+)
+TTFT = Histogram(
+    "orchestrator_ttft_seconds",
+    "Time from the gateway accepting a request to its first token on the token bus.",
+    ["worker"],
+    buckets=LATENCY_BUCKETS,
+)
+STREAM_DURATION = Histogram(
+    "orchestrator_stream_duration_seconds",
+    "Time from a request's first token to the end of its stream.",
+    ["worker", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+STREAM_TOKENS = Counter(
+    "orchestrator_stream_tokens",
+    "Token chunks published to the token bus.",
+    ["worker"],
+)
+
+
+class StreamClock:
+    """A request's stream as the metrics see it: time to first token (from the
+    gateway's acceptance), tokens published, time from first token to the end,
+    and the outcome per worker."""
+
+    def __init__(self, worker: str, *, accepted_at: float | None) -> None:
+        self.worker = worker
+        self.tokens = 0
+        self._accepted_at = accepted_at
+        self._first_at: float | None = None
+
+    def token(self) -> None:
+        if self.tokens == 0:
+            self._first_at = time.time()
+            if self._accepted_at is not None:
+                TTFT.labels(self.worker).observe(max(0.0, self._first_at - self._accepted_at))
+        self.tokens += 1
+        STREAM_TOKENS.labels(self.worker).inc()
+
+    def finished(self, outcome: str) -> None:
+        PIPELINE_REQUESTS.labels(self.worker, outcome).inc()
+        if self._first_at is not None:
+            STREAM_DURATION.labels(self.worker, outcome).observe(time.time() - self._first_at)
+
+
+def parse_time(raw: str | None) -> float | None:
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        return None
