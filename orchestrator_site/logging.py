@@ -73,6 +73,8 @@ def configure_logging(*, level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Python warnings (Celery's, Django's) become log lines in the same format.
+    logging.captureWarnings(True)
     # httpx logs every request at INFO with the full URL; keep it for debugging only.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     key = setup()
     port = free_port()
     procs = [
-        start([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"]),
+        start([sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"]),
         start(
             [
                 sys.executable,

@@ -61,6 +61,11 @@ if [[ -z "${PIPELINE_CONFIG:-}" && ! -f pipeline.toml ]]; then
     } >"$PIPELINE_CONFIG"
 fi
 
+# Every process of this host keeps its metrics here; the gateway's /metrics shows them
+# all. Emptied at each start, as prometheus_client's multiprocess mode requires.
+export PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/metrics"
+rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+
 "$PY" scripts/ensure_database.py
 "$PY" manage.py migrate --no-input -v 0
 KEY="$("$PY" manage.py create_tenant demo --reuse --key-name make-run)"
@@ -68,7 +73,7 @@ KEY="$("$PY" manage.py create_tenant demo --reuse --key-name make-run)"
 if [[ "$LOCAL_MODEL" == 1 && -n "$MODEL" && -x "$BIN/llama-server-vulkan" ]]; then
     start llama "$BIN/llama-server-vulkan" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -t 1 -np 1 -c 2048
 fi
-start gateway "$BIN/daphne" -b 127.0.0.1 -p "$GATEWAY_PORT" orchestrator_site.asgi:application
+start gateway "$BIN/daphne" -v 0 -b 127.0.0.1 -p "$GATEWAY_PORT" orchestrator_site.asgi:application
 start worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%h" --without-gossip --without-mingle
 start worker-batch "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%h" --without-gossip --without-mingle
 start beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"
@@ -83,7 +88,7 @@ cat <<INFO
 
 prompt-orchestrator is running (logs in .run/*.log; Ctrl-C stops everything)
 
-  gateway   http://127.0.0.1:$GATEWAY_PORT          health: /health
+  gateway   http://127.0.0.1:$GATEWAY_PORT          health: /health   metrics: /metrics (every process)
   API docs  http://127.0.0.1:$GATEWAY_PORT/api/v1/docs/
   admin     http://127.0.0.1:$GATEWAY_PORT/admin/   (manage.py createsuperuser)
   Flower    http://127.0.0.1:$FLOWER_PORT

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from rest_framework.test import APIClient
@@ -198,37 +199,31 @@ def _database_url() -> str:
     return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
-def start_celery_worker(queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    from orchestrator_site.celery import app
+def _control_app(env: dict[str, str]) -> Any:
+    """A Celery app on the broker (and key prefix) of ``env``, to ping a worker there.
+    Celery's broker_url always follows this process's CELERY_BROKER_URL; the read and
+    write URLs do not."""
+    from celery import Celery
 
+    url, prefix = env["CELERY_BROKER_URL"], env.get("CELERY_BROKER_KEY_PREFIX", "")
+    probe = Celery("probe", set_as_current=False)
+    probe.conf.update(broker_read_url=url, broker_write_url=url, broker_transport_options={"global_keyprefix": prefix} if prefix else {})
+    return probe
+
+
+def start_celery_worker(queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int = 8) -> subprocess.Popen[bytes]:
+    """A real Celery worker process, returned once it answers a ping on its broker."""
     env = {**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "orchestrator_site",
-        "worker",
-        "-Q",
-        queues,
-        "-P",
-        "threads",
-        "-c",
-        "8",
-        "-n",
-        name,
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        "WARNING",
-    ]
+    control = _control_app(env)
+    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "worker", "-Q", queues, "-P", "threads", "-c", str(concurrency)]
+    cmd += ["-n", name, "--without-gossip", "--without-mingle", "--loglevel", env.get("LOG_LEVEL", "WARNING")]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"celery worker exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        if app.control.ping(destination=[name], timeout=0.5):
+        if control.control.ping(destination=[name], timeout=0.5):
             return proc
     proc.kill()
     raise RuntimeError(f"celery worker did not become ready: {log_path.read_text()[-2000:]}")
@@ -277,7 +272,7 @@ def start_gateway(log: Path, extra_env: dict[str, str] | None = None) -> tuple[s
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"],
+            [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})},
             stdout=out,

@@ -12,7 +12,8 @@ from pipeline.queues import Queue
 from tests.conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())
-SETTINGS_SOURCE = (ROOT / "orchestrator_site" / "settings.py").read_text()
+# The environment is read in settings.py, and by telemetry.py (OTEL_*) and metrics.py.
+SETTINGS_SOURCE = "".join((ROOT / "orchestrator_site" / name).read_text() for name in ("settings.py", "telemetry.py", "metrics.py"))
 
 
 def app_services() -> dict[str, dict]:
@@ -44,7 +45,7 @@ def test_commands_point_at_real_modules_and_queues() -> None:
 
 
 def test_environment_variables_are_ones_the_settings_read() -> None:
-    env = app_services()["gateway"]["environment"]
+    env = {**app_services()["gateway"]["environment"], **app_services()["worker-realtime"]["environment"]}
     for name in env:
         assert re.search(rf'"{name}"', SETTINGS_SOURCE), name
     assert env["ORCHESTRATOR_ENV"] == "production" and env["DJANGO_SECRET_KEY"].startswith("${DJANGO_SECRET_KEY:?")

@@ -28,7 +28,7 @@ def group_alive(pgid: int) -> bool:
 
 def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
     gateway, flower, llama = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_CONFIG", "DJANGO_SETTINGS_MODULE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_CONFIG", "DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR")}
     env.update(
         GATEWAY_PORT=str(gateway),
         FLOWER_PORT=str(flower),
@@ -57,6 +57,10 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         resp = httpx.post(f"{base}/api/v1/infer", json={"prompt": "Hello from the README"}, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert resp.status_code == 200, resp.text
         assert list(resp.json()["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
+        # The gateway's /metrics shows what the realtime worker (another process) recorded.
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert re.search(r'^orchestrator_pipeline_requests_total\{outcome="ok",worker="echo"\} [1-9]', metrics, re.MULTILINE), metrics[-3000:]
+        assert (tmp_path / "metrics").is_dir()
 
         if "local" in text.split("workers", 1)[1].splitlines()[0]:
             local = httpx.post(

@@ -1,0 +1,52 @@
+"""The gateway's access log: one structured line per HTTP request, in the same
+JSON (or console) format as every other line (Daphne's own access log is off)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from inspect import iscoroutinefunction
+
+import structlog
+from django.http import HttpRequest, HttpResponseBase
+from django.utils.decorators import sync_and_async_middleware
+
+LOGGER = "orchestrator_site.access"
+log = structlog.get_logger(LOGGER)
+_stdlib = logging.getLogger(LOGGER)
+
+
+def _record(request: HttpRequest, response: HttpResponseBase, started_ns: int) -> None:
+    if not _stdlib.isEnabledFor(logging.INFO):
+        return  # the line would be dropped: skip building it
+    # The path only: a query string may carry anything, and is not logged.
+    log.info(
+        "http_request",
+        method=request.method,
+        path=request.path,
+        status=response.status_code,
+        duration_us=(time.perf_counter_ns() - started_ns) // 1000,
+        outcome="ok" if response.status_code < 500 else "error",
+    )
+
+
+@sync_and_async_middleware
+def access_log(get_response: Callable[[HttpRequest], HttpResponseBase | Awaitable[HttpResponseBase]]) -> Callable[[HttpRequest], object]:
+    if iscoroutinefunction(get_response):
+
+        async def async_middleware(request: HttpRequest) -> HttpResponseBase:
+            started = time.perf_counter_ns()
+            response = await get_response(request)
+            _record(request, response, started)
+            return response
+
+        return async_middleware
+
+    def middleware(request: HttpRequest) -> HttpResponseBase:
+        started = time.perf_counter_ns()
+        response = get_response(request)
+        _record(request, response, started)  # type: ignore[arg-type]
+        return response  # type: ignore[return-value]
+
+    return middleware
