@@ -53,39 +53,36 @@ class RetryingWorker:
 
     def infer(self, prompt: AssembledPrompt) -> Completion:
         attempt = 0
-        while True:
-            try:
-                completion = self.inner.infer(prompt)
-            except TransientWorkerError as exc:
-                delay = self._next_delay(attempt, exc)
-                if delay is None:
-                    self._retried(attempt)
-                    raise
-            else:
-                self._retried(attempt)
-                return completion
-            self._sleep(delay)
-            attempt += 1
+        try:
+            while True:
+                try:
+                    return self.inner.infer(prompt)
+                except TransientWorkerError as exc:
+                    delay = self._next_delay(attempt, exc)
+                    if delay is None:
+                        raise
+                self._sleep(delay)
+                attempt += 1
+        finally:
+            self._retried(attempt)
 
     async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
         attempt = 0
-        while True:
-            started = False
-            try:
-                async for chunk in self.inner.infer_stream(prompt):
-                    if not started:
+        try:
+            while True:
+                started = False
+                try:
+                    async for chunk in self.inner.infer_stream(prompt):
                         started = True
-                        self._retried(attempt)
-                    yield chunk
-                if not started:
-                    self._retried(attempt)
-                return
-            except TransientWorkerError as exc:
-                if started:
-                    raise  # a token has reached the client: never replay the reply
-                delay = self._next_delay(attempt, exc)
-                if delay is None:
-                    self._retried(attempt)
-                    raise
-            await self._asleep(delay)
-            attempt += 1
+                        yield chunk
+                    return
+                except TransientWorkerError as exc:
+                    if started:
+                        raise  # a token has reached the client: never replay the reply
+                    delay = self._next_delay(attempt, exc)
+                    if delay is None:
+                        raise
+                await self._asleep(delay)
+                attempt += 1
+        finally:
+            self._retried(attempt)  # however the call ended: answered, failed, or closed by its reader
