@@ -5,6 +5,7 @@ worker histograms on success and failure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import replace
 
@@ -32,10 +33,10 @@ class Delta:
 
     def __init__(self, *series: tuple[str, dict[str, str]]) -> None:
         self.series = series
-        self.before = [sample(n, **l) for n, l in series]
+        self.before = [sample(name, **labels) for name, labels in series]
 
     def __call__(self) -> list[float]:
-        return [sample(n, **l) - b for (n, l), b in zip(self.series, self.before, strict=True)]
+        return [sample(name, **labels) - b for (name, labels), b in zip(self.series, self.before, strict=True)]
 
 
 def test_the_first_token_sets_ttft_once_and_every_token_is_counted() -> None:
@@ -95,10 +96,8 @@ def retries(worker: str = "scripted") -> Delta:
 def test_every_call_observes_its_retries_once(errors: tuple[Exception, ...], expected: list[float]) -> None:
     delta = retries()
     worker = retrying(Scripted(*errors), [])
-    try:
+    with contextlib.suppress(WorkerConnectionError, WorkerAuthError):
         worker.infer(PROMPT)
-    except (WorkerConnectionError, WorkerAuthError):
-        pass
     assert delta() == expected
 
 
