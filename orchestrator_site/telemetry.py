@@ -31,6 +31,7 @@ class _State:
 
 
 _state = _State()
+_OFF = contextlib.nullcontext()  # stateless, so one instance serves every span of every thread
 _lock = threading.Lock()
 
 
@@ -94,7 +95,7 @@ def enabled() -> bool:
 def span(name: str, attributes: Mapping[str, AttributeValue]) -> contextlib.AbstractContextManager[Any]:
     """A child span of the current one, or nothing when tracing is off."""
     if not _state.enabled:
-        return contextlib.nullcontext()
+        return _OFF
     return _state.tracer.start_as_current_span(name, attributes=attributes)
 
 

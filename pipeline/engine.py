@@ -10,7 +10,6 @@ import structlog
 
 from orchestrator_site import telemetry
 from orchestrator_site.errors import OrchestratorError
-from pipeline import metrics
 from pipeline.config import PipelineSettings
 from pipeline.stages.assemble import assemble
 from pipeline.stages.context import StageContext
@@ -51,8 +50,15 @@ STAGE_TABLE: tuple[tuple[str, Stage], ...] = (
 )
 
 
-def run_pipeline(request: PromptRequest, deps: PipelineDeps) -> tuple[StageContext, PipelineResult]:
+StageTiming = tuple[str, str, int]  # stage, outcome, elapsed nanoseconds
+
+
+def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[StageTiming] | None = None) -> tuple[StageContext, PipelineResult]:
+    """Run the five stages. Each stage's timing and outcome is appended to ``observed``,
+    for the caller to record as metrics once the request is answered (off its latency)."""
     ctx = StageContext(request=request)
+    if observed is None:
+        observed = []
     timings: dict[str, int] = {}
     bound = log.bind(request_id=request.request_id, session_id=request.session_id, tenant_id=request.tenant_id, worker=request.worker)
     attributes = {"request_id": request.request_id, "worker": request.worker, "model": request.model}
@@ -62,13 +68,13 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps) -> tuple[StageConte
             try:
                 ctx = stage(ctx, deps)
             except OrchestratorError as exc:
-                _observe(name, request.worker, time.perf_counter_ns() - started, exc.code)
+                observed.append((name, exc.code, time.perf_counter_ns() - started))
                 bound.warning("stage", stage=name, duration_us=(time.perf_counter_ns() - started) // 1000, outcome="error", error_code=exc.code)
                 raise
             elapsed = time.perf_counter_ns() - started
             timings[name] = elapsed // 1000
             outcome = ctx.rag_outcome if name == "rag" else "ok"
-            _observe(name, request.worker, elapsed, outcome)
+            observed.append((name, outcome, elapsed))
             if name == "inference" and ctx.completion:
                 telemetry.annotate(tokens=ctx.completion.usage.total_tokens, model=ctx.completion.model)
         bound.info("stage", stage=name, duration_us=timings[name], outcome=outcome)
@@ -84,10 +90,3 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps) -> tuple[StageConte
         timings_us=timings,
     )
     return ctx, result
-
-
-def _observe(stage: str, worker: str, elapsed_ns: int, outcome: str) -> None:
-    seconds = elapsed_ns / 1e9
-    metrics.STAGE_DURATION.labels(stage, outcome).observe(seconds)
-    if stage == "inference":  # the stage is the worker call
-        metrics.WORKER_LATENCY.labels(worker, outcome).observe(seconds)

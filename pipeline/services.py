@@ -306,7 +306,7 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
         worker=worker_pool.get(config, request.worker),
         publish=publish,
     )
-    _ctx, result = run_pipeline(request, deps)
+    _ctx, result = run_pipeline(request, deps, clock.stages)
     session_turns_append(request=request, reply=result.text)
     return result
 

@@ -59,13 +59,41 @@ def build_cases() -> dict[str, tuple[Callable[[], object], int]]:
         f = build_filter(PostprocessConfig(stop=("###",)), ())
         return "".join(f.feed(p) for p in pieces) + f.finish()
 
-    return {
+    cases = {
         "rag.limit_context (50 docs)": (lambda: limit_context(many_docs, 6000), 2000),
         "assemble": (lambda: assemble(StageContext(request, documents=docs, history=history), config=AssembleConfig()), 2000),
         "post (2 KiB reply)": (lambda: postprocess(completion_ctx, config=PostprocessConfig()), 500),
         "post on a stream (7-char chunks)": (stream_filter, 30),
         "engine (5 stages, in memory)": (lambda: run_pipeline(request, deps), 300),
     }
+    traced = engine_traced(lambda: run_pipeline(request, deps))
+    if traced:
+        cases["engine, tracing on (SDK, no export)"] = (traced, 300)
+    return cases
+
+
+def engine_traced(engine: Callable[[], object]) -> Callable[[], object] | None:
+    """The engine with the OpenTelemetry SDK recording its spans (exported nowhere):
+    beside the plain engine case, what tracing costs when on, and that off it is
+    only a shared no-op context. None for a tree without tracing."""
+    try:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from orchestrator_site import telemetry
+    except ImportError:
+        return None
+    tracer = TracerProvider().get_tracer("bench")
+    state = telemetry._state
+
+    def run() -> object:
+        state.enabled, state.tracer, state.trace = True, tracer, trace
+        try:
+            return engine()
+        finally:
+            state.enabled = False
+
+    return run
 
 
 def run(rounds: int) -> dict[str, list[float]]:

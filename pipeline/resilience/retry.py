@@ -49,7 +49,7 @@ class RetryingWorker:
         return delay
 
     def _retried(self, attempt: int) -> None:
-        metrics.WORKER_RETRIES.labels(self.name).observe(attempt)
+        metrics.child(metrics.WORKER_RETRIES, self.name).observe(attempt)
 
     def infer(self, prompt: AssembledPrompt) -> Completion:
         attempt = 0

@@ -146,16 +146,21 @@ def deps(worker: object) -> PipelineDeps:
 REQUEST = PromptRequest(request_id="r-m", tenant_id="t", session_id="s", prompt="hello metrics", worker="echo", model="echo-1", max_tokens=8)
 
 
-def test_each_stage_is_timed_and_the_inference_is_the_worker_latency() -> None:
+def test_each_stage_is_timed_and_recorded_when_the_request_ends() -> None:
     stages = ("assemble", "inference", "post", "stream")
     delta = Delta(
         *[("orchestrator_stage_duration_seconds_count", {"stage": s, "outcome": "ok"}) for s in stages],
         ("orchestrator_worker_latency_seconds_count", {"worker": "echo", "outcome": "ok"}),
     )
-    _, result = run_pipeline(REQUEST, deps(EchoWorker(WorkerSettings(name="echo", kind="echo"))))
+    clock = metrics.StreamClock("echo", accepted_at=None)
+    _, result = run_pipeline(REQUEST, deps(EchoWorker(WorkerSettings(name="echo", kind="echo"))), clock.stages)
+    assert [stage for stage, _, _ in clock.stages] == ["rag", *stages]
+    assert all(ns >= 0 for _, _, ns in clock.stages) and clock.stages[0][1] == _rag_outcome()
+    assert delta() == [0, 0, 0, 0, 0]  # nothing is recorded while the request runs
+    clock.finished("ok")
     assert delta() == [1, 1, 1, 1, 1]
-    assert sample("orchestrator_stage_duration_seconds_count", stage="rag", outcome=_rag_outcome()) >= 1
     assert result.usage.total_tokens > 0
+    run_pipeline(REQUEST, deps(EchoWorker(WorkerSettings(name="echo", kind="echo"))))  # observing is optional
 
 
 def _rag_outcome() -> str:
@@ -172,6 +177,14 @@ def test_a_failing_stage_is_timed_under_its_error_code() -> None:
         ("orchestrator_worker_latency_seconds_count", {"worker": "slow", "outcome": "worker_timeout"}),
         ("orchestrator_stage_duration_seconds_count", {"stage": "post", "outcome": "ok"}),
     )
+    clock = metrics.StreamClock("slow", accepted_at=None)
     with pytest.raises(WorkerTimeout):
-        run_pipeline(request, deps(TimesOut()))
+        run_pipeline(request, deps(TimesOut()), clock.stages)
+    assert [(stage, outcome) for stage, outcome, _ in clock.stages][-1] == ("inference", "worker_timeout")
+    clock.finished("worker_timeout")
     assert delta() == [1, 1, 0]  # the stages after it never ran
+
+
+def test_label_children_are_cached() -> None:
+    assert metrics.child(metrics.TTFT, "cached") is metrics.child(metrics.TTFT, "cached")
+    assert metrics.child(metrics.TTFT, "cached") is not metrics.child(metrics.TTFT, "other")
