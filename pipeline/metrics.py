@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # From half a millisecond (an in-memory stage) to a minute (a long generation).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -75,6 +75,12 @@ STREAM_TOKENS = Counter(
     ["worker"],
 )
 
+DEGRADED = Gauge(
+    "orchestrator_degraded",
+    "1 while a process runs on its own copy of shared state because the component (redis) is down.",
+    ["component"],
+    multiprocess_mode="livemax",  # any live process degraded: the host is
+)
 
 _children: dict[tuple[object, ...], Any] = {}
 

@@ -9,9 +9,10 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import structlog
+from asgiref.sync import sync_to_async
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from kombu.exceptions import OperationalError as KombuOperationalError
@@ -36,6 +37,7 @@ from pipeline.models import Document, SessionTurn, Tenant
 from pipeline.resilience.admission import Admission
 from pipeline.resilience.breaker import BreakerPolicy, CircuitBreaker
 from pipeline.resilience.dedup import DedupStore, dedup_key
+from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, LocalRateLimiter, WithFallback, shared_state
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
@@ -65,25 +67,30 @@ def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: Pipe
     )
 
 
+# This process's copies of the shared state, used while Redis is down (resilience.local).
+_local_limiter = LocalRateLimiter()
+_local_admission = LocalAdmission(max_global=0, max_per_tenant=0, lease_s=0)
+_local_dedup = LocalDedup()
+
+
 def admission(config: PipelineSettings | None = None) -> Admission:
-    """The real-time queue's bounds, shared by every gateway process through Redis."""
+    """The real-time queue's bounds, shared by every gateway process through Redis
+    (this process's own count while Redis is down)."""
     limits = (config or get_config()).limits
-    return Admission(
-        get_bus().client,
-        prefix=get_bus().prefix,
-        max_global=limits.max_inflight_global,
-        max_per_tenant=limits.max_inflight_per_tenant,
-        # A slot whose release never came (a killed worker) frees itself after the
-        # longest a request can live: the gateway's wait or the task's hard limit.
-        lease_s=max(limits.request_timeout_s, 180.0) + 30.0,
-    )
+    # A slot whose release never came (a killed worker) frees itself after the
+    # longest a request can live: the gateway's wait or the task's hard limit.
+    lease_s = max(limits.request_timeout_s, 180.0) + 30.0
+    max_global, max_per_tenant = limits.max_inflight_global, limits.max_inflight_per_tenant
+    shared = Admission(get_bus().client, prefix=get_bus().prefix, max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)
+    return cast(Admission, WithFallback(shared, _local_admission.configure(max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)))
 
 
 @dataclasses.dataclass(frozen=True)
 class Started:
     """How a request was answered at the gateway: ``submitted`` (a task runs it),
-    ``attached`` (an identical request in flight will answer it) or ``cached``
-    (an identical request answered within the deduplication window)."""
+    ``attached`` (an identical request in flight will answer it), ``cached``
+    (an identical request answered within the deduplication window) or
+    ``inline`` (Redis is down: this process must run it, see ``infer_inline``)."""
 
     how: str
     request_id: str  # the request whose stream carries the answer
@@ -91,7 +98,8 @@ class Started:
 
 
 def dedup_store(config: PipelineSettings) -> DedupStore:
-    return DedupStore(get_bus().client, prefix=get_bus().prefix, window_s=config.dedup.window_s, max_entries=config.dedup.max_entries)
+    window = {"window_s": config.dedup.window_s, "max_entries": config.dedup.max_entries}
+    return cast(DedupStore, WithFallback(DedupStore(get_bus().client, prefix=get_bus().prefix, **window), _local_dedup.configure(**window)))
 
 
 def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> Started:
@@ -99,8 +107,7 @@ def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> 
     are not counted against the tenant's rate limits."""
     config = get_config()
     if not config.dedup.enabled:
-        infer_submit(request=request, rates=rates)
-        return Started("submitted", request.request_id)
+        return Started("submitted" if infer_submit(request=request, rates=rates) else "inline", request.request_id)
     store = dedup_store(config)
     key = dedup_key(request)
     kind, value = store.claim(key, request.request_id)
@@ -113,15 +120,15 @@ def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> 
     if kind == "inflight":
         return Started("attached", value)
     try:
-        infer_submit(request=request, rates=rates)
+        submitted = infer_submit(request=request, rates=rates)
     except OrchestratorError:
         store.abandon(key, request.request_id)  # refused: whoever comes next must try for themselves
         raise
-    return Started("submitted", request.request_id)
+    return Started("submitted" if submitted else "inline", request.request_id)
 
 
 def rate_limiter() -> RateLimiter:
-    return RateLimiter(get_bus().client, prefix=get_bus().prefix)
+    return cast(RateLimiter, WithFallback(RateLimiter(get_bus().client, prefix=get_bus().prefix), _local_limiter))
 
 
 def tenant_rates(tenant: Tenant, config: PipelineSettings | None = None) -> TenantRates:
@@ -133,8 +140,10 @@ def tenant_rates(tenant: Tenant, config: PipelineSettings | None = None) -> Tena
     )
 
 
-def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) -> None:
-    """Rate-limit, admit (or shed), record as queued, put one task on ``realtime``."""
+def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) -> bool:
+    """Rate-limit, admit (or shed), record as queued, put one task on ``realtime``.
+    False when Redis is down: no worker's answer could reach the gateway, so the
+    request is to run here (``infer_inline``)."""
     from pipeline.tasks import run_realtime
 
     rates = rates or TenantRates()
@@ -158,8 +167,14 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
         raise Overloaded(
             f"the {verdict.scope} real-time queue is full ({limit} requests in flight)", data={"scope": verdict.scope, "limit": limit}, retry_after=1.0
         )
+    if not shared_state.available():
+        return False
     bus = get_bus()
-    bus.set_status(request.request_id, tenant_id=request.tenant_id, session_id=request.session_id, status="queued", created_at=f"{time.time():.6f}")
+    try:
+        bus.set_status(request.request_id, tenant_id=request.tenant_id, session_id=request.session_id, status="queued", created_at=f"{time.time():.6f}")
+    except ServiceUnavailable:
+        shared_state.failed("record the request status")
+        return False
     try:
         run_realtime.apply_async(args=(request.to_dict(),), retry=False)
     except KombuOperationalError as exc:
@@ -167,16 +182,52 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
         _record_failure(request, failure)
         gate.release(request.tenant_id, request.request_id)
         raise failure from exc
+    return True
 
 
 async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineResult:
-    """The result, read from the request's token stream (never a Celery result backend)."""
-    async for event in get_bus().events(request.request_id, timeout_s=timeout_s):
+    """The result, read from the request's token stream (never a Celery result backend).
+    If Redis goes away meanwhile, the request is run here instead: an accepted
+    request is answered (its worker's answer, if any, had nowhere to go)."""
+    events = get_bus().events(request.request_id, timeout_s=timeout_s)
+    while True:
+        try:
+            event = await anext(events)
+        except StopAsyncIteration:
+            break
+        except ServiceUnavailable:
+            shared_state.failed("wait for the result")
+            return await sync_to_async(infer_inline, thread_sensitive=False)(request=request)
         if event.type == "done":
             return PipelineResult.from_dict(event.data)
         if event.type == "error":
             raise OrchestratorError.from_dict(event.data)
     raise RequestTimeout(f"no result within {timeout_s:g}s; poll GET /api/v1/status/{request.request_id}", data={"request_id": request.request_id})
+
+
+def infer_inline(*, request: PromptRequest) -> PipelineResult:
+    """Run the request in this (gateway) process, and return the answer instead of
+    publishing it. Used while Redis is down: neither the queue nor the token bus
+    could carry it, so limits, breaker and deduplication work on this process's
+    own state (``resilience.local``)."""
+    config = get_config()
+    key = dedup_key(request) if config.dedup.enabled else None
+    clock = metrics.StreamClock(request.worker, accepted_at=time.time())
+    log.warning("request_run_inline", request_id=request.request_id, session_id=request.session_id, outcome="degraded", reason="redis unavailable")
+    try:
+        result = _execute(request, config, clock, on_bus=False)
+    except OrchestratorError as exc:
+        clock.finished(exc.code)
+        if key:
+            dedup_store(config).abandon(key, request.request_id)
+        raise
+    finally:
+        _release_slot(request)
+    clock.finished("ok")
+    if key:
+        dedup_store(config).complete(key, json.dumps(result.to_dict()))
+    rate_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
+    return result
 
 
 def realtime_execute(payload: Mapping[str, Any]) -> None:
@@ -236,11 +287,9 @@ def _run_and_answer(request: PromptRequest) -> None:
 
 
 def _release_slot(request: PromptRequest) -> None:
-    try:
-        admission().release(request.tenant_id, request.request_id)
-    except ServiceUnavailable:
-        # The slot's lease expires on its own; it is only held longer.
-        log.warning("admission_release_failed", request_id=request.request_id, outcome="degraded")
+    # With Redis down, released from this process's count; the shared slot's lease
+    # expires on its own.
+    admission().release(request.tenant_id, request.request_id)
 
 
 def _parse_payload(payload: object) -> PromptRequest | None:
@@ -255,7 +304,8 @@ def _parse_payload(payload: object) -> PromptRequest | None:
 def breaker_for(config: PipelineSettings, worker: str) -> CircuitBreaker:
     settings = config.workers[worker].breaker
     policy = BreakerPolicy(failure_threshold=settings.failure_threshold, open_s=settings.open_s, half_open_trials=settings.half_open_trials)
-    return CircuitBreaker(get_bus().client, prefix=get_bus().prefix, worker=worker, policy=policy)
+    shared = CircuitBreaker(get_bus().client, prefix=get_bus().prefix, worker=worker, policy=policy)
+    return cast(CircuitBreaker, WithFallback(shared, LocalBreaker(worker=worker, policy=policy)))
 
 
 def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings) -> PromptRequest:
@@ -275,13 +325,13 @@ def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings
     )
 
 
-def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock | None = None) -> PipelineResult:
+def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock | None = None, *, on_bus: bool = True) -> PipelineResult:
     request = _route_around_open_circuits(request, config)
     clock = clock or metrics.StreamClock(request.worker, accepted_at=None)
     clock.worker = request.worker
     breaker = breaker_for(config, request.worker)
     try:
-        result = _run_stages(request, config, clock)
+        result = _run_stages(request, config, clock, on_bus=on_bus)
     except TransientWorkerError:
         breaker.record(success=False)
         raise
@@ -292,11 +342,12 @@ def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.St
     return result
 
 
-def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock) -> PipelineResult:
+def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True) -> PipelineResult:
     bus = get_bus()
 
     def publish(chunk: TokenChunk) -> None:
-        bus.publish(request.request_id, "token", {"seq": clock.tokens, "text": chunk.text})
+        if on_bus:
+            bus.publish(request.request_id, "token", {"seq": clock.tokens, "text": chunk.text})
         clock.token()
 
     deps = PipelineDeps(

@@ -42,6 +42,17 @@ def outsider(db: None) -> TenantFixture:
     return make_tenant("outsider")
 
 
+@pytest.fixture(autouse=True)
+def _shared_state_up() -> Iterator[None]:
+    """A test that makes Redis fail leaves the process on its local state for a
+    second; the next test starts on the shared state again."""
+    yield
+    from pipeline.resilience.local import LocalBreaker, shared_state
+
+    shared_state.reset()
+    LocalBreaker.reset()
+
+
 @pytest.fixture
 def anon() -> APIClient:
     return APIClient()

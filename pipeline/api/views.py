@@ -50,6 +50,11 @@ class InferApi(AsyncAPIView):
         rates = services.tenant_rates(principal.tenant, config)
         # Broker and Redis I/O is blocking: keep it off the event loop.
         started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=prompt_request, rates=rates)
+        if started.how == "inline":
+            # Redis is down: answered here and now, even with "wait": false (there is
+            # no status to poll without Redis).
+            result = await sync_to_async(services.infer_inline, thread_sensitive=False)(request=prompt_request)
+            return Response(result.to_dict())
         if not data["wait"]:
             return Response({"request_id": started.request_id, "status": "completed" if started.result else "queued"}, status=202)
         if started.result is not None:

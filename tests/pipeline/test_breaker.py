@@ -128,7 +128,7 @@ def test_routing_while_open_goes_to_the_fallback_or_fails_fast(clean_breakers: N
 
 def test_outcomes_are_recorded_by_kind(clean_breakers: None, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing(exc: Exception) -> None:
-        monkeypatch.setattr(services, "_run_stages", lambda request, config: (_ for _ in ()).throw(exc))
+        monkeypatch.setattr(services, "_run_stages", lambda request, config, clock, on_bus=True: (_ for _ in ()).throw(exc))
 
     failing(WorkerAuthError())  # permanent: the provider is up
     with pytest.raises(WorkerAuthError):

@@ -96,7 +96,7 @@ def build(tenant: TenantFixture, prompt: str, config: PipelineSettings, worker: 
 def test_a_finished_answer_is_served_from_the_window(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
     first = build(owner, "same question", dedup_on)
     submitted: list[str] = []
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: submitted.append(request.request_id))
+    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: submitted.append(request.request_id) or True)
     assert services.infer_start(request=first).how == "submitted"
     get_bus().set_status(first.request_id, tenant_id=first.tenant_id, status="queued")
     services.realtime_execute(first.to_dict())  # the worker's side, in process
@@ -117,7 +117,7 @@ def test_errors_are_not_shared(owner: TenantFixture, dedup_on: PipelineSettings,
         def infer(self, prompt: object) -> object:
             raise WorkerTimeout()
 
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: None)
+    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: True)
     monkeypatch.setattr(worker_pool, "get", lambda config, name: Slow())
     first = build(owner, "doomed", dedup_on)
     services.infer_start(request=first)
@@ -136,7 +136,7 @@ def test_a_refused_submit_gives_the_claim_back(owner: TenantFixture, dedup_on: P
     monkeypatch.setattr(services, "infer_submit", refuse)
     with pytest.raises(RateLimited):
         services.infer_start(request=build(owner, "q", dedup_on))
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: None)
+    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: True)
     assert services.infer_start(request=build(owner, "q", dedup_on)).how == "submitted"
 
 

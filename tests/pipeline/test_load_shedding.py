@@ -103,7 +103,8 @@ def test_redis_gone_mid_task_is_logged_not_raised(owner: TenantFixture, monkeypa
     with capture_logs() as logs:
         services.realtime_execute(request.to_dict())  # must not raise into Celery
     events = [e["event"] for e in logs]
-    assert "task_unanswered" in events and "admission_release_failed" in events
+    # The slot is released in this process's own count, and Redis marked as down.
+    assert "task_unanswered" in events and "shared_state_degraded" in events
 
 
 @pytest.mark.django_db(transaction=True)

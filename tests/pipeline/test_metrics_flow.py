@@ -106,7 +106,7 @@ def prompt(owner: TenantFixture, text: str, config: PipelineSettings) -> PromptR
 
 @pytest.mark.django_db
 def test_dedup_hits_and_misses_and_the_ratio_on_the_gateway(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: None)  # nothing runs: the first stays in flight
+    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: True)  # nothing runs: the first stays in flight
     before = gateway_scrape()
     assert services.infer_start(request=prompt(owner, "metric me", dedup_on)).how == "submitted"
     assert services.infer_start(request=prompt(owner, "metric me", dedup_on)).how == "attached"
