@@ -14,7 +14,7 @@ from typing import Any, cast
 import structlog
 from asgiref.sync import sync_to_async
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import transaction
+from django.db import close_old_connections, transaction
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator_site import telemetry
@@ -223,6 +223,9 @@ def infer_inline(*, request: PromptRequest) -> PipelineResult:
         raise
     finally:
         _release_slot(request)
+        # An executor thread of the gateway, not a request thread: Django would never
+        # hand its connection back to the pool.
+        close_old_connections()
     clock.finished("ok")
     if key:
         dedup_store(config).complete(key, json.dumps(result.to_dict()))
