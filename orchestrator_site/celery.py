@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_shutdown, worker_ready
+from celery.signals import celeryd_init, worker_process_shutdown, worker_ready
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -49,3 +49,23 @@ def _forget_process(pid: int | None = None, **_: Any) -> None:
     from orchestrator_site.metrics import mark_process_dead
 
     mark_process_dead(pid or os.getpid())
+
+
+def worker_queues(options: dict[str, Any]) -> set[str]:
+    raw = options.get("queues") or []
+    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    return {str(q).strip() for q in items if str(q).strip()}
+
+
+@celeryd_init.connect
+def _realtime_is_at_most_once(conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    """A worker that consumes only ``realtime`` takes its messages off the Redis
+    broker without kombu's ack emulation. Real-time tasks are at most once anyway
+    (``acks_late=False``: a lost one is answered by the gateway), and the emulation's
+    bookkeeping is what crashes a worker whose Redis goes away with a message
+    unacked (kombu: "'NoneType' object has no attribute 'hostname'" while
+    restoring it)."""
+    from pipeline.queues import Queue
+
+    if conf is not None and worker_queues(options or {}) == {Queue.REALTIME.value}:
+        conf.broker_transport_options = {**conf.broker_transport_options, "ack_emulation": False}

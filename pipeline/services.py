@@ -172,16 +172,16 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     bus = get_bus()
     try:
         bus.set_status(request.request_id, tenant_id=request.tenant_id, session_id=request.session_id, status="queued", created_at=f"{time.time():.6f}")
-    except ServiceUnavailable:
-        shared_state.failed("record the request status")
+    except ServiceUnavailable as exc:
+        shared_state.failed("record the request status", exc.__cause__ or exc)
         return False
     try:
         run_realtime.apply_async(args=(request.to_dict(),), retry=False)
     except KombuOperationalError as exc:
-        failure = ServiceUnavailable("the task broker is unavailable", data={"service": "broker"})
-        _record_failure(request, failure)
-        gate.release(request.tenant_id, request.request_id)
-        raise failure from exc
+        # The broker (often the same Redis) is unavailable: an accepted request is not
+        # dropped, this process runs it.
+        log.warning("broker_unavailable", request_id=request.request_id, outcome="degraded", error_type=type(exc).__name__)
+        return False
     return True
 
 
@@ -195,8 +195,8 @@ async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineRes
             event = await anext(events)
         except StopAsyncIteration:
             break
-        except ServiceUnavailable:
-            shared_state.failed("wait for the result")
+        except ServiceUnavailable as exc:
+            shared_state.failed("wait for the result", exc.__cause__ or exc)
             return await sync_to_async(infer_inline, thread_sensitive=False)(request=request)
         if event.type == "done":
             return PipelineResult.from_dict(event.data)
@@ -207,9 +207,9 @@ async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineRes
 
 def infer_inline(*, request: PromptRequest) -> PipelineResult:
     """Run the request in this (gateway) process, and return the answer instead of
-    publishing it. Used while Redis is down: neither the queue nor the token bus
-    could carry it, so limits, breaker and deduplication work on this process's
-    own state (``resilience.local``)."""
+    publishing it. Used while Redis is down (neither the queue nor the token bus
+    could carry it; limits, breaker and deduplication work on this process's own
+    state, ``resilience.local``), and while the broker is."""
     config = get_config()
     key = dedup_key(request) if config.dedup.enabled else None
     clock = metrics.StreamClock(request.worker, accepted_at=time.time())
@@ -220,6 +220,7 @@ def infer_inline(*, request: PromptRequest) -> PipelineResult:
         clock.finished(exc.code)
         if key:
             dedup_store(config).abandon(key, request.request_id)
+        _record_inline(request, "error", exc.to_dict())
         raise
     finally:
         _release_slot(request)
@@ -230,7 +231,20 @@ def infer_inline(*, request: PromptRequest) -> PipelineResult:
     if key:
         dedup_store(config).complete(key, json.dumps(result.to_dict()))
     rate_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
+    _record_inline(request, "done", result.to_dict())
     return result
+
+
+def _record_inline(request: PromptRequest, event: str, data: dict[str, Any]) -> None:
+    """Where Redis is up (only the broker was down), the status and result endpoints
+    see the inline answer too; where it is down, nobody can poll anyway."""
+    if not shared_state.available():
+        return
+    try:
+        get_bus().publish(request.request_id, event, data)
+        get_bus().set_status(request.request_id, status="completed" if event == "done" else "failed", executed_by=f"{socket.gethostname()}:{os.getpid()}")
+    except ServiceUnavailable as exc:
+        shared_state.failed("record the inline answer", exc.__cause__ or exc)
 
 
 def realtime_execute(payload: Mapping[str, Any]) -> None:

@@ -21,6 +21,9 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from orchestrator_site.errors import ServiceUnavailable
 
@@ -40,6 +43,17 @@ def redis_errors(action: str) -> Iterator[None]:
         yield
     except redis.RedisError as exc:
         raise ServiceUnavailable(f"redis unavailable while trying to {action}", data={"service": "redis"}) from exc
+
+
+def one_retry() -> Retry:
+    """One immediate retry, on a new connection: enough for a pooled connection that
+    a restarted Redis closed. redis-py's default (ten retries with backoff) keeps a
+    call to a stopped Redis waiting about four seconds, whatever the socket timeout."""
+    return Retry(NoBackoff(), 1)
+
+
+def one_async_retry() -> AsyncRetry:
+    return AsyncRetry(NoBackoff(), 1)
 
 
 class TokenBus:
@@ -65,7 +79,11 @@ class TokenBus:
             with self._lock:
                 if self._sync is None:
                     self._sync = redis.Redis.from_url(
-                        self.url, socket_timeout=self._socket_timeout_s, socket_connect_timeout=self._socket_timeout_s, decode_responses=True
+                        self.url,
+                        socket_timeout=self._socket_timeout_s,
+                        socket_connect_timeout=self._socket_timeout_s,
+                        decode_responses=True,
+                        retry=one_retry(),
                     )
         return self._sync
 
@@ -75,7 +93,11 @@ class TokenBus:
         client = self._async.get(loop)
         if client is None:
             client = aioredis.Redis.from_url(
-                self.url, socket_timeout=self._socket_timeout_s + 5.0, socket_connect_timeout=self._socket_timeout_s, decode_responses=True
+                self.url,
+                socket_timeout=self._socket_timeout_s + 5.0,
+                socket_connect_timeout=self._socket_timeout_s,
+                decode_responses=True,
+                retry=one_async_retry(),
             )
             self._async[loop] = client
         return client

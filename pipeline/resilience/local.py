@@ -53,14 +53,15 @@ class SharedState:
         """False while Redis failed less than ``retry_s`` ago: don't wait on it again."""
         return self._clock() >= self._down_until
 
-    def failed(self, action: str) -> None:
+    def failed(self, action: str, cause: BaseException | None = None) -> None:
         with self._lock:
             self._down_until = self._clock() + self.retry_s
             if self._degraded:
                 return
             self._degraded = True
         metrics.DEGRADED.labels("redis").set(1)
-        log.warning("shared_state_degraded", component="redis", action=action, outcome="degraded", retry_s=self.retry_s)
+        reason = f"{type(cause).__name__}: {cause}"[:200] if cause else None
+        log.warning("shared_state_degraded", component="redis", action=action, outcome="degraded", retry_s=self.retry_s, reason=reason)
 
     def succeeded(self) -> None:
         if not self._degraded:
@@ -83,8 +84,8 @@ class SharedState:
             return local()
         try:
             result = shared()
-        except ServiceUnavailable:
-            self.failed(action)
+        except ServiceUnavailable as exc:
+            self.failed(action, exc.__cause__ or exc)
             return local()
         self.succeeded()
         return result

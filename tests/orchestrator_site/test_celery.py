@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from orchestrator_site.celery import app
 from pipeline.queues import TASK_ROUTES, Queue
 from pipeline.tasks import run_realtime
@@ -69,3 +71,28 @@ def test_declared_queues_follow_the_enum_order() -> None:
 def test_tasks_are_discovered_from_the_apps() -> None:
     app.loader.import_default_modules()
     assert "pipeline.tasks.run_realtime" in app.tasks
+
+
+class Conf:
+    def __init__(self) -> None:
+        self.broker_transport_options = {"visibility_timeout": 3600}
+
+
+@pytest.mark.parametrize(
+    ("queues", "emulated"),
+    [
+        ("realtime", False),  # only real-time: at most once, no ack emulation
+        (["realtime"], False),
+        ("realtime,batch.high", True),  # a batch queue needs its unacked messages restored
+        ("batch.high,batch.default,batch.low", True),
+        (None, True),  # every queue
+    ],
+)
+def test_only_a_realtime_only_worker_drops_ack_emulation(queues: object, emulated: bool) -> None:
+    from orchestrator_site.celery import _realtime_is_at_most_once
+
+    conf = Conf()
+    _realtime_is_at_most_once(conf=conf, options={"queues": queues})
+    assert conf.broker_transport_options.get("ack_emulation", True) is emulated
+    assert conf.broker_transport_options["visibility_timeout"] == 3600  # the rest is kept
+    _realtime_is_at_most_once(conf=None, options=None)  # a signal without them: nothing to do

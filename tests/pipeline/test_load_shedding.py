@@ -72,20 +72,45 @@ def test_finished_requests_give_their_slot_back(owner: TenantFixture, tight: Pip
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_failed_broker_publish_gives_the_slot_back(owner: TenantFixture, tight: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_the_broker_down_the_gateway_answers_and_gives_the_slot_back(
+    owner: TenantFixture, tight: PipelineSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kombu.exceptions import OperationalError
 
-    from orchestrator_site.errors import ServiceUnavailable
     from pipeline.tasks import run_realtime
 
     def down(**kwargs: object) -> None:
         raise OperationalError("broker down")
 
     monkeypatch.setattr(run_realtime, "apply_async", down)
-    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=tight)
-    with pytest.raises(ServiceUnavailable):
-        services.infer_submit(request=request)
+    resp = owner.client.post("/api/v1/infer", {"prompt": "no broker", "wait": False}, format="json")
+    assert resp.status_code == 200 and resp.json()["text"].startswith("no broker")
+    request_id = resp.json()["request_id"]
     assert services.admission().in_flight(str(owner.tenant.id)) == 0
+    # Redis is up: the status and the result say what happened, as for a worker's answer.
+    assert owner.client.get(f"/api/v1/status/{request_id}").json()["status"] == "completed"
+    assert owner.client.get(f"/api/v1/result/{request_id}").json()["text"] == resp.json()["text"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_inline_failure_is_recorded_for_the_result_endpoint(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch, fakes: object) -> None:
+    from kombu.exceptions import OperationalError
+
+    from pipeline.tasks import run_realtime
+
+    def down(**kwargs: object) -> None:
+        raise OperationalError("broker down")
+
+    monkeypatch.setattr(run_realtime, "apply_async", down)
+    fakes.openai.mode = "401"  # type: ignore[attr-defined]
+    session = f"inline-{owner.tenant.id}"
+    resp = owner.client.post("/api/v1/infer", {"prompt": "x", "worker": "openai", "session_id": session}, format="json")
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "worker_auth_error"
+    bus = get_bus()
+    mine = [key.rsplit(":", 1)[1] for key in bus.client.scan_iter(f"{bus.prefix}:req:*") if bus.client.hget(key, "session_id") == session]
+    assert len(mine) == 1 and bus.get_status(mine[0])["status"] == "failed"
+    error = owner.client.get(f"/api/v1/result/{mine[0]}").json()["error"]
+    assert error["code"] == "worker_auth_error"
 
 
 @pytest.mark.django_db(transaction=True)

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -121,3 +122,37 @@ def test_process_bus_uses_settings() -> None:
     bus = get_bus()
     assert bus is get_bus()
     assert bus.prefix == settings.REDIS_KEY_PREFIX and bus.url == settings.REDIS_URL
+
+
+def test_a_stopped_redis_fails_fast_not_after_redis_pys_retries() -> None:
+    bus = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="p", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable):
+        bus.publish("r", "token", {"seq": 0})
+    # redis-py's default retries (ten, with backoff) kept this waiting about 4 s.
+    assert time.monotonic() - started < 1.5
+
+
+def test_pooled_connections_survive_a_redis_restart(tmp_path: Path) -> None:
+    from tests.pipeline.test_redis_outage import OwnRedis
+
+    own = OwnRedis(tmp_path)
+    own.start()
+    try:
+        bus = TokenBus(url=f"redis://127.0.0.1:{own.port}/0", prefix="p", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
+        bus.publish("r", "token", {"seq": 0})
+        own.stop()
+        own.start()  # the pooled connection was closed by a server that is gone
+        bus.publish("r", "done", {})  # reconnects: no error reaches the caller
+        assert [e.type for e in bus.read_all("r")] == ["done"]  # the new server kept nothing
+
+        async def read_after_restart() -> list[str]:
+            seen = [e.type async for e in bus.events("r", timeout_s=1)]
+            own.stop()
+            own.start()
+            bus.publish("r2", "done", {})
+            return seen + [e.type async for e in bus.events("r2", timeout_s=1)]
+
+        assert asyncio.run(read_after_restart()) == ["done", "done"]
+    finally:
+        own.stop()
