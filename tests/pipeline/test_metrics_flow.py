@@ -141,3 +141,43 @@ def test_rate_limited_requests_are_counted_by_kind(owner: TenantFixture, dedup_o
     assert owner.client.post("/api/v1/infer", {"prompt": "b", "wait": False}, format="json").status_code == 429
     after = gateway_scrape()
     assert delta(before, after, "orchestrator_rate_limited_total", kind="requests_per_minute") == 1
+
+
+@pytest.fixture
+def clean_breakers() -> Iterator[None]:
+    yield
+    bus = get_bus()
+    keys = bus.client.keys(f"{bus.prefix}:breaker:*")
+    if keys:
+        bus.client.delete(*keys)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_provider_faults_leave_their_metrics(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes, clean_breakers: None) -> None:
+    """A 5xx burst opens the breaker (gauge 2, the fallback answers), a 429 storm runs
+    the retries out, a hanging provider ends in worker_timeout — each visible in the
+    expositions of the gateway and the worker."""
+    before = worker_scrape(realtime_worker)
+    fakes.openai.mode = "503"
+    for _ in range(2):  # failure_threshold = 2
+        assert owner.client.post("/api/v1/infer", {"prompt": "burst", "worker": "flaky"}, format="json").status_code == 503
+    assert value(gateway_scrape(), "orchestrator_circuit_breaker_state", worker="flaky") == 2
+    fallback = owner.client.post("/api/v1/infer", {"prompt": "to the fallback", "worker": "flaky"}, format="json")
+    assert fallback.status_code == 200 and fallback.json()["worker"] == "echo"
+
+    fakes.openai.mode, fakes.openai.retry_after = "429", "0"
+    storm = owner.client.post("/api/v1/infer", {"prompt": "storm", "worker": "openai_retry"}, format="json")
+    assert storm.status_code == 429 and storm.json()["error"]["code"] == "worker_rate_limited"
+
+    fakes.openai.mode, fakes.openai.hang_s = "hang", 3.0  # beyond the worker's timeout_s = 2
+    hung = owner.client.post("/api/v1/infer", {"prompt": "hang", "worker": "openai"}, format="json")
+    assert hung.status_code == 504 and hung.json()["error"]["code"] == "worker_timeout"
+
+    after = worker_scrape(realtime_worker)
+    assert delta(before, after, "orchestrator_pipeline_requests_total", worker="flaky", outcome="worker_unavailable") == 2
+    assert delta(before, after, "orchestrator_pipeline_requests_total", worker="echo", outcome="ok") == 1  # the fallback
+    assert delta(before, after, "orchestrator_pipeline_requests_total", worker="openai_retry", outcome="worker_rate_limited") == 1
+    assert delta(before, after, "orchestrator_worker_retries_sum", worker="openai_retry") == 2  # three attempts
+    assert delta(before, after, "orchestrator_pipeline_requests_total", worker="openai", outcome="worker_timeout") == 1
+    assert delta(before, after, "orchestrator_worker_latency_seconds_sum", worker="openai", outcome="worker_timeout") >= 2.0
