@@ -308,3 +308,32 @@ def test_a_wait_that_loses_redis_runs_the_request_itself(owner: TenantFixture) -
     finally:
         tokenbus._bus = original
     assert result.text.startswith("lost answer") and result.request_id == request.request_id
+
+
+def test_many_threads_failing_at_once_log_one_transition() -> None:
+    import threading
+
+    state = SharedState(retry_s=60.0)
+    barrier = threading.Barrier(16)
+
+    def fail() -> None:
+        barrier.wait()
+        state.run("check", down, lambda: "local")
+
+    with capture_logs() as logs:
+        threads = [threading.Thread(target=fail) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        state.reset()
+        state.reset()  # already restored: nothing more to say
+    assert [e["event"] for e in logs] == ["shared_state_degraded", "shared_state_restored"]
+
+
+def test_local_admission_takes_new_bounds_from_the_config() -> None:
+    local = LocalAdmission(max_global=1, max_per_tenant=1, lease_s=60)
+    assert local.acquire("t", "1").admitted and not local.acquire("t", "2").admitted
+    assert local.configure(max_global=5, max_per_tenant=2, lease_s=60) is local
+    assert local.acquire("t", "2").admitted and local.acquire("t", "3") == local.acquire("t", "4")
+    assert local.in_flight("t") == 2 and local.in_flight() == 2
