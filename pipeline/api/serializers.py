@@ -26,6 +26,7 @@ class InferInput(serializers.Serializer):
     stop = serializers.ListField(child=serializers.CharField(max_length=64, trim_whitespace=False), required=False, max_length=16)
     metadata = serializers.DictField(required=False)
     wait = serializers.BooleanField(required=False, default=True)
+    stream = serializers.BooleanField(required=False, default=False)
 
     def validate_prompt(self, value: str) -> str:
         if not value.strip():

@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orchestrator_site.errors import ApiKeyMissing, InvalidRequest
-from pipeline import selectors, services
+from orchestrator_site.errors import ApiKeyMissing, InvalidRequest, OrchestratorError
+from pipeline import selectors, services, streaming
 from pipeline.api import serializers as s
 from pipeline.api.errors import validation_error
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.auth import TenantPrincipal
 from pipeline.config import get_config
+
+log = structlog.get_logger("pipeline.api")
+
+
+def sse_response(events: AsyncIterator[streaming.Event]) -> StreamingHttpResponse:
+    """``text/event-stream``, each event sent as it comes (docs/streaming.md)."""
+
+    async def frames() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield streaming.sse_frame(event)
+        except Exception as exc:  # stream boundary: the client gets a last error event, never a hung response
+            log.exception("stream_crashed", outcome="error", error_type=type(exc).__name__)
+            yield streaming.sse_frame(streaming.error_event(None, OrchestratorError("internal error")))
+
+    response = StreamingHttpResponse(frames(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # no proxy buffering (nginx)
+    return response
 
 
 def tenant_of(request: Request) -> TenantPrincipal:
@@ -42,7 +64,7 @@ class InferApi(AsyncAPIView):
     parser_classes = [LimitedJSONParser]
 
     @extend_schema(request=s.InferInput, responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="infer")
-    async def post(self, request: Request) -> Response:
+    async def post(self, request: Request) -> Response | StreamingHttpResponse:
         principal = tenant_of(request)
         data = validated(s.InferInput, request.data)
         config = get_config()
@@ -50,6 +72,8 @@ class InferApi(AsyncAPIView):
         rates = services.tenant_rates(principal.tenant, config)
         # Broker and Redis I/O is blocking: keep it off the event loop.
         started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=prompt_request, rates=rates)
+        if data["stream"]:
+            return sse_response(streaming.prompt_events(prompt_request, started, timeout_s=config.limits.request_timeout_s))
         if started.how == "inline":
             # Redis is down: answered here and now, even with "wait": false (there is
             # no status to poll without Redis).

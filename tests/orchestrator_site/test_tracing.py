@@ -66,8 +66,10 @@ def trace_of(platform: Platform, request_id: str) -> list[Span]:
     """Every span of the trace whose ``pipeline.stream`` span carries ``request_id``."""
 
     def complete(spans: list[Span]) -> bool:
+        # Spans are exported as they end, in batches: the task's and the server's end last.
         ends = [s for s in spans if s.name == "pipeline.stream" and s.attributes.get("request_id") == request_id]
-        return bool(ends) and any(s.kind == SERVER and s.trace_id == ends[0].trace_id for s in spans)
+        kinds = {s.kind for s in spans if ends and s.trace_id == ends[0].trace_id}
+        return {SERVER, PRODUCER, CONSUMER, CLIENT} <= kinds
 
     spans = platform.collector.wait_for(complete)
     ends = [s for s in spans if s.name == "pipeline.stream" and s.attributes.get("request_id") == request_id]

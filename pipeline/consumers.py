@@ -1,0 +1,170 @@
+"""``/api/v1/stream``: the WebSocket API (docs/streaming.md).
+
+A thin consumer: it authenticates (the ``Authorization`` header, or a first
+``auth`` message for browsers, which cannot set headers), validates each
+message with the same serializer as ``POST /api/v1/infer``, and forwards the
+events of ``pipeline.streaming``. Several prompts run at once on one
+connection, each in its own task, told apart by ``request_id``. Nothing a
+client sends can crash it: every failure becomes an ``error`` message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import structlog
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from orchestrator_site.errors import (
+    ApiKeyMissing,
+    InvalidRequest,
+    OrchestratorError,
+    Overloaded,
+    PromptTooLarge,
+)
+from pipeline import services, streaming
+from pipeline.api.errors import validation_error
+from pipeline.api.serializers import InferInput
+from pipeline.auth import TenantPrincipal, api_key_authenticate, bearer_token
+from pipeline.config import get_config
+
+log = structlog.get_logger("pipeline.consumers")
+
+MAX_MESSAGE_BYTES = 1_048_576
+MAX_STREAMS_PER_CONNECTION = 32
+
+
+def _authenticate(raw: str) -> TenantPrincipal:
+    key = api_key_authenticate(raw)
+    return TenantPrincipal(tenant=key.tenant, api_key=key)
+
+
+class StreamConsumer(AsyncWebsocketConsumer):
+    principal: TenantPrincipal | None
+    streams: dict[str, asyncio.Task[None]]
+
+    async def connect(self) -> None:
+        self.principal = None
+        self.streams = {}
+        await self.accept()
+        header = dict(self.scope.get("headers") or []).get(b"authorization")
+        if header:
+            try:
+                token = bearer_token(header)
+                if token is None:
+                    raise ApiKeyMissing()
+                self.principal = await sync_to_async(_authenticate)(token)
+            except OrchestratorError as exc:
+                await self.refuse(exc)
+                return
+            await self.send_event({"type": "authenticated", "tenant_id": self.principal.tenant_id})
+
+    async def disconnect(self, code: int) -> None:
+        for task in self.streams.values():
+            task.cancel()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            await self.handle(text_data, bytes_data)
+        except OrchestratorError as exc:
+            await self.send_event(streaming.error_event(None, exc))
+        except Exception as exc:  # consumer boundary: logged, answered as internal_error, the connection lives on
+            log.exception("consumer_crashed", outcome="error", error_type=type(exc).__name__)
+            await self.send_event(streaming.error_event(None, OrchestratorError("internal error")))
+
+    async def handle(self, text_data: str | None, bytes_data: bytes | None) -> None:
+        raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", errors="replace")
+        if len(raw) > MAX_MESSAGE_BYTES:
+            raise PromptTooLarge(f"a message may be at most {MAX_MESSAGE_BYTES} bytes")
+        try:
+            message = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidRequest("a message must be a JSON object") from exc
+        if not isinstance(message, dict):
+            raise InvalidRequest("a message must be a JSON object")
+        kind = message.get("type")
+        if kind == "auth":
+            await self.on_auth(message)
+        elif self.principal is None:
+            await self.refuse(ApiKeyMissing("authenticate first: an Authorization header, or an auth message"))
+        elif kind == "prompt":
+            await self.on_prompt(message)
+        elif kind == "resume":
+            await self.on_resume(message)
+        else:
+            raise InvalidRequest("type must be one of auth, prompt, resume", data={"type": kind})
+
+    async def on_auth(self, message: dict[str, Any]) -> None:
+        key = message.get("api_key")
+        if not isinstance(key, str) or not key:
+            raise InvalidRequest("auth needs an api_key", data={"field": "api_key"})
+        try:
+            self.principal = await sync_to_async(_authenticate)(key)
+        except OrchestratorError as exc:
+            await self.refuse(exc)
+            return
+        await self.send_event({"type": "authenticated", "tenant_id": self.principal.tenant_id})
+
+    async def on_prompt(self, message: dict[str, Any]) -> None:
+        principal = self._principal()
+        self._room_for_one_more()
+        fields = {k: v for k, v in message.items() if k != "type"}
+        serializer = InferInput(data=fields)
+        if not await sync_to_async(serializer.is_valid)():
+            raise validation_error(serializer.errors)
+        config = get_config()
+        request = services.infer_build_request(tenant_id=principal.tenant_id, data=dict(serializer.validated_data), config=config)
+        rates = services.tenant_rates(principal.tenant, config)
+        try:
+            started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=request, rates=rates)
+        except OrchestratorError as exc:
+            await self.send_event(streaming.error_event(request.request_id, exc))
+            return
+        events = streaming.prompt_events(request, started, timeout_s=config.limits.request_timeout_s)
+        self._forward(request.request_id, events)
+
+    async def on_resume(self, message: dict[str, Any]) -> None:
+        principal = self._principal()
+        self._room_for_one_more()
+        request_id, after_seq = message.get("request_id"), message.get("after_seq", -1)
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequest("resume needs a request_id", data={"field": "request_id"})
+        if not isinstance(after_seq, int) or isinstance(after_seq, bool):
+            raise InvalidRequest("after_seq must be an integer", data={"field": "after_seq"})
+        # Another tenant's request, or one whose stream expired, is not found.
+        await sync_to_async(services.request_status_get, thread_sensitive=False)(tenant_id=principal.tenant_id, request_id=request_id)
+        events = streaming.stream_events(request_id, client_request_id=request_id, timeout_s=get_config().limits.request_timeout_s, after_seq=after_seq)
+        self._forward(request_id, events)
+
+    def _principal(self) -> TenantPrincipal:
+        if self.principal is None:  # handle() refuses first; this keeps the types honest
+            raise ApiKeyMissing()
+        return self.principal
+
+    def _room_for_one_more(self) -> None:
+        self.streams = {rid: task for rid, task in self.streams.items() if not task.done()}
+        if len(self.streams) >= MAX_STREAMS_PER_CONNECTION:
+            raise Overloaded(f"at most {MAX_STREAMS_PER_CONNECTION} streams at once on one connection", data={"limit": MAX_STREAMS_PER_CONNECTION})
+
+    def _forward(self, request_id: str, events: Any) -> None:
+        async def pump() -> None:
+            try:
+                async for event in events:
+                    await self.send_event(event)
+            except asyncio.CancelledError:
+                raise  # the client left: stop reading
+            except Exception as exc:  # stream boundary: this stream ends with an error, the others go on
+                log.exception("stream_crashed", request_id=request_id, outcome="error", error_type=type(exc).__name__)
+                await self.send_event(streaming.error_event(request_id, OrchestratorError("internal error")))
+
+        self.streams[request_id] = asyncio.ensure_future(pump())
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(event, separators=(",", ":")))
+
+    async def refuse(self, error: OrchestratorError) -> None:
+        await self.send_event(streaming.error_event(None, error))
+        await self.close(code=error.ws_close_code)
