@@ -46,7 +46,7 @@ def valid(data: dict) -> dict | None:
 
 
 def test_defaults() -> None:
-    assert valid({"prompt": "hi"}) == {"prompt": "hi", "wait": True}
+    assert valid({"prompt": "hi"}) == {"prompt": "hi", "wait": True, "stream": False}
 
 
 def test_prompt_at_and_over_the_limit() -> None:
@@ -56,11 +56,11 @@ def test_prompt_at_and_over_the_limit() -> None:
 
 
 def test_prompt_whitespace_is_kept() -> None:
-    assert valid({"prompt": "  padded  "}) == {"prompt": "  padded  ", "wait": True}
+    assert valid({"prompt": "  padded  "}) == {"prompt": "  padded  ", "wait": True, "stream": False}
 
 
 def test_stop_limit_and_empty_stops_refused() -> None:
-    assert valid({"prompt": "p", "stop": ["a", " "]}) == {"prompt": "p", "stop": ["a", " "], "wait": True}
+    assert valid({"prompt": "p", "stop": ["a", " "]}) == {"prompt": "p", "stop": ["a", " "], "wait": True, "stream": False}
     assert valid({"prompt": "p", "stop": ["a", ""]}) is None  # an empty stop sequence would stop at once
     assert valid({"prompt": "p", "stop": ["a", "b", "c"]}) is None
 
@@ -90,4 +90,4 @@ def test_temperature_out_of_range(value: object) -> None:
 
 
 def test_null_temperature_means_provider_default() -> None:
-    assert valid({"prompt": "p", "temperature": None}) == {"prompt": "p", "temperature": None, "wait": True}
+    assert valid({"prompt": "p", "temperature": None}) == {"prompt": "p", "temperature": None, "wait": True, "stream": False}
