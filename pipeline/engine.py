@@ -38,7 +38,9 @@ Stage = Callable[[StageContext, PipelineDeps], StageContext]
 
 
 def _assemble(ctx: StageContext, deps: PipelineDeps) -> StageContext:
-    return assemble(replace(ctx, history=deps.load_history()), config=deps.config.assemble)
+    # A conversation sent by the client replaces the session's stored turns.
+    history = ctx.request.history or deps.load_history()
+    return assemble(replace(ctx, history=history), config=deps.config.assemble)
 
 
 STAGE_TABLE: tuple[tuple[str, Stage], ...] = (

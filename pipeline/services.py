@@ -41,7 +41,7 @@ from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, 
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
-from pipeline.types import PipelineResult, PromptRequest, TokenChunk
+from pipeline.types import ChatMessage, PipelineResult, PromptRequest, TokenChunk
 
 log = structlog.get_logger("pipeline.services")
 
@@ -64,6 +64,7 @@ def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: Pipe
         temperature=data.get("temperature"),
         stop=tuple(data.get("stop") or ()),
         metadata=dict(data.get("metadata") or {}),
+        history=tuple(ChatMessage(role, content) for role, content in data.get("history") or ()),
     )
 
 

@@ -30,6 +30,9 @@ class PromptRequest:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    # The conversation before ``prompt`` when the client sends it (the OpenAI-style
+    # API); empty: the session's stored turns are used instead.
+    history: tuple[ChatMessage, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class PromptRequest:
             "temperature": self.temperature,
             "stop": list(self.stop),
             "metadata": dict(self.metadata),
+            "history": [[m.role, m.content] for m in self.history],
         }
 
     @classmethod
@@ -59,6 +63,7 @@ class PromptRequest:
             temperature=None if temperature is None else float(temperature),
             stop=tuple(str(s) for s in data.get("stop") or ()),
             metadata=dict(data.get("metadata") or {}),
+            history=tuple(ChatMessage(str(role), str(content)) for role, content in data.get("history") or ()),
         )
 
 

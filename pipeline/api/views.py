@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -26,16 +26,17 @@ from pipeline.config import get_config
 log = structlog.get_logger("pipeline.api")
 
 
-def sse_response(events: AsyncIterator[streaming.Event]) -> StreamingHttpResponse:
-    """``text/event-stream``, each event sent as it comes (docs/streaming.md)."""
+def sse_response(events: AsyncIterator[Any], *, frame: Callable[[Any], bytes] = streaming.sse_frame, crashed: Any = None) -> StreamingHttpResponse:
+    """``text/event-stream``, each event framed and sent as it comes (docs/streaming.md)."""
+    last = crashed if crashed is not None else streaming.error_event(None, OrchestratorError("internal error"))
 
     async def frames() -> AsyncIterator[bytes]:
         try:
             async for event in events:
-                yield streaming.sse_frame(event)
+                yield frame(event)
         except Exception as exc:  # stream boundary: the client gets a last error event, never a hung response
             log.exception("stream_crashed", outcome="error", error_type=type(exc).__name__)
-            yield streaming.sse_frame(streaming.error_event(None, OrchestratorError("internal error")))
+            yield frame(last)
 
     response = StreamingHttpResponse(frames(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

@@ -3,7 +3,8 @@
 Left out, because they cannot change the answer: the request id and the
 metadata; the order of the stop sequences. Kept exactly (no case or space
 folding): the prompt, since a model may answer "Hi" and "hi " differently.
-The session id is in, since the session's history is part of the prompt.
+The session id is in, since the session's history is part of the prompt, and
+so is a conversation the client sent with the request.
 The version prefix changes when this definition does.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 from pipeline.tokenbus import redis_errors
 from pipeline.types import PromptRequest
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: the client's conversation
 
 
 def normalised(request: PromptRequest) -> dict[str, object]:
@@ -31,6 +32,7 @@ def normalised(request: PromptRequest) -> dict[str, object]:
         "max_tokens": request.max_tokens,
         "temperature": None if request.temperature is None else float(request.temperature),
         "stop": sorted(set(request.stop)),
+        "history": [[m.role, m.content] for m in request.history],
     }
 
 

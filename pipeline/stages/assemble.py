@@ -19,7 +19,10 @@ def assemble(ctx: StageContext, *, config: AssembleConfig) -> StageContext:
         block = config.context_template.format(context=render_context(ctx, config))
         system = f"{system}\n\n{block}" if system else block
     messages: list[ChatMessage] = [ChatMessage("system", system)] if system else []
-    messages.extend(ctx.history[-2 * config.history_turns :] if config.history_turns else ())
+    if ctx.request.history:
+        messages.extend(ctx.history)  # the conversation the client sent, whole: it chose what to send
+    elif config.history_turns:
+        messages.extend(ctx.history[-2 * config.history_turns :])
     messages.append(ChatMessage("user", ctx.request.prompt))
     request = ctx.request
     prompt = AssembledPrompt(

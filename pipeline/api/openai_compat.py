@@ -1,0 +1,196 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions`` (streaming or not) and
+``GET /v1/models``, authenticated by the tenant's key as the bearer token, so
+that the official ``openai`` SDK (or any client of that API) works unchanged
+with ``base_url=<gateway>/v1``.
+
+Models are named ``<worker>/<model>`` (``openai/gpt-4o-mini``); a bare worker
+name means its default model, and a bare model name the one worker serving it.
+Requests run through the same pipeline as ``/api/v1/infer`` (limits,
+deduplication, the five stages); errors keep this API's JSON shape, which the
+SDK reads (``error.message``, ``error.code``, the HTTP status).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from adrf.views import APIView as AsyncAPIView
+from asgiref.sync import sync_to_async
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownModel
+from pipeline import services, streaming
+from pipeline.api.errors import validation_error
+from pipeline.api.parsers import LimitedJSONParser
+from pipeline.api.views import sse_response, tenant_of
+from pipeline.config import PipelineSettings, get_config
+
+ROLES = ("system", "developer", "user", "assistant")
+
+
+class MessageInput(serializers.Serializer):
+    role = serializers.ChoiceField(choices=ROLES)
+    content = serializers.JSONField()
+
+    def validate_content(self, value: Any) -> str:
+        """A string, or a list of text parts (``{"type": "text", "text": …}``)."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+            return "".join(p["text"] for p in value)
+        raise serializers.ValidationError("content must be a string or a list of text parts")
+
+
+class StreamOptionsInput(serializers.Serializer):
+    include_usage = serializers.BooleanField(required=False, default=False)
+
+
+class ChatCompletionInput(serializers.Serializer):
+    model = serializers.CharField(max_length=300)
+    messages = MessageInput(many=True, allow_empty=False)
+    max_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
+    max_completion_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
+    temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
+    stop = serializers.JSONField(required=False, allow_null=True)
+    stream = serializers.BooleanField(required=False, default=False)
+    stream_options = StreamOptionsInput(required=False, allow_null=True)
+    n = serializers.IntegerField(required=False, min_value=1, max_value=1, allow_null=True)
+    user = serializers.CharField(required=False, max_length=256, allow_blank=True)
+
+    def validate_stop(self, value: Any) -> list[str]:
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+            raise serializers.ValidationError("stop must be a string or a list of at most 4 strings")
+        return list(stops)
+
+
+def resolve_model(config: PipelineSettings, name: str) -> tuple[str, str]:
+    """``<worker>/<model>``, a worker's name, or a model one worker serves."""
+    worker, _, model = name.partition("/")
+    if worker in config.workers:
+        return worker, model or config.workers[worker].model_default
+    serving = [w for w, cfg in config.workers.items() if name in cfg.models or name == cfg.model_default]
+    if len(serving) == 1:
+        return serving[0], name
+    raise UnknownModel(f"no model named {name!r}; GET /v1/models lists them", data={"model": name, "available": model_ids(config)})
+
+
+def model_ids(config: PipelineSettings) -> list[str]:
+    ids: list[str] = []
+    for worker, cfg in config.workers.items():
+        models = list(cfg.models) or [cfg.model_default]
+        ids.extend(f"{worker}/{m}" for m in models if m)
+    return sorted(set(ids))
+
+
+class ModelsApi(APIView):
+    @extend_schema(operation_id="openai_models", responses={200: dict})
+    def get(self, request: Request) -> Response:
+        tenant_of(request)
+        return Response({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": m.split("/")[0]} for m in model_ids(get_config())]})
+
+
+class ChatCompletionsApi(AsyncAPIView):
+    parser_classes = [LimitedJSONParser]
+
+    @extend_schema(operation_id="openai_chat_completions", request=ChatCompletionInput, responses={200: dict})
+    async def post(self, request: Request) -> Response | StreamingHttpResponse:
+        principal = tenant_of(request)
+        serializer = ChatCompletionInput(data=request.data)
+        if not serializer.is_valid():
+            raise validation_error(serializer.errors)
+        data = serializer.validated_data
+        config = get_config()
+        worker, model = resolve_model(config, data["model"])
+        messages = data["messages"]
+        if messages[-1]["role"] != "user":
+            raise InvalidRequest("the last message must be the user's", data={"field": "messages"})
+        history = [(m["role"] if m["role"] != "developer" else "system", m["content"]) for m in messages[:-1]]
+        if sum(len(m["content"]) for m in messages) > config.limits.max_prompt_chars:
+            raise InvalidRequest(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
+        fields = {
+            "prompt": messages[-1]["content"],
+            "worker": worker,
+            "model": model,
+            "max_tokens": data.get("max_completion_tokens") or data.get("max_tokens"),
+            "temperature": data.get("temperature"),
+            "stop": data.get("stop") or [],
+            "history": history,
+        }
+        prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=fields, config=config)
+        rates = services.tenant_rates(principal.tenant, config)
+        started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=prompt_request, rates=rates)
+        name = f"{worker}/{model}"
+        events = streaming.prompt_events(prompt_request, started, timeout_s=config.limits.request_timeout_s)
+        if data["stream"]:
+            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
+            return _chunk_stream(events, name, include_usage)
+        return Response(await _completion(events, name))
+
+
+async def _completion(events: AsyncIterator[streaming.Event], model: str) -> dict[str, Any]:
+    text: list[str] = []
+    async for event in events:
+        if event["type"] == "token":
+            text.append(event["text"])
+        elif event["type"] == "error":
+            raise OrchestratorError.from_dict(event)
+        elif event["type"] == "done":
+            return {
+                "id": f"chatcmpl-{event['request_id']}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": event["finish_reason"]}],
+                "usage": event["usage"],
+            }
+    raise OrchestratorError("the stream ended without an answer")
+
+
+def _chunk_stream(events: AsyncIterator[streaming.Event], model: str, include_usage: bool) -> StreamingHttpResponse:
+    created = int(time.time())
+
+    def chunk(request_id: str, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    async def openai_events() -> AsyncIterator[dict[str, Any]]:
+        async for event in events:
+            rid = event["request_id"]
+            if event["type"] == "start":
+                yield {"data": chunk(rid, {"role": "assistant", "content": ""})}
+            elif event["type"] == "token":
+                yield {"data": chunk(rid, {"content": event["text"]})}
+            elif event["type"] == "done":
+                yield {"data": chunk(rid, {}, event["finish_reason"])}
+                if include_usage:
+                    yield {"data": {**chunk(rid, {}), "choices": [], "usage": event["usage"]}}
+                yield {"done": True}
+            elif event["type"] == "error":
+                # What OpenAI sends when a stream fails: the SDK raises it as an APIError.
+                yield {"data": {"error": {"message": event["message"], "type": event["code"], "code": event["code"], "param": None}}}
+                return
+
+    crashed = {"data": {"error": {"message": "internal error", "type": "internal_error", "code": "internal_error", "param": None}}}
+    return sse_response(openai_events(), frame=_openai_frame, crashed=crashed)
+
+
+def _openai_frame(item: dict[str, Any]) -> bytes:
+    if item.get("done"):
+        return b"data: [DONE]\n\n"
+    return b"data: " + json.dumps(item["data"], separators=(",", ":")).encode() + b"\n\n"
