@@ -1,0 +1,160 @@
+"""The OpenAI-compatible API's input rules and stream shapes, in process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.test import AsyncClient
+
+from orchestrator_site.errors import OrchestratorError, UnknownModel
+from pipeline import streaming
+from pipeline.api import openai_compat
+from pipeline.config import AssembleConfig, PipelineSettings, WorkerConfig
+from pipeline.stages.assemble import assemble
+from pipeline.stages.context import StageContext
+from pipeline.types import ChatMessage, PromptRequest
+from tests.conftest import TenantFixture
+
+CHAT = "/v1/chat/completions"
+
+
+def post(owner: TenantFixture, body: dict[str, Any]) -> Any:
+    return owner.client.post(CHAT, body, format="json")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        ({"model": "echo", "messages": []}, "messages"),
+        ({"model": "echo", "messages": [{"role": "robot", "content": "x"}]}, "messages"),
+        ({"model": "echo", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}]}, "messages"),
+        ({"model": "echo", "messages": [{"role": "user", "content": 5}]}, "messages"),
+        ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
+        ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+        ({"model": "echo", "messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+    ],
+)
+def test_invalid_bodies_name_their_field(owner: TenantFixture, body: dict[str, Any], field: str) -> None:
+    resp = post(owner, body)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request"
+    assert field in resp.json()["error"]["data"]["fields"]
+
+
+@pytest.mark.django_db
+def test_messages_longer_than_the_limit_are_refused(owner: TenantFixture, pipeline_config: Any) -> None:
+    from pipeline.config import LimitsConfig
+
+    pipeline_config(PipelineSettings(limits=LimitsConfig(max_prompt_chars=10)))
+    resp = post(owner, {"model": "echo", "messages": [{"role": "system", "content": "x" * 8}, {"role": "user", "content": "yyyy"}]})
+    assert resp.status_code == 400 and resp.json()["error"]["data"] == {"field": "messages"}
+
+
+@pytest.mark.django_db
+def test_the_models_and_unknown_paths_need_nothing_but_json(owner: TenantFixture, anon: Any) -> None:
+    assert anon.get("/v1/models").status_code == 401
+    assert owner.client.get("/v1/models").json()["object"] == "list"
+    missing = owner.client.get("/v1/embeddings")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_stop_forms_and_model_resolution() -> None:
+    serializer = openai_compat.ChatCompletionInput(
+        data={"model": "m", "messages": [{"role": "developer", "content": "d"}, {"role": "user", "content": "u"}], "stop": "END"}
+    )
+    assert serializer.is_valid(), serializer.errors
+    assert serializer.validated_data["stop"] == ["END"]
+    config = PipelineSettings(
+        workers={"a": WorkerConfig(kind="echo", models=["shared", "a1"]), "b": WorkerConfig(kind="echo", models=["shared"])}, default_worker="a"
+    )
+    with pytest.raises(UnknownModel) as ambiguous:
+        openai_compat.resolve_model(config, "shared")  # two workers serve it: say which
+    assert ambiguous.value.data["available"] == ["a/a1", "a/shared", "b/shared"]
+    assert openai_compat.resolve_model(config, "a1") == ("a", "a1")
+
+
+def test_a_clients_conversation_is_kept_whole() -> None:
+    history = tuple(ChatMessage("user" if i % 2 == 0 else "assistant", f"turn {i}") for i in range(10))
+    request = PromptRequest(request_id="r", tenant_id="t", session_id="s", prompt="now", worker="echo", model="echo-1", max_tokens=5, history=history)
+    ctx = assemble(StageContext(request, history=history), config=AssembleConfig(history_turns=0, system_prompt="sys"))
+    assert ctx.prompt is not None
+    assert [m.content for m in ctx.prompt.messages] == ["sys", *[f"turn {i}" for i in range(10)], "now"]
+
+
+def events_of(*items: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def gen() -> AsyncIterator[dict[str, Any]]:
+        for item in items:
+            yield item
+
+    return gen()
+
+
+def frames(response: Any) -> list[str]:
+    async def drain() -> bytes:
+        return b"".join([chunk async for chunk in response.streaming_content])
+
+    return [f for f in async_to_sync(drain)().decode().split("\n\n") if f]
+
+
+def test_chunks_without_usage_end_with_done() -> None:
+    done = {"type": "done", "request_id": "r", "finish_reason": "length", "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    out = frames(
+        openai_compat._chunk_stream(
+            events_of({"type": "start", "request_id": "r"}, {"type": "token", "request_id": "r", "seq": 0, "text": "hi"}, done), "echo/echo-1", False
+        )
+    )
+    assert out[-1] == "data: [DONE]"
+    chunks = [json.loads(f.removeprefix("data: ")) for f in out[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "hi"}, {}]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and all("usage" not in c for c in chunks)
+
+
+def test_a_crash_inside_the_chunk_stream_ends_it_with_an_error_chunk() -> None:
+    async def broken() -> AsyncIterator[dict[str, Any]]:
+        yield {"type": "start", "request_id": "r"}
+        raise RuntimeError("bug")
+
+    out = frames(openai_compat._chunk_stream(broken(), "echo/echo-1", True))
+    assert json.loads(out[-1].removeprefix("data: "))["error"]["code"] == "internal_error"
+
+
+def test_a_stream_without_an_answer_is_an_error() -> None:
+    async def complete() -> Any:
+        return await openai_compat._completion(events_of({"type": "start", "request_id": "r"}), "m")
+
+    with pytest.raises(OrchestratorError, match="without an answer"):
+        async_to_sync(complete)()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_completion_in_process_from_the_deduplication_window(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.types import PipelineResult, Usage
+
+    original = streaming.prompt_events
+
+    async def cached(request: Any, started: Any, *, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        result = PipelineResult(
+            request_id="x", session_id="s", text="from the window", worker="echo", model="echo-1", finish_reason="stop", usage=Usage(1, 3), timings_us={}
+        )
+        async for event in original(request, type(started)("cached", "x", result), timeout_s=timeout_s):
+            yield event
+
+    monkeypatch.setattr(streaming, "prompt_events", cached)
+
+    async def call() -> Any:
+        return await AsyncClient().post(
+            CHAT,
+            {"model": "echo", "messages": [{"role": "user", "content": "q"}]},
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {owner.key}"},
+        )
+
+    resp = async_to_sync(call)()
+    body = resp.json()
+    assert resp.status_code == 200 and body["choices"][0]["message"]["content"] == "from the window" and body["usage"]["total_tokens"] == 4
