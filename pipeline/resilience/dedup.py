@@ -3,8 +3,10 @@
 Left out, because they cannot change the answer: the request id and the
 metadata; the order of the stop sequences. Kept exactly (no case or space
 folding): the prompt, since a model may answer "Hi" and "hi " differently.
-The session id is in, since the session's history is part of the prompt, and
-so is a conversation the client sent with the request.
+The session id is in, since the session's history is part of the prompt —
+unless the client named none (the session is then the request's own, with no
+history, and identical stateless requests must meet) — and so is a
+conversation the client sent with the request.
 The version prefix changes when this definition does.
 """
 
@@ -25,7 +27,7 @@ def normalised(request: PromptRequest) -> dict[str, object]:
     return {
         "v": KEY_VERSION,
         "tenant": request.tenant_id,
-        "session": request.session_id,
+        "session": "" if request.session_id == request.request_id else request.session_id,
         "prompt": request.prompt,
         "worker": request.worker,
         "model": request.model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ def platform(django_db_setup: None, django_db_blocker: object, session_fakes: Fa
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
     }
+    # Deduplication on, so that the spans carry the key and whether it hit.
+    config = re.sub(r"\[dedup\]\nenabled = false[^\n]*", "[dedup]\nenabled = true\nwindow_s = 60", Path(os.environ["PIPELINE_CONFIG"]).read_text())
+    assert "enabled = true" in config
+    (tmp / "pipeline.toml").write_text(config)
+    env["PIPELINE_CONFIG"] = str(tmp / "pipeline.toml")
     worker_log, gateway_log = tmp / "worker.log", tmp / "gateway.log"
     worker = start_celery_worker(
         "realtime", f"traced-{os.getpid()}@localhost", worker_log, {**env, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path_factory.mktemp("wm"))}
@@ -107,6 +113,8 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     task = one(spans, kind=CONSUMER)
     assert task.service == "orchestrator-worker" and task.parent_id == publish.span_id
     assert task.attributes["request_id"] == request_id and task.attributes["cache_hit"] is False
+    assert len(task.attributes["dedup_key"]) == 64 and root.attributes["dedup_key"] == task.attributes["dedup_key"]
+    assert root.attributes["cache_hit"] is False
 
     stages = [one(spans, name=f"pipeline.{stage}") for stage in STAGES]
     assert all(s.parent_id == task.span_id and s.service == "orchestrator-worker" for s in stages)
@@ -120,6 +128,16 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     # No span of another trace belongs to this request.
     others = [s for s in platform.collector.spans if s.attributes.get("request_id") == request_id and s.trace_id != root.trace_id]
     assert others == []
+    # The same request again is answered from the window: its trace says so, and runs no task.
+    again = post(platform, issued.raw, prompt="trace me", worker="openai")
+    assert again.status_code == 200 and again.json()["request_id"] == request_id
+
+    def hit(spans: list[Span]) -> bool:
+        return any(s.kind == SERVER and s.attributes.get("cache_hit") is True for s in spans)
+
+    served = [s for s in platform.collector.wait_for(hit) if s.kind == SERVER and s.attributes.get("cache_hit") is True]
+    assert served and served[0].attributes["dedup_key"] == task.attributes["dedup_key"]
+    assert not [s for s in platform.collector.spans if s.trace_id == served[0].trace_id and s.kind == CONSUMER]
 
 
 def test_logs_are_json_with_the_pipeline_schema_and_carry_the_trace(platform: Platform, session_fakes: Fakes) -> None:

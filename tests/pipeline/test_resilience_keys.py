@@ -7,7 +7,7 @@ import random
 import subprocess
 import sys
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from pipeline.resilience.backoff import BackoffPolicy, backoff_ceiling, retry_delay
@@ -35,7 +35,12 @@ requests = st.builds(
 def test_equal_requests_give_equal_keys(request: PromptRequest, other_id: str, other_metadata: dict, rnd: random.Random) -> None:
     stops = list(request.stop)
     rnd.shuffle(stops)
-    twin = dataclasses.replace(request, request_id=other_id, metadata=other_metadata, stop=tuple(stops))
+    # A session the client did not name is the request's own: the twin's is its own too
+    # (and a named one cannot be the twin's fresh request id).
+    implicit = request.session_id == request.request_id
+    assume(implicit or other_id != request.session_id)
+    session = other_id if implicit else request.session_id
+    twin = dataclasses.replace(request, request_id=other_id, session_id=session, metadata=other_metadata, stop=tuple(stops))
     assert dedup_key(twin) == dedup_key(request)
 
 
@@ -70,7 +75,7 @@ def test_keys_are_stable_across_processes_and_releases() -> None:
     assert dedup_key(request) == GOLDEN
 
 
-GOLDEN = "fdebfb26488ca2cd3e87120928a4457becaa1ee748053b9f5df5e671e5a5187d"
+GOLDEN = "b6980bdfb092f101bbfceca27f4cf3f656a85c3adbb285040e7d2fce57808e76"  # KEY_VERSION 2
 
 
 policies = st.builds(BackoffPolicy, base_s=st.floats(0.001, 5), max_s=st.floats(0.01, 60), attempts=st.integers(1, 10), retry_after_cap_s=st.floats(0, 120))
@@ -101,3 +106,12 @@ def test_full_jitter_spreads_over_the_whole_range() -> None:
     rnd = random.Random(7)
     delays = [retry_delay(BackoffPolicy(base_s=1, max_s=8, attempts=5), 3, retry_after=None, rng=rnd) for _ in range(2000)]
     assert min(d for d in delays if d is not None) < 0.1 and max(d for d in delays if d is not None) > 7.9
+
+
+def test_requests_without_a_session_of_their_own_meet() -> None:
+    def stateless(request_id: str) -> PromptRequest:
+        return PromptRequest(request_id=request_id, tenant_id="t", session_id=request_id, prompt="p", worker="echo", model="echo-1", max_tokens=8)
+
+    assert dedup_key(stateless("r1")) == dedup_key(stateless("r2"))  # implicit sessions have no history
+    named = dataclasses.replace(stateless("r3"), session_id="conversation-7")
+    assert dedup_key(named) != dedup_key(stateless("r1"))  # a named session's turns are part of the prompt
