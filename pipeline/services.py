@@ -374,6 +374,7 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
         load_history=lambda: selectors.session_history(tenant_id=request.tenant_id, session_id=request.session_id, turns=config.assemble.history_turns),
         worker=worker_pool.get(config, request.worker),
         publish=publish,
+        streaming=True,
     )
     _ctx, result = run_pipeline(request, deps, clock.stages)
     session_turns_append(request=request, reply=result.text)

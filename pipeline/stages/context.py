@@ -24,6 +24,18 @@ class StageContext:
     completion: Completion | None = None
     output: str = ""
     finish_reason: str = "stop"
+    # Set by a streamed inference (stages.streamed): post-processing and publishing
+    # are done, and the time they took inside it.
+    streamed: bool = False
+    carried: Carried | None = None
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Time spent post-processing and publishing inside a streamed inference."""
+
+    post_ns: int = 0
+    stream_ns: int = 0
 
 
 def require_prompt(ctx: StageContext) -> AssembledPrompt:

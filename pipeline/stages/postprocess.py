@@ -8,9 +8,10 @@ the output for any split of a text equals the output for the whole text.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+
+import regex
 
 from pipeline.config import PostprocessConfig, RedactionPattern
 from pipeline.stages.context import StageContext, require_completion
@@ -37,9 +38,10 @@ class FilterResult:
 class TextFilter:
     def __init__(self, *, stops: Iterable[str], patterns: Iterable[RedactionPattern], replacement: str, trim: bool) -> None:
         self._stops = tuple(s for s in stops if s)
-        compiled = [(re.compile(p.pattern), p.max_length) for p in patterns]
-        self._regex = re.compile("|".join(f"(?:{r.pattern})" for r, _ in compiled)) if compiled else None
-        self._holdback = max([len(s) - 1 for s in self._stops] + [n for _, n in compiled] + [0])
+        sources = [p.pattern for p in patterns]
+        # The ``regex`` module, for its partial matches: only a tail that could still
+        # become a match is held back, so text streams as soon as it is safe.
+        self._regex = regex.compile("|".join(f"(?:{source})" for source in sources)) if sources else None
         self._replacement = replacement
         self._trim = trim
         self._raw = ""  # text received but not yet released
@@ -68,13 +70,29 @@ class TextFilter:
         return self.stopped
 
     def _safe_cut(self) -> int:
-        cut = len(self._raw) - self._holdback
+        """Where the released text may end: before any tail that is the beginning of a
+        stop sequence, and before the first match that more text could still change
+        (a partial match at the end, or a complete one that could grow to reach it).
+        A match that could not is final."""
+        raw = self._raw
+        cut = len(raw) - self._stop_prefix(raw)
         if self._regex is not None:
-            for match in self._regex.finditer(self._raw):
-                # A match still touching the end may keep growing; one across the cut is held whole.
-                if match.end() >= len(self._raw) or match.start() < cut < match.end():
+            for match in self._regex.finditer(raw, partial=True):
+                # Held from its start if more text could still make a (longer) match
+                # from there: "a@b.co" followed by "." may yet become "a@b.co.uk".
+                if match.partial or match.end() >= len(raw) or self._regex.fullmatch(raw, pos=match.start(), partial=True):
                     cut = min(cut, match.start())
+                    break
         return max(cut, 0)
+
+    def _stop_prefix(self, raw: str) -> int:
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(raw)), longest, -1):
+                if raw.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
 
     def _release(self, cut: int) -> str:
         head, self._raw = self._raw[:cut], self._raw[cut:]

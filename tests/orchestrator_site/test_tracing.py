@@ -123,8 +123,11 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     assert all(s.attributes["worker"] == "openai" and s.attributes["model"] == "gpt-fake" for s in stages)
     inference = stages[STAGES.index("inference")]
     assert inference.attributes["tokens"] == resp.json()["usage"]["total_tokens"]
-    call = one([s for s in spans if s.kind == CLIENT and s.parent_id == inference.span_id])
-    assert call.service == "orchestrator-worker" and call.attributes.get("http.request.method", call.attributes.get("http.method")) == "POST"
+    # Under the inference: the provider call, and the tokens published as they came (Redis).
+    under = [s for s in spans if s.kind == CLIENT and s.parent_id == inference.span_id]
+    call = one([s for s in under if s.attributes.get("http.request.method", s.attributes.get("http.method")) == "POST"])
+    assert call.service == "orchestrator-worker" and call.attributes.get("url.full", call.attributes.get("http.url", "")).endswith("/chat/completions")
+    assert any(s.name.startswith("XADD") for s in under)
     # No span of another trace belongs to this request.
     others = [s for s in platform.collector.spans if s.attributes.get("request_id") == request_id and s.trace_id != root.trace_id]
     assert others == []

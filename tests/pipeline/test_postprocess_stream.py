@@ -62,5 +62,18 @@ def test_without_stops_or_patterns_everything_is_released_at_once() -> None:
 
 def test_text_is_released_early_when_safe() -> None:
     f = build_filter(PostprocessConfig(redact_emails=False, redact_api_keys=False, trim=False), ("STOP",))
-    assert f.feed("hello world ") == "hello wor"  # holds back len("STOP") - 1 characters
-    assert f.finish() == "ld "
+    assert f.feed("hello world ") == "hello world "  # nothing here could begin "STOP"
+    assert f.feed("and ST") == "and "  # "ST" might: held
+    assert f.feed("ART ") == "START "  # it did not
+    assert f.feed("then STO") == "then " and f.feed("P and more") == "" and f.stopped
+    assert f.finish() == ""
+
+
+def test_only_a_tail_that_could_still_match_is_held() -> None:
+    f = build_filter(PostprocessConfig(trim=False), ())
+    assert f.feed("mail bob") == "mail "  # "bob" may be the start of an address
+    assert f.feed("@ex.com") == ""  # an address, which may still grow
+    assert f.feed(".") == ""  # "bob@ex.com." may yet be "bob@ex.com.uk"
+    assert f.feed(" Then") == "[REDACTED]. "  # it cannot any more; "Then" may begin another
+    assert f.feed(" more") == "Then "
+    assert f.finish() == "more"

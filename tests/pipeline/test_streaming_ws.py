@@ -212,3 +212,22 @@ def test_a_worker_failure_ends_the_stream_with_an_error_not_done(owner: TenantFi
     events = run(scenario)
     assert events[-1]["type"] == "error" and events[-1]["code"].startswith("worker_")
     assert not any(e["type"] == "done" for e in events)
+
+
+@pytest.mark.parametrize(("worker", "fake"), [("openai", "openai"), ("anthropic", "anthropic"), ("llamacpp", "llamacpp"), ("vllm", "vllm")])
+@pytest.mark.parametrize("mode", ["drop", "cut"])
+def test_a_provider_lost_mid_stream_ends_it_with_an_error_after_its_tokens(owner: TenantFixture, fakes: Fakes, worker: str, fake: str, mode: str) -> None:
+    getattr(fakes, fake).mode = mode  # drop: the socket closes mid-body; cut: the body ends without the final event
+
+    async def scenario() -> list[dict[str, Any]]:
+        ws = await connect(owner.key)
+        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "cut me off", "worker": worker}))
+        start = await receive(ws)
+        events = [start, *await until_end(ws, {start["request_id"]})]
+        await ws.disconnect()
+        return events
+
+    events = run(scenario)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "worker_connection_error", events[-1]
+    assert [e["type"] for e in events].count("error") == 1 and not any(e["type"] == "done" for e in events)
+    assert any(e["type"] == "token" for e in events)  # the tokens before the loss reached the client

@@ -1,0 +1,89 @@
+"""Inference, post-processing and publishing as one pass over the worker's stream.
+
+The worker's chunks go through the post-process filter as they arrive and what
+the filter releases is published at once: the first token reaches the token bus
+while the model is still writing, never after the whole reply. A stop sequence
+ends the upstream call (its stream is closed). A worker error after some tokens
+ends the request with that error; retries happen only before the first chunk
+(``resilience.retry``).
+
+The output equals the whole-text post-process of the same reply (the filter's
+property), so the ``post`` and ``stream`` stages have nothing left to do; their
+per-chunk time is carried here and reported as theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from pipeline.config import PostprocessConfig
+from pipeline.stages.context import Carried, StageContext, require_prompt
+from pipeline.stages.postprocess import build_filter
+from pipeline.stages.stream import Publisher
+from pipeline.types import Completion, TokenChunk, Usage
+from workers.base import StreamingModelWorker
+
+_loops = threading.local()
+
+
+def thread_loop() -> asyncio.AbstractEventLoop:
+    """This thread's own event loop, kept for the thread's life: the workers' async
+    HTTP clients (one per loop) keep their connections from one request to the next."""
+    loop = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+    return loop
+
+
+@dataclass
+class _Pass:
+    """What one streamed pass collects."""
+
+    finish: str = "stop"
+    usage: Usage | None = None
+    post_ns: int = 0
+    stream_ns: int = 0
+    raw: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+
+
+def inference_streamed(ctx: StageContext, *, worker: StreamingModelWorker, config: PostprocessConfig, publish: Publisher) -> StageContext:
+    prompt = require_prompt(ctx)
+    text_filter = build_filter(config, ctx.request.stop)
+    state = _Pass()
+
+    def emit(text: str) -> None:
+        if text:
+            started = time.perf_counter_ns()
+            publish(TokenChunk(index=len(state.released), text=text))
+            state.stream_ns += time.perf_counter_ns() - started
+            state.released.append(text)
+
+    def post(text: str | None) -> str:
+        started = time.perf_counter_ns()
+        out = text_filter.finish() if text is None else text_filter.feed(text)
+        state.post_ns += time.perf_counter_ns() - started
+        return out
+
+    async def pump() -> None:
+        stream = worker.infer_stream(prompt)
+        try:
+            async for chunk in stream:
+                state.raw.append(chunk.text)
+                state.finish = chunk.finish_reason or state.finish
+                state.usage = chunk.usage or state.usage
+                emit(post(chunk.text))
+                if text_filter.stopped:
+                    state.finish = "stop"
+                    break  # a stop sequence: the rest of the reply is not wanted
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # ends the upstream call
+
+    thread_loop().run_until_complete(pump())
+    emit(post(None))
+    completion = Completion(text="".join(state.raw), model=prompt.model, worker=worker.name, usage=state.usage or Usage(), finish_reason=state.finish)
+    carried = Carried(post_ns=state.post_ns, stream_ns=state.stream_ns)
+    return replace(ctx, completion=completion, output="".join(state.released), finish_reason=state.finish, carried=carried, streamed=True)
