@@ -8,6 +8,7 @@ the output for any split of a text equals the output for the whole text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -38,10 +39,12 @@ class FilterResult:
 class TextFilter:
     def __init__(self, *, stops: Iterable[str], patterns: Iterable[RedactionPattern], replacement: str, trim: bool) -> None:
         self._stops = tuple(s for s in stops if s)
-        sources = [p.pattern for p in patterns]
-        # The ``regex`` module, for its partial matches: only a tail that could still
-        # become a match is held back, so text streams as soon as it is safe.
-        self._regex = regex.compile("|".join(f"(?:{source})" for source in sources)) if sources else None
+        combined = "|".join(f"(?:{p.pattern})" for p in patterns)
+        # The standard engine finds and replaces matches (it is the faster one); the
+        # ``regex`` module only answers "could more text still make a match here?"
+        # (partial matches), so that just such a tail is held back while streaming.
+        self._regex = re.compile(combined) if combined else None
+        self._partial = regex.compile(combined) if combined else None
         self._replacement = replacement
         self._trim = trim
         self._raw = ""  # text received but not yet released
@@ -56,6 +59,13 @@ class TextFilter:
         if self._cut_at_stop():
             return self._release(len(self._raw))
         return self._release(self._safe_cut())
+
+    def feed_last(self, piece: str) -> str:
+        """``feed(piece) + finish()`` for a whole reply, without the streaming checks."""
+        if not self.stopped:
+            self._raw += piece
+            self._cut_at_stop()
+        return self.finish()
 
     def finish(self) -> str:
         out = self._release(len(self._raw))
@@ -76,13 +86,18 @@ class TextFilter:
         A match that could not is final."""
         raw = self._raw
         cut = len(raw) - self._stop_prefix(raw)
-        if self._regex is not None:
-            for match in self._regex.finditer(raw, partial=True):
-                # Held from its start if more text could still make a (longer) match
-                # from there: "a@b.co" followed by "." may yet become "a@b.co.uk".
-                if match.partial or match.end() >= len(raw) or self._regex.fullmatch(raw, pos=match.start(), partial=True):
-                    cut = min(cut, match.start())
-                    break
+        if self._regex is None or self._partial is None:
+            return cut
+        settled = 0
+        for match in self._regex.finditer(raw):
+            # Held from its start if more text could still make a (longer) match there:
+            # "a@b.co" followed by "." may yet become "a@b.co.uk".
+            if match.end() >= len(raw) or self._partial.fullmatch(raw, pos=match.start(), partial=True):
+                return min(cut, match.start())
+            settled = match.end()
+        tail = self._partial.search(raw, pos=settled, partial=True)  # the beginning of a match, cut short
+        if tail is not None and tail.partial:
+            cut = min(cut, tail.start())
         return max(cut, 0)
 
     def _stop_prefix(self, raw: str) -> int:
@@ -117,6 +132,11 @@ class TextFilter:
         return out
 
 
+def filter_whole(text: str, text_filter: TextFilter) -> FilterResult:
+    out = text_filter.feed_last(text)
+    return FilterResult(text=out, stopped=text_filter.stopped)
+
+
 def filter_text(pieces: Iterable[str], text_filter: TextFilter) -> FilterResult:
     out = "".join(text_filter.feed(p) for p in pieces) + text_filter.finish()
     return FilterResult(text=out, stopped=text_filter.stopped)
@@ -128,5 +148,5 @@ def build_filter(config: PostprocessConfig, request_stops: Iterable[str]) -> Tex
 
 def postprocess(ctx: StageContext, *, config: PostprocessConfig) -> StageContext:
     completion = require_completion(ctx)
-    result = filter_text([completion.text], build_filter(config, ctx.request.stop))
+    result = filter_whole(completion.text, build_filter(config, ctx.request.stop))
     return replace(ctx, output=result.text, finish_reason="stop" if result.stopped else completion.finish_reason)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import PostprocessConfig
-from pipeline.stages.postprocess import TextFilter, build_filter, filter_text
+from pipeline.stages.postprocess import TextFilter, build_filter, filter_text, filter_whole
 
 
 def splits(text: str, cuts: list[int]) -> list[str]:
@@ -31,6 +31,7 @@ def test_any_split_gives_the_whole_text_output(text: str, cuts: list[int], trim:
     whole = filter_text([text], build_filter(config, ()))
     streamed = filter_text(splits(text, cuts), build_filter(config, ()))
     assert streamed == whole
+    assert filter_whole(text, build_filter(config, ())) == whole  # the post stage's path for a whole reply
 
 
 def test_stop_split_across_chunks() -> None:
