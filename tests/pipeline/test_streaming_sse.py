@@ -140,3 +140,23 @@ def test_sse_frames() -> None:
         b'id: 3\nevent: token\ndata: {"type":"token","request_id":"r","seq":3,"text":"hi"}\n\n'
     )
     assert streaming.sse_frame({"type": "start", "request_id": "r"}).startswith(b"event: start\n")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_tokens_arrive_while_the_model_is_still_writing(gateway: str, owner: TenantFixture, fakes: Fakes) -> None:
+    """Nothing buffers the reply: with the provider pausing 0.4 s between its four
+    tokens, the client has the first one long before the last."""
+    import time
+
+    fakes.openai.token_delay_s = 0.4
+    arrivals: list[tuple[float, str]] = []
+    body = {"prompt": "slowly", "worker": "openai", "stream": True}
+    with httpx.stream("POST", f"{gateway}/api/v1/infer", json=body, headers={"Authorization": f"Bearer {owner.key}"}, timeout=30) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                arrivals.append((time.monotonic(), line.removeprefix("event: ")))
+    kinds = [kind for _, kind in arrivals]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("token") >= 2
+    first_token = next(t for t, kind in arrivals if kind == "token")
+    assert arrivals[-1][0] - first_token >= 0.8  # at least two of the provider's pauses came after it
