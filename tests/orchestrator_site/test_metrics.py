@@ -4,7 +4,6 @@ at scrape time from Redis and the broker, and what a scrape does when they are d
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -38,15 +37,6 @@ def scrape() -> Samples:
     assert resp.status_code == 200
     assert resp["Content-Type"].startswith("text/plain; version=")
     return parse(resp.content.decode())
-
-
-@pytest.fixture
-def clean_breakers() -> Iterator[None]:
-    yield
-    bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:breaker:*")
-    if keys:
-        bus.client.delete(*keys)
 
 
 def test_the_exposition_has_every_scrape_time_gauge(clean_breakers: None) -> None:

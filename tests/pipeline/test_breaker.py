@@ -14,7 +14,6 @@ from orchestrator_site.errors import CircuitOpen, ConfigInvalid, WorkerAuthError
 from pipeline import services
 from pipeline.config import BreakerConfig, PipelineSettings, WorkerConfig, load_config
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker
-from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
 from tests.conftest import Fakes, TenantFixture, WorkerProcess
 
@@ -104,15 +103,6 @@ CONFIG = PipelineSettings(
 
 def request(worker: str) -> PromptRequest:
     return PromptRequest(request_id=uuid.uuid4().hex, tenant_id="t", session_id="s", prompt="p", worker=worker, model="gpt-x", max_tokens=5)
-
-
-@pytest.fixture
-def clean_breakers() -> Iterator[None]:
-    yield
-    bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:breaker:*")
-    if keys:
-        bus.client.delete(*keys)
 
 
 def test_routing_while_open_goes_to_the_fallback_or_fails_fast(clean_breakers: None) -> None:

@@ -14,7 +14,7 @@ import redis
 from django.conf import settings
 
 from pipeline import services
-from pipeline.config import DedupConfig, PipelineSettings, get_config, set_config
+from pipeline.config import PipelineSettings
 from pipeline.resilience.dedup import DedupStore, dedup_key
 from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
@@ -73,19 +73,6 @@ def test_concurrent_claims_elect_exactly_one_owner(store: DedupStore) -> None:
     for t in threads:
         t.join()
     assert outcomes.count("claimed") == 1 and outcomes.count("inflight") == 19
-
-
-@pytest.fixture
-def dedup_on() -> Iterator[PipelineSettings]:
-    original = get_config()
-    config = original.model_copy(update={"dedup": DedupConfig(enabled=True, window_s=30)})
-    set_config(config)
-    yield config
-    set_config(original)
-    bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:dedup:*")
-    if keys:
-        bus.client.delete(*keys)
 
 
 def build(tenant: TenantFixture, prompt: str, config: PipelineSettings, worker: str = "echo") -> PromptRequest:

@@ -4,16 +4,13 @@ the Celery worker's own port for the stages, workers and streams, the gateway's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 from django.test import Client
 
 from pipeline import services
-from pipeline.config import DedupConfig, LimitsConfig, PipelineSettings, get_config, set_config
+from pipeline.config import LimitsConfig, PipelineSettings
 from pipeline.models import Tenant
-from pipeline.tokenbus import get_bus
 from pipeline.types import STAGES, PromptRequest
 from tests.conftest import Fakes, TenantFixture, WorkerProcess
 from tests.orchestrator_site.test_metrics import Samples, parse, value
@@ -87,19 +84,6 @@ def test_retries_and_failures_are_counted_per_worker(owner: TenantFixture, realt
     assert delta(after, final, "orchestrator_stream_tokens_total", worker="openai_retry") == 0
 
 
-@pytest.fixture
-def dedup_on() -> Iterator[PipelineSettings]:
-    original = get_config()
-    config = original.model_copy(update={"dedup": DedupConfig(enabled=True, window_s=30)})
-    set_config(config)
-    yield config
-    set_config(original)
-    bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:dedup:*") + bus.client.keys(f"{bus.prefix}:inflight*") + bus.client.keys(f"{bus.prefix}:rate:*")
-    if keys:
-        bus.client.delete(*keys)
-
-
 def prompt(owner: TenantFixture, text: str, config: PipelineSettings) -> PromptRequest:
     return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": text, "session_id": "metrics"}, config=config)
 
@@ -141,15 +125,6 @@ def test_rate_limited_requests_are_counted_by_kind(owner: TenantFixture, dedup_o
     assert owner.client.post("/api/v1/infer", {"prompt": "b", "wait": False}, format="json").status_code == 429
     after = gateway_scrape()
     assert delta(before, after, "orchestrator_rate_limited_total", kind="requests_per_minute") == 1
-
-
-@pytest.fixture
-def clean_breakers() -> Iterator[None]:
-    yield
-    bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:breaker:*")
-    if keys:
-        bus.client.delete(*keys)
 
 
 @pytest.mark.django_db(transaction=True)

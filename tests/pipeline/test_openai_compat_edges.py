@@ -158,3 +158,30 @@ def test_a_completion_in_process_from_the_deduplication_window(owner: TenantFixt
     resp = async_to_sync(call)()
     body = resp.json()
     assert resp.status_code == 200 and body["choices"][0]["message"]["content"] == "from the window" and body["usage"]["total_tokens"] == 4
+
+
+@pytest.mark.django_db
+def test_developer_messages_are_system_messages_and_the_rest_is_kept(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator_site.errors import ServiceUnavailable
+    from pipeline import services
+
+    seen: list[PromptRequest] = []
+
+    def capture(*, request: PromptRequest, rates: Any = None) -> Any:
+        seen.append(request)
+        raise ServiceUnavailable("stop here")  # the request as built is all this test needs
+
+    monkeypatch.setattr(services, "infer_start", capture)
+    messages = [{"role": "developer", "content": "rules"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]
+    resp = post(owner, {"model": "openai/gpt-other", "messages": messages, "max_completion_tokens": 7, "stop": "END", "temperature": 0.2})
+    assert resp.status_code == 503
+    request = seen[0]
+    assert [(m.role, m.content) for m in request.history] == [("system", "rules"), ("assistant", "hi")]
+    assert (request.prompt, request.worker, request.model, request.max_tokens, request.stop, request.temperature) == (
+        "q",
+        "openai",
+        "gpt-other",
+        7,
+        ("END",),
+        0.2,
+    )

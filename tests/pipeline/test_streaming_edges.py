@@ -179,3 +179,33 @@ def test_a_stream_ended_by_timeout_or_done_is_complete(owner: TenantFixture) -> 
 
     events = run(scenario)
     assert [e["type"] for e in events] == ["token", "done"] and events[-1]["worker"] == "echo"
+
+
+def test_an_authorization_header_of_another_scheme_is_refused() -> None:
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        ws = WebsocketCommunicator(application, STREAM, headers=[(b"authorization", b"Basic dXNlcjpwYXNz")])
+        await ws.connect(timeout=10)
+        return await receive(ws), await ws.receive_output(timeout=5)
+
+    error, closed = run(scenario)
+    assert error["code"] == "api_key_invalid" and "Bearer" in error["message"]
+    assert closed == {"type": "websocket.close", "code": 4401}
+
+
+def test_a_request_run_here_that_fails_streams_start_then_its_error(owner: TenantFixture, fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import tokenbus
+    from pipeline.config import PipelineSettings
+    from pipeline.tokenbus import TokenBus
+    from tests.conftest import free_port
+
+    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p", "worker": "openai"}, config=PipelineSettings())
+    request = type(request)(**{**request.__dict__, "worker": "openai", "model": "gpt-fake"})
+    monkeypatch.setattr(tokenbus, "_bus", TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5))
+    fakes.openai.mode = "401"
+
+    async def drain() -> list[dict[str, Any]]:
+        return [e async for e in streaming.prompt_events(request, services.Started("inline", request.request_id), timeout_s=1)]
+
+    events = run(drain)
+    assert [e["type"] for e in events] == ["start", "error"] and events[1]["code"] == "worker_auth_error"
+    assert events[1]["request_id"] == request.request_id
