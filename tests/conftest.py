@@ -52,21 +52,27 @@ def _no_task_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]
     marker = request.node.get_closest_marker("django_db")
     if marker is None or not marker.kwargs.get("transaction"):
         return
+    import redis
+    from django.conf import settings
+
     from orchestrator_site.celery import app
-    from pipeline.tokenbus import get_bus
 
     app.control.purge()
-    bus = get_bus()
+    # Not get_bus(): a test may still have a dead one installed.
+    client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
     deadline = time.monotonic() + 5
-    while True:
-        running = [key for key in bus.client.scan_iter(f"{bus.prefix}:req:*", count=500) if bus.client.hget(key, "status") == "running"]
-        if not running:
-            return
-        if time.monotonic() > deadline:  # a task that will never finish (its test broke it): not waited on again
-            for key in running:
-                bus.client.hset(key, "status", "abandoned")
-            return
-        time.sleep(0.05)
+    try:
+        while True:
+            running = [key for key in client.scan_iter(f"{settings.REDIS_KEY_PREFIX}:req:*", count=500) if client.hget(key, "status") == "running"]
+            if not running:
+                return
+            if time.monotonic() > deadline:  # a task that will never finish (its test broke it): not waited on again
+                for key in running:
+                    client.hset(key, "status", "abandoned")
+                return
+            time.sleep(0.05)
+    finally:
+        client.close()
 
 
 @pytest.fixture(autouse=True)

@@ -46,29 +46,26 @@ def test_oversized_and_binary_messages(owner: TenantFixture, monkeypatch: pytest
 
 
 def test_a_refused_prompt_names_its_request(owner: TenantFixture) -> None:
+    from pipeline.resilience.ratelimit import TenantRates
+
     Tenant.objects.filter(pk=owner.tenant.pk).update(requests_per_minute=1)
     bus = get_bus()
+    assert services.rate_limiter().check(str(owner.tenant.id), "earlier", TenantRates(requests_per_minute=1)).allowed  # the minute's one request
 
-    async def scenario() -> list[dict[str, Any]]:
+    async def scenario() -> dict[str, Any]:
         ws = await connect(owner.key)
-        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "limited", "wait": False}))
-        first = await receive(ws)
-        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "limited", "wait": False}))
-        while True:  # the first one's tokens may come in between
-            second = await receive(ws)
-            if second["type"] == "error":
-                break
+        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "limited"}))
+        refused = await receive(ws)
         await ws.disconnect()
-        return [first, second]
+        return refused
 
     try:
-        first, second = run(scenario)
+        refused = run(scenario)
     finally:
         keys = bus.client.keys(f"{bus.prefix}:rate:*")
         if keys:
             bus.client.delete(*keys)
-    assert first["type"] == "start"
-    assert second["type"] == "error" and second["code"] == "rate_limited" and second["request_id"] and second["data"]["limit"] == 1
+    assert refused["type"] == "error" and refused["code"] == "rate_limited" and refused["request_id"] and refused["data"]["limit"] == 1
 
 
 def test_a_connection_holds_at_most_its_cap_of_streams() -> None:
@@ -194,12 +191,11 @@ def test_an_authorization_header_of_another_scheme_is_refused() -> None:
 
 def test_a_request_run_here_that_fails_streams_start_then_its_error(owner: TenantFixture, fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import tokenbus
-    from pipeline.config import PipelineSettings
+    from pipeline.config import get_config
     from pipeline.tokenbus import TokenBus
     from tests.conftest import free_port
 
-    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p", "worker": "openai"}, config=PipelineSettings())
-    request = type(request)(**{**request.__dict__, "worker": "openai", "model": "gpt-fake"})
+    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p", "worker": "openai"}, config=get_config())
     monkeypatch.setattr(tokenbus, "_bus", TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5))
     fakes.openai.mode = "401"
 
