@@ -113,7 +113,7 @@ def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> 
     key = dedup_key(request)
     kind, value = store.claim(key, request.request_id)
     hit = kind in ("done", "inflight")
-    metrics.DEDUP_REQUESTS.labels("hit" if hit else "miss").inc()
+    metrics.child(metrics.DEDUP_REQUESTS, "hit" if hit else "miss").inc()
     telemetry.annotate(dedup_key=key, cache_hit=hit)
     if kind == "done":
         result = PipelineResult.from_dict(json.loads(value))
@@ -151,7 +151,7 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     limiter = rate_limiter()
     allowed = limiter.check(request.tenant_id, request.request_id, rates)
     if not allowed.allowed:
-        metrics.RATE_LIMITED.labels(allowed.kind).inc()
+        metrics.child(metrics.RATE_LIMITED, allowed.kind).inc()
         limit = getattr(rates, allowed.kind)  # the verdict's kind names the limit's field
         raise RateLimited(
             f"rate limit reached: {limit} {allowed.kind.replace('_', ' ')}",
@@ -162,7 +162,7 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     verdict = gate.acquire(request.tenant_id, request.request_id)
     if not verdict.admitted:
         limiter.forget(request.tenant_id, request.request_id)  # shed by us: not the tenant's to pay for
-        metrics.REQUESTS_SHED.labels(verdict.scope).inc()
+        metrics.child(metrics.REQUESTS_SHED, verdict.scope).inc()
         limit = gate.max_per_tenant if verdict.scope == "tenant" else gate.max_global
         # Shed at once rather than queue without bound: the client retries, nothing waits here.
         raise Overloaded(

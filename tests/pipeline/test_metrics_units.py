@@ -188,3 +188,11 @@ def test_a_failing_stage_is_timed_under_its_error_code() -> None:
 def test_label_children_are_cached() -> None:
     assert metrics.child(metrics.TTFT, "cached") is metrics.child(metrics.TTFT, "cached")
     assert metrics.child(metrics.TTFT, "cached") is not metrics.child(metrics.TTFT, "other")
+
+
+def test_cached_children_of_different_metrics_never_collide() -> None:
+    shed, limited = metrics.child(metrics.REQUESTS_SHED, "tenant"), metrics.child(metrics.RATE_LIMITED, "tenant")
+    assert shed is not limited
+    before = sample("orchestrator_requests_shed_total", scope="tenant")
+    shed.inc()
+    assert sample("orchestrator_requests_shed_total", scope="tenant") == before + 1

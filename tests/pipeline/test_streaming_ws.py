@@ -56,16 +56,22 @@ async def until_end(ws: WebsocketCommunicator, request_ids: set[str] | None = No
                 return events
 
 
-def test_header_auth_then_a_prompt_streams_start_tokens_done(owner: TenantFixture) -> None:
+def one_prompt(key: str, **fields: object) -> list[dict[str, Any]]:
+    """Every event of one prompt on a fresh connection, its start first."""
+
     async def scenario() -> list[dict[str, Any]]:
-        ws = await connect(owner.key)
-        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "stream me please", "worker": "openai"}))
+        ws = await connect(key)
+        await ws.send_to(text_data=json.dumps({"type": "prompt", **fields}))
         start = await receive(ws)
         events = [start, *await until_end(ws, {start["request_id"]})]
         await ws.disconnect()
         return events
 
-    events = run(scenario)
+    return run(scenario)
+
+
+def test_header_auth_then_a_prompt_streams_start_tokens_done(owner: TenantFixture) -> None:
+    events = one_prompt(owner.key, prompt="stream me please", worker="openai")
     assert events[0]["type"] == "start" and events[-1]["type"] == "done"
     rid = events[0]["request_id"]
     tokens = [e for e in events if e["type"] == "token"]
@@ -201,15 +207,7 @@ def test_resume_replays_after_a_sequence_number(owner: TenantFixture, outsider: 
 def test_a_worker_failure_ends_the_stream_with_an_error_not_done(owner: TenantFixture, fakes: Fakes) -> None:
     fakes.openai.mode = "401"  # the worker fails (mid-stream drops: once the worker streams from the provider)
 
-    async def scenario() -> list[dict[str, Any]]:
-        ws = await connect(owner.key)
-        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "cut", "worker": "openai"}))
-        start = await receive(ws)
-        events = [start, *await until_end(ws, {start["request_id"]})]
-        await ws.disconnect()
-        return events
-
-    events = run(scenario)
+    events = one_prompt(owner.key, prompt="cut", worker="openai")
     assert events[-1]["type"] == "error" and events[-1]["code"].startswith("worker_")
     assert not any(e["type"] == "done" for e in events)
 
@@ -219,15 +217,7 @@ def test_a_worker_failure_ends_the_stream_with_an_error_not_done(owner: TenantFi
 def test_a_provider_lost_mid_stream_ends_it_with_an_error_after_its_tokens(owner: TenantFixture, fakes: Fakes, worker: str, fake: str, mode: str) -> None:
     getattr(fakes, fake).mode = mode  # drop: the socket closes mid-body; cut: the body ends without the final event
 
-    async def scenario() -> list[dict[str, Any]]:
-        ws = await connect(owner.key)
-        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "cut me off", "worker": worker}))
-        start = await receive(ws)
-        events = [start, *await until_end(ws, {start["request_id"]})]
-        await ws.disconnect()
-        return events
-
-    events = run(scenario)
+    events = one_prompt(owner.key, prompt="cut me off", worker=worker)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "worker_connection_error", events[-1]
     assert [e["type"] for e in events].count("error") == 1 and not any(e["type"] == "done" for e in events)
     assert any(e["type"] == "token" for e in events)  # the tokens before the loss reached the client
