@@ -11,7 +11,10 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+# One gate run is three side-by-side comparisons of ~8 s on a quiet machine; a
+# slowdown is confirmed twice more and a disturbed run is repeated, so on a busy
+# CI host the 120 s default was seen to cut a correct run short.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 PACKAGES = ("orchestrator_site", "pipeline", "workers", "batches")
 
@@ -42,7 +45,7 @@ def gate(base: Path, head: Path) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=280,
     )
 
 
