@@ -23,6 +23,7 @@ per integration with ``raise ... from exc``.
     ├── NotFound ................................. 404 not_found
     ├── MethodNotAllowed ......................... 405 method_not_allowed
     ├── RequestTimeout ........................... 504 request_timeout
+    ├── RequestCancelled ......................... 499 request_cancelled (every reader of the stream left)
     ├── ServiceUnavailable ....................... 503 service_unavailable
     ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
     ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
@@ -179,6 +180,16 @@ class RequestTimeout(OrchestratorError):
     http_status = 504
     ws_close_code = 4504
     default_message = "the request did not finish in time"
+
+
+class RequestCancelled(OrchestratorError):
+    """Every client reading the request's stream went away, so its upstream call
+    was stopped. Only a client that resumes afterwards ever sees it."""
+
+    code = "request_cancelled"
+    http_status = 499  # nginx's "client closed request"
+    ws_close_code = 4499
+    default_message = "every client of this request went away; it was stopped"
 
 
 class ServiceUnavailable(OrchestratorError):

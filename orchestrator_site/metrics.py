@@ -17,17 +17,22 @@ Besides the recorded metrics (``pipeline.metrics``), a scrape computes:
 - ``orchestrator_queue_depth{queue}``, read from the broker;
 - ``orchestrator_realtime_inflight``, the admitted real-time requests, from Redis;
 - ``orchestrator_metrics_source_up{source}``: 0 when Redis or the broker could
-  not be read (their gauges are then missing from this scrape, not zero).
+  not be read (their gauges are then missing from this scrape, not zero);
+- ``orchestrator_gateway_asyncio_tasks``: the asyncio tasks alive in the gateway
+  process that answered the scrape (streams, WebSocket connections): a number
+  that keeps growing under steady traffic is a leak.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import structlog
 from amqp.exceptions import ChannelError as AmqpChannelError
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_GET
@@ -141,16 +146,31 @@ def _queue_size(conn: Any, name: str) -> int:
         channel.close()
 
 
-def exposition_registry() -> CollectorRegistry:
+class GatewayTasks(Collector):
+    """The asyncio tasks of the gateway's event loop, counted on that loop."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily("orchestrator_gateway_asyncio_tasks", "Asyncio tasks alive in the gateway process that served this scrape.", value=self._count)
+
+
+def exposition_registry(*extra: Collector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Derived(_source()))
     registry.register(Live())
+    for collector in extra:
+        registry.register(collector)
     return registry
 
 
 @require_GET
-def metrics_view(request: HttpRequest) -> HttpResponse:
-    return HttpResponse(generate_latest(exposition_registry()), content_type=CONTENT_TYPE_LATEST)
+async def metrics_view(request: HttpRequest) -> HttpResponse:
+    tasks = len(asyncio.all_tasks())  # on the gateway's loop, before leaving it
+    # Reading Redis and the broker blocks: off the event loop.
+    body = await sync_to_async(generate_latest, thread_sensitive=False)(exposition_registry(GatewayTasks(tasks)))
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
 
 
 def serve_worker_metrics(port: int, addr: str) -> None:

@@ -11,6 +11,7 @@ client sends can crash it: every failure becomes an ``error`` message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -63,8 +64,11 @@ class StreamConsumer(AsyncWebsocketConsumer):
             await self.send_event({"type": "authenticated", "tenant_id": self.principal.tenant_id})
 
     async def disconnect(self, code: int) -> None:
+        # The client left: every stream stops reading and signs out of its token
+        # stream before the consumer ends (the last reader out stops the request).
         for task in self.streams.values():
             task.cancel()
+        await asyncio.gather(*self.streams.values(), return_exceptions=True)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:
@@ -152,8 +156,9 @@ class StreamConsumer(AsyncWebsocketConsumer):
     def _forward(self, request_id: str, events: Any) -> None:
         async def pump() -> None:
             try:
-                async for event in events:
-                    await self.send_event(event)
+                async with contextlib.aclosing(events):  # a cancelled pump signs out of the stream at once
+                    async for event in events:
+                        await self.send_event(event)
             except asyncio.CancelledError:
                 raise  # the client left: stop reading
             except Exception as exc:  # stream boundary: this stream ends with an error, the others go on

@@ -36,6 +36,8 @@ class PipelineDeps:
     # Stream from the worker, post-processing and publishing chunk by chunk
     # (stages.streamed), when the worker can; otherwise one reply, then post, then publish.
     streaming: bool = False
+    # Asked while the upstream is silent: does anyone still read this request's stream?
+    still_wanted: Callable[[], bool] | None = None
 
 
 Stage = Callable[[StageContext, PipelineDeps], StageContext]
@@ -50,7 +52,7 @@ def _assemble(ctx: StageContext, deps: PipelineDeps) -> StageContext:
 def _inference(ctx: StageContext, deps: PipelineDeps) -> StageContext:
     worker = deps.worker
     if deps.streaming and worker.supports_streaming and isinstance(worker, StreamingModelWorker):
-        return inference_streamed(ctx, worker=worker, config=deps.config.postprocess, publish=deps.publish)
+        return inference_streamed(ctx, worker=worker, config=deps.config.postprocess, publish=deps.publish, still_wanted=deps.still_wanted)
     return inference(ctx, worker=worker)
 
 

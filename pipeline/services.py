@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from orchestrator_site.errors import (
     Overloaded,
     PermanentWorkerError,
     RateLimited,
+    RequestCancelled,
     RequestTimeout,
     ServiceUnavailable,
     TransientWorkerError,
@@ -190,19 +192,19 @@ async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineRes
     """The result, read from the request's token stream (never a Celery result backend).
     If Redis goes away meanwhile, the request is run here instead: an accepted
     request is answered (its worker's answer, if any, had nowhere to go)."""
-    events = get_bus().events(request.request_id, timeout_s=timeout_s)
-    while True:
-        try:
-            event = await anext(events)
-        except StopAsyncIteration:
-            break
-        except ServiceUnavailable as exc:
-            shared_state.failed("wait for the result", exc.__cause__ or exc)
-            return await sync_to_async(infer_inline, thread_sensitive=False)(request=request)
-        if event.type == "done":
-            return PipelineResult.from_dict(event.data)
-        if event.type == "error":
-            raise OrchestratorError.from_dict(event.data)
+    async with contextlib.aclosing(get_bus().events(request.request_id, timeout_s=timeout_s)) as events:
+        while True:
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+            except ServiceUnavailable as exc:
+                shared_state.failed("wait for the result", exc.__cause__ or exc)
+                return await sync_to_async(infer_inline, thread_sensitive=False)(request=request)
+            if event.type == "done":
+                return PipelineResult.from_dict(event.data)
+            if event.type == "error":
+                raise OrchestratorError.from_dict(event.data)
     raise RequestTimeout(f"no result within {timeout_s:g}s; poll GET /api/v1/status/{request.request_id}", data={"request_id": request.request_id})
 
 
@@ -364,8 +366,8 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
     bus = get_bus()
 
     def publish(chunk: TokenChunk) -> None:
-        if on_bus:
-            bus.publish(request.request_id, "token", {"seq": clock.tokens, "text": chunk.text})
+        if on_bus and not bus.publish_token(request.request_id, {"seq": clock.tokens, "text": chunk.text}):
+            raise RequestCancelled(data={"after_tokens": clock.tokens})  # every reader left: stop the upstream call
         clock.token()
 
     deps = PipelineDeps(
@@ -375,6 +377,7 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
         worker=worker_pool.get(config, request.worker),
         publish=publish,
         streaming=True,
+        still_wanted=(lambda: bus.wanted(request.request_id)) if on_bus else None,
     )
     _ctx, result = run_pipeline(request, deps, clock.stages)
     session_turns_append(request=request, reply=result.text)
@@ -383,7 +386,8 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
 
 def _record_failure(request: PromptRequest, error: OrchestratorError, clock: metrics.StreamClock | None = None) -> None:
     bus = get_bus()
-    log.warning("request_failed", request_id=request.request_id, session_id=request.session_id, outcome="error", error_code=error.code)
+    outcome = "cancelled" if isinstance(error, RequestCancelled) else "error"
+    log.warning("request_failed", request_id=request.request_id, session_id=request.session_id, outcome=outcome, error_code=error.code)
     bus.publish(request.request_id, "error", error.to_dict())
     bus.set_status(request.request_id, status="failed")
     if clock:

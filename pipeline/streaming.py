@@ -6,12 +6,17 @@ terminal event, always (docs/streaming.md).
 The events come from the request's token stream in Redis, which every reader
 reads from any position at its own pace: an attached (deduplicated) request and
 a resumed one read the same stream as the original.
+
+Every generator here is closed by whoever reads it (``contextlib.aclosing``), so
+that a client's leaving reaches the token bus at once: the reader signs out, and
+the request stops when its last reader has gone (``tokenbus``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import structlog
@@ -44,7 +49,7 @@ def error_event(request_id: str | None, error: OrchestratorError) -> Event:
     return {"type": "error", "request_id": request_id, **error.to_dict()}
 
 
-async def prompt_events(request: PromptRequest, started: services.Started, *, timeout_s: float) -> AsyncIterator[Event]:
+async def prompt_events(request: PromptRequest, started: services.Started, *, timeout_s: float) -> AsyncGenerator[Event, None]:
     """The events of a request the gateway has just started (``services.infer_start``)."""
     rid = request.request_id
     yield {"type": "start", "request_id": rid}
@@ -56,44 +61,45 @@ async def prompt_events(request: PromptRequest, started: services.Started, *, ti
         async for event in _inline(request):
             yield event
         return
-    async for event in stream_events(started.request_id, client_request_id=rid, timeout_s=timeout_s, rerun=request):
-        yield event
+    async with contextlib.aclosing(stream_events(started.request_id, client_request_id=rid, timeout_s=timeout_s, rerun=request)) as events:
+        async for event in events:
+            yield event
 
 
 async def stream_events(
     stream_id: str, *, client_request_id: str, timeout_s: float, after_seq: int = -1, rerun: PromptRequest | None = None
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Token, then done or error events from the stream ``stream_id``, after
     ``after_seq``, labelled with the client's request id (an attached request reads
     the stream of the identical request it shares). If Redis goes away before any
     token was sent, ``rerun`` (the client's request) is run here instead."""
     sent = False
-    events = get_bus().events(stream_id, timeout_s=timeout_s)
-    while True:
-        try:
-            event = await anext(events)
-        except StopAsyncIteration:
-            yield error_event(client_request_id, RequestTimeout(f"no result within {timeout_s:g}s", data={"request_id": client_request_id}))
-            return
-        except ServiceUnavailable as exc:
-            shared_state.failed("stream the result", exc.__cause__ or exc)
-            if sent or rerun is None:  # part of the answer is out (a rerun would repeat it), or nothing to rerun
-                yield error_event(client_request_id, ServiceUnavailable("the token stream was lost", data={"service": "redis"}))
+    async with contextlib.aclosing(get_bus().events(stream_id, timeout_s=timeout_s)) as events:
+        while True:
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                yield error_event(client_request_id, RequestTimeout(f"no result within {timeout_s:g}s", data={"request_id": client_request_id}))
                 return
-            async for inline_event in _inline(rerun):
-                yield inline_event
-            return
-        if event.type == "token":
-            seq = int(event.data.get("seq", 0))
-            if seq > after_seq:
-                sent = True
-                yield {"type": "token", "request_id": client_request_id, "seq": seq, "text": str(event.data.get("text", ""))}
-        elif event.type == "done":
-            yield done_event(client_request_id, PipelineResult.from_dict(event.data))
-            return
-        elif event.type == "error":
-            yield error_event(client_request_id, OrchestratorError.from_dict(event.data))
-            return
+            except ServiceUnavailable as exc:
+                shared_state.failed("stream the result", exc.__cause__ or exc)
+                if sent or rerun is None:  # part of the answer is out (a rerun would repeat it), or nothing to rerun
+                    yield error_event(client_request_id, ServiceUnavailable("the token stream was lost", data={"service": "redis"}))
+                    return
+                async for inline_event in _inline(rerun):
+                    yield inline_event
+                return
+            if event.type == "token":
+                seq = int(event.data.get("seq", 0))
+                if seq > after_seq:
+                    sent = True
+                    yield {"type": "token", "request_id": client_request_id, "seq": seq, "text": str(event.data.get("text", ""))}
+            elif event.type == "done":
+                yield done_event(client_request_id, PipelineResult.from_dict(event.data))
+                return
+            elif event.type == "error":
+                yield error_event(client_request_id, OrchestratorError.from_dict(event.data))
+                return
 
 
 async def _whole(request_id: str, result: PipelineResult) -> AsyncIterator[Event]:

@@ -4,6 +4,12 @@ and one status hash (``<prefix>:req:<request_id>``), both with a TTL.
 The producer (a Celery task) appends ``token``, ``done`` and ``error`` events;
 every reader reads from any position at its own pace. Redis failures become
 ``ServiceUnavailable`` here and nowhere else.
+
+Readers sign in (``<prefix>:subs:<request_id>``, a sorted set of leases) so that
+the producer can tell when nobody reads any more: a request whose every reader
+has left is not wanted, and its upstream call is stopped (``wanted``). A request
+nobody ever read (``"wait": false``, polled later) and one a reader gave up on at
+its timeout (the client was told to poll) run to the end.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +35,15 @@ from redis.retry import Retry
 from orchestrator_site.errors import ServiceUnavailable
 
 TERMINAL = frozenset({"done", "error"})
+
+# A stream's reader set (a sorted set) holds each reader's lease as the negated
+# time it runs out: a reader renews with ZADD LT (only ever later), and signs out
+# by setting -inf, which no renewal can undo, however late it reaches Redis (a read
+# cancelled mid-flight can land after the sign-out, on another connection).
+# A reader that vanished without signing out (a killed gateway) stops counting
+# after READER_LEASE_S; a reader renews its lease every time it reads (at most every 5 s).
+READER_LEASE_S = 15.0
+KEEP = "!"  # someone was told to poll for the result: finish it whatever happens (score +inf)
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,9 @@ class TokenBus:
     def status_key(self, request_id: str) -> str:
         return f"{self.prefix}:req:{request_id}"
 
+    def readers_key(self, request_id: str) -> str:
+        return f"{self.prefix}:subs:{request_id}"
+
     @property
     def client(self) -> redis.Redis:
         if self._sync is None:
@@ -113,6 +132,24 @@ class TokenBus:
             entry_id, _ = pipe.execute()
         return str(entry_id)
 
+    def publish_token(self, request_id: str, data: dict[str, Any]) -> bool:
+        """Append a token; False when every reader of the stream has left (one round trip)."""
+        key, readers = self.stream_key(request_id), self.readers_key(request_id)
+        with redis_errors("publish to the token bus"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(key, {"type": "token", "data": json.dumps(data)}, maxlen=self.maxlen, approximate=True)
+            pipe.expire(key, self.ttl_s)
+            _queue_readers_check(pipe, readers)
+            _entry, _ttl, *check = pipe.execute()
+        return _still_wanted(check)
+
+    def wanted(self, request_id: str) -> bool:
+        """False once every reader of the stream has left (signed out or lease run out)."""
+        with redis_errors("count the stream's readers"):
+            pipe = self.client.pipeline(transaction=False)
+            _queue_readers_check(pipe, self.readers_key(request_id))
+            return _still_wanted(pipe.execute())
+
     def set_status(self, request_id: str, **fields: str) -> None:
         key = self.status_key(request_id)
         with redis_errors("record the request status"):
@@ -133,24 +170,74 @@ class TokenBus:
         return [_event(entry_id, fields) for entry_id, fields in entries]
 
     # --- consumer side (async: the gateway) ---------------------------------------
-    async def events(self, request_id: str, *, after: str = "0-0", timeout_s: float) -> AsyncIterator[BusEvent]:
-        """Events after ``after`` until a terminal one; stops quietly at ``timeout_s``."""
-        key = self.stream_key(request_id)
+    async def events(self, request_id: str, *, after: str = "0-0", timeout_s: float) -> AsyncGenerator[BusEvent, None]:
+        """Events after ``after`` until a terminal one; stops quietly at ``timeout_s``.
+
+        The reader holds a lease on the stream while it reads, and gives it back when
+        it stops (close the generator: ``contextlib.aclosing``). At ``timeout_s`` the
+        request is kept: its client was told to poll for the result."""
+        key, readers = self.stream_key(request_id), self.readers_key(request_id)
+        me = uuid.uuid4().hex
         deadline = time.monotonic() + timeout_s
         client = self._aclient()
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0:
-                return
-            with redis_errors("read the token bus"):
-                reply: Any = await client.xread({key: after}, count=256, block=min(remaining_ms, 5000))
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    after = entry_id
-                    event = _event(entry_id, fields)
-                    yield event
-                    if event.type in TERMINAL:
-                        return
+        kept = False
+        try:
+            while True:
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    kept = True
+                    await self._keep(readers)
+                    return
+                with redis_errors("read the token bus"):
+                    # The lease and the read in one round trip.
+                    pipe = client.pipeline(transaction=False)
+                    pipe.zadd(readers, {me: -(time.time() + READER_LEASE_S)}, lt=True)
+                    pipe.expire(readers, self.ttl_s)
+                    pipe.xread({key: after}, count=256, block=min(remaining_ms, 5000))
+                    *_lease, reply = await pipe.execute()
+                _raise_if_cancelled()
+                for _stream, entries in reply or []:
+                    for entry_id, fields in entries:
+                        after = entry_id
+                        event = _event(entry_id, fields)
+                        yield event
+                        if event.type in TERMINAL:
+                            return
+        finally:
+            if not kept:
+                await self._sign_out(readers, me)
+
+    async def _keep(self, readers: str) -> None:
+        with redis_errors("keep the request"):
+            await self._aclient().zadd(readers, {KEEP: float("inf")})
+
+    async def _sign_out(self, readers: str, me: str) -> None:
+        # Also on a cancelled read (the client left); Redis being away is no news here.
+        with contextlib.suppress(redis.RedisError):
+            await self._aclient().zadd(readers, {me: float("-inf")})
+
+
+def _raise_if_cancelled() -> None:
+    """redis-py's async client sometimes swallows a cancellation that lands during a
+    call (about 1 in 12 cancels of a blocked XREAD, redis 8.1 on Python 3.11: the task
+    stays "cancelling" and reads on), which would keep a departed client's stream
+    read to the end. The request is still on the task: honour it here."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _queue_readers_check(pipe: Any, readers: str) -> None:
+    pipe.zcard(readers)  # anyone ever (signed out ones included)
+    pipe.zcount(readers, "(-inf", -time.time())  # leases still running
+    pipe.zscore(readers, KEEP)
+
+
+def _still_wanted(check: list[Any]) -> bool:
+    """Wanted unless someone read the stream and every reader has left (signed out
+    or lease run out), and nobody asked to keep the request."""
+    ever, live, keep = check
+    return keep is not None or int(ever) == 0 or int(live) > 0
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> BusEvent:

@@ -172,6 +172,7 @@ class Fakes:
         for fake in self.all():
             fake.mode, fake.token_delay_s, fake.tokens = "ok", 0.0, ["Hello", ",", " world", "!"]
             fake.fail_times, fake.fail_mode = 0, "503"
+            fake.client_aborts.clear()
 
 
 def _pipeline_toml(fakes: Fakes) -> str:

@@ -12,9 +12,10 @@ SDK reads (``error.message``, ``error.code``, the HTTP status).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from adrf.views import APIView as AsyncAPIView
@@ -138,26 +139,27 @@ class ChatCompletionsApi(AsyncAPIView):
         return Response(await _completion(events, name))
 
 
-async def _completion(events: AsyncIterator[streaming.Event], model: str) -> dict[str, Any]:
+async def _completion(events: AsyncGenerator[streaming.Event, None], model: str) -> dict[str, Any]:
     text: list[str] = []
-    async for event in events:
-        if event["type"] == "token":
-            text.append(event["text"])
-        elif event["type"] == "error":
-            raise OrchestratorError.from_dict(event)
-        elif event["type"] == "done":
-            return {
-                "id": f"chatcmpl-{event['request_id']}",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": event["finish_reason"]}],
-                "usage": event["usage"],
-            }
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if event["type"] == "token":
+                text.append(event["text"])
+            elif event["type"] == "error":
+                raise OrchestratorError.from_dict(event)
+            elif event["type"] == "done":
+                return {
+                    "id": f"chatcmpl-{event['request_id']}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": event["finish_reason"]}],
+                    "usage": event["usage"],
+                }
     raise OrchestratorError("the stream ended without an answer")
 
 
-def _chunk_stream(events: AsyncIterator[streaming.Event], model: str, include_usage: bool) -> StreamingHttpResponse:
+def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, include_usage: bool) -> StreamingHttpResponse:
     created = int(time.time())
 
     def chunk(request_id: str, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -169,22 +171,23 @@ def _chunk_stream(events: AsyncIterator[streaming.Event], model: str, include_us
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
 
-    async def openai_events() -> AsyncIterator[dict[str, Any]]:
-        async for event in events:
-            rid = event["request_id"]
-            if event["type"] == "start":
-                yield {"data": chunk(rid, {"role": "assistant", "content": ""})}
-            elif event["type"] == "token":
-                yield {"data": chunk(rid, {"content": event["text"]})}
-            elif event["type"] == "done":
-                yield {"data": chunk(rid, {}, event["finish_reason"])}
-                if include_usage:
-                    yield {"data": {**chunk(rid, {}), "choices": [], "usage": event["usage"]}}
-                yield {"done": True}
-            elif event["type"] == "error":
-                # What OpenAI sends when a stream fails: the SDK raises it as an APIError.
-                yield {"data": {"error": {"message": event["message"], "type": event["code"], "code": event["code"], "param": None}}}
-                return
+    async def openai_events() -> AsyncGenerator[dict[str, Any], None]:
+        async with contextlib.aclosing(events):
+            async for event in events:
+                rid = event["request_id"]
+                if event["type"] == "start":
+                    yield {"data": chunk(rid, {"role": "assistant", "content": ""})}
+                elif event["type"] == "token":
+                    yield {"data": chunk(rid, {"content": event["text"]})}
+                elif event["type"] == "done":
+                    yield {"data": chunk(rid, {}, event["finish_reason"])}
+                    if include_usage:
+                        yield {"data": {**chunk(rid, {}), "choices": [], "usage": event["usage"]}}
+                    yield {"done": True}
+                elif event["type"] == "error":
+                    # What OpenAI sends when a stream fails: the SDK raises it as an APIError.
+                    yield {"data": {"error": {"message": event["message"], "type": event["code"], "code": event["code"], "param": None}}}
+                    return
 
     crashed = {"data": {"error": {"message": "internal error", "type": "internal_error", "code": "internal_error", "param": None}}}
     return sse_response(openai_events(), frame=_openai_frame, crashed=crashed)

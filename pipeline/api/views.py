@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -26,7 +26,7 @@ from pipeline.config import get_config
 log = structlog.get_logger("pipeline.api")
 
 
-def sse_response(events: AsyncIterator[Any], *, frame: Callable[[Any], bytes] = streaming.sse_frame, crashed: Any = None) -> StreamingHttpResponse:
+def sse_response(events: AsyncGenerator[Any, None], *, frame: Callable[[Any], bytes] = streaming.sse_frame, crashed: Any = None) -> StreamingHttpResponse:
     """``text/event-stream``, each event framed and sent as it comes (docs/streaming.md)."""
     last = crashed if crashed is not None else streaming.error_event(None, OrchestratorError("internal error"))
 
@@ -37,6 +37,8 @@ def sse_response(events: AsyncIterator[Any], *, frame: Callable[[Any], bytes] = 
         except Exception as exc:  # stream boundary: the client gets a last error event, never a hung response
             log.exception("stream_crashed", outcome="error", error_type=type(exc).__name__)
             yield frame(last)
+        finally:
+            await events.aclose()  # the client left: sign out of the stream now
 
     response = StreamingHttpResponse(frames(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"

@@ -7,6 +7,11 @@ ends the upstream call (its stream is closed). A worker error after some tokens
 ends the request with that error; retries happen only before the first chunk
 (``resilience.retry``).
 
+A request nobody wants any more (every reader of its stream left) is stopped:
+``publish`` raises ``RequestCancelled`` when it finds that out, and while the
+upstream is silent ``still_wanted`` is asked every ``WATCH_S``. Either way the
+upstream call is closed within a second of the last reader leaving.
+
 The output equals the whole-text post-process of the same reply (the filter's
 property), so the ``post`` and ``stream`` stages have nothing left to do; their
 per-chunk time is carried here and reported as theirs.
@@ -17,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from orchestrator_site.errors import RequestCancelled
 from pipeline.config import PostprocessConfig
 from pipeline.stages.context import Carried, StageContext, require_prompt
 from pipeline.stages.postprocess import build_filter
@@ -27,6 +34,7 @@ from pipeline.types import Completion, TokenChunk, Usage
 from workers.base import StreamingModelWorker
 
 _loops = threading.local()
+WATCH_S = 0.25  # how long the upstream may be silent before the producer asks who still reads
 
 
 def thread_loop() -> asyncio.AbstractEventLoop:
@@ -48,9 +56,18 @@ class _Pass:
     stream_ns: int = 0
     raw: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    last_heard: float = field(default_factory=time.monotonic)
+    abandoned: bool = False
 
 
-def inference_streamed(ctx: StageContext, *, worker: StreamingModelWorker, config: PostprocessConfig, publish: Publisher) -> StageContext:
+def inference_streamed(
+    ctx: StageContext,
+    *,
+    worker: StreamingModelWorker,
+    config: PostprocessConfig,
+    publish: Publisher,
+    still_wanted: Callable[[], bool] | None = None,
+) -> StageContext:
     prompt = require_prompt(ctx)
     text_filter = build_filter(config, ctx.request.stop)
     state = _Pass()
@@ -72,6 +89,7 @@ def inference_streamed(ctx: StageContext, *, worker: StreamingModelWorker, confi
         stream = worker.infer_stream(prompt)
         try:
             async for chunk in stream:
+                state.last_heard = time.monotonic()
                 state.raw.append(chunk.text)
                 state.finish = chunk.finish_reason or state.finish
                 state.usage = chunk.usage or state.usage
@@ -82,7 +100,29 @@ def inference_streamed(ctx: StageContext, *, worker: StreamingModelWorker, confi
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # ends the upstream call
 
-    thread_loop().run_until_complete(pump())
+    async def watch(task: asyncio.Future[None], ask: Callable[[], bool]) -> None:
+        while not task.done():
+            await asyncio.sleep(WATCH_S)
+            if time.monotonic() - state.last_heard >= WATCH_S and not task.done() and not ask():
+                state.abandoned = True
+                task.cancel()  # closes the upstream stream (pump's finally)
+                return
+
+    async def run() -> None:
+        task = asyncio.ensure_future(pump())
+        watcher = asyncio.ensure_future(watch(task, still_wanted)) if still_wanted else None
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not state.abandoned:
+                raise
+            raise RequestCancelled(data={"after_tokens": len(state.released)}) from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+
+    thread_loop().run_until_complete(run())
     emit(post(None))
     completion = Completion(text="".join(state.raw), model=prompt.model, worker=worker.name, usage=state.usage or Usage(), finish_reason=state.finish)
     carried = Carried(post_ns=state.post_ns, stream_ns=state.stream_ns)

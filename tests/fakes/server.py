@@ -67,6 +67,9 @@ class FakeProvider:
         self.requests: list[dict[str, Any]] = []
         self.headers_seen: list[dict[str, str]] = []
         self.open_connections = 0
+        self.active_streams = 0  # SSE bodies being written right now
+        self.client_aborts: list[float] = []  # time.monotonic() of each stream its client closed
+        self.streams_written = 0  # SSE bodies written to their end
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -192,6 +195,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        provider = self.provider
+        with provider._lock:
+            provider.active_streams += 1
+        try:
+            self._write_events(reply)
+            with provider._lock:
+                provider.streams_written += 1
+        except OSError:  # BrokenPipe, ConnectionReset, ...
+            # The client closed the stream (a cancelled request): what a real provider sees.
+            with provider._lock:
+                provider.client_aborts.append(time.monotonic())
+            self.close_connection = True
+        finally:
+            with provider._lock:
+                provider.active_streams -= 1
+
+    def _write_events(self, reply: SseReply) -> None:
         for n, event in enumerate(reply.events):
             if reply.drop_after is not None and n >= reply.drop_after:
                 # Mid-stream drop: no terminating zero-length chunk, socket closed.

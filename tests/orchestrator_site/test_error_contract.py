@@ -27,6 +27,7 @@ CONTRACT = {
     "not_found": (404, 4404),
     "method_not_allowed": (405, 4405),
     "request_timeout": (504, 4504),
+    "request_cancelled": (499, 4499),
     "service_unavailable": (503, 4503),
     "overloaded": (503, 4503),
     "rate_limited": (429, 4429),

@@ -92,6 +92,7 @@ def test_gateway_submit_stays_within_budget(owner: TenantFixture, monkeypatch: p
     from pipeline.tasks import run_realtime
 
     monkeypatch.setattr(run_realtime, "apply_async", lambda args, retry: None)  # the broker publish is kombu's, counted apart
+
     def build() -> PromptRequest:
         return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
 
