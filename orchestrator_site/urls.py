@@ -8,10 +8,12 @@ from orchestrator_site.health import health_view
 from orchestrator_site.metrics import metrics_view
 from pipeline.api.errors import not_found_view
 from pipeline.api.openai_compat import ChatCompletionsApi, ModelsApi
+from pipeline.playground import playground_view
 
 urlpatterns = [
     path("health", health_view, name="health"),
     path("metrics", metrics_view, name="metrics"),
+    path("playground", playground_view, name="playground"),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
     path("api/v1/", include("pipeline.api.urls")),

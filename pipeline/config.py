@@ -151,6 +151,9 @@ class WorkerConfig(_Strict):
     retry: RetryConfig = RetryConfig()
     breaker: BreakerConfig = BreakerConfig()
     fallback: str = ""  # the worker that serves this one's requests while its circuit is open
+    # What the provider charges, in USD per million tokens: the cost in each answer's done event.
+    price_input_per_mtok: float = Field(0.0, ge=0)
+    price_output_per_mtok: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _needs_url(self) -> WorkerConfig:

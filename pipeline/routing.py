@@ -9,6 +9,7 @@ from orchestrator_site.errors import UnknownModel, UnknownWorker
 from pipeline.config import PipelineSettings, WorkerConfig
 from pipeline.resilience.backoff import BackoffPolicy
 from pipeline.resilience.retry import RetryingWorker
+from pipeline.types import Usage
 from workers.base import StreamingModelWorker
 from workers.registry import build_worker
 
@@ -17,6 +18,16 @@ from workers.registry import build_worker
 class Route:
     worker: str
     model: str
+
+
+def cost_usd(config: PipelineSettings, worker: str, usage: Usage) -> float:
+    """What an answer cost at the worker's configured prices (0 for a worker without
+    prices, or one no longer configured)."""
+    worker_cfg = config.workers.get(worker)
+    if worker_cfg is None:
+        return 0.0
+    spent = usage.prompt_tokens * worker_cfg.price_input_per_mtok + usage.completion_tokens * worker_cfg.price_output_per_mtok
+    return round(spent / 1_000_000, 10)
 
 
 def route_request(config: PipelineSettings, *, worker: str | None, model: str | None) -> Route:

@@ -24,7 +24,9 @@ from asgiref.sync import sync_to_async
 
 from orchestrator_site.errors import OrchestratorError, RequestTimeout, ServiceUnavailable
 from pipeline import services
+from pipeline.config import get_config
 from pipeline.resilience.local import shared_state
+from pipeline.routing import cost_usd
 from pipeline.tokenbus import get_bus
 from pipeline.types import PipelineResult, PromptRequest
 
@@ -41,6 +43,7 @@ def done_event(request_id: str, result: PipelineResult) -> Event:
         "worker": body["worker"],
         "model": body["model"],
         "usage": body["usage"],
+        "cost": cost_usd(get_config(), result.worker, result.usage),
         "timings_us": body["timings_us"],
     }
 

@@ -10,6 +10,17 @@ VENV=.venv
 STAMP="$VENV/.requirements.sha256"
 want="$(cat requirements/*.txt | sha256sum | cut -d' ' -f1)"
 
+# The playground's browser test drives Debian's Chromium (tests/pipeline/test_playground.py).
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+        echo "installing chromium and chromium-driver (for the browser test)"
+        apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null; }
+    else
+        echo "warning: /usr/bin/chromium and /usr/bin/chromedriver are missing; the browser test will fail (apt-get install chromium chromium-driver)" >&2
+    fi
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi

@@ -189,6 +189,8 @@ kind = "openai"
 base_url = "{fakes.openai.url}/v1"
 models = ["gpt-fake", "gpt-other"]
 timeout_s = 2
+price_input_per_mtok = 1000  # dear, so that a few tokens show a cost
+price_output_per_mtok = 2000
 retry = {{ attempts = 1 }}  # the error-mapping tests want the first answer
 
 [workers.openai_retry]

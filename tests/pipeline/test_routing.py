@@ -3,10 +3,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+from pydantic import ValidationError
 
 from orchestrator_site.errors import UnknownModel, UnknownWorker
 from pipeline.config import PipelineSettings, WorkerConfig
-from pipeline.routing import Route, WorkerPool, route_request
+from pipeline.routing import Route, WorkerPool, cost_usd, route_request
+from pipeline.types import Usage
 
 CONFIG = PipelineSettings(
     default_worker="a",
@@ -59,3 +61,19 @@ def test_pool_is_safe_under_concurrent_first_use() -> None:
     for t in threads:
         t.join()
     assert len({id(w) for w in seen}) == 1  # one worker (and one connection pool) per name
+
+
+def test_an_answer_costs_its_tokens_at_the_workers_prices() -> None:
+    config = PipelineSettings(
+        default_worker="free",
+        workers={"paid": WorkerConfig(kind="echo", models=("m",), price_input_per_mtok=0.15, price_output_per_mtok=0.60), "free": WorkerConfig(kind="echo")},
+    )
+    assert cost_usd(config, "paid", Usage(prompt_tokens=1_000_000, completion_tokens=500_000)) == 0.45
+    assert cost_usd(config, "paid", Usage(prompt_tokens=12, completion_tokens=4)) == pytest.approx((12 * 0.15 + 4 * 0.60) / 1e6)
+    assert cost_usd(config, "free", Usage(prompt_tokens=12, completion_tokens=4)) == 0.0
+    assert cost_usd(config, "retired", Usage(prompt_tokens=12, completion_tokens=4)) == 0.0  # no longer configured
+
+
+def test_prices_cannot_be_negative() -> None:
+    with pytest.raises(ValidationError):
+        WorkerConfig(kind="echo", price_output_per_mtok=-1)

@@ -79,6 +79,8 @@ def test_header_auth_then_a_prompt_streams_start_tokens_done(owner: TenantFixtur
     assert all(e["request_id"] == rid for e in events)
     done = events[-1]
     assert done["usage"]["completion_tokens"] == 4 and list(done["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
+    usage = done["usage"]  # the openai worker's test prices: 1000 and 2000 USD per million tokens
+    assert done["cost"] == pytest.approx((usage["prompt_tokens"] * 1000 + usage["completion_tokens"] * 2000) / 1e6) and done["cost"] > 0
 
 
 def test_browsers_authenticate_with_a_first_message(owner: TenantFixture) -> None:
