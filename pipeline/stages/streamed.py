@@ -2,7 +2,10 @@
 
 The worker's chunks go through the post-process filter as they arrive and what
 the filter releases is published at once: the first token reaches the token bus
-while the model is still writing, never after the whole reply. A stop sequence
+while the model is still writing, never after the whole reply. Pieces that
+arrive while a publish is under way go out together in the next one (one Redis
+round trip for all of them): a fast provider's burst costs a few publishes,
+not one per token. A stop sequence
 ends the upstream call (its stream is closed). A worker error after some tokens
 ends the request with that error; retries happen only before the first chunk
 (``resilience.retry``).
@@ -87,18 +90,45 @@ def inference_streamed(
 
     async def pump() -> None:
         stream = worker.infer_stream(prompt)
+        arrived: list[TokenChunk] = []
+        news = asyncio.Event()
+
+        async def read() -> None:
+            try:
+                async for chunk in stream:
+                    state.last_heard = time.monotonic()
+                    arrived.append(chunk)
+                    news.set()
+            finally:
+                news.set()
+
+        reader = asyncio.ensure_future(read())
         try:
-            async for chunk in stream:
-                state.last_heard = time.monotonic()
-                state.raw.append(chunk.text)
-                state.finish = chunk.finish_reason or state.finish
-                state.usage = chunk.usage or state.usage
-                emit(post(chunk.text))
-                if text_filter.stopped:
-                    state.finish = "stop"
-                    break  # a stop sequence: the rest of the reply is not wanted
+            while True:
+                await news.wait()
+                news.clear()
+                # Coalesce: whatever else has already arrived goes out with this piece, in
+                # one publish (one Redis round trip), while the next pieces keep arriving.
+                await asyncio.sleep(0)
+                batch, arrived[:] = arrived[:], []
+                text = ""
+                for chunk in batch:
+                    state.raw.append(chunk.text)
+                    state.finish = chunk.finish_reason or state.finish
+                    state.usage = chunk.usage or state.usage
+                    text += post(chunk.text)
+                    if text_filter.stopped:
+                        state.finish = "stop"
+                        break  # a stop sequence: the rest of the reply is not wanted
+                emit(text)
+                if text_filter.stopped or (reader.done() and not arrived):
+                    break
         finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
             await stream.aclose()  # type: ignore[attr-defined]  # ends the upstream call
+        if not text_filter.stopped and not reader.cancelled():
+            reader.result()  # a worker error after the pieces before it were published
 
     async def watch(task: asyncio.Future[None], ask: Callable[[], bool]) -> None:
         while not task.done():

@@ -5,7 +5,9 @@ request, and streaming and non-streaming workers give the same answer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -29,8 +31,9 @@ class Scripted:
     name = "w"
     supports_streaming = True
 
-    def __init__(self, pieces: list[str], *, fail_after: int | None = None, log: list[str] | None = None) -> None:
+    def __init__(self, pieces: list[str], *, fail_after: int | None = None, log: list[str] | None = None, gap_s: float = 0.0) -> None:
         self.pieces = pieces
+        self.gap_s = gap_s  # a pause before each piece (0: the whole reply arrives in one burst)
         self.fail_after = fail_after
         self.log = log if log is not None else []
         self.closed = False
@@ -41,6 +44,8 @@ class Scripted:
     async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
         try:
             for i, piece in enumerate(self.pieces):
+                if self.gap_s:
+                    await asyncio.sleep(self.gap_s)
                 if self.fail_after is not None and i == self.fail_after:
                     raise WorkerConnectionError("dropped")
                 self.log.append(f"yield {piece}")
@@ -73,7 +78,7 @@ def deps(worker: object, published: list[str], *, config: PipelineSettings | Non
 def test_each_piece_is_published_before_the_next_is_read() -> None:
     log: list[str] = []
     published: list[str] = []
-    worker = Scripted(["Hello ", "there ", "world"], log=log)
+    worker = Scripted(["Hello ", "there ", "world"], log=log, gap_s=0.01)
     ctx, result = run_pipeline(
         REQUEST, deps(worker, published, config=PipelineSettings(postprocess=PostprocessConfig(redact_emails=False, trim=False)), log=log)
     )
@@ -81,6 +86,43 @@ def test_each_piece_is_published_before_the_next_is_read() -> None:
     assert "".join(published) == result.text == "Hello there world" and ctx.streamed
     assert result.finish_reason == "length" and result.usage.completion_tokens == 3 and worker.closed
     assert list(result.timings_us) == list(STAGES) and all(v >= 0 for v in result.timings_us.values())
+
+
+def test_pieces_that_arrive_together_are_published_together() -> None:
+    """A burst (a fast provider, or pieces that came while a publish was under way)
+    costs one publish, not one per piece; the text is the same."""
+    published: list[str] = []
+    worker = Scripted([f"p{i} " for i in range(20)])  # no pause: all there at once
+    _, result = run_pipeline(REQUEST, deps(worker, published, config=PipelineSettings(postprocess=PostprocessConfig(trim=False))))
+    assert "".join(published) == result.text == "".join(f"p{i} " for i in range(20))
+    assert len(published) == 1
+
+
+class Arriving(Scripted):
+    """Piece i arrives ``gap_s * i`` after the call starts, as bytes do in a socket
+    buffer: what has arrived is read at once, without waiting."""
+
+    async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
+        start = time.monotonic()
+        for i, piece in enumerate(self.pieces):
+            due = start + i * self.gap_s - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(due)
+            yield TokenChunk(index=i, text=piece)
+
+
+def test_a_publish_under_way_lets_the_next_pieces_gather() -> None:
+    published: list[str] = []
+    worker = Arriving([f"p{i} " for i in range(12)], gap_s=0.005)
+
+    def slow_publish(chunk: TokenChunk) -> None:
+        published.append(chunk.text)
+        time.sleep(0.02)  # a slow round trip: about four pieces arrive meanwhile
+
+    deps_ = dataclasses.replace(deps(worker, []), publish=slow_publish, config=PipelineSettings(postprocess=PostprocessConfig(trim=False)))
+    _, result = run_pipeline(REQUEST, deps_)
+    assert "".join(published) == result.text and published[0] == "p0 "  # the first piece alone: no wait for the first token
+    assert 2 <= len(published) < 12
 
 
 def test_a_stop_sequence_ends_the_upstream_call() -> None:
@@ -98,7 +140,7 @@ def test_an_error_after_some_tokens_ends_the_request_with_it() -> None:
     config = PipelineSettings(postprocess=PostprocessConfig(trim=False, redact_emails=False, redact_api_keys=False))
     with pytest.raises(WorkerConnectionError):
         run_pipeline(REQUEST, deps(worker, published, config=config))
-    assert published == ["a ", "b "] and worker.closed  # what was sent stays sent; no retry could undo it
+    assert "".join(published) == "a b " and worker.closed  # what was sent stays sent; no retry could undo it
 
 
 def test_a_worker_that_does_not_stream_answers_in_one_piece() -> None:

@@ -1,0 +1,462 @@
+"""Time to first token: directly against an OpenAI-style upstream, and through the
+orchestrator over the WebSocket, SSE and ``/v1/chat/completions``, interleaved in
+one run (issue #3's benchmark).
+
+The upstream is a small asyncio HTTP/1.1 server in its own process (``--upstream``
+mode of this script): each streamed chat completion waits a fixed first-token
+delay, then writes its tokens as OpenAI SSE chunks. The platform is Daphne and
+real-time Celery worker processes on loopback, with Postgres and Redis, as
+``bench_path.py`` sets them up; the tenant has no documents (retrieval runs and
+finds nothing), deduplication is on and every prompt is unique.
+
+Every client request is timed from sending to the first token's text, and read
+to its end. Reported: P50/P99 of TTFT per transport, the overhead over the
+direct call at the same percentile, and the completed streamed requests per
+second. Prints Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import websockets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_path import ENV, ROOT, free_port, manage, pct, start
+
+TRANSPORTS = ("direct", "websocket", "sse", "v1")
+STAGE_TIMES: list[dict[str, int]] = []
+
+
+# --- the fake upstream (its own process) ---------------------------------------------------
+
+
+async def _upstream_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first_token_s: float, tokens: int) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            body = json.loads(await reader.readexactly(length)) if length else {}
+            model = body.get("model", "fake-1")
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await asyncio.sleep(first_token_s)
+
+            def chunk(payload: dict[str, object] | str) -> bytes:
+                data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+                event = f"data: {data}\n\n".encode()
+                return f"{len(event):x}\r\n".encode() + event + b"\r\n"
+
+            base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": model}
+            writer.write(chunk({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}))
+            for i in range(tokens):
+                writer.write(chunk({**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}))
+                await writer.drain()
+            writer.write(chunk({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+            if usage:
+                writer.write(chunk({**base, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}}))
+            writer.write(chunk("[DONE]") + b"0\r\n\r\n")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_upstream(port: int, first_token_s: float, tokens: int) -> None:
+    server = await asyncio.start_server(lambda r, w: _upstream_conn(r, w, first_token_s, tokens), "127.0.0.1", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+# --- clients --------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    transport: str
+    ttft_ms: float
+    total_ms: float
+    tokens: int  # upstream tokens received (several may come in one event)
+
+
+@dataclass
+class Clients:
+    gateway: str
+    upstream: str
+    key: str
+    http: httpx.AsyncClient
+    sockets: list[object] = field(default_factory=list)
+    tokens: int = 20
+
+    def prompt(self) -> str:
+        return f"benchmark prompt {uuid.uuid4().hex}"
+
+    async def direct(self) -> Sample:
+        body = {"model": "fake-1", "stream": True, "messages": [{"role": "user", "content": self.prompt()}]}
+        return await self._sse("direct", f"{self.upstream}/v1/chat/completions", body, {}, openai=True)
+
+    async def sse(self) -> Sample:
+        body = {"prompt": self.prompt(), "worker": "bench", "stream": True}
+        return await self._sse("sse", f"{self.gateway}/api/v1/infer", body, {"Authorization": f"Bearer {self.key}"}, openai=False)
+
+    async def v1(self) -> Sample:
+        body = {"model": "bench/fake-1", "stream": True, "messages": [{"role": "user", "content": self.prompt()}]}
+        return await self._sse("v1", f"{self.gateway}/v1/chat/completions", body, {"Authorization": f"Bearer {self.key}"}, openai=True)
+
+    async def _sse(self, transport: str, url: str, body: dict[str, object], headers: dict[str, str], *, openai: bool) -> Sample:
+        started = time.perf_counter()
+        first, count = 0.0, 0
+        async with self.http.stream("POST", url, json=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"{transport}: HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if openai:
+                    if "error" in event:
+                        raise RuntimeError(f"{transport}: {event['error']}")
+                    text = event["choices"][0]["delta"].get("content") if event.get("choices") else None
+                elif event["type"] == "error":
+                    raise RuntimeError(f"{transport}: {event['code']}: {event['message']}")
+                else:
+                    text = event.get("text") if event["type"] == "token" else None
+                if text:
+                    count += text.count("tok")
+                    first = first or time.perf_counter()
+        return Sample(transport, (first - started) * 1000, (time.perf_counter() - started) * 1000, count)
+
+    async def websocket(self, ws: websockets.ClientConnection) -> Sample:
+        started = time.perf_counter()
+        await ws.send(json.dumps({"type": "prompt", "prompt": self.prompt(), "worker": "bench"}))
+        first, count = 0.0, 0
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == "token":
+                count += event["text"].count("tok")
+                first = first or time.perf_counter()
+            elif event["type"] == "error":
+                raise RuntimeError(f"websocket: {event['code']}: {event['message']}")
+            elif event["type"] == "done":
+                STAGE_TIMES.append(event["timings_us"])
+                return Sample("websocket", (first - started) * 1000, (time.perf_counter() - started) * 1000, count)
+
+
+async def open_socket(clients: Clients) -> websockets.ClientConnection:
+    url = clients.gateway.replace("http://", "ws://") + "/api/v1/stream"
+    ws = await websockets.connect(url, additional_headers={"Authorization": f"Bearer {clients.key}"}, max_queue=None)
+    await ws.recv()  # authenticated
+    return ws
+
+
+async def one(clients: Clients, transport: str, ws: websockets.ClientConnection) -> Sample:
+    if transport == "websocket":
+        return await clients.websocket(ws)
+    call: Callable[[], Awaitable[Sample]] = getattr(clients, transport)
+    return await call()
+
+
+async def closed_loop(clients: Clients, *, concurrency: int, per_client: int, transports: tuple[str, ...]) -> tuple[list[Sample], float, int]:
+    """``concurrency`` loops, each sending ``per_client`` requests back to back,
+    cycling through ``transports`` (each loop starts at a different one)."""
+    samples: list[Sample] = []
+    errors = 0
+
+    async def loop(n: int) -> None:
+        nonlocal errors
+        ws = await open_socket(clients)
+        try:
+            cycle = itertools.islice(itertools.cycle(transports), n % len(transports), None)
+            for transport in itertools.islice(cycle, per_client):
+                try:
+                    samples.append(await one(clients, transport, ws))
+                except (RuntimeError, httpx.HTTPError, websockets.WebSocketException):
+                    errors += 1
+        finally:
+            await ws.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop(n) for n in range(concurrency)))
+    return samples, time.perf_counter() - started, errors
+
+
+async def open_loop(clients: Clients, *, rate: float, seconds: float) -> tuple[list[Sample], int]:
+    """Requests sent at a fixed rate whatever the answers take, cycling through every
+    transport (WebSocket prompts share a few connections)."""
+    sockets = [await open_socket(clients) for _ in range(8)]
+    samples: list[Sample] = []
+    errors = 0
+
+    async def fire(transport: str, ws: websockets.ClientConnection) -> None:
+        nonlocal errors
+        try:
+            samples.append(await one(clients, transport, ws))
+        except (RuntimeError, httpx.HTTPError, websockets.WebSocketException):
+            errors += 1
+
+    tasks = []
+    started = time.perf_counter()
+    for n, transport in enumerate(itertools.islice(itertools.cycle(TRANSPORTS), int(rate * seconds))):
+        delay = started + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(fire(transport, sockets[n % len(sockets)])))
+    await asyncio.gather(*tasks)
+    for ws in sockets:
+        await ws.close()
+    return samples, errors
+
+
+# --- throughput with wrk (a load generator that costs little CPU) -------------------------------
+
+WRK_SCRIPT = """
+local counter, threads = 0, 0
+function setup(thread) thread:set("tid", threads); threads = threads + 1 end
+function request()
+  counter = counter + 1
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer KEY"}, string.format([[BODY]], tid, counter))
+end
+"""
+
+
+def wrk_run(url: str, key: str, body: str, *, connections: int, seconds: int) -> tuple[float, int, str, str]:
+    """Requests/s, non-2xx answers and the P50/P99 of whole responses (every streamed
+    body read to its end) for ``body`` (a JSON template with two %d) POSTed to ``url``."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT.replace("KEY", key).replace("BODY", body))
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url]
+    text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    failed = (int(bad.group(1)) if bad else 0) + (sum(int(n) for n in errors.groups()) if errors else 0)
+    p50 = re.search(r"\s50%\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+    p99 = re.search(r"\s99%\s+(\S+)", text).group(1)  # type: ignore[union-attr]
+    return rate, failed, p50, p99
+
+
+def wrk_rows(gateway: str, upstream: str, key: str, *, seconds: int) -> list[str]:
+    prompt = "benchmark prompt %d-%d"
+    cases = (
+        ("SSE `POST /api/v1/infer`", f"{gateway}/api/v1/infer", '{"prompt": "' + prompt + '", "worker": "bench", "stream": true}'),
+        (
+            "`/v1/chat/completions`, streaming",
+            f"{gateway}/v1/chat/completions",
+            '{"model": "bench/fake-1", "stream": true, "messages": [{"role": "user", "content": "' + prompt + '"}]}',
+        ),
+        (
+            "direct (the upstream alone)",
+            f"{upstream}/v1/chat/completions",
+            '{"model": "fake-1", "stream": true, "messages": [{"role": "user", "content": "' + prompt + '"}]}',
+        ),
+    )
+    rows = []
+    for label, url, body in cases:
+        rate, failed, p50, p99 = wrk_run(url, key, body, connections=32, seconds=seconds)
+        rows.append(f"| {label} (wrk) | {failed} | {rate:.0f} | {p50} / {p99} |")
+    return rows
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def ttft_rows(title: str, samples: list[Sample]) -> list[str]:
+    by = {t: [s.ttft_ms for s in samples if s.transport == t] for t in TRANSPORTS}
+    direct = by["direct"]
+    rows = []
+    for transport in TRANSPORTS:
+        values = by[transport]
+        if not values:
+            continue
+        p50, p99 = pct(values, 0.5), pct(values, 0.99)
+        over = "–" if transport == "direct" else f"{p50 - pct(direct, 0.5):+.2f} / {p99 - pct(direct, 0.99):+.2f}"
+        rows.append(f"| {title} | {transport} | {len(values)} | {p50:.2f} | {p99:.2f} | {over} |")
+    return rows
+
+
+def write_config(upstream: str, path: Path) -> None:
+    path.write_text(
+        f"""default_worker = "bench"
+
+[workers.bench]
+kind = "openai"
+base_url = "{upstream}/v1"
+models = ["fake-1"]
+timeout_s = 30
+max_connections = 200
+retry = {{ attempts = 1 }}
+"""
+    )
+
+
+async def measure(clients: Clients, args: argparse.Namespace) -> None:
+    out = sys.stdout
+    # Warm: connections, pools, first-use imports in every process.
+    await closed_loop(clients, concurrency=8, per_client=12, transports=TRANSPORTS)
+
+    out.write("| load | transport | requests | TTFT P50 ms | TTFT P99 ms | overhead over direct, P50 / P99 ms |\n| --- | --- | --- | --- | --- | --- |\n")
+    STAGE_TIMES.clear()
+    lone, _took, lone_errors = await closed_loop(clients, concurrency=1, per_client=args.requests, transports=TRANSPORTS)
+    out.write("\n".join(ttft_rows("concurrency 1", lone)) + "\n")
+    inside = {stage: pct([t[stage] / 1000 for t in STAGE_TIMES], 0.5) for stage in ("rag", "assemble", "inference")}
+    STAGE_TIMES.clear()
+    ten, _took, ten_errors = await closed_loop(clients, concurrency=10, per_client=args.requests // 4, transports=TRANSPORTS)
+    out.write("\n".join(ttft_rows("concurrency 10", ten)) + "\n")
+    opened, open_errors = await open_loop(clients, rate=args.rate, seconds=args.seconds)
+    out.write("\n".join(ttft_rows(f"open loop, {args.rate:g} req/s", opened)) + "\n")
+    busy, _took, busy_errors = await closed_loop(clients, concurrency=32, per_client=args.requests // 8, transports=TRANSPORTS)
+    out.write("\n".join(ttft_rows("concurrency 32", busy)) + "\n")
+
+    out.write(
+        "\n| throughput, concurrency 32 | requests | errors | completed req/s | tokens per request | P50 / P99 total ms |\n| --- | --- | --- | --- | --- | --- |\n"
+    )
+    for transports, label in (
+        (("websocket",), "WebSocket"),
+        (("sse",), "SSE"),
+        (("v1",), "/v1/chat/completions"),
+        (("websocket", "sse", "v1"), "all three, interleaved"),
+        (("direct",), "direct (the upstream alone)"),
+    ):
+        samples, took, errors = await closed_loop(clients, concurrency=32, per_client=args.throughput_requests // 32, transports=transports)
+        totals = [s.total_ms for s in samples]
+        tokens = sorted({s.tokens for s in samples})
+        out.write(
+            f"| {label} | {len(samples)} | {errors} | {len(samples) / took:.0f} | {tokens[0] if len(tokens) == 1 else tokens} | {pct(totals, 0.5):.1f} / {pct(totals, 0.99):.1f} |\n"
+        )
+
+    out.write(
+        "\nInside the worker, WebSocket prompts at concurrency 1 (P50 of the done events' timings): "
+        + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in inside.items())
+        + " (inference: the whole upstream call, first token and the rest).\n"
+    )
+
+    def ws_p99(samples: list[Sample]) -> float:
+        return pct([s.ttft_ms for s in samples if s.transport == "websocket"], 0.99)
+
+    out.write(
+        f"\nWebSocket TTFT P99 with 10 concurrent streams / alone: {ws_p99(ten):.2f} / {ws_p99(lone):.2f} ms = {ws_p99(ten) / ws_p99(lone):.2f}x. "
+        f"Errors in the TTFT runs: {lone_errors + ten_errors + open_errors + busy_errors}.\n"
+    )
+
+
+def gateway_command(server: str, port: int) -> list[str]:
+    if server == "daphne":
+        return [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"]
+    # uvicorn with its fast loop and parsers (uvloop, httptools), one process: as Daphne.
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "orchestrator_site.asgi:application",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--upstream", type=int, metavar="PORT", help="run only the fake upstream on this port")
+    parser.add_argument("--first-token-ms", type=float, default=20.0)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=200, help="per transport at concurrency 1")
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--throughput-requests", type=int, default=960)
+    parser.add_argument("--wrk-seconds", type=int, default=10)
+    parser.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne", help="the ASGI server of the gateway")
+    parser.add_argument("--worker-processes", type=int, default=2)
+    parser.add_argument("--worker-threads", type=int, default=16)
+    args = parser.parse_args(argv)
+    if args.upstream:
+        asyncio.run(serve_upstream(args.upstream, args.first_token_ms / 1000, args.tokens))
+        return 0
+
+    subprocess.run([sys.executable, "scripts/ensure_database.py"], cwd=ROOT, env=ENV, check=True)
+    manage("migrate", "--no-input", "-v", "0")
+    key = manage("create_tenant", "ttft-bench", "--reuse", "--key-name", "ttft").strip()
+    upstream_port, port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    config = Path(tempfile.mkdtemp(prefix="bench-ttft-")) / "pipeline.toml"
+    write_config(upstream, config)
+    ENV["PIPELINE_CONFIG"] = str(config)
+    procs = [
+        start(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--upstream",
+                str(upstream_port),
+                "--first-token-ms",
+                str(args.first_token_ms),
+                "--tokens",
+                str(args.tokens),
+            ]
+        ),
+        start(gateway_command(args.server, port)),
+    ]
+    for n in range(args.worker_processes):
+        worker = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", "threads"]
+        procs.append(start([*worker, "-c", str(args.worker_threads), "-n", f"ttft-{port}-{n}@%h", "--without-gossip", "--without-mingle"]))
+    gateway = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{gateway}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("gateway did not start")
+            time.sleep(0.2)
+        time.sleep(2)  # the workers connect to the broker
+
+        async def run() -> None:
+            limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+                await measure(Clients(gateway, upstream, key, http, tokens=args.tokens), args)
+
+        sys.stdout.write(
+            f"Upstream: first token after {args.first_token_ms:g} ms, then {args.tokens} tokens at once; platform: {args.server} + "
+            f"{args.worker_processes} real-time worker process(es) x {args.worker_threads} threads.\n\n"
+        )
+        asyncio.run(run())
+        if shutil.which("wrk"):
+            sys.stdout.write("\n| throughput, 32 connections, wrk | errors | completed req/s | P50 / P99 whole response |\n| --- | --- | --- | --- |\n")
+            sys.stdout.write("\n".join(wrk_rows(gateway, upstream, key, seconds=args.wrk_seconds)) + "\n")
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=20)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
