@@ -289,7 +289,7 @@ def ttft_rows(title: str, samples: list[Sample]) -> list[str]:
         if not values:
             continue
         p50, p99 = pct(values, 0.5), pct(values, 0.99)
-        over = "–" if transport == "direct" else f"{p50 - pct(direct, 0.5):+.2f} / {p99 - pct(direct, 0.99):+.2f}"
+        over = "-" if transport == "direct" else f"{p50 - pct(direct, 0.5):+.2f} / {p99 - pct(direct, 0.99):+.2f}"
         rows.append(f"| {title} | {transport} | {len(values)} | {p50:.2f} | {p99:.2f} | {over} |")
     return rows
 
