@@ -1,21 +1,57 @@
-"""ASGI entry point (Daphne). HTTP goes to Django; WebSocket routes join here."""
+"""ASGI entry point (Daphne). HTTP goes to Django; WebSocket routes join here.
+
+Two Django handlers serve HTTP: the admin's paths (``FULL_STACK_PATHS``) go
+through the whole middleware stack (sessions, CSRF, logins, messages), every
+other path through ``API_MIDDLEWARE`` only (access log, security headers): API
+requests authenticate by key and keep no session, and each skipped middleware
+would cost thread hops per request.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
-django_asgi_app = get_asgi_application()
+full_stack_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402  (needs Django set up)
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from pipeline.consumers import StreamConsumer  # noqa: E402
 
-http_app = ASGIStaticFilesHandler(django_asgi_app) if settings.SERVE_STATIC else django_asgi_app
+
+def handler_with(middleware: list[str]) -> ASGIHandler:
+    """A Django ASGI handler built on its own middleware list (Django reads
+    ``settings.MIDDLEWARE`` once, when a handler is built)."""
+    saved = settings.MIDDLEWARE
+    settings.MIDDLEWARE = middleware
+    try:
+        return ASGIHandler()
+    finally:
+        settings.MIDDLEWARE = saved
+
+
+api_app = handler_with(list(settings.API_MIDDLEWARE))
+
+
+class DjangoByPath:
+    """HTTP to the whole-stack handler for the admin's paths, to the API handler for the rest."""
+
+    def __init__(self, full_stack: ASGIHandler, api: ASGIHandler, full_stack_paths: tuple[str, ...]) -> None:
+        self.full_stack, self.api, self.full_stack_paths = full_stack, api, full_stack_paths
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        app = self.full_stack if str(scope.get("path", "")).startswith(self.full_stack_paths) else self.api
+        await app(scope, receive, send)
+
+
+django_app = DjangoByPath(full_stack_app, api_app, tuple(settings.FULL_STACK_PATHS))
+http_app = ASGIStaticFilesHandler(django_app) if settings.SERVE_STATIC else django_app  # type: ignore[arg-type]
 websocket_app = URLRouter([path("api/v1/stream", StreamConsumer.as_asgi())])
 application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app})

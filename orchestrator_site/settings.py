@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "batches",
 ]
 
+# The whole stack: what the admin (sessions, CSRF, logins, messages) needs.
 MIDDLEWARE = [
     "orchestrator_site.middleware.access_log",
     "django.middleware.security.SecurityMiddleware",
@@ -52,6 +53,16 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+# Everything else the gateway serves (the APIs, /metrics, /health, the playground)
+# authenticates by API key and keeps no session: under ASGI each of Django's
+# middlewares above costs thread hops per request (measured: +46 % streamed
+# requests/s on /v1/chat/completions without them; BENCHMARKS.md). asgi.py routes
+# FULL_STACK_PATHS to the whole stack.
+API_MIDDLEWARE = [
+    "orchestrator_site.middleware.access_log",
+    "django.middleware.security.SecurityMiddleware",
+]
+FULL_STACK_PATHS = ("/admin/",)
 
 ROOT_URLCONF = "orchestrator_site.urls"
 WSGI_APPLICATION = "orchestrator_site.wsgi.application"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path, re_path
+from django.views.decorators.clickjacking import xframe_options_deny
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from orchestrator_site.health import health_view
@@ -15,7 +16,7 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("playground", playground_view, name="playground"),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/v1/docs/", xframe_options_deny(SpectacularSwaggerView.as_view(url_name="schema")), name="docs"),
     path("api/v1/", include("pipeline.api.urls")),
     # The OpenAI-compatible API, where the openai SDK looks for it (base_url=<gateway>/v1).
     path("v1/models", ModelsApi.as_view(), name="openai-models"),

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.views.decorators.clickjacking import xframe_options_deny
 from django.views.decorators.http import require_GET
 
 
+@xframe_options_deny
 @require_GET
 def playground_view(request: HttpRequest) -> HttpResponse:
     return render(request, "pipeline/playground.html")

@@ -103,6 +103,7 @@ def inference_streamed(
                 news.set()
 
         reader = asyncio.ensure_future(read())
+        finished_alone = False
         try:
             while True:
                 await news.wait()
@@ -124,11 +125,12 @@ def inference_streamed(
                 if text_filter.stopped or (reader.done() and not arrived):
                     break
         finally:
+            finished_alone = reader.done()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await stream.aclose()  # type: ignore[attr-defined]  # ends the upstream call
-        if not text_filter.stopped and not reader.cancelled():
-            reader.result()  # a worker error after the pieces before it were published
+        if finished_alone and not text_filter.stopped:
+            reader.result()  # a worker error (or cancellation) after the pieces before it were published
 
     async def watch(task: asyncio.Future[None], ask: Callable[[], bool]) -> None:
         while not task.done():

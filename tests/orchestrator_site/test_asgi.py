@@ -46,7 +46,41 @@ def test_without_serve_static_the_app_is_plain_django() -> None:
     code = "from orchestrator_site import asgi; print(type(asgi.http_app).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "SERVE_STATIC": "0"}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ASGIHandler"
+    assert proc.stdout.strip() == "DjangoByPath"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_paths_skip_the_session_stack_and_keep_the_security_headers() -> None:
+    resp = get("/health")
+    assert resp.headers["x-content-type-options"] == "nosniff" and resp.headers["referrer-policy"] == "same-origin"
+    assert "cookie" not in resp.headers.get("vary", "").lower() and "set-cookie" not in resp.headers  # no session, no CSRF cookie
+    assert asgi.api_app._middleware_chain is not asgi.full_stack_app._middleware_chain
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_admin_keeps_sessions_and_csrf() -> None:
+    login = get("/admin/login/")
+    assert login.status_code == 200 and "csrftoken" in login.headers.get("set-cookie", "")
+    assert login.headers["x-frame-options"] == "DENY"
+
+    async def post_without_token() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi.application), base_url="http://testserver") as client:
+            return await client.post("/admin/login/", data={"username": "x", "password": "y"})
+
+    assert asyncio.run(post_without_token()).status_code == 403  # CSRF enforced
+
+
+def test_building_a_handler_leaves_the_settings_as_they_were() -> None:
+    from django.conf import settings
+
+    before = list(settings.MIDDLEWARE)
+    handler = asgi.handler_with(["orchestrator_site.middleware.access_log"])
+    assert before == settings.MIDDLEWARE and handler._middleware_chain is not None
+
+
+def test_html_pages_outside_the_admin_still_refuse_framing() -> None:
+    for page in ("/playground", "/api/v1/docs/"):
+        assert get(page).headers["x-frame-options"] == "DENY", page
 
 
 def test_reimporting_the_module_is_harmless() -> None:
