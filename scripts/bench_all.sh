@@ -21,6 +21,14 @@ OUT="$(mktemp)"
     echo "### The real-time path (scripts/bench_path.py: Daphne + a real-time Celery worker + Postgres + Redis, echo worker)"
     echo
     "$PY" scripts/bench_path.py --requests "${BENCH_REQUESTS:-400}"
+    echo
+    echo "### Time to first token and streamed throughput (scripts/bench_ttft.py), gateway on Daphne"
+    echo
+    "$PY" scripts/bench_ttft.py --server daphne
+    echo
+    echo "### The same on uvicorn (uvloop, httptools), side by side"
+    echo
+    "$PY" scripts/bench_ttft.py --server uvicorn
 } >"$OUT"
 
 # Keep the hand-written part of BENCHMARKS.md (everything before "## Results").

@@ -246,6 +246,10 @@ def wrk_run(url: str, key: str, body: str, *, connections: int, seconds: int) ->
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url]
     text = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
+    return parse_wrk(text)
+
+
+def parse_wrk(text: str) -> tuple[float, int, str, str]:
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)

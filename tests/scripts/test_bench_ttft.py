@@ -1,0 +1,102 @@
+"""The TTFT benchmark's own parts: its fake upstream speaks the OpenAI streaming
+protocol well enough for the platform's openai worker (and the SDK) to read it,
+after the configured first-token delay; its report computes overheads from
+percentiles; its wrk output parser reads what wrk prints."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from pipeline.config import WorkerConfig
+from tests.conftest import ROOT, free_port
+from workers.registry import build_worker
+from workers.types import AssembledPrompt, ChatMessage
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_ttft
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[str]:
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    serving = asyncio.run_coroutine_threadsafe(bench_ttft.serve_upstream(port, 0.05, 5), loop)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=2).chat.completions.create(
+                model="fake-1", messages=[{"role": "user", "content": "up?"}], stream=True
+            ).close()
+            break
+        except openai.APIConnectionError:
+            time.sleep(0.05)
+    yield url
+    serving.cancel()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+
+
+def test_the_openai_sdk_reads_the_fake_upstream_after_its_first_token_delay(upstream: str) -> None:
+    client = openai.OpenAI(base_url=f"{upstream}/v1", api_key="x", max_retries=0)
+    started = time.perf_counter()
+    stream = client.chat.completions.create(model="fake-1", messages=[{"role": "user", "content": "hi"}], stream=True, stream_options={"include_usage": True})
+    first, texts, usage = 0.0, [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            texts.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    assert "".join(texts) == "tok0 tok1 tok2 tok3 tok4 " and usage is not None and usage.completion_tokens == 5
+    assert first - started >= 0.05
+
+
+def test_the_platforms_openai_worker_streams_from_it(upstream: str) -> None:
+    worker = build_worker(WorkerConfig(kind="openai", base_url=f"{upstream}/v1", models=("fake-1",)).settings("bench"))
+    prompt = AssembledPrompt(messages=(ChatMessage("user", "hi"),), model="fake-1", max_tokens=50)
+
+    async def collect() -> list[str]:
+        return [chunk.text async for chunk in worker.infer_stream(prompt)]
+
+    pieces = asyncio.run(collect())
+    assert "".join(pieces) == "tok0 tok1 tok2 tok3 tok4 "
+
+
+def test_overheads_are_taken_at_the_same_percentile() -> None:
+    samples = [bench_ttft.Sample("direct", 20.0 + i / 100, 0, 20) for i in range(100)]
+    samples += [bench_ttft.Sample("websocket", 30.0 + i / 10, 0, 20) for i in range(100)]
+    rows = bench_ttft.ttft_rows("c1", samples)
+    assert rows[0] == "| c1 | direct | 100 | 20.50 | 20.98 | - |"
+    assert rows[1] == "| c1 | websocket | 100 | 35.00 | 39.80 | +14.50 / +18.82 |"
+
+
+WRK_OUTPUT = """Running 10s test @ http://127.0.0.1:1234/v1/chat/completions
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   255.12ms   95.30ms 800.12ms   70.00%
+  Latency Distribution
+     50%  215.15ms
+     75%  300.00ms
+     90%  400.00ms
+     99%  662.25ms
+  1012 requests in 10.01s, 2.11MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:    101.10
+Transfer/sec:    215.75KB
+"""
+
+
+def test_wrk_output_is_parsed() -> None:
+    assert bench_ttft.parse_wrk(WRK_OUTPUT) == (101.10, 7, "215.15ms", "662.25ms")
+    clean = WRK_OUTPUT.replace("  Socket errors: connect 0, read 2, write 0, timeout 1\n", "").replace("  Non-2xx or 3xx responses: 4\n", "")
+    assert bench_ttft.parse_wrk(clean)[1] == 0
