@@ -2,9 +2,10 @@
 
 Two Django handlers serve HTTP: the admin's paths (``FULL_STACK_PATHS``) go
 through the whole middleware stack (sessions, CSRF, logins, messages), every
-other path through ``API_MIDDLEWARE`` only (access log, security headers): API
-requests authenticate by key and keep no session, and each skipped middleware
-would cost thread hops per request.
+other path through the stack without ``ADMIN_ONLY_MIDDLEWARE`` (access log,
+security headers, and what instrumentation added): API requests authenticate
+by key and keep no session, and each skipped middleware would cost thread hops
+per request.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def handler_with(middleware: list[str]) -> ASGIHandler:
         settings.MIDDLEWARE = saved
 
 
-api_app = handler_with(list(settings.API_MIDDLEWARE))
+api_app = handler_with([m for m in settings.MIDDLEWARE if m not in settings.ADMIN_ONLY_MIDDLEWARE])
 
 
 class DjangoByPath:

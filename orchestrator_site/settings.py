@@ -54,14 +54,19 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 # Everything else the gateway serves (the APIs, /metrics, /health, the playground)
-# authenticates by API key and keeps no session: under ASGI each of Django's
-# middlewares above costs thread hops per request (measured: +46 % streamed
-# requests/s on /v1/chat/completions without them; BENCHMARKS.md). asgi.py routes
+# authenticates by API key and keeps no session: it runs without these (under
+# ASGI each of Django's middlewares costs thread hops per request; measured:
+# +24 % streamed requests/s on /v1/chat/completions, BENCHMARKS.md). What is
+# added at start-up (OpenTelemetry's middleware) stays on both. asgi.py routes
 # FULL_STACK_PATHS to the whole stack.
-API_MIDDLEWARE = [
-    "orchestrator_site.middleware.access_log",
-    "django.middleware.security.SecurityMiddleware",
-]
+ADMIN_ONLY_MIDDLEWARE = (
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+)
 FULL_STACK_PATHS = ("/admin/",)
 
 ROOT_URLCONF = "orchestrator_site.urls"
