@@ -9,7 +9,9 @@ echo "== ruff"; "$BIN/ruff" check . && "$BIN/ruff" format --check .
 echo "== mypy"; "$BIN/mypy" .
 echo "== panic scan"; scripts/panic_scan.sh
 echo "== ratio check"; scripts/ratio_check.sh
-echo "== migrations"; "$BIN/python" manage.py makemigrations --check --dry-run >/dev/null
+# The migration-history check connects to the database: make sure it exists (on a
+# fresh machine it did not, and the check waited 10 s for a connection, then warned).
+echo "== migrations"; "$BIN/python" scripts/ensure_database.py && "$BIN/python" manage.py makemigrations --check --dry-run >/dev/null
 echo "== pytest"
 # The whole suite under branch coverage (floors: scripts/coverage_check.py).
 # pytest exits 5 when it collected no test: that is a failure here too.
