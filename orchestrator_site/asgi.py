@@ -1,4 +1,4 @@
-"""ASGI entry point (Daphne). HTTP goes to Django; WebSocket routes join here.
+"""ASGI entry point (uvicorn; Daphne works too). HTTP goes to Django; WebSocket routes join here.
 
 Two Django handlers serve HTTP: the admin's paths (``FULL_STACK_PATHS``) go
 through the whole middleware stack (sessions, CSRF, logins, messages), every

@@ -213,8 +213,11 @@ class TokenBus:
 
     async def _sign_out(self, readers: str, me: str) -> None:
         # Also on a cancelled read (the client left); Redis being away is no news here.
+        # Shielded: a second cancellation (the connection's task ending) must not stop
+        # the sign-out half-way; the reader would otherwise count for its whole lease.
+        signing = asyncio.ensure_future(self._aclient().zadd(readers, {me: float("-inf")}))
         with contextlib.suppress(redis.RedisError):
-            await self._aclient().zadd(readers, {me: float("-inf")})
+            await asyncio.shield(signing)
 
 
 def _raise_if_cancelled() -> None:

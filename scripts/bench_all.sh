@@ -18,17 +18,17 @@ OUT="$(mktemp)"
     echo
     "$PY" scripts/bench_stages.py --percentiles 2000
     echo
-    echo "### The real-time path (scripts/bench_path.py: Daphne + a real-time Celery worker + Postgres + Redis, echo worker)"
+    echo "### The real-time path (scripts/bench_path.py: the gateway on uvicorn + a real-time Celery worker + Postgres + Redis, echo worker)"
     echo
     "$PY" scripts/bench_path.py --requests "${BENCH_REQUESTS:-400}"
     echo
-    echo "### Time to first token and streamed throughput (scripts/bench_ttft.py), gateway on Daphne"
-    echo
-    "$PY" scripts/bench_ttft.py --server daphne
-    echo
-    echo "### The same on uvicorn (uvloop, httptools), side by side"
+    echo "### Time to first token and streamed throughput (scripts/bench_ttft.py), gateway on uvicorn (uvloop, httptools: the default)"
     echo
     "$PY" scripts/bench_ttft.py --server uvicorn
+    echo
+    echo "### The same with Daphne as the gateway's server, side by side"
+    echo
+    "$PY" scripts/bench_ttft.py --server daphne
 } >"$OUT"
 
 # Keep the hand-written part of BENCHMARKS.md (everything before "## Results").

@@ -1,7 +1,7 @@
 """The real-time path end to end, and its I/O-bound stages, on this machine.
 
 Sets up its own database (``orchestrator_bench``) and Redis databases (8, 9),
-starts Daphne and a real-time Celery worker on loopback, sends requests with
+starts the gateway (uvicorn) and a real-time Celery worker on loopback, sends requests with
 httpx and reports P50/P99 of the client-side latency and of each stage's
 server-side time (``timings_us``). Prints a Markdown table.
 """
@@ -20,6 +20,9 @@ import uuid
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orchestrator_site.gateway import gateway_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     key = setup()
     port = free_port()
     procs = [
-        start([sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"]),
+        start(gateway_command("127.0.0.1", port, executable=(sys.executable, "-m", "uvicorn"))),
         start(
             [
                 sys.executable,

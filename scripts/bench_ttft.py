@@ -39,6 +39,8 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_path import ENV, ROOT, free_port, manage, pct, start
 
+from orchestrator_site.gateway import gateway_command
+
 TRANSPORTS = ("direct", "websocket", "sse", "v1")
 STAGE_TIMES: list[dict[str, int]] = []
 
@@ -363,23 +365,10 @@ async def measure(clients: Clients, args: argparse.Namespace) -> None:
     )
 
 
-def gateway_command(server: str, port: int) -> list[str]:
+def server_command(server: str, port: int) -> list[str]:
     if server == "daphne":
         return [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"]
-    # uvicorn with its fast loop and parsers (uvloop, httptools), one process: as Daphne.
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--log-level",
-        "warning",
-        "orchestrator_site.asgi:application",
-    ]
+    return gateway_command("127.0.0.1", port, executable=(sys.executable, "-m", "uvicorn"))  # as make run starts it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--throughput-requests", type=int, default=960)
     parser.add_argument("--wrk-seconds", type=int, default=10)
-    parser.add_argument("--server", choices=("daphne", "uvicorn"), default="daphne", help="the ASGI server of the gateway")
+    parser.add_argument("--server", choices=("uvicorn", "daphne"), default="uvicorn", help="the ASGI server of the gateway (uvicorn: as make run)")
     parser.add_argument("--worker-processes", type=int, default=2)
     parser.add_argument("--worker-threads", type=int, default=16)
     args = parser.parse_args(argv)
@@ -421,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.tokens),
             ]
         ),
-        start(gateway_command(args.server, port)),
+        start(server_command(args.server, port)),
     ]
     for n in range(args.worker_processes):
         worker = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", "threads"]

@@ -73,7 +73,9 @@ KEY="$("$PY" manage.py create_tenant demo --reuse --key-name make-run)"
 if [[ "$LOCAL_MODEL" == 1 && -n "$MODEL" && -x "$BIN/llama-server-vulkan" ]]; then
     start llama "$BIN/llama-server-vulkan" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -t 1 -np 1 -c 2048
 fi
-start gateway "$BIN/daphne" -v 0 -b 127.0.0.1 -p "$GATEWAY_PORT" orchestrator_site.asgi:application
+# The gateway: uvicorn (orchestrator_site/gateway.py has the same command for Python callers).
+start gateway "$BIN/uvicorn" orchestrator_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
+    --loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --log-level warning --timeout-graceful-shutdown 5
 start worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%h" --without-gossip --without-mingle
 start worker-batch "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%h" --without-gossip --without-mingle
 start beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"

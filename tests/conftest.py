@@ -342,14 +342,16 @@ def realtime_worker(
 
 
 def start_gateway(log: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A real Daphne gateway process on the test database; returns it and its base URL
+    """A real gateway process (uvicorn, as ``make run`` starts it) on the test database; returns it and its base URL
     once ``/health`` answers."""
     import httpx
+
+    from orchestrator_site.gateway import gateway_command
 
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-v", "0", "-b", "127.0.0.1", "-p", str(port), "orchestrator_site.asgi:application"],
+            gateway_command("127.0.0.1", port, executable=(sys.executable, "-m", "uvicorn")),
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})},
             stdout=out,

@@ -34,8 +34,11 @@ def test_commands_point_at_real_modules_and_queues() -> None:
             if "-Q" in command:
                 queues = command[command.index("-Q") + 1].split(",")
                 assert set(queues) <= {q.value for q in Queue}, name
-        elif command[0] == "daphne":
-            module, attr = command[-1].split(":")
+        elif command[0] == "uvicorn":
+            from orchestrator_site.gateway import gateway_command
+
+            assert command == gateway_command("0.0.0.0", 8000), name  # the same server settings as make run
+            module, attr = command[1].split(":")
             assert callable(getattr(importlib.import_module(module), attr))
         else:
             assert command[:2] == ["python", "manage.py"], name

@@ -46,8 +46,8 @@ def test_traces_go_to_jaeger_over_otlp_http() -> None:
 
 def exposed_metrics_port(service: str) -> int:
     svc = COMPOSE["services"][service]
-    if svc["command"][0] == "daphne":
-        return int(svc["command"][svc["command"].index("-p") + 1])
+    if svc["command"][0] == "uvicorn":
+        return int(svc["command"][svc["command"].index("--port") + 1])
     return int(svc["environment"]["WORKER_METRICS_PORT"])
 
 

@@ -191,6 +191,9 @@ def test_a_thousand_mid_stream_disconnects_leave_nothing_behind(
     assert wait_for(lambda: settled(fake), 20.0), f"still streaming upstream: {fake.active_streams}, in flight: {admission().in_flight()}"
     # Upstream: no stream left open; idle keep-alive connections at most one per worker thread.
     assert fake.active_streams == 0 and fake.open_connections <= max(connections_before, 8)
+    bus = get_bus()
+    completed = [(i % 3, bus.get_status(rid)) for i, rid in enumerate(rids) if bus.get_status(rid).get("status") != "failed"]
+    assert not completed, completed
     assert len(fake.client_aborts) >= 1000 and fake.streams_written == written_before, (
         len(fake.client_aborts),
         fake.streams_written - written_before,
