@@ -50,12 +50,10 @@ def _authenticate(raw: str) -> TenantPrincipal:
 class StreamConsumer(AsyncWebsocketConsumer):
     principal: TenantPrincipal | None
     streams: dict[str, asyncio.Task[None]]
-    gone: bool
 
     async def connect(self) -> None:
         self.principal = None
         self.streams = {}
-        self.gone = False
         await self.accept()
         header = dict(self.scope.get("headers") or []).get(b"authorization")
         if header:
@@ -72,9 +70,6 @@ class StreamConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         # The client left: every stream stops reading and signs out of its token
         # stream before the consumer ends (the last reader out stops the request).
-        # The flag stops a pump whose cancellation a library swallowed (seen about
-        # once in a thousand departures under uvicorn) at its next event.
-        self.gone = True
         for task in self.streams.values():
             task.cancel()
         await asyncio.gather(*self.streams.values(), return_exceptions=True)
@@ -167,8 +162,6 @@ class StreamConsumer(AsyncWebsocketConsumer):
             try:
                 async with contextlib.aclosing(events):  # a cancelled pump signs out of the stream at once
                     async for event in events:
-                        if self.gone:
-                            break
                         await self.send_event(event)
             except asyncio.CancelledError:
                 raise  # the client left: stop reading

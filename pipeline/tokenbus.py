@@ -123,25 +123,25 @@ class TokenBus:
 
     # --- producer side (sync: Celery tasks) -----------------------------------------
     def publish(self, request_id: str, event_type: str, data: dict[str, Any]) -> str:
-        key = self.stream_key(request_id)
         with redis_errors("publish to the token bus"):
             pipe = self.client.pipeline(transaction=False)
-            fields: dict[Any, Any] = {"type": event_type, "data": json.dumps(data)}
-            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-            pipe.expire(key, self.ttl_s)
+            self._queue_append(pipe, request_id, event_type, data)
             entry_id, _ = pipe.execute()
         return str(entry_id)
 
     def publish_token(self, request_id: str, data: dict[str, Any]) -> bool:
         """Append a token; False when every reader of the stream has left (one round trip)."""
-        key, readers = self.stream_key(request_id), self.readers_key(request_id)
         with redis_errors("publish to the token bus"):
             pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(key, {"type": "token", "data": json.dumps(data)}, maxlen=self.maxlen, approximate=True)
-            pipe.expire(key, self.ttl_s)
-            _queue_readers_check(pipe, readers)
+            self._queue_append(pipe, request_id, "token", data)
+            _queue_readers_check(pipe, self.readers_key(request_id))
             _entry, _ttl, *check = pipe.execute()
         return _still_wanted(check)
+
+    def _queue_append(self, pipe: Any, request_id: str, event_type: str, data: dict[str, Any]) -> None:
+        key = self.stream_key(request_id)
+        pipe.xadd(key, {"type": event_type, "data": json.dumps(data)}, maxlen=self.maxlen, approximate=True)
+        pipe.expire(key, self.ttl_s)
 
     def wanted(self, request_id: str) -> bool:
         """False once every reader of the stream has left (signed out or lease run out)."""

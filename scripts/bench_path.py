@@ -69,6 +69,25 @@ def setup() -> str:
     return key
 
 
+def realtime_worker_command(name: str, *, threads: int) -> list[str]:
+    """A real-time Celery worker as ``make run`` starts one (a thread pool)."""
+    celery = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", "threads"]
+    return [*celery, "-c", str(threads), "-n", name, "--without-gossip", "--without-mingle"]
+
+
+def wait_for_gateway(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit("gateway did not start")
+        time.sleep(0.2)
+
+
 def start(cmd: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -111,39 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     procs = [
         start(gateway_command("127.0.0.1", port, executable=(sys.executable, "-m", "uvicorn"))),
-        start(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "orchestrator_site",
-                "worker",
-                "-Q",
-                "realtime",
-                "-P",
-                "threads",
-                "-c",
-                "16",
-                "-n",
-                f"bench-{port}@%h",
-                "--without-gossip",
-                "--without-mingle",
-            ]
-        ),
+        start(realtime_worker_command(f"bench-{port}@%h", threads=16)),
     ]
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("gateway did not start")
-            time.sleep(0.2)
+        wait_for_gateway(url)
         run_load(url, key, requests=64, concurrency=8)  # warm up: pooled connections, imports
         out = sys.stdout
         out.write("| path (echo worker) | concurrency | requests | P50 ms | P99 ms | throughput req/s |\n| --- | --- | --- | --- | --- | --- |\n")

@@ -37,7 +37,7 @@ import httpx
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_path import ENV, ROOT, free_port, manage, pct, start
+from bench_path import ENV, ROOT, free_port, manage, pct, realtime_worker_command, start, wait_for_gateway
 
 from orchestrator_site.gateway import gateway_command
 
@@ -412,21 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
         start(server_command(args.server, port)),
     ]
-    for n in range(args.worker_processes):
-        worker = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", "threads"]
-        procs.append(start([*worker, "-c", str(args.worker_threads), "-n", f"ttft-{port}-{n}@%h", "--without-gossip", "--without-mingle"]))
+    procs += [start(realtime_worker_command(f"ttft-{port}-{n}@%h", threads=args.worker_threads)) for n in range(args.worker_processes)]
     gateway = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{gateway}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("gateway did not start")
-            time.sleep(0.2)
+        wait_for_gateway(gateway)
         time.sleep(2)  # the workers connect to the broker
 
         async def run() -> None:

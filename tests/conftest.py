@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,22 @@ def _shared_state_up() -> Iterator[None]:
 
     shared_state.reset()
     LocalBreaker.reset()
+
+
+@contextlib.contextmanager
+def scratch_bus(name: str, *, maxlen: int) -> Iterator[Any]:
+    """A TokenBus on the test Redis under a prefix of its own; its keys are deleted afterwards."""
+    import uuid
+
+    from django.conf import settings
+
+    from pipeline.tokenbus import TokenBus
+
+    bus = TokenBus(url=settings.REDIS_URL, prefix=f"{name}{uuid.uuid4().hex[:8]}", maxlen=maxlen, ttl_s=30, socket_timeout_s=1.0)
+    yield bus
+    keys = bus.client.keys(f"{bus.prefix}:*")
+    if keys:
+        bus.client.delete(*keys)
 
 
 def delete_redis_keys(*patterns: str) -> None:
@@ -372,8 +389,6 @@ def start_gateway(log: Path, extra_env: dict[str, str] | None = None) -> tuple[s
 
 
 # --- every error of the tree is raised somewhere in the suite ------------------------------
-
-import contextlib  # noqa: E402
 
 from orchestrator_site import errors as _errors  # noqa: E402
 

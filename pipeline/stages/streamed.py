@@ -103,7 +103,6 @@ def inference_streamed(
                 news.set()
 
         reader = asyncio.ensure_future(read())
-        finished_alone = False
         try:
             while True:
                 await news.wait()

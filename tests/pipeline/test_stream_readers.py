@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from asgiref.sync import async_to_sync
-from django.conf import settings
 
 from orchestrator_site.errors import RequestCancelled
 from pipeline.config import PipelineSettings, PostprocessConfig
@@ -21,15 +19,13 @@ from pipeline.stages import streamed
 from pipeline.stages.rag import RetrievalResult
 from pipeline.tokenbus import KEEP, READER_LEASE_S, TokenBus
 from pipeline.types import AssembledPrompt, Completion, PromptRequest, TokenChunk, Usage
+from tests.conftest import scratch_bus
 
 
 @pytest.fixture
 def bus() -> Iterator[TokenBus]:
-    bus = TokenBus(url=settings.REDIS_URL, prefix=f"subs{uuid.uuid4().hex[:8]}", maxlen=1000, ttl_s=30, socket_timeout_s=1.0)
-    yield bus
-    keys = bus.client.keys(f"{bus.prefix}:*")
-    if keys:
-        bus.client.delete(*keys)
+    with scratch_bus("subs", maxlen=1000) as bus:
+        yield bus
 
 
 def token(bus: TokenBus, seq: int, rid: str = "r") -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,16 +13,13 @@ from django.conf import settings
 
 from orchestrator_site.errors import ServiceUnavailable
 from pipeline.tokenbus import BusEvent, TokenBus, get_bus
-from tests.conftest import free_port
+from tests.conftest import free_port, scratch_bus
 
 
 @pytest.fixture
 def bus() -> Iterator[TokenBus]:
-    bus = TokenBus(url=settings.REDIS_URL, prefix=f"bustest{uuid.uuid4().hex[:8]}", maxlen=50, ttl_s=30, socket_timeout_s=1.0)
-    yield bus
-    keys = bus.client.keys(f"{bus.prefix}:*")
-    if keys:
-        bus.client.delete(*keys)
+    with scratch_bus("bustest", maxlen=50) as bus:
+        yield bus
 
 
 def read(bus: TokenBus, request_id: str, after: str = "0-0", timeout_s: float = 2.0) -> list[BusEvent]:

@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from django.conf import settings
 
 from pipeline.tokenbus import BusEvent, TokenBus
+from tests.conftest import scratch_bus
 
 
 @pytest.fixture
 def bus() -> Iterator[TokenBus]:
-    bus = TokenBus(url=settings.REDIS_URL, prefix=f"readers{uuid.uuid4().hex[:8]}", maxlen=10_000, ttl_s=30, socket_timeout_s=1.0)
-    yield bus
-    keys = bus.client.keys(f"{bus.prefix}:*")
-    if keys:
-        bus.client.delete(*keys)
+    with scratch_bus("readers", maxlen=10_000) as bus:
+        yield bus
 
 
 def produce(bus: TokenBus, n: int, delay_s: float) -> None:

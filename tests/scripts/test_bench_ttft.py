@@ -6,6 +6,7 @@ percentiles; its wrk output parser reads what wrk prints."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ def upstream() -> Iterator[str]:
             time.sleep(0.05)
     yield url
     serving.cancel()
+    concurrent.futures.wait([serving], timeout=5)  # the server task has ended before its loop stops
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
 
