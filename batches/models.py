@@ -1,2 +1,90 @@
-"""Batch jobs and their items arrive with the batch issue; the app is registered now
-so that its queues (``batch.high``, ``batch.default``, ``batch.low``) have a home."""
+"""Batch jobs and their items. Postgres is the truth: the broker only carries which
+items to look at, so a lost message or a killed worker loses no item."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+from pipeline.models import Tenant
+
+
+class BatchJob(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"  # every item answered or failed (see items_failed)
+        CANCELLED = "cancelled"  # items not run by then stay pending
+
+    class Priority(models.TextChoices):
+        HIGH = "high"
+        DEFAULT = "default"
+        LOW = "low"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="batch_jobs")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    priority = models.CharField(max_length=16, choices=Priority.choices, default=Priority.DEFAULT)
+    # Routed once, at submission: every item of a job runs on the same worker and model
+    # (or the worker's fallback while its circuit is open).
+    worker = models.CharField(max_length=100)
+    model = models.CharField(max_length=200)
+    max_tokens = models.PositiveIntegerField()
+    temperature = models.FloatField(null=True, blank=True)
+    stop = models.JSONField(default=list, blank=True)
+    metadata = models.JSONField(default=dict, blank=True)
+    items_total = models.PositiveIntegerField()
+    items_done = models.PositiveIntegerField(default=0)
+    items_failed = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Moved by every finished item: the recovery sweep re-queues jobs where it stands still.
+    progressed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"], name="batchjob_tenant_created"),
+            models.Index(fields=["status", "progressed_at"], name="batchjob_status_progress"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.status})"
+
+    @property
+    def queue(self) -> str:
+        return f"batch.{self.priority}"
+
+
+class BatchItem(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="items")
+    index = models.PositiveIntegerField()
+    custom_id = models.CharField(max_length=64, blank=True, default="")
+    prompt = models.TextField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # Who runs it and until when: a pending item with a lease in the future is being run.
+    leased_until = models.DateTimeField(null=True, blank=True)
+    output = models.TextField(blank=True, default="")
+    finish_reason = models.CharField(max_length=32, blank=True, default="")
+    usage = models.JSONField(default=dict, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="batchitem_job_index")]
+        indexes = [models.Index(fields=["job", "status", "index"], name="batchitem_job_status")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.index}"

@@ -16,8 +16,10 @@ Besides the recorded metrics (``pipeline.metrics``), a scrape computes:
   read from Redis, where the breakers live;
 - ``orchestrator_queue_depth{queue}``, read from the broker;
 - ``orchestrator_realtime_inflight``, the admitted real-time requests, from Redis;
-- ``orchestrator_metrics_source_up{source}``: 0 when Redis or the broker could
-  not be read (their gauges are then missing from this scrape, not zero);
+- batch progress, from Postgres (``batches.metrics``): ``orchestrator_batch_jobs{status}``,
+  ``orchestrator_batch_items_pending`` and ``orchestrator_batch_progress_ratio``;
+- ``orchestrator_metrics_source_up{source}``: 0 when Redis, the broker or Postgres
+  could not be read (their gauges are then missing from this scrape, not zero);
 - ``orchestrator_gateway_asyncio_tasks``: the asyncio tasks alive in the gateway
   process that answered the scrape (streams, WebSocket connections): a number
   that keeps growing under steady traffic is a leak.
@@ -34,6 +36,7 @@ import structlog
 from amqp.exceptions import ChannelError as AmqpChannelError
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError, close_old_connections, connection
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_GET
 from kombu import Connection
@@ -86,20 +89,23 @@ class Live(Collector):
     """Gauges whose truth is in Redis or the broker, read at scrape time."""
 
     def collect(self) -> Iterator[Any]:
-        up = GaugeMetricFamily("orchestrator_metrics_source_up", "Whether this scrape could read a source (redis, broker).", labels=["source"])
+        up = GaugeMetricFamily("orchestrator_metrics_source_up", "Whether this scrape could read a source (redis, broker, postgres).", labels=["source"])
         redis_families = _guarded(_redis_families, "redis")
         up.add_metric(["redis"], 0 if redis_families is None else 1)
         broker_families = _guarded(_broker_families, "broker")
         up.add_metric(["broker"], 0 if broker_families is None else 1)
+        postgres_families = _guarded(_postgres_families, "postgres")
+        up.add_metric(["postgres"], 0 if postgres_families is None else 1)
         yield from redis_families or ()
         yield from broker_families or ()
+        yield from postgres_families or ()
         yield up
 
 
 def _guarded(read: Any, source: str) -> list[GaugeMetricFamily] | None:
     try:
         return list(read())
-    except (ServiceUnavailable, OperationalError, ChannelError, AmqpChannelError, OSError) as exc:
+    except (ServiceUnavailable, OperationalError, ChannelError, AmqpChannelError, OSError, DatabaseError) as exc:
         log.warning("metrics_source_down", source=source, outcome="degraded", error_type=type(exc).__name__)
         return None
 
@@ -118,6 +124,19 @@ def _redis_families() -> Iterable[GaugeMetricFamily]:
     inflight = GaugeMetricFamily("orchestrator_realtime_inflight", "Real-time requests admitted and not yet finished, all tenants.")
     inflight.add_metric([], admission().in_flight())
     return (breaker, inflight)
+
+
+def _postgres_families() -> Iterable[GaugeMetricFamily]:
+    from batches.metrics import progress_families
+
+    try:
+        return list(progress_families())
+    finally:
+        # Scrapes run on a thread of their own (the gateway's executor, the worker's
+        # metrics server): Django would never hand that thread's connection back.
+        # (Inside a transaction, a test's, it is not ours to close.)
+        if not connection.in_atomic_block:
+            close_old_connections()
 
 
 def _broker_families() -> Iterable[GaugeMetricFamily]:

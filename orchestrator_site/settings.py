@@ -169,6 +169,14 @@ if env_str("CELERY_BROKER_KEY_PREFIX", ""):
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower
 CELERY_TASK_SEND_SENT_EVENT = True
+# The scheduler (celery beat): the batch recovery sweep (batches.services.batch_recover).
+CELERY_BEAT_SCHEDULE = {
+    "batch-recovery": {
+        "task": "batches.tasks.recover_batches",
+        "schedule": env_int("BATCH_RECOVERY_INTERVAL_S", 60),
+        "options": {"queue": "batch.high", "routing_key": "batch.high", "expires": 60.0},
+    },
+}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["pipeline.auth.ApiKeyAuthentication"],

@@ -120,6 +120,19 @@ class TokenBusConfig(_Strict):
     ttl_s: int = Field(3600, ge=10)  # how long streams and request status stay readable
 
 
+class BatchConfig(_Strict):
+    """Batch jobs (``POST /api/v1/batch``): their items run on the ``batch.*`` queues,
+    never beside a real-time request."""
+
+    max_items: int = Field(50_000, ge=1, le=1_000_000)  # prompts in one job at most
+    max_body_mb: int = Field(64, ge=1, le=1024)  # a job's request body at most
+    chunk_size: int = Field(25, ge=1, le=10_000)  # items per Celery task
+    max_attempts: int = Field(3, ge=1, le=20)  # tries of an item whose provider is down before it is failed
+    retry_delay_s: float = Field(30.0, ge=0, le=3600)  # wait before a chunk whose provider was down runs again
+    lease_s: float = Field(600.0, gt=0, le=86_400)  # an item being run is nobody else's for this long
+    stall_after_s: float = Field(300.0, gt=0, le=86_400)  # a job without progress this long is re-queued by the sweep
+
+
 class RetryConfig(_Strict):
     attempts: int = Field(3, ge=1, le=10)  # calls in all, the first one included; 1 = no retry
     base_ms: float = Field(200, gt=0)
@@ -197,6 +210,7 @@ class PipelineSettings(_Strict):
     tokenbus: TokenBusConfig = TokenBusConfig()
     rate_limits: RateLimitConfig = RateLimitConfig()
     dedup: DedupConfig = DedupConfig()
+    batch: BatchConfig = BatchConfig()
 
     @model_validator(mode="after")
     def _default_exists(self) -> PipelineSettings:

@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import structlog
@@ -51,9 +51,7 @@ log = structlog.get_logger("pipeline.services")
 def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings) -> PromptRequest:
     """A routed ``PromptRequest`` from validated input (see ``api.serializers.InferInput``)."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
-    max_tokens = data.get("max_tokens") or config.limits.default_max_tokens
-    if max_tokens > config.limits.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens may be at most {config.limits.max_tokens_limit}", data={"field": "max_tokens"})
+    max_tokens = max_tokens_for(config, data.get("max_tokens"))
     request_id = uuid.uuid4().hex
     return PromptRequest(
         request_id=request_id,
@@ -68,6 +66,14 @@ def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: Pipe
         metadata=dict(data.get("metadata") or {}),
         history=tuple(ChatMessage(role, content) for role, content in data.get("history") or ()),
     )
+
+
+def max_tokens_for(config: PipelineSettings, requested: int | None) -> int:
+    """The request's ``max_tokens``: the configured default when absent, refused above the limit."""
+    max_tokens = requested or config.limits.default_max_tokens
+    if max_tokens > config.limits.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens may be at most {config.limits.max_tokens_limit}", data={"field": "max_tokens"})
+    return max_tokens
 
 
 # This process's copies of the shared state, used while Redis is down (resilience.local).
@@ -345,13 +351,14 @@ def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings
     )
 
 
-def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock | None = None, *, on_bus: bool = True) -> PipelineResult:
+def run_guarded(request: PromptRequest, config: PipelineSettings, run: Callable[[PromptRequest], PipelineResult]) -> PipelineResult:
+    """``run`` the request behind its worker's circuit breaker: on the fallback (or
+    refused) while the circuit is open, and the outcome recorded. Real-time requests
+    and batch items both go through here."""
     request = _route_around_open_circuits(request, config)
-    clock = clock or metrics.StreamClock(request.worker, accepted_at=None)
-    clock.worker = request.worker
     breaker = breaker_for(config, request.worker)
     try:
-        result = _run_stages(request, config, clock, on_bus=on_bus)
+        result = run(request)
     except TransientWorkerError:
         breaker.record(success=False)
         raise
@@ -360,6 +367,14 @@ def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.St
         raise
     breaker.record(success=True)
     return result
+
+
+def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True) -> PipelineResult:
+    def run(routed: PromptRequest) -> PipelineResult:
+        clock.worker = routed.worker
+        return _run_stages(routed, config, clock, on_bus=on_bus)
+
+    return run_guarded(request, config, run)
 
 
 def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True) -> PipelineResult:

@@ -19,8 +19,11 @@ def body_limit() -> int:
 class LimitedJSONParser(JSONParser):
     """JSON, read with a size cap so that a huge body is refused before it is held in memory."""
 
+    def limit(self) -> int:
+        return body_limit()
+
     def parse(self, stream: IO[Any], media_type: str | None = None, parser_context: Mapping[str, Any] | None = None) -> Any:
-        limit = body_limit()
+        limit = self.limit()
         raw = stream.read(limit + 1) if stream is not None else b""
         if len(raw) > limit:
             raise PromptTooLarge(f"request body is larger than {limit} bytes")

@@ -1,0 +1,125 @@
+"""Input and output of the batch API (``docs/api.md``, "Batch jobs")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import serializers
+
+from batches.models import BatchJob
+from batches.services import Prompt
+from pipeline.config import get_config
+
+MAX_REPORTED = 10  # bad items named in one error, at most
+
+
+def _prompt_problem(raw: object, seen: set[str]) -> tuple[Prompt | None, str]:
+    """The item as a Prompt, or what is wrong with it."""
+    text: object
+    custom_id: object
+    if isinstance(raw, str):
+        text, custom_id = raw, ""
+    elif isinstance(raw, dict) and set(raw) <= {"prompt", "custom_id"}:
+        text, custom_id = raw.get("prompt"), raw.get("custom_id", "")
+    else:
+        return None, 'must be a string or {"prompt": ..., "custom_id": ...}'
+    if not isinstance(text, str) or not text.strip():
+        return None, "prompt must be a non-empty string"
+    limit = get_config().limits.max_prompt_chars
+    if len(text) > limit:
+        return None, f"prompt is longer than {limit} characters"
+    if not isinstance(custom_id, str) or len(custom_id) > 64:
+        return None, "custom_id must be a string of at most 64 characters"
+    if "\x00" in text or "\x00" in custom_id:
+        return None, "must not contain NUL characters"
+    if custom_id and custom_id in seen:
+        return None, f"custom_id {custom_id!r} is used twice"
+    seen.add(custom_id)
+    return Prompt(text, custom_id), ""
+
+
+class PromptsField(serializers.Field):
+    """A list of prompts: strings, or objects with ``prompt`` and an optional ``custom_id``."""
+
+    def to_internal_value(self, data: Any) -> list[Prompt]:
+        if not isinstance(data, list) or not data:
+            raise serializers.ValidationError("must be a non-empty list of prompts", code="invalid")
+        limit = get_config().batch.max_items
+        if len(data) > limit:
+            raise serializers.ValidationError(f"at most {limit} prompts in one job", code="max_length")
+        prompts: list[Prompt] = []
+        problems: list[str] = []
+        seen: set[str] = set()
+        for index, raw in enumerate(data):
+            prompt, problem = _prompt_problem(raw, seen)
+            if prompt is None:
+                problems.append(f"item {index}: {problem}")
+            else:
+                prompts.append(prompt)
+        if problems:
+            shown = problems[:MAX_REPORTED]
+            if len(problems) > MAX_REPORTED:
+                shown.append(f"and {len(problems) - MAX_REPORTED} more")
+            raise serializers.ValidationError(shown, code="invalid")
+        return prompts
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class BatchInput(serializers.Serializer):
+    prompts = PromptsField()
+    priority = serializers.ChoiceField(choices=BatchJob.Priority.values, required=False, default=BatchJob.Priority.DEFAULT)
+    worker = serializers.CharField(required=False, max_length=100)
+    model = serializers.CharField(required=False, max_length=200)
+    max_tokens = serializers.IntegerField(required=False, min_value=1, max_value=1_000_000)
+    temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
+    stop = serializers.ListField(child=serializers.CharField(max_length=64, trim_whitespace=False), required=False, max_length=16)
+    metadata = serializers.DictField(required=False)
+
+    def validate_stop(self, value: list[str]) -> list[str]:
+        limit = get_config().limits.max_stop_sequences
+        if len(value) > limit:
+            raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
+        return value
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        if len(repr(value)) > 4096:
+            raise serializers.ValidationError("metadata is larger than 4 KiB", code="max_length")
+        return value
+
+
+class BatchCountsOut(serializers.Serializer):
+    total = serializers.IntegerField()
+    done = serializers.IntegerField()
+    failed = serializers.IntegerField()
+    pending = serializers.IntegerField()
+
+
+class BatchJobOut(serializers.Serializer):
+    id = serializers.UUIDField()
+    status = serializers.ChoiceField(choices=BatchJob.Status.values)
+    priority = serializers.ChoiceField(choices=BatchJob.Priority.values)
+    worker = serializers.CharField()
+    model = serializers.CharField()
+    counts = BatchCountsOut()
+    progress = serializers.FloatField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+def job_out(job: BatchJob) -> dict[str, Any]:
+    settled = job.items_done + job.items_failed
+    return {
+        "id": str(job.id),
+        "status": job.status,
+        "priority": job.priority,
+        "worker": job.worker,
+        "model": job.model,
+        "counts": {"total": job.items_total, "done": job.items_done, "failed": job.items_failed, "pending": job.items_total - settled},
+        "progress": round(settled / job.items_total, 6) if job.items_total else 1.0,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }

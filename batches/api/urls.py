@@ -1,0 +1,12 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from batches.api import views
+
+urlpatterns = [
+    path("", views.BatchListCreateApi.as_view(), name="batches"),
+    path("/<uuid:job_id>", views.BatchDetailApi.as_view(), name="batch-detail"),
+    path("/<uuid:job_id>/cancel", views.BatchCancelApi.as_view(), name="batch-cancel"),
+    path("/<uuid:job_id>/results", views.BatchResultsApi.as_view(), name="batch-results"),
+]

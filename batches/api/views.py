@@ -1,0 +1,94 @@
+"""The batch API: each view validates, calls one service, renders."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+from asgiref.sync import sync_to_async
+from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from batches import services
+from batches.api import serializers as s
+from batches.models import BatchJob
+from orchestrator_site.errors import InvalidRequest
+from pipeline.api.parsers import LimitedJSONParser
+from pipeline.api.serializers import ErrorOut
+from pipeline.api.views import tenant_of, validated
+from pipeline.config import get_config
+
+_ERRORS = {code: OpenApiResponse(ErrorOut) for code in (400, 401, 404, 413, 415)}
+PAGE = 1000  # items read from Postgres per query while writing results
+
+
+class BatchJSONParser(LimitedJSONParser):
+    def limit(self) -> int:
+        return get_config().batch.max_body_mb * 1024 * 1024
+
+
+def _int_param(request: Request, name: str, default: int, *, low: int, high: int) -> int:
+    try:
+        return min(max(int(request.query_params.get(name, default)), low), high)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} must be an integer", data={"field": name}) from exc
+
+
+class BatchListCreateApi(APIView):
+    parser_classes = [BatchJSONParser]
+
+    @extend_schema(request=s.BatchInput, responses={201: s.BatchJobOut, **_ERRORS}, operation_id="batch_create")
+    def post(self, request: Request) -> Response:
+        principal = tenant_of(request)
+        data = validated(s.BatchInput, request.data)
+        job = services.batch_create(tenant=principal.tenant, data=data, config=get_config())
+        return Response(s.job_out(job), status=201, headers={"Location": f"/api/v1/batch/{job.id}"})
+
+    @extend_schema(responses={200: s.BatchJobOut(many=True), 401: ErrorOut}, operation_id="batch_list")
+    def get(self, request: Request) -> Response:
+        limit = _int_param(request, "limit", 50, low=1, high=500)
+        offset = _int_param(request, "offset", 0, low=0, high=10**9)
+        jobs = BatchJob.objects.filter(tenant_id=tenant_of(request).tenant_id).order_by("-created_at")[offset : offset + limit]
+        return Response([s.job_out(job) for job in jobs])
+
+
+class BatchDetailApi(APIView):
+    @extend_schema(responses={200: s.BatchJobOut, 401: ErrorOut, 404: ErrorOut}, operation_id="batch_get")
+    def get(self, request: Request, job_id: uuid.UUID) -> Response:
+        return Response(s.job_out(services.batch_get(tenant_id=tenant_of(request).tenant_id, job_id=job_id)))
+
+
+class BatchCancelApi(APIView):
+    @extend_schema(request=None, responses={200: s.BatchJobOut, 401: ErrorOut, 404: ErrorOut}, operation_id="batch_cancel")
+    def post(self, request: Request, job_id: uuid.UUID) -> Response:
+        return Response(s.job_out(services.batch_cancel(tenant_id=tenant_of(request).tenant_id, job_id=job_id)))
+
+
+class BatchResultsApi(APIView):
+    @extend_schema(
+        parameters=[OpenApiParameter("after", int, description="only items with a higher index (to resume a download)")],
+        responses={(200, "application/x-ndjson"): OpenApiTypes.STR, 401: ErrorOut, 404: ErrorOut},
+        operation_id="batch_results",
+    )
+    def get(self, request: Request, job_id: uuid.UUID) -> StreamingHttpResponse:
+        job = services.batch_get(tenant_id=tenant_of(request).tenant_id, job_id=job_id)
+        after = _int_param(request, "after", -1, low=-1, high=10**9)
+        response = StreamingHttpResponse(_lines(job, after), content_type="application/x-ndjson")
+        response["Cache-Control"] = "no-cache"
+        return response
+
+
+async def _lines(job: BatchJob, after: int) -> AsyncIterator[bytes]:
+    """The finished items, one JSON object per line, a page of Postgres rows at a time
+    (memory stays flat however large the job)."""
+    while True:
+        page = await sync_to_async(services.batch_results)(job=job, after=after, limit=PAGE)
+        if not page:
+            return
+        yield "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in page).encode()
+        after = page[-1]["index"]

@@ -1,0 +1,309 @@
+"""Batch jobs: submission, running their items, cancelling, recovery.
+
+Postgres holds every item and its state; a Celery message on ``batch.<priority>``
+names a range of a job's items ("chunk") for a batch worker to look at. A worker
+claims one pending item at a time with a lease, runs it through the same five
+stages as a real-time request (no token bus: nobody streams a batch item), and
+records its answer or error. Whatever goes wrong with the messages (a killed
+worker, a broker that was down, a duplicate) the items stay in Postgres, and the
+scheduler's sweep (``batch_recover``) queues the chunks of a job that has stopped
+moving again. Recording is idempotent: an item is answered once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import structlog
+from django.db import DatabaseError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from batches import metrics
+from batches.models import BatchItem, BatchJob
+from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, ServiceUnavailable, TransientWorkerError
+from pipeline import selectors, services
+from pipeline.config import PipelineSettings, get_config
+from pipeline.engine import PipelineDeps, run_pipeline
+from pipeline.metrics import record_stages
+from pipeline.models import Tenant
+from pipeline.routing import route_request, worker_pool
+from pipeline.types import PipelineResult, PromptRequest
+
+log = structlog.get_logger("batches")
+
+# The provider may come back: the item stays pending and its chunk runs again later.
+TRANSIENT = (TransientWorkerError, CircuitOpen, ServiceUnavailable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    text: str
+    custom_id: str = ""
+
+
+def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSettings) -> BatchJob:
+    """Store the job and its items, then queue its chunks (after the commit: a worker
+    must find what it is told about). Validated input: ``api.serializers.BatchInput``."""
+    route = route_request(config, worker=data.get("worker"), model=data.get("model"))
+    prompts: Sequence[Prompt] = data["prompts"]
+    with transaction.atomic():
+        job = BatchJob.objects.create(
+            tenant=tenant,
+            priority=data.get("priority") or BatchJob.Priority.DEFAULT,
+            worker=route.worker,
+            model=route.model,
+            max_tokens=services.max_tokens_for(config, data.get("max_tokens")),
+            temperature=data.get("temperature"),
+            stop=list(data.get("stop") or ()),
+            metadata=dict(data.get("metadata") or {}),
+            items_total=len(prompts),
+        )
+        items = (BatchItem(job=job, index=i, prompt=p.text, custom_id=p.custom_id) for i, p in enumerate(prompts))
+        BatchItem.objects.bulk_create(items, batch_size=2000)
+        chunks = chunk_ranges(range(len(prompts)), config.batch.chunk_size)
+        transaction.on_commit(lambda: _enqueue(job, chunks))
+    log.info("batch_created", job_id=str(job.id), tenant_id=str(tenant.id), items=len(prompts), priority=job.priority, worker=job.worker, outcome="ok")
+    return job
+
+
+def chunk_ranges(indexes: Iterable[int], size: int) -> list[tuple[int, int]]:
+    """The chunks (first, last index, inclusive) of ``size`` that hold the given indexes."""
+    starts = sorted({i - i % size for i in indexes})
+    return [(start, start + size - 1) for start in starts]
+
+
+def _enqueue(job: BatchJob, chunks: Sequence[tuple[int, int]], *, countdown: float = 0.0) -> bool:
+    """Put the chunks on the job's queue. False when the broker is down: the job is in
+    Postgres, and the recovery sweep queues it once the broker is back."""
+    from batches.tasks import run_batch_chunk
+
+    try:
+        for first, last in chunks:
+            run_batch_chunk.apply_async(args=(str(job.id), first, last), queue=job.queue, routing_key=job.queue, countdown=countdown, retry=False)
+    except KombuOperationalError as exc:
+        log.warning("batch_enqueue_failed", job_id=str(job.id), outcome="degraded", error_type=type(exc).__name__, chunks=len(chunks))
+        return False
+    return True
+
+
+def batch_get(*, tenant_id: str, job_id: Any) -> BatchJob:
+    """One of the tenant's jobs; another tenant's is not found."""
+    job = BatchJob.objects.filter(pk=job_id, tenant_id=tenant_id).first()
+    if job is None:
+        raise NotFound("batch job not found", data={"job_id": str(job_id)})
+    return job
+
+
+def batch_cancel(*, tenant_id: str, job_id: Any) -> BatchJob:
+    """Stop a job: items not run by now stay pending and are never run. A finished job
+    is left as it is."""
+    job = batch_get(tenant_id=tenant_id, job_id=job_id)
+    if BatchJob.objects.filter(pk=job.pk, status__in=BatchJob.ACTIVE).update(status=BatchJob.Status.CANCELLED, finished_at=timezone.now()):
+        log.info("batch_cancelled", job_id=str(job.id), outcome="cancelled")
+        job.refresh_from_db()
+    return job
+
+
+def batch_run_chunk(*, job_id: str, first: int, last: int) -> None:
+    """The task boundary: run a chunk's pending items; nothing escapes into Celery.
+    What is left undone stays pending in Postgres for a later run or the sweep."""
+    try:
+        retry_in = _run_chunk(job_id, first, last)
+    except DatabaseError as exc:
+        log.warning("batch_chunk_interrupted", job_id=job_id, first=first, outcome="degraded", error_type=type(exc).__name__)
+        return
+    except Exception as exc:  # task boundary: logged with its traceback; the sweep re-queues what is left
+        log.exception("batch_chunk_crashed", job_id=job_id, first=first, outcome="error", error_type=type(exc).__name__)
+        return
+    if retry_in is not None:
+        job = BatchJob.objects.filter(pk=job_id).first()
+        if job is not None:
+            _enqueue(job, [(first, last)], countdown=retry_in)
+
+
+def _run_chunk(job_id: str, first: int, last: int) -> float | None:
+    """Run the pending items of ``first``..``last``; the delay after which the chunk must
+    run again (its provider is down), or None when nothing is left for it."""
+    config = get_config()
+    job = BatchJob.objects.filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
+    if job is None:
+        return None  # finished, cancelled or deleted: a late or duplicate message
+    BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.QUEUED).update(status=BatchJob.Status.RUNNING, started_at=timezone.now())
+    try:
+        while (item := _claim_next(job, first, last, config)) is not None:
+            if not _run_item(job, item, config):
+                return config.batch.retry_delay_s
+    finally:
+        _finish_if_complete(job)
+    return None
+
+
+def _claim_next(job: BatchJob, first: int, last: int, config: PipelineSettings) -> BatchItem | None:
+    """The chunk's next pending item nobody holds, leased to this run (the attempt is
+    counted now: a worker that dies on an item has used an attempt)."""
+    now = timezone.now()
+    with transaction.atomic():
+        item = (
+            BatchItem.objects.select_for_update(skip_locked=True, of=("self",))
+            .filter(job_id=job.pk, index__gte=first, index__lte=last, status=BatchItem.Status.PENDING, job__status__in=BatchJob.ACTIVE)
+            .filter(Q(leased_until__isnull=True) | Q(leased_until__lt=now))
+            .order_by("index")
+            .first()
+        )
+        if item is None:
+            return None
+        item.attempts += 1
+        item.leased_until = now + dt.timedelta(seconds=config.batch.lease_s)
+        item.save(update_fields=["attempts", "leased_until"])
+    return item
+
+
+def _request_for(job: BatchJob, item: BatchItem) -> PromptRequest:
+    return PromptRequest(
+        request_id=f"{job.id.hex}-{item.index}",
+        tenant_id=str(job.tenant_id),
+        session_id=f"batch-{job.id.hex}",
+        prompt=item.prompt,
+        worker=job.worker,
+        model=job.model,
+        max_tokens=job.max_tokens,
+        temperature=job.temperature,
+        stop=tuple(job.stop),
+        metadata=dict(job.metadata),
+    )
+
+
+def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
+    """Run one item and record what came of it. False when its provider is down and the
+    item has attempts left (it stays pending: the chunk should pause)."""
+    if item.attempts > config.batch.max_attempts:  # earlier runs died on it
+        last = OrchestratorError.from_dict(item.error) if item.error else OrchestratorError(f"the item's run was interrupted {item.attempts - 1} times")
+        _record(job, item, error=last)
+        return True
+    observed: list[tuple[str, str, int]] = []
+    worker = job.worker
+
+    def run(routed: PromptRequest) -> PipelineResult:
+        nonlocal worker
+        worker = routed.worker
+        deps = PipelineDeps(
+            config=config,
+            retrieve=selectors.document_search,
+            load_history=lambda: (),  # items are independent prompts, not turns of a conversation
+            worker=worker_pool.get(config, routed.worker),
+            publish=lambda chunk: None,  # nobody streams a batch item: the answer is recorded
+        )
+        return run_pipeline(routed, deps, observed)[1]
+
+    try:
+        result = services.run_guarded(_request_for(job, item), config, run)
+    except TRANSIENT as exc:
+        record_stages(observed, worker)
+        if item.attempts >= config.batch.max_attempts:
+            _record(job, item, error=exc)
+            return True
+        BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(leased_until=None, error=exc.to_dict())
+        metrics.item_finished(job.priority, "retry_later")
+        log.warning("batch_item_deferred", job_id=str(job.id), index=item.index, attempts=item.attempts, error_code=exc.code, outcome="retry")
+        return False
+    except OrchestratorError as exc:
+        record_stages(observed, worker)
+        _record(job, item, error=exc)
+        return True
+    except Exception as exc:  # item boundary: one bad item fails alone, with its traceback logged
+        log.exception("batch_item_crashed", job_id=str(job.id), index=item.index, outcome="error", error_type=type(exc).__name__)
+        _record(job, item, error=OrchestratorError("internal error while running the item"))
+        return True
+    record_stages(observed, worker)
+    _record(job, item, result=result)
+    return True
+
+
+def _record(job: BatchJob, item: BatchItem, *, result: PipelineResult | None = None, error: OrchestratorError | None = None) -> None:
+    """The item's answer or error, and the job's count, in one transaction; an item
+    answered already (a duplicate run) is not counted twice."""
+    now = timezone.now()
+    fields: dict[str, Any] = {"leased_until": None, "finished_at": now}
+    if result is not None:
+        fields.update(status=BatchItem.Status.DONE, output=result.text, finish_reason=result.finish_reason, usage=result.usage.to_dict(), error=None)
+        counter, outcome = "items_done", "ok"
+    else:
+        failure = error or OrchestratorError()
+        fields.update(status=BatchItem.Status.FAILED, error=failure.to_dict())
+        counter, outcome = "items_failed", failure.code
+    with transaction.atomic():
+        if BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(**fields):
+            BatchJob.objects.filter(pk=job.pk).update(**{counter: F(counter) + 1}, progressed_at=now)
+        else:
+            return
+    metrics.item_finished(job.priority, outcome)
+
+
+def _finish_if_complete(job: BatchJob) -> None:
+    """Completed once every item is answered or failed. Each run checks after its own
+    commits, so the run that records the last item sees the others'."""
+    finished = (
+        BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.RUNNING)
+        .alias(settled=F("items_done") + F("items_failed"))
+        .filter(settled__gte=F("items_total"))
+        .update(status=BatchJob.Status.COMPLETED, finished_at=timezone.now())
+    )
+    if finished:
+        log.info("batch_completed", job_id=str(job.id), outcome="ok")
+
+
+def batch_recover(*, config: PipelineSettings | None = None, now: dt.datetime | None = None) -> int:
+    """Queue again the chunks of active jobs that have not moved for ``stall_after_s``
+    and still have items nobody holds (a killed worker's, a lost message's, a broker
+    outage's). Run by the scheduler; returns the chunks queued."""
+    config = config or get_config()
+    now = now or timezone.now()
+    stalled = BatchJob.objects.filter(status__in=BatchJob.ACTIVE, progressed_at__lt=now - dt.timedelta(seconds=config.batch.stall_after_s))
+    queued = 0
+    for job in stalled:
+        free = BatchItem.objects.filter(job=job, status=BatchItem.Status.PENDING).filter(Q(leased_until__isnull=True) | Q(leased_until__lt=now))
+        chunks = chunk_ranges(free.values_list("index", flat=True), config.batch.chunk_size)
+        if chunks and _enqueue(job, chunks):
+            queued += len(chunks)
+            log.warning("batch_requeued", job_id=str(job.id), chunks=len(chunks), outcome="recovered")
+        # Not again before another stall_after_s: the queued chunks may wait behind others.
+        BatchJob.objects.filter(pk=job.pk).update(progressed_at=now)
+    return queued
+
+
+def batch_recover_boundary() -> None:
+    """The sweep's task boundary: a database that is down now is tried at the next sweep."""
+    try:
+        batch_recover()
+    except DatabaseError as exc:
+        log.warning("batch_recovery_skipped", outcome="degraded", error_type=type(exc).__name__)
+    except Exception as exc:  # task boundary: logged with its traceback, the next sweep tries again
+        log.exception("batch_recovery_crashed", outcome="error", error_type=type(exc).__name__)
+
+
+def batch_results(*, job: BatchJob, after: int, limit: int) -> list[dict[str, Any]]:
+    """Finished items with an index above ``after``, in index order, as the results
+    endpoint writes them."""
+    items = (
+        BatchItem.objects.filter(job=job, index__gt=after, status__in=(BatchItem.Status.DONE, BatchItem.Status.FAILED))
+        .order_by("index")
+        .values("index", "custom_id", "status", "output", "finish_reason", "usage", "error")[:limit]
+    )
+    return [
+        {
+            "index": row["index"],
+            "custom_id": row["custom_id"],
+            "status": row["status"],
+            **(
+                {"text": row["output"], "finish_reason": row["finish_reason"], "usage": row["usage"]}
+                if row["status"] == BatchItem.Status.DONE
+                else {"error": row["error"]}
+            ),
+        }
+        for row in items
+    ]

@@ -1,0 +1,129 @@
+"""Batch jobs through real ``celery worker -Q batch.high,batch.default,batch.low``
+processes and the real broker: a 10,000-prompt job with its progress on the way,
+and a job that survives its worker being killed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from batches.models import BatchItem, BatchJob
+from batches.services import batch_recover
+from pipeline.config import get_config
+from tests.batches.test_batch_api import ndjson
+from tests.conftest import Fakes, TenantFixture, WorkerProcess, free_port, start_celery_worker, stop_process
+from tests.pipeline.test_metrics_flow import delta, gateway_scrape, value, worker_scrape
+
+QUEUES = "batch.high,batch.default,batch.low"
+LEASE_S = 3
+
+
+def start_batch_worker(tmp: Path, name: str, *, concurrency: int = 4, config: Path | None = None) -> WorkerProcess:
+    port = free_port()
+    metrics_dir = tmp / f"metrics-{name}"
+    metrics_dir.mkdir()
+    env = {"WORKER_METRICS_PORT": str(port), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "LOG_LEVEL": "WARNING"}
+    if config is not None:
+        env["PIPELINE_CONFIG"] = str(config)
+    proc = start_celery_worker(QUEUES, f"{name}-{os.getpid()}@localhost", tmp / f"{name}.log", env, concurrency=concurrency)
+    return WorkerProcess(proc, f"http://127.0.0.1:{port}/metrics")
+
+
+@pytest.fixture(scope="module")
+def batch_worker(django_db_setup: None, session_fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    worker = start_batch_worker(tmp_path_factory.mktemp("batch"), "batch-test")
+    yield worker
+    stop_process(worker.proc)
+
+
+def wait_for(job_id: str, tenant: TenantFixture, timeout_s: float, seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = tenant.client.get(f"/api/v1/batch/{job_id}").json()
+        if seen is not None:
+            seen.append({**job, "scrape": gateway_scrape()})
+        if job["status"] == "completed":
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job not completed in {timeout_s}s: {tenant.client.get(f'/api/v1/batch/{job_id}').json()}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.django_db(transaction=True)
+def test_ten_thousand_prompts_complete_with_their_progress_reported(owner: TenantFixture, batch_worker: WorkerProcess) -> None:
+    before = worker_scrape(batch_worker)
+    prompts = [f"prompt number {i}" for i in range(10_000)]
+    resp = owner.client.post("/api/v1/batch", {"prompts": prompts, "priority": "low"}, format="json")
+    assert resp.status_code == 201, resp.content
+    job_id = resp.json()["id"]
+
+    seen: list[dict[str, Any]] = []
+    job = wait_for(job_id, owner, 480, seen)
+    assert job["counts"] == {"total": 10_000, "done": 10_000, "failed": 0, "pending": 0} and job["progress"] == 1.0
+
+    # Progress on the way: the API's and the gauges' (read from Postgres at scrape time).
+    midway = [s for s in seen if 0 < s["counts"]["done"] < 10_000]
+    assert midway, "never saw the job part-way"
+    assert all(s["status"] == "running" and s["progress"] == pytest.approx(s["counts"]["done"] / 10_000, abs=1e-6) for s in midway)
+    ratios = [value(s["scrape"], "orchestrator_batch_progress_ratio") for s in midway]
+    assert any(0 < r < 1 for r in ratios) and ratios == sorted(ratios)  # only this job is active: it only grows
+    assert any(value(s["scrape"], "orchestrator_batch_jobs", status="running") == 1 for s in midway)
+    assert any(0 < value(s["scrape"], "orchestrator_batch_items_pending") < 10_000 for s in midway)
+    final = gateway_scrape()
+    assert value(final, "orchestrator_batch_progress_ratio") == 1.0 and value(final, "orchestrator_batch_items_pending") == 0
+    assert value(final, "orchestrator_batch_jobs", status="completed") >= 1
+
+    # Every answer, once, in order, through the gateway's results stream.
+    rows = ndjson(owner.client.get(f"/api/v1/batch/{job_id}/results"))
+    assert [r["index"] for r in rows] == list(range(10_000))
+    assert all(r["status"] == "done" and r["text"].startswith(prompts[r["index"]]) for r in rows)
+    assert BatchItem.objects.filter(job_id=job_id, attempts=1).count() == 10_000  # no item ran twice
+
+    after = worker_scrape(batch_worker)
+    assert delta(before, after, "orchestrator_batch_items_total", priority="low", outcome="ok") == 10_000
+    assert delta(before, after, "orchestrator_stage_duration_seconds_count", stage="inference", outcome="ok") == 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_a_job_survives_its_worker_being_killed(owner: TenantFixture, fakes: Fakes, tmp_path: Path) -> None:
+    fakes.openai.token_delay_s = 0.02  # about 100 ms an item: the kill lands mid-job
+    calls = len(fakes.openai.requests)
+    config = tmp_path / "pipeline.toml"  # the suite's, with leases that run out within the test
+    config.write_text(Path(os.environ["PIPELINE_CONFIG"]).read_text() + f"\n[batch]\nlease_s = {LEASE_S}\n")
+    first = start_batch_worker(tmp_path, "doomed", config=config)
+    resp = owner.client.post("/api/v1/batch", {"prompts": [f"item {i}" for i in range(150)], "worker": "openai"}, format="json")
+    assert resp.status_code == 201, resp.content
+    job_id = resp.json()["id"]
+    deadline = time.monotonic() + 60
+    while BatchJob.objects.get(pk=job_id).items_done < 20:
+        assert time.monotonic() < deadline, "the first worker made no progress"
+        time.sleep(0.05)
+    first.proc.kill()  # SIGKILL: no warm shutdown, its messages stay unacknowledged
+    first.proc.wait(timeout=10)
+    stalled = BatchJob.objects.get(pk=job_id)
+    assert stalled.status == "running" and stalled.items_done < 150
+
+    time.sleep(LEASE_S + 0.5)  # the dead worker's items are free again
+    second = start_batch_worker(tmp_path, "rescuer", config=config)
+    try:
+        # The scheduler's sweep, as it runs once the job has stood still for stall_after_s.
+        assert batch_recover(now=timezone.now() + dt.timedelta(seconds=get_config().batch.stall_after_s + 1)) > 0
+        job = wait_for(job_id, owner, 120)
+    finally:
+        stop_process(second.proc)
+    assert job["counts"] == {"total": 150, "done": 150, "failed": 0, "pending": 0}
+    items = list(BatchItem.objects.filter(job_id=job_id).order_by("index"))
+    assert all(item.status == "done" and item.output == "Hello, world!" for item in items)
+    # Only the items the dead worker was running when it died were run twice.
+    assert sum(item.attempts > 1 for item in items) <= 4
+    assert len(fakes.openai.requests) - calls <= 150 + 4
