@@ -3,6 +3,7 @@ Ctrl-C leaves nothing running."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -61,6 +62,20 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         metrics = httpx.get(f"{base}/metrics", timeout=10).text
         assert re.search(r'^orchestrator_pipeline_requests_total\{outcome="ok",worker="echo"\} [1-9]', metrics, re.MULTILINE), metrics[-3000:]
         assert (tmp_path / "metrics").is_dir()
+
+        # A batch job through the batch worker (prefork), its answers streamed back by the gateway.
+        auth = {"Authorization": f"Bearer {key}"}
+        job = httpx.post(f"{base}/api/v1/batch", json={"prompts": ["first", {"prompt": "second", "custom_id": "b"}]}, headers=auth, timeout=30).json()
+        deadline = time.monotonic() + 60
+        while (status := httpx.get(f"{base}/api/v1/batch/{job['id']}", headers=auth, timeout=10).json())["status"] != "completed":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.3)
+        assert status["counts"] == {"total": 2, "done": 2, "failed": 0, "pending": 0}
+        with httpx.stream("GET", f"{base}/api/v1/batch/{job['id']}/results", headers=auth, timeout=10) as results:
+            assert results.headers["content-type"] == "application/x-ndjson"
+            rows = [json.loads(line) for line in results.iter_lines() if line]
+        assert [(r["index"], r["custom_id"], r["status"]) for r in rows] == [(0, "", "done"), (1, "b", "done")] and rows[1]["text"].startswith("second")
+        assert re.search(r'^orchestrator_batch_items_total\{outcome="ok",priority="default"\} 2', httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE)
 
         if "local" in text.split("workers", 1)[1].splitlines()[0]:
             local = httpx.post(

@@ -1,5 +1,5 @@
 """GET /metrics: the Prometheus exposition of the gateway, with the gauges computed
-at scrape time from Redis and the broker, and what a scrape does when they are down."""
+at scrape time from Redis, the broker and Postgres, and what a scrape does when they are down."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from pipeline.queues import Queue
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker, read_states
 from pipeline.tokenbus import TokenBus, get_bus
 from tests.conftest import free_port
+
+# A scrape reads batch progress from Postgres (on a thread of its own).
+pytestmark = pytest.mark.django_db
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
