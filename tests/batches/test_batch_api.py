@@ -9,8 +9,11 @@ import warnings
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from batches.api import views
+from batches.api.serializers import PromptsField
 from batches.models import BatchItem, BatchJob
 from batches.services import batch_run_chunk
 from pipeline.config import BatchConfig, PipelineSettings, get_config
@@ -95,6 +98,18 @@ def test_bad_submissions_name_the_field(owner: TenantFixture, fakes: Any, body: 
     assert error["code"] == "invalid_request" and field in error["data"]["fields"], error
     assert any(message in m for m in error["data"]["fields"][field]), error
     assert not BatchJob.objects.exists()
+
+
+storable = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")  # what Postgres can hold
+prompt_text = st.text(storable, min_size=1, max_size=50).filter(str.strip)
+
+
+@given(st.lists(st.one_of(prompt_text, st.tuples(prompt_text, st.text(storable, max_size=64))), min_size=1, max_size=30))
+def test_any_valid_prompts_are_taken_in_order_with_their_ids(raw: list[Any]) -> None:
+    body = [{"prompt": p[0], "custom_id": f"{i}:{p[1]}"[:64]} if isinstance(p, tuple) else p for i, p in enumerate(raw)]
+    prompts = PromptsField().to_internal_value(body)
+    assert [p.text for p in prompts] == [b["prompt"] if isinstance(b, dict) else b for b in body]
+    assert [p.custom_id for p in prompts] == [b["custom_id"] if isinstance(b, dict) else "" for b in body]
 
 
 @pytest.mark.django_db

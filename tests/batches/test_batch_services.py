@@ -129,6 +129,27 @@ def test_a_provider_that_is_down_pauses_the_chunk_then_fails_the_item_when_attem
 
 
 @pytest.mark.django_db
+def test_item_outcomes_and_their_stages_are_measured(owner: TenantFixture, fakes: Any, queued: list[tuple[Any, ...]], pipeline_config: Any) -> None:
+    from tests.pipeline.test_metrics_flow import delta, gateway_scrape
+
+    pipeline_config(with_batch(max_attempts=2))
+    before = gateway_scrape()
+    fakes.openai.mode = "503"
+    job = make_job(owner, ["down", "down again"], worker="openai", priority="high")
+    batch_run_chunk(job_id=str(job.id), first=0, last=1)  # deferred
+    batch_run_chunk(job_id=str(job.id), first=0, last=1)  # out of attempts: failed, the next deferred
+    fakes.openai.mode = "ok"
+    batch_run_chunk(job_id=str(job.id), first=0, last=1)
+    after = gateway_scrape()  # this process ran them: its own exposition has the counts
+    assert delta(before, after, "orchestrator_batch_items_total", priority="high", outcome="retry_later") == 2
+    assert delta(before, after, "orchestrator_batch_items_total", priority="high", outcome="worker_unavailable") == 1
+    assert delta(before, after, "orchestrator_batch_items_total", priority="high", outcome="ok") == 1
+    assert delta(before, after, "orchestrator_stage_duration_seconds_count", stage="inference", outcome="worker_unavailable") == 3
+    assert delta(before, after, "orchestrator_worker_latency_seconds_count", worker="openai", outcome="ok") == 1
+    assert delta(before, after, "orchestrator_stage_duration_seconds_count", stage="rag") == 4  # each run from the first stage
+
+
+@pytest.mark.django_db
 def test_an_open_circuit_sends_items_to_the_fallback(owner: TenantFixture, fakes: Any, clean_breakers: None) -> None:
     config = get_config()
     for _ in range(config.workers["flaky"].breaker.failure_threshold):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,8 +99,7 @@ def test_ten_thousand_prompts_complete_with_their_progress_reported(owner: Tenan
 def test_a_job_survives_its_worker_being_killed(owner: TenantFixture, fakes: Fakes, tmp_path: Path) -> None:
     fakes.openai.token_delay_s = 0.02  # about 100 ms an item: the kill lands mid-job
     calls = len(fakes.openai.requests)
-    config = tmp_path / "pipeline.toml"  # the suite's, with leases that run out within the test
-    config.write_text(Path(os.environ["PIPELINE_CONFIG"]).read_text() + f"\n[batch]\nlease_s = {LEASE_S}\n")
+    config = config_with(tmp_path, lease_s=LEASE_S)  # leases that run out within the test
     first = start_batch_worker(tmp_path, "doomed", config=config)
     resp = owner.client.post("/api/v1/batch", {"prompts": [f"item {i}" for i in range(150)], "worker": "openai"}, format="json")
     assert resp.status_code == 201, resp.content
@@ -127,3 +127,108 @@ def test_a_job_survives_its_worker_being_killed(owner: TenantFixture, fakes: Fak
     # Only the items the dead worker was running when it died were run twice.
     assert sum(item.attempts > 1 for item in items) <= 4
     assert len(fakes.openai.requests) - calls <= 150 + 4
+
+
+def config_with(tmp_path: Path, **batch: object) -> Path:
+    """The suite's pipeline.toml with other [batch] settings, for a worker of one test."""
+    path = tmp_path / "pipeline.toml"
+    lines = "".join(f"{key} = {value}\n" for key, value in batch.items())
+    path.write_text(Path(os.environ["PIPELINE_CONFIG"]).read_text() + "\n[batch]\n" + lines)
+    return path
+
+
+def submit(tenant: TenantFixture, body: dict[str, Any]) -> str:
+    resp = tenant.client.post("/api/v1/batch", body, format="json")
+    assert resp.status_code == 201, resp.content
+    return str(resp.json()["id"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_a_high_priority_job_does_not_wait_behind_a_low_one(owner: TenantFixture, batch_worker: WorkerProcess) -> None:
+    low = submit(owner, {"prompts": [f"low {i}" for i in range(1000)], "priority": "low"})
+    deadline = time.monotonic() + 60
+    while BatchJob.objects.get(pk=low).items_done == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    high = submit(owner, {"prompts": [f"high {i}" for i in range(25)], "priority": "high"})
+    wait_for(high, owner, 120)
+    at_high_done = BatchJob.objects.get(pk=low).items_done
+    wait_for(low, owner, 240)
+    # The high job's one chunk waited only for what the worker had already taken, not for the low job's queue.
+    assert at_high_done < 1000 - 200, at_high_done
+    assert BatchJob.objects.get(pk=high).finished_at < BatchJob.objects.get(pk=low).finished_at
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_real_time_requests_are_answered_while_a_batch_is_queued(owner: TenantFixture, batch_worker: WorkerProcess, realtime_worker: WorkerProcess) -> None:
+    job_id = submit(owner, {"prompts": [f"backlog {i}" for i in range(1500)], "priority": "high"})
+    answered = []
+    for _ in range(5):
+        resp = owner.client.post("/api/v1/infer", {"prompt": "meanwhile, a real-time question"}, format="json")
+        assert resp.status_code == 200, resp.content
+        answered.append(BatchJob.objects.get(pk=job_id).items_total - BatchJob.objects.get(pk=job_id).items_done)
+    assert min(answered) > 0, "the batch finished before the real-time requests: nothing was shown"
+    wait_for(job_id, owner, 240)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_cancelling_a_running_job_stops_its_items(owner: TenantFixture, batch_worker: WorkerProcess) -> None:
+    job_id = submit(owner, {"prompts": [f"to cancel {i}" for i in range(1500)]})
+    deadline = time.monotonic() + 60
+    while BatchJob.objects.get(pk=job_id).items_done < 50:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert owner.client.post(f"/api/v1/batch/{job_id}/cancel").json()["status"] == "cancelled"
+    time.sleep(1.0)  # the items being run when it was cancelled are recorded
+    settled = BatchJob.objects.get(pk=job_id).items_done
+    time.sleep(1.5)
+    job = BatchJob.objects.get(pk=job_id)
+    assert job.status == "cancelled" and job.items_done == settled < 1500
+    assert BatchItem.objects.filter(job_id=job_id, status="pending", leased_until__isnull=True).count() == 1500 - settled
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_items_whose_provider_was_down_are_run_again_through_the_broker(owner: TenantFixture, fakes: Fakes, tmp_path: Path, clean_breakers: None) -> None:
+    fakes.openai.fail_times, fakes.openai.fail_mode = 3, "503"  # the first three calls fail, then the provider is back
+    worker = start_batch_worker(tmp_path, "patient", concurrency=1, config=config_with(tmp_path, retry_delay_s=0.3, max_attempts=5))
+    try:
+        job_id = submit(owner, {"prompts": ["a", "b", "c"], "worker": "openai"})
+        job = wait_for(job_id, owner, 60)
+    finally:
+        stop_process(worker.proc)
+    assert job["counts"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+    first = BatchItem.objects.get(job_id=job_id, index=0)
+    assert first.attempts == 4 and first.output == "Hello, world!"  # three deferrals, each a chunk queued again with a countdown
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_and_duplicate_runs_record_every_item_once(owner: TenantFixture) -> None:
+    from django.db import connections
+
+    from batches.services import batch_run_chunk
+
+    job_id = submit(owner, {"prompts": [f"p{i}" for i in range(120)]})
+    ranges = [(0, 59), (60, 119), (0, 59), (60, 119), (0, 119), (0, 119)]  # every item offered to three runs at once
+
+    def run(first: int, last: int) -> None:
+        try:
+            batch_run_chunk(job_id=job_id, first=first, last=last)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=r) for r in ranges]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    job = BatchJob.objects.get(pk=job_id)
+    assert (job.status, job.items_done, job.items_failed) == ("completed", 120, 0)
+    assert BatchItem.objects.filter(job_id=job_id, status="done", attempts=1).count() == 120  # claimed once each

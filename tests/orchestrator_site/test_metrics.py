@@ -4,6 +4,7 @@ at scrape time from Redis, the broker and Postgres, and what a scrape does when 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,25 @@ def test_the_exposition_has_every_scrape_time_gauge(clean_breakers: None) -> Non
         assert value(samples, "orchestrator_queue_depth", queue=queue.value) is not None
     assert value(samples, "orchestrator_realtime_inflight") is not None
     assert value(samples, "orchestrator_dedup_hit_ratio") is not None
+    assert value(samples, "orchestrator_metrics_source_up", source="postgres") == 1
+    for status in ("queued", "running", "completed", "cancelled"):
+        assert value(samples, "orchestrator_batch_jobs", status=status) is not None
+    assert value(samples, "orchestrator_batch_items_pending") is not None and value(samples, "orchestrator_batch_progress_ratio") is not None
+
+
+def test_a_scrape_on_a_thread_of_its_own_hands_its_database_connection_back() -> None:
+    from django.db import connection
+
+    held: list[object] = []
+
+    def scrape_like_the_worker_metrics_server() -> None:
+        list(exposition._postgres_families())
+        held.append(connection.connection)  # this thread's: None once handed back to the pool
+
+    thread = threading.Thread(target=scrape_like_the_worker_metrics_server)
+    thread.start()
+    thread.join(timeout=30)
+    assert held == [None]
 
 
 def test_only_get_is_allowed() -> None:
