@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
+from django.core.exceptions import ValidationError
 from django.db import DatabaseError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -93,7 +94,10 @@ def _enqueue(job: BatchJob, chunks: Sequence[tuple[int, int]], *, countdown: flo
 
 def batch_get(*, tenant_id: str, job_id: Any) -> BatchJob:
     """One of the tenant's jobs; another tenant's is not found."""
-    job = BatchJob.objects.filter(pk=job_id, tenant_id=tenant_id).first()
+    try:
+        job = BatchJob.objects.filter(pk=job_id, tenant_id=tenant_id).first()
+    except ValidationError:  # not a UUID: no such job either
+        job = None
     if job is None:
         raise NotFound("batch job not found", data={"job_id": str(job_id)})
     return job

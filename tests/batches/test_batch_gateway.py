@@ -17,17 +17,14 @@ from batches.models import BatchJob
 from batches.services import batch_recover
 from pipeline.config import get_config
 from tests.batches.test_batch_worker import batch_worker  # noqa: F401 - the module's batch worker
-from tests.conftest import TenantFixture, WorkerProcess, free_port, start_gateway, stop_process
+from tests.conftest import TenantFixture, free_port, start_gateway, stop_process
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.django_db(transaction=True)
-def test_a_job_taken_while_the_broker_is_down_runs_once_the_sweep_finds_it(
-    owner: TenantFixture,
-    batch_worker: WorkerProcess,
-    tmp_path: Path,  # noqa: F811
-) -> None:
+@pytest.mark.usefixtures("batch_worker")
+def test_a_job_taken_while_the_broker_is_down_runs_once_the_sweep_finds_it(owner: TenantFixture, tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     gateway, url = start_gateway(log, {"CELERY_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0", "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"})
     auth = {"Authorization": f"Bearer {owner.key}"}

@@ -134,3 +134,26 @@ def test_the_scheduler_sweeps_every_minute_on_the_high_batch_queue() -> None:
     entry = app.conf.beat_schedule["batch-recovery"]
     assert entry["task"] == "batches.tasks.recover_batches" and entry["task"] in app.tasks
     assert entry["schedule"] == 60 and entry["options"]["queue"] == "batch.high"
+
+
+def test_the_example_config_documents_every_batch_setting_with_its_default() -> None:
+    import tomllib
+
+    from pipeline.config import BatchConfig
+    from tests.conftest import ROOT
+
+    documented = tomllib.loads((ROOT / "pipeline.example.toml").read_text())["batch"]
+    assert documented == BatchConfig().model_dump()
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [("max_items", 0), ("max_body_mb", 2048), ("chunk_size", 0), ("max_attempts", 0), ("retry_delay_s", -1), ("lease_s", 0), ("stall_after_s", 0)],
+)
+def test_batch_settings_out_of_range_are_refused(field: str, bad: float) -> None:
+    from pydantic import ValidationError
+
+    from pipeline.config import BatchConfig
+
+    with pytest.raises(ValidationError, match=field):
+        BatchConfig(**{field: bad})

@@ -271,3 +271,45 @@ def test_the_batch_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         BatchConfig(chunk_size=0)
     assert PipelineSettings().batch == BatchConfig()
+
+
+@pytest.mark.django_db
+def test_every_item_is_logged_stage_by_stage_and_the_job_from_start_to_end(owner: TenantFixture) -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        job = make_job(owner, ["alpha-private", "beta-private"])
+        batch_run_chunk(job_id=str(job.id), first=0, last=1)
+    stages = [e for e in logs if e["event"] == "stage"]
+    assert [(e["request_id"], e["stage"]) for e in stages] == [
+        (f"{job.id.hex}-{i}", s) for i in (0, 1) for s in ("rag", "assemble", "inference", "post", "stream")
+    ]
+    assert all(e["session_id"] == f"batch-{job.id.hex}" and e["tenant_id"] == str(owner.tenant.id) and "duration_us" in e and e["outcome"] for e in stages)
+    assert "private" not in repr(logs)  # the prompts and answers themselves are never logged
+    lifecycle = [(e["event"], e["job_id"]) for e in logs if e["event"].startswith("batch_")]
+    assert lifecycle == [("batch_created", str(job.id)), ("batch_completed", str(job.id))]
+
+
+@pytest.mark.django_db
+def test_an_open_circuit_without_a_fallback_defers_items_rather_than_failing_them(
+    owner: TenantFixture, fakes: Any, queued: list[tuple[Any, ...]], clean_breakers: None
+) -> None:
+    config = get_config()
+    breaker_for(config, "flaky_alone").record(success=False)  # failure_threshold = 1
+    calls = len(fakes.openai.requests)
+    job = make_job(owner, ["wait for it"], worker="flaky_alone")
+    batch_run_chunk(job_id=str(job.id), first=0, last=0)
+    item = job.items.get()
+    assert item.status == "pending" and item.error is not None and item.error["code"] == "circuit_open"
+    assert len(fakes.openai.requests) == calls and len(queued) == 1  # no call made; the chunk waits its turn
+
+
+@pytest.mark.django_db
+def test_a_chunk_touches_only_its_own_jobs_items(owner: TenantFixture, outsider: TenantFixture) -> None:
+    mine = make_job(owner, ["a", "b"])
+    theirs = batch_create(tenant=outsider.tenant, data={"prompts": [Prompt("x"), Prompt("y")]}, config=get_config())
+    batch_run_chunk(job_id=str(mine.id), first=0, last=1)
+    theirs.refresh_from_db()
+    assert statuses(mine) == ["done", "done"] and statuses(theirs) == ["pending", "pending"]
+    assert (theirs.status, theirs.items_done, theirs.started_at) == ("queued", 0, None)
+    assert "x" not in mine.items.get(index=0).output

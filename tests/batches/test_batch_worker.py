@@ -89,6 +89,7 @@ def test_ten_thousand_prompts_complete_with_their_progress_reported(owner: Tenan
     assert BatchItem.objects.filter(job_id=job_id, attempts=1).count() == 10_000  # no item ran twice
 
     after = worker_scrape(batch_worker)
+    assert value(after, "orchestrator_batch_progress_ratio") == 1.0  # the worker's own port has the gauges too
     assert delta(before, after, "orchestrator_batch_items_total", priority="low", outcome="ok") == 10_000
     assert delta(before, after, "orchestrator_stage_duration_seconds_count", stage="inference", outcome="ok") == 10_000
 
