@@ -17,7 +17,7 @@ urlpatterns = [
     path("playground", playground_view, name="playground"),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/v1/docs/", xframe_options_deny(SpectacularSwaggerView.as_view(url_name="schema")), name="docs"),
-    path("api/v1/batch", include("batches.api.urls")),
+    path("api/v1/", include("batches.api.urls")),
     path("api/v1/", include("pipeline.api.urls")),
     # The OpenAI-compatible API, where the openai SDK looks for it (base_url=<gateway>/v1).
     path("v1/models", ModelsApi.as_view(), name="openai-models"),

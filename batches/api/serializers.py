@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from batches.models import BatchJob
@@ -38,6 +39,18 @@ def _prompt_problem(raw: object, seen: set[str]) -> tuple[Prompt | None, str]:
     return Prompt(text, custom_id), ""
 
 
+@extend_schema_field(
+    {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "object", "properties": {"prompt": {"type": "string"}, "custom_id": {"type": "string", "maxLength": 64}}, "required": ["prompt"]},
+            ]
+        },
+    }
+)
 class PromptsField(serializers.Field):
     """A list of prompts: strings, or objects with ``prompt`` and an optional ``custom_id``."""
 

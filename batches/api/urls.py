@@ -5,8 +5,8 @@ from django.urls import path
 from batches.api import views
 
 urlpatterns = [
-    path("", views.BatchListCreateApi.as_view(), name="batches"),
-    path("/<uuid:job_id>", views.BatchDetailApi.as_view(), name="batch-detail"),
-    path("/<uuid:job_id>/cancel", views.BatchCancelApi.as_view(), name="batch-cancel"),
-    path("/<uuid:job_id>/results", views.BatchResultsApi.as_view(), name="batch-results"),
+    path("batch", views.BatchListCreateApi.as_view(), name="batches"),
+    path("batch/<uuid:job_id>", views.BatchDetailApi.as_view(), name="batch-detail"),
+    path("batch/<uuid:job_id>/cancel", views.BatchCancelApi.as_view(), name="batch-cancel"),
+    path("batch/<uuid:job_id>/results", views.BatchResultsApi.as_view(), name="batch-results"),
 ]

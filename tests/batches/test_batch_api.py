@@ -214,6 +214,8 @@ def test_a_failed_item_shows_its_error_in_the_results(owner: TenantFixture, fake
 
 @pytest.mark.django_db
 def test_the_schema_documents_the_batch_endpoints(owner: TenantFixture) -> None:
-    paths = owner.client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()["paths"]
-    assert {"/api/v1/batch", "/api/v1/batch/{job_id}", "/api/v1/batch/{job_id}/cancel", "/api/v1/batch/{job_id}/results"} <= set(paths)
+    schema = owner.client.get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
+    assert {"/api/v1/batch", "/api/v1/batch/{job_id}", "/api/v1/batch/{job_id}/cancel", "/api/v1/batch/{job_id}/results"} <= set(schema["paths"])
+    prompts = schema["components"]["schemas"]["BatchInput"]["properties"]["prompts"]
+    assert prompts["type"] == "array" and [kind["type"] for kind in prompts["items"]["oneOf"]] == ["string", "object"]
     assert get_config().batch.max_items == 50_000  # the documented default

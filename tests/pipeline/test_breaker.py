@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -116,18 +117,21 @@ def test_routing_while_open_goes_to_the_fallback_or_fails_fast(clean_breakers: N
     assert info.value.data == {"worker": "alone", "state": "open"} and info.value.retry_after and info.value.retry_after > 0
 
 
-def test_outcomes_are_recorded_by_kind(clean_breakers: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    def failing(exc: Exception) -> None:
-        monkeypatch.setattr(services, "_run_stages", lambda request, config, clock, on_bus=True: (_ for _ in ()).throw(exc))
+def test_outcomes_are_recorded_by_kind(clean_breakers: None) -> None:
+    def failing(exc: Exception) -> Any:
+        def run(routed: PromptRequest) -> Any:
+            raise exc
 
-    failing(WorkerAuthError())  # permanent: the provider is up
-    with pytest.raises(WorkerAuthError):
-        services._execute(request("alone"), CONFIG)
+        return run
+
+    with pytest.raises(WorkerAuthError):  # permanent: the provider is up
+        services.run_guarded(request("alone"), CONFIG, failing(WorkerAuthError()))
     assert services.breaker_for(CONFIG, "alone").state() == BreakerState.CLOSED
-    failing(WorkerTimeout())  # transient: counts
-    with pytest.raises(WorkerTimeout):
-        services._execute(request("alone"), CONFIG)
+    with pytest.raises(WorkerTimeout):  # transient: counts
+        services.run_guarded(request("alone"), CONFIG, failing(WorkerTimeout()))
     assert services.breaker_for(CONFIG, "alone").state() == BreakerState.OPEN
+    with pytest.raises(CircuitOpen):  # open, no fallback: refused before running
+        services.run_guarded(request("alone"), CONFIG, failing(AssertionError("must not run")))
 
 
 @pytest.mark.django_db(transaction=True)
