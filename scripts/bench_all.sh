@@ -29,6 +29,10 @@ OUT="$(mktemp)"
     echo "### The same with Daphne as the gateway's server, side by side"
     echo
     "$PY" scripts/bench_ttft.py --server daphne
+    echo
+    echo "### A batch job beside real-time traffic (scripts/bench_batch.py: 10,000 echo prompts, RAG over 1,000 documents; the batch worker at nice 0 and 10)"
+    echo
+    "$PY" scripts/bench_batch.py
 } >"$OUT"
 
 # Keep the hand-written part of BENCHMARKS.md (everything before "## Results").

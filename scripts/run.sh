@@ -77,7 +77,8 @@ fi
 start gateway "$BIN/uvicorn" orchestrator_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
     --loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --log-level warning --timeout-graceful-shutdown 5
 start worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%h" --without-gossip --without-mingle
-start worker-batch "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%h" --without-gossip --without-mingle
+# Niced: when both have work, real-time requests get the CPU first (BENCHMARKS.md, bench_batch.py).
+start worker-batch nice -n 10 "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%h" --without-gossip --without-mingle
 start beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"
 start flower "$BIN/celery" -A orchestrator_site flower --address=127.0.0.1 --port="$FLOWER_PORT"
 

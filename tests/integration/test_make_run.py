@@ -55,7 +55,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
 
         base = f"http://127.0.0.1:{gateway}"
         assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
-        resp = httpx.post(f"{base}/api/v1/infer", json={"prompt": "Hello from the README"}, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        resp = httpx.post(f"{base}/api/v1/infer", json={"prompt": f"Hello from the README ({tmp_path.name})"}, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert resp.status_code == 200, resp.text
         assert list(resp.json()["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
         # The gateway's /metrics shows what the realtime worker (another process) recorded.
@@ -75,6 +75,9 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
             assert results.headers["content-type"] == "application/x-ndjson"
             rows = [json.loads(line) for line in results.iter_lines() if line]
         assert [(r["index"], r["custom_id"], r["status"]) for r in rows] == [(0, "", "done"), (1, "b", "done")] and rows[1]["text"].startswith("second")
+        processes = subprocess.run(["ps", "-ww", "-eo", "ni=,args="], capture_output=True, text=True).stdout.splitlines()
+        niceness = {int(ni) for ni, args in (line.split(None, 1) for line in processes) if "celery" in args and "-n batch@%h" in args}
+        assert niceness == {10}, niceness  # the batch worker and its pool yield the CPU to real-time work
         assert re.search(r'^orchestrator_batch_items_total\{outcome="ok",priority="default"\} 2', httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE)
 
         if "local" in text.split("workers", 1)[1].splitlines()[0]:

@@ -1,0 +1,36 @@
+"""The batch benchmark starts its batch worker as ``make run`` does (same queues,
+pool and niceness), and the compose file gives batch containers the smaller CPU weight."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+
+import yaml
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_batch
+
+
+def run_sh_batch_worker() -> list[str]:
+    line = next(line for line in (ROOT / "scripts" / "run.sh").read_text().splitlines() if line.startswith("start worker-batch "))
+    words = shlex.split(line)[2:]
+    return [w for w in words if not w.startswith("$")]
+
+
+def test_the_benchmark_and_make_run_start_the_same_batch_worker() -> None:
+    bench = bench_batch.batch_worker_command("batch@%h", nice=10)
+    assert bench[:3] == run_sh_batch_worker()[:3] == ["nice", "-n", "10"]
+    flags = bench[bench.index("worker") :]
+    made = run_sh_batch_worker()
+    assert flags == made[made.index("worker") :]
+    assert bench_batch.batch_worker_command("x", nice=0)[:3] == ["nice", "-n", "0"]
+
+
+def test_batch_containers_weigh_less_than_real_time_ones() -> None:
+    services = yaml.safe_load((ROOT / "docker" / "compose.yml").read_text())["services"]
+    assert services["worker-batch"]["cpu_shares"] < services["worker-realtime"].get("cpu_shares", 1024)
+    assert re.search(r"nice -n 10 .*celery", (ROOT / "scripts" / "run.sh").read_text())
