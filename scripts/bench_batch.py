@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_path import ROOT, free_port, pct, realtime_worker_command, run_load, setup, start, wait_for_gateway  # noqa: E402
+from bench_path import ROOT, free_port, pct, realtime_worker_command, run_load, setup, start, stop_all, wait_for_gateway
 
 sys.path.insert(0, str(ROOT))
-from orchestrator_site.gateway import gateway_command  # noqa: E402
+from orchestrator_site.gateway import gateway_command
 
 
 def batch_worker_command(name: str, *, nice: int) -> list[str]:
@@ -80,14 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 worker.wait(timeout=30)
             out.write(
                 f"| prefork -c 2, nice {nice} | {pct(alone, 0.5):.1f} / {pct(alone, 0.99):.1f} | {pct(during, 0.5):.1f} / {pct(during, 0.99):.1f} | "
-                f"{pct(during, 0.99) / pct(alone, 0.99):.2f}× | {pct(again, 0.5):.1f} / {pct(again, 0.99):.1f} | {share:.0%} | {rate:.0f} |\n"
+                f"{pct(during, 0.99) / pct(alone, 0.99):.2f}x | {pct(again, 0.5):.1f} / {pct(again, 0.99):.1f} | {share:.0%} | {rate:.0f} |\n"
             )
             out.flush()
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
+        stop_all(procs)
     return 0
 
 

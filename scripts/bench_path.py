@@ -92,6 +92,13 @@ def start(cmd: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=20)
+
+
 def run_load(url: str, key: str, *, requests: int, concurrency: int) -> tuple[list[float], dict[str, list[float]], float]:
     latencies: list[float] = []
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
@@ -154,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| gateway + queue + token bus (latency minus stages) | {concurrency} | {statistics.median(overhead):.3f} | {pct(overhead, 0.99):.3f} |\n"
             )
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
+        stop_all(procs)
     return 0
 
 

@@ -37,7 +37,7 @@ import httpx
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_path import ENV, ROOT, free_port, manage, pct, realtime_worker_command, start, wait_for_gateway
+from bench_path import ENV, ROOT, free_port, manage, pct, realtime_worker_command, start, stop_all, wait_for_gateway
 
 from orchestrator_site.gateway import gateway_command
 
@@ -432,10 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write("\n| throughput, 32 connections, wrk | errors | completed req/s | P50 / P99 whole response |\n| --- | --- | --- | --- |\n")
             sys.stdout.write("\n".join(wrk_rows(gateway, upstream, key, seconds=args.wrk_seconds)) + "\n")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=20)
+        stop_all(procs)
     return 0
 
 

@@ -43,6 +43,18 @@ def outsider(db: None) -> TenantFixture:
     return make_tenant("outsider")
 
 
+@pytest.fixture
+def staff(db: None) -> Any:
+    """A Django test client logged in as a superuser (the admin's operator)."""
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    User.objects.create_superuser("ops", "ops@example.test", "pw-only-for-tests")
+    client = Client()
+    client.login(username="ops", password="pw-only-for-tests")
+    return client
+
+
 @pytest.fixture(autouse=True)
 def _no_task_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """A transactional test's database is flushed after it. A real-time task it left

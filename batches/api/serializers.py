@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from batches.models import BatchJob
 from batches.services import Prompt
+from pipeline.api.serializers import RequestOptions
 from pipeline.config import get_config
 
 MAX_REPORTED = 10  # bad items named in one error, at most
@@ -80,26 +81,11 @@ class PromptsField(serializers.Field):
         return value
 
 
-class BatchInput(serializers.Serializer):
+class BatchInput(RequestOptions):
+    """The prompts, and the options (worker, model, max_tokens, …) every one of them runs with."""
+
     prompts = PromptsField()
     priority = serializers.ChoiceField(choices=BatchJob.Priority.values, required=False, default=BatchJob.Priority.DEFAULT)
-    worker = serializers.CharField(required=False, max_length=100)
-    model = serializers.CharField(required=False, max_length=200)
-    max_tokens = serializers.IntegerField(required=False, min_value=1, max_value=1_000_000)
-    temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
-    stop = serializers.ListField(child=serializers.CharField(max_length=64, trim_whitespace=False), required=False, max_length=16)
-    metadata = serializers.DictField(required=False)
-
-    def validate_stop(self, value: list[str]) -> list[str]:
-        limit = get_config().limits.max_stop_sequences
-        if len(value) > limit:
-            raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
-        return value
-
-    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
-        if len(repr(value)) > 4096:
-            raise serializers.ValidationError("metadata is larger than 4 KiB", code="max_length")
-        return value
 
 
 class BatchCountsOut(serializers.Serializer):

@@ -16,15 +16,31 @@ from pipeline.config import get_config
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 
 
-class InferInput(serializers.Serializer):
-    prompt = serializers.CharField(trim_whitespace=False, allow_blank=True)
-    session_id = serializers.CharField(required=False, max_length=128)
+class RequestOptions(serializers.Serializer):
+    """What shapes an answer besides the prompt: for one request, or for every prompt of a batch."""
+
     worker = serializers.CharField(required=False, max_length=100)
     model = serializers.CharField(required=False, max_length=200)
     max_tokens = serializers.IntegerField(required=False, min_value=1, max_value=1_000_000)
     temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
     stop = serializers.ListField(child=serializers.CharField(max_length=64, trim_whitespace=False), required=False, max_length=16)
     metadata = serializers.DictField(required=False)
+
+    def validate_stop(self, value: list[str]) -> list[str]:
+        limit = get_config().limits.max_stop_sequences
+        if len(value) > limit:
+            raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
+        return value
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        if len(repr(value)) > 4096:
+            raise serializers.ValidationError("metadata is larger than 4 KiB", code="max_length")
+        return value
+
+
+class InferInput(RequestOptions):
+    prompt = serializers.CharField(trim_whitespace=False, allow_blank=True)
+    session_id = serializers.CharField(required=False, max_length=128)
     wait = serializers.BooleanField(required=False, default=True)
     stream = serializers.BooleanField(required=False, default=False)
 
@@ -39,17 +55,6 @@ class InferInput(serializers.Serializer):
     def validate_session_id(self, value: str) -> str:
         if not SESSION_ID.match(value):
             raise serializers.ValidationError("use 1-128 of A-Z a-z 0-9 _ . : @ -", code="invalid")
-        return value
-
-    def validate_stop(self, value: list[str]) -> list[str]:
-        limit = get_config().limits.max_stop_sequences
-        if len(value) > limit:
-            raise serializers.ValidationError(f"at most {limit} stop sequences", code="max_length")
-        return value
-
-    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
-        if len(repr(value)) > 4096:
-            raise serializers.ValidationError("metadata is larger than 4 KiB", code="max_length")
         return value
 
 

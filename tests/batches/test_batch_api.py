@@ -219,3 +219,15 @@ def test_the_schema_documents_the_batch_endpoints(owner: TenantFixture) -> None:
     prompts = schema["components"]["schemas"]["BatchInput"]["properties"]["prompts"]
     assert prompts["type"] == "array" and [kind["type"] for kind in prompts["items"]["oneOf"]] == ["string", "object"]
     assert get_config().batch.max_items == 50_000  # the documented default
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "options",
+    [{"stop": ["1", "2", "3", "4", "5"]}, {"metadata": {"k": "v" * 5000}}, {"temperature": -1}, {"max_tokens": 0}, {"worker": "w" * 101}, {"model": ["a"]}],
+)
+def test_a_batch_refuses_the_same_options_as_a_single_request(owner: TenantFixture, options: dict[str, Any]) -> None:
+    single = owner.client.post("/api/v1/infer", {"prompt": "p", **options}, format="json")
+    batch = owner.client.post(BATCH, {"prompts": ["p"], **options}, format="json")
+    assert single.status_code == batch.status_code == 400
+    assert batch.json()["error"] == single.json()["error"]

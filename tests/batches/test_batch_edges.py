@@ -124,13 +124,7 @@ def test_removing_a_tenant_removes_its_jobs_and_items(owner: TenantFixture) -> N
 
 
 @pytest.mark.django_db
-def test_the_admin_shows_an_items_answer(owner: TenantFixture) -> None:
-    from django.contrib.auth.models import User
-    from django.test import Client
-
-    User.objects.create_superuser("ops", "ops@example.test", "pw-only-for-tests")
-    staff = Client()
-    staff.login(username="ops", password="pw-only-for-tests")
+def test_the_admin_shows_an_items_answer(owner: TenantFixture, staff: Any) -> None:
     job = submit(owner, {"prompts": ["shown to operators"], "priority": "low"})
     batch_run_chunk(job_id=job["id"], first=0, last=0)
     item = BatchItem.objects.get(job_id=job["id"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.test import Client
 
@@ -16,14 +15,6 @@ from orchestrator_site.celery import app
 from tests.conftest import TenantFixture
 from tests.orchestrator_site.test_metrics import parse, value
 from tests.pipeline.test_metrics_flow import gateway_scrape
-
-
-@pytest.fixture
-def staff(db: None) -> Client:
-    User.objects.create_superuser("ops", "ops@example.test", "pw-only-for-tests")
-    client = Client()
-    client.login(username="ops", password="pw-only-for-tests")
-    return client
 
 
 def job(owner: TenantFixture, status: str = "queued", total: int = 4, done: int = 0, failed: int = 0, priority: str = "default") -> BatchJob:

@@ -55,7 +55,9 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
 
         base = f"http://127.0.0.1:{gateway}"
         assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
-        resp = httpx.post(f"{base}/api/v1/infer", json={"prompt": f"Hello from the README ({tmp_path.name})"}, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        resp = httpx.post(
+            f"{base}/api/v1/infer", json={"prompt": f"Hello from the README ({tmp_path.name})"}, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        )
         assert resp.status_code == 200, resp.text
         assert list(resp.json()["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
         # The gateway's /metrics shows what the realtime worker (another process) recorded.

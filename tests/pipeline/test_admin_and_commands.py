@@ -5,7 +5,6 @@ from __future__ import annotations
 from io import StringIO
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.test import Client
 
@@ -14,14 +13,6 @@ from pipeline.auth import api_key_authenticate
 from pipeline.models import Document, SessionTurn
 from pipeline.types import PromptRequest
 from tests.conftest import TenantFixture
-
-
-@pytest.fixture
-def staff(db: None) -> Client:
-    User.objects.create_superuser("ops", "ops@example.test", "pw-only-for-tests")
-    client = Client()
-    client.login(username="ops", password="pw-only-for-tests")
-    return client
 
 
 @pytest.mark.django_db

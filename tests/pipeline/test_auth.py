@@ -5,7 +5,6 @@ from __future__ import annotations
 from io import StringIO
 
 import pytest
-from django.contrib.auth.models import User
 from django.core.management import CommandError, call_command
 from django.test import Client
 
@@ -97,16 +96,8 @@ def test_create_tenant_rejects_bad_names(name: str) -> None:
         call_command("create_tenant", name, stdout=StringIO())
 
 
-@pytest.fixture
-def admin_client(db: None) -> Client:
-    User.objects.create_superuser("admin", "admin@example.test", "pw-for-tests-only")
-    client = Client()
-    client.login(username="admin", password="pw-for-tests-only")
-    return client
-
-
 @pytest.mark.django_db
-def test_admin_lists_tenants_keys_documents_and_turns(admin_client: Client, owner: TenantFixture) -> None:
+def test_admin_lists_tenants_keys_documents_and_turns(staff: Client, owner: TenantFixture) -> None:
     for path in (
         "/admin/pipeline/tenant/",
         "/admin/pipeline/apikey/",
@@ -114,15 +105,15 @@ def test_admin_lists_tenants_keys_documents_and_turns(admin_client: Client, owne
         "/admin/pipeline/sessionturn/",
         f"/admin/pipeline/tenant/{owner.tenant.pk}/change/",
     ):
-        resp = admin_client.get(path)
+        resp = staff.get(path)
         assert resp.status_code == 200, path
-    page = admin_client.get("/admin/pipeline/apikey/").content.decode()
+    page = staff.get("/admin/pipeline/apikey/").content.decode()
     assert owner.issued.api_key.prefix in page and owner.issued.api_key.key_hash not in page
 
 
 @pytest.mark.django_db
-def test_admin_issues_a_key_shown_once(admin_client: Client, owner: TenantFixture) -> None:
-    resp = admin_client.post("/admin/pipeline/tenant/", {"action": "issue_key", "_selected_action": [str(owner.tenant.pk)]}, follow=True)
+def test_admin_issues_a_key_shown_once(staff: Client, owner: TenantFixture) -> None:
+    resp = staff.post("/admin/pipeline/tenant/", {"action": "issue_key", "_selected_action": [str(owner.tenant.pk)]}, follow=True)
     text = resp.content.decode()
     start = text.index(KEY_PREFIX, text.index("New key for owner"))
     raw = text[start : text.index(" ", start)]
@@ -131,17 +122,15 @@ def test_admin_issues_a_key_shown_once(admin_client: Client, owner: TenantFixtur
 
 
 @pytest.mark.django_db
-def test_admin_revokes_keys_and_cannot_add_them_directly(admin_client: Client, owner: TenantFixture) -> None:
-    admin_client.post("/admin/pipeline/apikey/", {"action": "revoke", "_selected_action": [str(owner.issued.api_key.pk)]}, follow=True)
+def test_admin_revokes_keys_and_cannot_add_them_directly(staff: Client, owner: TenantFixture) -> None:
+    staff.post("/admin/pipeline/apikey/", {"action": "revoke", "_selected_action": [str(owner.issued.api_key.pk)]}, follow=True)
     with pytest.raises(ApiKeyRevoked):
         api_key_authenticate(owner.key)
-    assert admin_client.get("/admin/pipeline/apikey/add/").status_code == 403
+    assert staff.get("/admin/pipeline/apikey/add/").status_code == 403
 
 
 @pytest.mark.django_db
-def test_admin_adds_documents(admin_client: Client, owner: TenantFixture) -> None:
-    resp = admin_client.post(
-        "/admin/pipeline/document/add/", {"tenant": str(owner.tenant.pk), "title": "From admin", "body": "searchable body", "metadata": "{}"}
-    )
+def test_admin_adds_documents(staff: Client, owner: TenantFixture) -> None:
+    resp = staff.post("/admin/pipeline/document/add/", {"tenant": str(owner.tenant.pk), "title": "From admin", "body": "searchable body", "metadata": "{}"})
     assert resp.status_code == 302
     assert owner.tenant.documents.get().title == "From admin"
