@@ -166,6 +166,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
 if env_str("CELERY_BROKER_KEY_PREFIX", ""):
     # Several deployments (or test runs) on one Redis broker, each with its own queues.
     CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"] = env_str("CELERY_BROKER_KEY_PREFIX", "")
+# A worker reserves one message per slot of its pool, no more: a batch chunk runs for
+# seconds, and chunks reserved by a busy worker would wait there while another is idle,
+# and would sit in front of a high-priority job that arrives meanwhile.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower
 CELERY_TASK_SEND_SENT_EVENT = True
