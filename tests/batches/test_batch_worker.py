@@ -4,7 +4,6 @@ and a job that survives its worker being killed."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import threading
 import time
@@ -13,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.utils import timezone
 
 from batches.models import BatchItem, BatchJob
-from batches.services import batch_recover
-from pipeline.config import get_config
 from tests.batches.test_batch_api import ndjson
 from tests.conftest import Fakes, TenantFixture, WorkerProcess, free_port, start_celery_worker, stop_process
 from tests.pipeline.test_metrics_flow import delta, gateway_scrape, value, worker_scrape
@@ -94,42 +90,6 @@ def test_ten_thousand_prompts_complete_with_their_progress_reported(owner: Tenan
     assert delta(before, after, "orchestrator_stage_duration_seconds_count", stage="inference", outcome="ok") == 10_000
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.django_db(transaction=True)
-def test_a_job_survives_its_worker_being_killed(owner: TenantFixture, fakes: Fakes, tmp_path: Path) -> None:
-    fakes.openai.token_delay_s = 0.02  # about 100 ms an item: the kill lands mid-job
-    calls = len(fakes.openai.requests)
-    config = config_with(tmp_path, lease_s=LEASE_S)  # leases that run out within the test
-    first = start_batch_worker(tmp_path, "doomed", config=config)
-    resp = owner.client.post("/api/v1/batch", {"prompts": [f"item {i}" for i in range(150)], "worker": "openai"}, format="json")
-    assert resp.status_code == 201, resp.content
-    job_id = resp.json()["id"]
-    deadline = time.monotonic() + 60
-    while BatchJob.objects.get(pk=job_id).items_done < 20:
-        assert time.monotonic() < deadline, "the first worker made no progress"
-        time.sleep(0.05)
-    first.proc.kill()  # SIGKILL: no warm shutdown, its messages stay unacknowledged
-    first.proc.wait(timeout=10)
-    stalled = BatchJob.objects.get(pk=job_id)
-    assert stalled.status == "running" and stalled.items_done < 150
-
-    time.sleep(LEASE_S + 0.5)  # the dead worker's items are free again
-    second = start_batch_worker(tmp_path, "rescuer", config=config)
-    try:
-        # The scheduler's sweep, as it runs once the job has stood still for stall_after_s.
-        assert batch_recover(now=timezone.now() + dt.timedelta(seconds=get_config().batch.stall_after_s + 1)) > 0
-        job = wait_for(job_id, owner, 120)
-    finally:
-        stop_process(second.proc)
-    assert job["counts"] == {"total": 150, "done": 150, "failed": 0, "pending": 0}
-    items = list(BatchItem.objects.filter(job_id=job_id).order_by("index"))
-    assert all(item.status == "done" and item.output == "Hello, world!" for item in items)
-    # Only the items the dead worker was running when it died were run twice.
-    assert sum(item.attempts > 1 for item in items) <= 4
-    assert len(fakes.openai.requests) - calls <= 150 + 4
-
-
 def config_with(tmp_path: Path, **batch: object) -> Path:
     """The suite's pipeline.toml with other [batch] settings, for a worker of one test."""
     path = tmp_path / "pipeline.toml"
@@ -194,22 +154,6 @@ def test_cancelling_a_running_job_stops_its_items(owner: TenantFixture, batch_wo
     job = BatchJob.objects.get(pk=job_id)
     assert job.status == "cancelled" and job.items_done == settled < 1500
     assert BatchItem.objects.filter(job_id=job_id, status="pending", leased_until__isnull=True).count() == 1500 - settled
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.django_db(transaction=True)
-def test_items_whose_provider_was_down_are_run_again_through_the_broker(owner: TenantFixture, fakes: Fakes, tmp_path: Path, clean_breakers: None) -> None:
-    fakes.openai.fail_times, fakes.openai.fail_mode = 3, "503"  # the first three calls fail, then the provider is back
-    worker = start_batch_worker(tmp_path, "patient", concurrency=1, config=config_with(tmp_path, retry_delay_s=0.3, max_attempts=5))
-    try:
-        job_id = submit(owner, {"prompts": ["a", "b", "c"], "worker": "openai"})
-        job = wait_for(job_id, owner, 60)
-    finally:
-        stop_process(worker.proc)
-    assert job["counts"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
-    first = BatchItem.objects.get(job_id=job_id, index=0)
-    assert first.attempts == 4 and first.output == "Hello, world!"  # three deferrals, each a chunk queued again with a countdown
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,0 +1,80 @@
+"""Batch jobs through batch workers of their own test, with no other batch worker
+consuming: one killed mid-job and replaced, one whose provider is down at first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import pytest
+from django.utils import timezone
+
+from batches.models import BatchItem, BatchJob
+from batches.services import batch_recover
+from orchestrator_site.celery import app
+from pipeline.config import get_config
+from tests.batches.test_batch_worker import LEASE_S, config_with, start_batch_worker, submit, wait_for
+from tests.conftest import Fakes, TenantFixture, WorkerProcess, stop_process
+
+
+def only_consumer(worker: WorkerProcess) -> None:
+    """The test's worker is the only one on the batch queues (another would take its chunks)."""
+    replies = app.control.inspect(timeout=2).active_queues() or {}
+    consumers = {node for node, queues in replies.items() if any(q["name"].startswith("batch.") for q in queues)}
+    assert len(consumers) == 1, f"other batch workers are running: {consumers}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_a_job_survives_its_worker_being_killed(owner: TenantFixture, fakes: Fakes, tmp_path: Path) -> None:
+    fakes.openai.token_delay_s = 0.02  # about 100 ms an item: the kill lands mid-job
+    calls = len(fakes.openai.requests)
+    config = config_with(tmp_path, lease_s=LEASE_S)  # leases that run out within the test
+    first = start_batch_worker(tmp_path, "doomed", config=config)
+    only_consumer(first)
+    resp = owner.client.post("/api/v1/batch", {"prompts": [f"item {i}" for i in range(150)], "worker": "openai"}, format="json")
+    assert resp.status_code == 201, resp.content
+    job_id = resp.json()["id"]
+    deadline = time.monotonic() + 60
+    while BatchJob.objects.get(pk=job_id).items_done < 20:
+        assert time.monotonic() < deadline, "the first worker made no progress"
+        time.sleep(0.05)
+    first.proc.kill()  # SIGKILL: no warm shutdown, its messages stay unacknowledged
+    first.proc.wait(timeout=10)
+    stalled = BatchJob.objects.get(pk=job_id)
+    assert stalled.status == "running" and stalled.items_done < 150
+
+    time.sleep(LEASE_S + 0.5)  # the dead worker's items are free again
+    second = start_batch_worker(tmp_path, "rescuer", config=config)
+    try:
+        only_consumer(second)
+        # The scheduler's sweep, as it runs once the job has stood still for stall_after_s.
+        assert batch_recover(now=timezone.now() + dt.timedelta(seconds=get_config().batch.stall_after_s + 1)) > 0
+        job = wait_for(job_id, owner, 120)
+    finally:
+        stop_process(second.proc)
+    assert job["counts"] == {"total": 150, "done": 150, "failed": 0, "pending": 0}
+    items = list(BatchItem.objects.filter(job_id=job_id).order_by("index"))
+    assert all(item.status == "done" and item.output == "Hello, world!" for item in items)
+    # Only the items the dead worker was running when it died were run twice.
+    assert sum(item.attempts > 1 for item in items) <= 4
+    assert len(fakes.openai.requests) - calls <= 150 + 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_items_whose_provider_was_down_are_run_again_through_the_broker(owner: TenantFixture, fakes: Fakes, tmp_path: Path, clean_breakers: None) -> None:
+    fakes.openai.fail_times, fakes.openai.fail_mode = 3, "503"  # the first three calls fail, then the provider is back
+    worker = start_batch_worker(tmp_path, "patient", concurrency=1, config=config_with(tmp_path, retry_delay_s=0.3, max_attempts=5))
+    try:
+        only_consumer(worker)
+        job_id = submit(owner, {"prompts": ["a", "b", "c"], "worker": "openai"})
+        job = wait_for(job_id, owner, 60)
+    finally:
+        stop_process(worker.proc)
+    assert job["counts"] == {"total": 3, "done": 3, "failed": 0, "pending": 0}
+    first = BatchItem.objects.get(job_id=job_id, index=0)
+    assert first.attempts == 4 and first.output == "Hello, world!"  # three deferrals, each a chunk queued again with a countdown
