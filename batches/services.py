@@ -117,34 +117,28 @@ def batch_run_chunk(*, job_id: str, first: int, last: int) -> None:
     """The task boundary: run a chunk's pending items; nothing escapes into Celery.
     What is left undone stays pending in Postgres for a later run or the sweep."""
     try:
-        retry_in = _run_chunk(job_id, first, last)
+        _run_chunk(job_id, first, last)
     except DatabaseError as exc:
         log.warning("batch_chunk_interrupted", job_id=job_id, first=first, outcome="degraded", error_type=type(exc).__name__)
-        return
     except Exception as exc:  # task boundary: logged with its traceback; the sweep re-queues what is left
         log.exception("batch_chunk_crashed", job_id=job_id, first=first, outcome="error", error_type=type(exc).__name__)
-        return
-    if retry_in is not None:
-        job = BatchJob.objects.filter(pk=job_id).first()
-        if job is not None:
-            _enqueue(job, [(first, last)], countdown=retry_in)
 
 
-def _run_chunk(job_id: str, first: int, last: int) -> float | None:
-    """Run the pending items of ``first``..``last``; the delay after which the chunk must
-    run again (its provider is down), or None when nothing is left for it."""
+def _run_chunk(job_id: str, first: int, last: int) -> None:
+    """Run the pending items of ``first``..``last``. When their provider is down, the
+    chunk is queued again to run after ``retry_delay_s``."""
     config = get_config()
     job = BatchJob.objects.filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
     if job is None:
-        return None  # finished, cancelled or deleted: a late or duplicate message
+        return  # finished, cancelled or deleted: a late or duplicate message
     BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.QUEUED).update(status=BatchJob.Status.RUNNING, started_at=timezone.now())
     try:
         while (item := _claim_next(job, first, last, config)) is not None:
             if not _run_item(job, item, config):
-                return config.batch.retry_delay_s
+                _enqueue(job, [(first, last)], countdown=config.batch.retry_delay_s)
+                return
     finally:
         _finish_if_complete(job)
-    return None
 
 
 def _claim_next(job: BatchJob, first: int, last: int, config: PipelineSettings) -> BatchItem | None:
