@@ -5,7 +5,8 @@ the filter releases is published at once: the first token reaches the token bus
 while the model is still writing, never after the whole reply. Pieces that
 arrive while a publish is under way go out together in the next one (one Redis
 round trip for all of them): a fast provider's burst costs a few publishes,
-not one per token. A stop sequence
+not one per token. The first piece goes out alone, as soon as it is read: the
+rest of a burst is read after it (the first token waits for nothing). A stop sequence
 ends the upstream call (its stream is closed). A worker error after some tokens
 ends the request with that error; retries happen only before the first chunk
 (``resilience.retry``).
@@ -99,6 +100,10 @@ def inference_streamed(
                     state.last_heard = time.monotonic()
                     arrived.append(chunk)
                     news.set()
+                    if not state.released:
+                        # Until a first piece is out, each is handed over as it comes: the
+                        # rest of a burst waits in the socket, not the first token.
+                        await asyncio.sleep(0)
             finally:
                 news.set()
 
@@ -107,9 +112,10 @@ def inference_streamed(
             while True:
                 await news.wait()
                 news.clear()
-                # Coalesce: whatever else has already arrived goes out with this piece, in
-                # one publish (one Redis round trip), while the next pieces keep arriving.
-                await asyncio.sleep(0)
+                if state.released:
+                    # Coalesce: whatever else has already arrived goes out with this piece,
+                    # in one publish (one Redis round trip), while the next keep arriving.
+                    await asyncio.sleep(0)
                 batch, arrived[:] = arrived[:], []
                 text = ""
                 for chunk in batch:

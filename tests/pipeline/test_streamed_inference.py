@@ -90,12 +90,20 @@ def test_each_piece_is_published_before_the_next_is_read() -> None:
 
 def test_pieces_that_arrive_together_are_published_together() -> None:
     """A burst (a fast provider, or pieces that came while a publish was under way)
-    costs one publish, not one per piece; the text is the same."""
+    costs two publishes, not one per piece: the first piece at once, alone (the first
+    token waits for nothing), then the rest together. The text is the same."""
     published: list[str] = []
     worker = Scripted([f"p{i} " for i in range(20)])  # no pause: all there at once
     _, result = run_pipeline(REQUEST, deps(worker, published, config=PipelineSettings(postprocess=PostprocessConfig(trim=False))))
     assert "".join(published) == result.text == "".join(f"p{i} " for i in range(20))
-    assert len(published) == 1
+    assert published == ["p0 ", "".join(f"p{i} " for i in range(1, 20))]
+
+
+def test_the_first_piece_is_published_before_the_rest_of_a_burst_is_read() -> None:
+    log: list[str] = []
+    worker = Scripted(["a ", "b ", "c "], log=log)  # one burst
+    run_pipeline(REQUEST, deps(worker, [], config=PipelineSettings(postprocess=PostprocessConfig(trim=False)), log=log))
+    assert log[:3] == ["yield a ", "publish a ", "yield b "]
 
 
 class Arriving(Scripted):
