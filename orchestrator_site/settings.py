@@ -172,7 +172,15 @@ if env_str("CELERY_BROKER_KEY_PREFIX", ""):
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower
-CELERY_TASK_SEND_SENT_EVENT = True
+# No "task-sent" event: it is a second broker publish per task, in the gateway. Flower
+# learns of a task when a worker receives it; the queues' depth is a metric
+# (orchestrator_queue_depth).
+CELERY_TASK_SEND_SENT_EVENT = False
+# Real-time tasks send no task events (received, started, succeeded) unless this is
+# on: three more publishes per request on the worker, one of them before the task
+# starts, for a monitor that cannot keep up with real-time traffic anyway. Their
+# requests are in the metrics, the traces and the JSON log.
+REALTIME_TASK_EVENTS = env_bool("REALTIME_TASK_EVENTS", default=False)
 # The scheduler (celery beat): the batch recovery sweep (batches.services.batch_recover).
 CELERY_BEAT_SCHEDULE = {
     "batch-recovery": {

@@ -153,8 +153,6 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     """Rate-limit, admit (or shed), record as queued, put one task on ``realtime``.
     False when Redis is down: no worker's answer could reach the gateway, so the
     request is to run here (``infer_inline``)."""
-    from pipeline.tasks import run_realtime
-
     rates = rates or TenantRates()
     limiter = rate_limiter()
     allowed = limiter.check(request.tenant_id, request.request_id, rates)
@@ -185,13 +183,24 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
         shared_state.failed("record the request status", exc.__cause__ or exc)
         return False
     try:
-        run_realtime.apply_async(args=(request.to_dict(),), retry=False)
+        realtime_enqueue(request)
     except KombuOperationalError as exc:
         # The broker (often the same Redis) is unavailable: an accepted request is not
         # dropped, this process runs it.
         log.warning("broker_unavailable", request_id=request.request_id, outcome="degraded", error_type=type(exc).__name__)
         return False
     return True
+
+
+def realtime_enqueue(request: PromptRequest, *, connection: Any = None) -> None:
+    """Put the request's task on ``realtime`` (on ``connection``'s broker if given).
+    The message's argument repr (in its headers, Flower and the worker's log) names
+    the request, never the prompt; the body carries the prompt."""
+    from pipeline.tasks import run_realtime
+
+    run_realtime.apply_async(  # type: ignore[call-arg]  # the stubs lack argsrepr and kwargsrepr
+        args=(request.to_dict(),), retry=False, connection=connection, argsrepr=f"(<request {request.request_id}>,)", kwargsrepr="{}"
+    )
 
 
 async def infer_wait(*, request: PromptRequest, timeout_s: float) -> PipelineResult:

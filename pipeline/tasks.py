@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
 from pipeline import services
 
@@ -17,6 +18,7 @@ from pipeline import services
     acks_late=False,
     soft_time_limit=150,
     time_limit=180,
+    send_events=settings.REALTIME_TASK_EVENTS,
 )
 def run_realtime(payload: dict[str, Any]) -> None:
     services.realtime_execute(payload)

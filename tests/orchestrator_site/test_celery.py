@@ -96,3 +96,45 @@ def test_only_a_realtime_only_worker_drops_ack_emulation(queues: object, emulate
     assert conf.broker_transport_options.get("ack_emulation", True) is emulated
     assert conf.broker_transport_options["visibility_timeout"] == 3600  # the rest is kept
     _realtime_is_at_most_once(conf=None, options=None)  # a signal without them: nothing to do
+
+
+def test_a_realtime_message_names_its_request_not_its_prompt() -> None:
+    """Published for real to a Redis broker (its own key prefix), then read back raw."""
+    import base64
+    import json
+    import uuid
+
+    import redis
+    from kombu import Connection
+
+    from pipeline import services
+    from pipeline.types import PromptRequest
+
+    request = PromptRequest(request_id=uuid.uuid4().hex, tenant_id="t", session_id="s", prompt="my secret prompt", worker="echo", model="echo-1", max_tokens=5)
+    prefix = f"argsrepr-{uuid.uuid4().hex[:8]}:"
+    with Connection("redis://127.0.0.1:6379/12", transport_options={"global_keyprefix": prefix}) as conn:
+        services.realtime_enqueue(request, connection=conn)
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/12")
+    try:
+        raw = client.lpop(f"{prefix}realtime")
+        assert isinstance(raw, bytes)
+        message = json.loads(raw)
+        assert message["headers"]["argsrepr"] == f"(<request {request.request_id}>,)" and message["headers"]["kwargsrepr"] == "{}"
+        assert "secret" not in json.dumps(message["headers"])
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        assert args[0]["prompt"] == "my secret prompt"  # the worker still gets it
+    finally:
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
+
+
+def test_realtime_tasks_send_task_events_only_when_asked() -> None:
+    import os
+    import subprocess
+    import sys
+
+    assert run_realtime.send_events is False and app.tasks["batches.tasks.run_batch_chunk"].send_events is True
+    code = "import django; django.setup(); from pipeline.tasks import run_realtime; print(run_realtime.send_events)"
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "REALTIME_TASK_EVENTS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "True"

@@ -91,7 +91,7 @@ def test_worker_side_of_a_request_stays_within_budget(request_payload: Callable[
 def test_gateway_submit_stays_within_budget(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.tasks import run_realtime
 
-    monkeypatch.setattr(run_realtime, "apply_async", lambda args, retry: None)  # the broker publish is kombu's, counted apart
+    monkeypatch.setattr(run_realtime, "apply_async", lambda **_: None)  # the broker publish is kombu's, counted apart
 
     def build() -> PromptRequest:
         return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())

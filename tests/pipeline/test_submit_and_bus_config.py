@@ -16,14 +16,15 @@ from tests.conftest import TenantFixture
 @pytest.mark.django_db
 def test_submit_records_queued_then_publishes(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[tuple] = []
-    monkeypatch.setattr(run_realtime, "apply_async", lambda args, retry: sent.append((args, retry)))
+    monkeypatch.setattr(run_realtime, "apply_async", lambda **options: sent.append(options))
     request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
     before = time.time()
     services.infer_submit(request=request)
     status = tokenbus.get_bus().get_status(request.request_id)
     assert status["status"] == "queued" and status["tenant_id"] == str(owner.tenant.id) and status["session_id"] == request.session_id
     assert before - 1 < float(status["created_at"]) <= time.time()
-    assert sent == [((request.to_dict(),), False)]  # JSON payload only, and no publish retries
+    assert len(sent) == 1 and sent[0]["args"] == (request.to_dict(),) and sent[0]["retry"] is False  # JSON payload only, and no publish retries
+    assert sent[0]["argsrepr"] == f"(<request {request.request_id}>,)"  # no prompt in the message's headers
 
 
 @pytest.fixture
