@@ -4,7 +4,8 @@ Unlike timings, these counts do not depend on how busy the machine is, so a
 regression is caught exactly. The budget lives in benchmarks/io_budget.json;
 a change that needs more must raise it there, in review. The worker's Redis
 count is 10 round trips per request plus one per publish: pieces that arrive
-together go out in one (the echo reply's 8 pieces come in one burst: 11).
+together go out in one, after the first piece, which goes out alone (the echo
+reply's 8 pieces come in one burst: two publishes, 12).
 """
 
 from __future__ import annotations
