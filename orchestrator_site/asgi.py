@@ -56,3 +56,15 @@ django_app = DjangoByPath(full_stack_app, api_app, tuple(settings.FULL_STACK_PAT
 http_app = ASGIStaticFilesHandler(django_app) if settings.SERVE_STATIC else django_app  # type: ignore[arg-type]
 websocket_app = URLRouter([path("api/v1/stream", StreamConsumer.as_asgi())])
 application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app})
+
+
+def _settle() -> None:
+    from django.urls import get_resolver
+
+    from orchestrator_site import gctune
+
+    get_resolver().url_patterns  # noqa: B018  (imports every view now, not on the first request)
+    gctune.settle()
+
+
+_settle()

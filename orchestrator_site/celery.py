@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_init, worker_process_shutdown, worker_ready
+from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -38,10 +38,19 @@ app.autodiscover_tasks(["pipeline", "batches"])
 def _serve_metrics(**_: Any) -> None:
     from django.conf import settings
 
+    from orchestrator_site import gctune
     from orchestrator_site.metrics import serve_worker_metrics
 
     if settings.WORKER_METRICS_PORT:
         serve_worker_metrics(settings.WORKER_METRICS_PORT, settings.WORKER_METRICS_ADDR)
+    gctune.settle()
+
+
+@worker_process_init.connect
+def _settle_pool_process(**_: Any) -> None:
+    from orchestrator_site import gctune
+
+    gctune.settle()  # a prefork pool's process, after the fork
 
 
 @worker_process_shutdown.connect

@@ -16,6 +16,7 @@ from django.test import Client
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
+from batches import metrics as batch_recorded
 from pipeline import metrics as recorded
 from tests.conftest import ROOT
 
@@ -68,10 +69,11 @@ def test_mounted_files_exist() -> None:
 
 def exported_names() -> set[str]:
     """Every sample name the code can expose: the recorded metrics of pipeline.metrics
-    (by their type's suffixes) and what a real scrape of /metrics computes."""
+    and batches.metrics (by their type's suffixes; a labelled one has no sample
+    until something records it) and what a real scrape of /metrics computes."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = set()
-    for metric in vars(recorded).values():
+    for metric in [*vars(recorded).values(), *vars(batch_recorded).values()]:
         if isinstance(metric, MetricWrapperBase):
             names |= {metric._name + suffix for suffix in suffixes[metric._type]}
     scraped = Client().get("/metrics").content.decode()
