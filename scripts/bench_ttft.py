@@ -230,19 +230,35 @@ async def open_loop(clients: Clients, *, rate: float, seconds: float) -> tuple[l
 
 # --- throughput with wrk (a load generator that costs little CPU) -------------------------------
 
+# Every body is read to its end; one without its terminal event (SSE "event: done",
+# OpenAI "data: [DONE]") is an error: a stream that ends in an error event still
+# answers 200, and must not count as a completed request.
 WRK_SCRIPT = """
-local counter, threads = 0, 0
-function setup(thread) thread:set("tid", threads); threads = threads + 1 end
+local counter, threads = 0, {}
+function setup(thread) thread:set("tid", #threads); table.insert(threads, thread) end
+function init(args) incomplete = 0 end
 function request()
   counter = counter + 1
   return wrk.format("POST", nil, {["Content-Type"] = "application/json", ["Authorization"] = "Bearer KEY"}, string.format([[BODY]], tid, counter))
+end
+function response(status, headers, body)
+  if status == 200 and not (string.find(body, "event: done", 1, true) or string.find(body, "data: [DONE]", 1, true)) then
+    incomplete = incomplete + 1
+  end
+end
+function done(summary, latency, requests)
+  local total = 0
+  for _, thread in ipairs(threads) do total = total + thread:get("incomplete") end
+  io.write(string.format("Incomplete streams: %d\\n", total))
 end
 """
 
 
 def wrk_run(url: str, key: str, body: str, *, connections: int, seconds: int) -> tuple[float, int, str, str]:
-    """Requests/s, non-2xx answers and the P50/P99 of whole responses (every streamed
-    body read to its end) for ``body`` (a JSON template with two %d) POSTed to ``url``."""
+    """Completed requests/s (without error), failed requests (non-2xx, socket errors,
+    streams without their terminal event) and the P50/P99 of whole responses (every
+    streamed body read to its end) for ``body`` (a JSON template with two %d) POSTed
+    to ``url``."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT.replace("KEY", key).replace("BODY", body))
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url]
@@ -252,17 +268,21 @@ def wrk_run(url: str, key: str, body: str, *, connections: int, seconds: int) ->
 
 
 def parse_wrk(text: str) -> tuple[float, int, str, str]:
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    total, number, unit = re.search(r"(\d+) requests in ([\d.]+)(m?s)", text).groups()  # type: ignore[union-attr]
+    seconds = float(number) / (1000 if unit == "ms" else 1)
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    failed = (int(bad.group(1)) if bad else 0) + (sum(int(n) for n in errors.groups()) if errors else 0)
+    incomplete = re.search(r"Incomplete streams: (\d+)", text)
+    failed = (int(bad.group(1)) if bad else 0) + (sum(int(n) for n in errors.groups()) if errors else 0) + (int(incomplete.group(1)) if incomplete else 0)
+    rate = max(0, int(total) - failed) / seconds
     p50 = re.search(r"\s50%\s+(\S+)", text).group(1)  # type: ignore[union-attr]
     p99 = re.search(r"\s99%\s+(\S+)", text).group(1)  # type: ignore[union-attr]
     return rate, failed, p50, p99
 
 
 def wrk_rows(gateway: str, upstream: str, key: str, *, seconds: int) -> list[str]:
-    prompt = "benchmark prompt %d-%d"
+    # A nonce per run: no prompt repeats one of an earlier run still in the deduplication window.
+    prompt = f"benchmark prompt {uuid.uuid4().hex[:12]} %d-%d"
     cases = (
         ("SSE `POST /api/v1/infer`", f"{gateway}/api/v1/infer", '{"prompt": "' + prompt + '", "worker": "bench", "stream": true}'),
         (

@@ -99,6 +99,21 @@ Transfer/sec:    215.75KB
 
 
 def test_wrk_output_is_parsed() -> None:
-    assert bench_ttft.parse_wrk(WRK_OUTPUT) == (101.10, 7, "215.15ms", "662.25ms")
+    rate, failed, p50, p99 = bench_ttft.parse_wrk(WRK_OUTPUT)
+    assert (failed, p50, p99) == (7, "215.15ms", "662.25ms")
+    assert rate == pytest.approx((1012 - 7) / 10.01)  # completed without error, per second
     clean = WRK_OUTPUT.replace("  Socket errors: connect 0, read 2, write 0, timeout 1\n", "").replace("  Non-2xx or 3xx responses: 4\n", "")
-    assert bench_ttft.parse_wrk(clean)[1] == 0
+    assert bench_ttft.parse_wrk(clean)[:2] == (pytest.approx(1012 / 10.01), 0)
+
+
+def test_streams_without_their_terminal_event_count_as_failed() -> None:
+    """The script's done() prints them: a stream that ended in an error event answered 200."""
+    text = WRK_OUTPUT + "Incomplete streams: 5\n"
+    rate, failed, _p50, _p99 = bench_ttft.parse_wrk(text)
+    assert failed == 12 and rate == pytest.approx((1012 - 12) / 10.01)
+    assert "event: done" in bench_ttft.WRK_SCRIPT and "data: [DONE]" in bench_ttft.WRK_SCRIPT and "Incomplete streams" in bench_ttft.WRK_SCRIPT
+
+
+def test_a_short_wrk_run_in_milliseconds_is_read_too() -> None:
+    text = WRK_OUTPUT.replace("1012 requests in 10.01s", "50 requests in 500.00ms")
+    assert bench_ttft.parse_wrk(text)[0] == pytest.approx((50 - 7) / 0.5)
