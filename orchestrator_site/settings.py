@@ -131,6 +131,9 @@ SERVE_STATIC = env_bool("SERVE_STATIC", default=not PRODUCTION)
 # so that several deployments (or the test suite) can share one Redis.
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "orch")
+# How long a gateway trusts an API key Postgres accepted (pipeline.auth.KeyCache); a
+# revocation made elsewhere reaches it within this time. 0: ask Postgres every request.
+API_KEY_CACHE_S = env_int("API_KEY_CACHE_S", 5)
 REDIS_SOCKET_TIMEOUT_S = float(env_int("REDIS_SOCKET_TIMEOUT_MS", 2000)) / 1000.0
 
 # --- Observability: /metrics on the gateway; a Celery worker serves its own on this

@@ -29,7 +29,7 @@ from orchestrator_site.errors import (
 from pipeline import services, streaming
 from pipeline.api.errors import validation_error
 from pipeline.api.serializers import InferInput
-from pipeline.auth import TenantPrincipal, api_key_authenticate, bearer_token
+from pipeline.auth import TenantPrincipal, api_key_authenticate_cached, bearer_token
 from pipeline.config import get_config
 
 log = structlog.get_logger("pipeline.consumers")
@@ -43,7 +43,7 @@ class ClientGone(Exception):
 
 
 def _authenticate(raw: str) -> TenantPrincipal:
-    key = api_key_authenticate(raw)
+    key = api_key_authenticate_cached(raw)
     return TenantPrincipal(tenant=key.tenant, api_key=key)
 
 

@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
@@ -31,7 +30,7 @@ from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownM
 from pipeline import services, streaming
 from pipeline.api.errors import validation_error
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.api.views import sse_response, tenant_of
+from pipeline.api.views import TenantAsyncAPIView, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -101,7 +100,7 @@ class ModelsApi(APIView):
         return Response({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": m.split("/")[0]} for m in model_ids(get_config())]})
 
 
-class ChatCompletionsApi(AsyncAPIView):
+class ChatCompletionsApi(TenantAsyncAPIView):
     parser_classes = [LimitedJSONParser]
 
     @extend_schema(operation_id="openai_chat_completions", request=ChatCompletionInput, responses={200: dict})

@@ -9,8 +9,10 @@ from typing import Any
 import structlog
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
-from django.http import StreamingHttpResponse
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -20,7 +22,7 @@ from pipeline import selectors, services, streaming
 from pipeline.api import serializers as s
 from pipeline.api.errors import validation_error
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.auth import TenantPrincipal
+from pipeline.auth import TenantPrincipal, aresolve_api_key
 from pipeline.config import get_config
 
 log = structlog.get_logger("pipeline.api")
@@ -63,7 +65,32 @@ def validated(serializer_cls: type[Any], data: Any) -> dict[str, Any]:
 _ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 413, 415, 429, 503, 504)}
 
 
-class InferApi(AsyncAPIView):
+class TenantAsyncAPIView(AsyncAPIView):
+    """An async view whose checks run on the event loop. adrf runs DRF's ``initial``
+    (authentication, permissions) in the one thread of sync work, a hop that every
+    request waited its turn for; here the key is resolved first (from the gateway's
+    cache, with no I/O, or from Postgres), and ``initial`` has no I/O left to do."""
+
+    async def async_dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        await aresolve_api_key(request)
+        self.args, self.kwargs = args, kwargs
+        request = self.initialize_request(request, *args, **kwargs)
+        self.request = request
+        self.headers = self.default_response_headers
+        try:
+            self.initial(request, *args, **kwargs)
+            method = request.method.lower()
+            handler: Any = getattr(self, method, self.http_method_not_allowed) if method in self.http_method_names else self.http_method_not_allowed
+            response = await handler(request, *args, **kwargs)
+        except (OrchestratorError, APIException, Http404, PermissionDenied) as exc:
+            # What DRF's handle_exception answers (the API's error shape); anything else is
+            # a bug, which it would raise again, as it does here (handler500 renders it).
+            response = self.handle_exception(exc)
+        self.response = self.finalize_response(request, response, *args, **kwargs)
+        return self.response
+
+
+class InferApi(TenantAsyncAPIView):
     parser_classes = [LimitedJSONParser]
 
     @extend_schema(request=s.InferInput, responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="infer")
