@@ -397,7 +397,7 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
     deps = PipelineDeps(
         config=config,
         retrieve=selectors.document_search,
-        load_history=lambda: selectors.session_history(tenant_id=request.tenant_id, session_id=request.session_id, turns=config.assemble.history_turns),
+        load_history=lambda: session_history_for(request, turns=config.assemble.history_turns),
         worker=worker_pool.get(config, request.worker),
         publish=publish,
         streaming=True,
@@ -406,6 +406,14 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
     _ctx, result = run_pipeline(request, deps, clock.stages)
     session_turns_append(request=request, reply=result.text)
     return result
+
+
+def session_history_for(request: PromptRequest, *, turns: int) -> tuple[ChatMessage, ...]:
+    """The session's stored turns. A request that named no session has a new one (its
+    own request id, which no client could know before): nothing to read."""
+    if request.session_id == request.request_id:
+        return ()
+    return selectors.session_history(tenant_id=request.tenant_id, session_id=request.session_id, turns=turns)
 
 
 def _record_failure(request: PromptRequest, error: OrchestratorError, clock: metrics.StreamClock | None = None) -> None:

@@ -155,3 +155,25 @@ def test_with_the_broker_down_the_gateway_answers_the_request_itself(owner: Tena
     # Redis is up: the request's status says it completed, and who ran it (that process).
     recorded = get_bus().get_status(result["request_id"])
     assert recorded["status"] == "completed" and recorded["executed_by"] and not recorded["executed_by"].endswith(f":{os.getpid()}")
+
+
+@pytest.mark.django_db
+def test_a_request_without_a_session_reads_no_history(owner: TenantFixture) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    fresh = build(owner)
+    assert fresh.session_id == fresh.request_id
+    with CaptureQueriesContext(connection) as queries:
+        assert services.session_history_for(fresh, turns=4) == ()
+    assert queries.captured_queries == []  # a session nobody could have named yet
+
+
+@pytest.mark.django_db
+def test_a_session_continued_by_its_returned_id_replays_its_turns(owner: TenantFixture) -> None:
+    first = build(owner, prompt="my name is Ada")
+    services.realtime_execute(first.to_dict())
+    _kind, data = last_event(first.request_id)
+    second = build(owner, prompt="what is my name?", session_id=data["session_id"])
+    history = services.session_history_for(second, turns=4)
+    assert len(history) == 2 and (history[0].role, history[0].content) == ("user", "my name is Ada")
