@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
+import json
+import re
 import sys
 import threading
 import time
@@ -30,7 +33,7 @@ def upstream() -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    serving = asyncio.run_coroutine_threadsafe(bench_ttft.serve_upstream(port, 0.05, 5), loop)
+    serving = asyncio.run_coroutine_threadsafe(bench_ttft.serve_upstream(port, 0.05, 5, 0.03), loop)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -60,6 +63,16 @@ def test_the_openai_sdk_reads_the_fake_upstream_after_its_first_token_delay(upst
         usage = chunk.usage or usage
     assert "".join(texts) == "tok0 tok1 tok2 tok3 tok4 " and usage is not None and usage.completion_tokens == 5
     assert first - started >= 0.05
+
+
+def test_the_paced_model_writes_one_token_every_interval(upstream: str) -> None:
+    client = openai.OpenAI(base_url=f"{upstream}/v1", api_key="x", max_retries=0)
+    arrivals = []
+    for chunk in client.chat.completions.create(model=bench_ttft.PACED_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(arrivals) == 5 and min(gaps) >= 0.025  # 30 ms apart; fake-1's come at once
 
 
 def test_the_platforms_openai_worker_streams_from_it(upstream: str) -> None:
@@ -117,3 +130,14 @@ def test_streams_without_their_terminal_event_count_as_failed() -> None:
 def test_a_short_wrk_run_in_milliseconds_is_read_too() -> None:
     text = WRK_OUTPUT.replace("1012 requests in 10.01s", "50 requests in 500.00ms")
     assert bench_ttft.parse_wrk(text)[0] == pytest.approx((50 - 7) / 0.5)
+
+
+def test_each_wrk_case_sends_prompts_of_its_own() -> None:
+    """A /v1 call with one message and an SSE prompt of the same text are one request
+    to the deduplication window: a case reusing the one before's prompts would be
+    answered from its cache (it read as 241 req/s against 148)."""
+    first, second = bench_ttft.wrk_cases("http://gw", "http://up"), bench_ttft.wrk_cases("http://gw", "http://up")
+    prompts = [re.search(r"benchmark prompt (\w+) %d-%d", body).group(1) for _label, _url, body in (*first, *second)]  # type: ignore[union-attr]
+    assert len(set(prompts)) == 6
+    for _label, _url, body in first:
+        json.loads(body.replace("%d", "1"))  # a JSON template
