@@ -121,7 +121,7 @@ class StreamConsumer(AsyncWebsocketConsumer):
         self._room_for_one_more()
         fields = {k: v for k, v in message.items() if k != "type"}
         serializer = InferInput(data=fields)
-        if not await sync_to_async(serializer.is_valid)():
+        if not serializer.is_valid():  # no I/O in it (as in the HTTP views): no thread hop
             raise validation_error(serializer.errors)
         config = get_config()
         request = services.infer_build_request(tenant_id=principal.tenant_id, data=dict(serializer.validated_data), config=config)
