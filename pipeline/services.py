@@ -285,17 +285,16 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
 
 def _run_and_answer(request: PromptRequest) -> None:
     bus = get_bus()
-    status = bus.get_status(request.request_id)
-    if status.get("status") in ("completed", "failed"):
+    # Which worker process ran it: for operators, and the proof that no eager mode is involved.
+    created_at = bus.begin(request.request_id, executed_by=f"{socket.gethostname()}:{os.getpid()}")
+    if created_at is None:
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return
-    # Which worker process ran it: for operators, and the proof that no eager mode is involved.
-    bus.set_status(request.request_id, status="running", executed_by=f"{socket.gethostname()}:{os.getpid()}")
     config = get_config()
     # Computed before any fallback re-routing: the key is the client's request.
     key = dedup_key(request) if config.dedup.enabled else None
     telemetry.annotate(request_id=request.request_id, dedup_key=key, cache_hit=False)
-    clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(status.get("created_at")))
+    clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(created_at or None))
     answered = False
     try:
         result = _execute(request, config, clock)
@@ -309,8 +308,7 @@ def _run_and_answer(request: PromptRequest) -> None:
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
         _record_failure(request, OrchestratorError("internal error while running the pipeline"), clock)
     else:
-        bus.publish(request.request_id, "done", result.to_dict())
-        bus.set_status(request.request_id, status="completed")
+        bus.finish(request.request_id, "done", result.to_dict(), status="completed")
         clock.finished("ok")
         answered = True
         if key:
@@ -420,8 +418,7 @@ def _record_failure(request: PromptRequest, error: OrchestratorError, clock: met
     bus = get_bus()
     outcome = "cancelled" if isinstance(error, RequestCancelled) else "error"
     log.warning("request_failed", request_id=request.request_id, session_id=request.session_id, outcome=outcome, error_code=error.code)
-    bus.publish(request.request_id, "error", error.to_dict())
-    bus.set_status(request.request_id, status="failed")
+    bus.finish(request.request_id, "error", error.to_dict(), status="failed")
     if clock:
         clock.finished(error.code)
 

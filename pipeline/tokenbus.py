@@ -46,6 +46,18 @@ READER_LEASE_S = 15.0
 KEEP = "!"  # someone was told to poll for the result: finish it whatever happens (score +inf)
 
 
+# KEYS: the status hash. ARGV: executed_by, now, ttl_s. A request that already finished
+# (a redelivered task) is left as it is: returns nil. Otherwise it is marked running,
+# and its creation time returned ("" if unknown): one round trip for the producer's start.
+_BEGIN = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'completed' or status == 'failed' then return false end
+redis.call('HSET', KEYS[1], 'status', 'running', 'executed_by', ARGV[1], 'updated_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGET', KEYS[1], 'created_at') or ''
+"""
+
+
 @dataclass(frozen=True)
 class BusEvent:
     id: str
@@ -80,6 +92,7 @@ class TokenBus:
         self.ttl_s = ttl_s
         self._socket_timeout_s = socket_timeout_s
         self._sync: redis.Redis | None = None
+        self._begin: Any = None  # the _BEGIN script, registered on first use
         self._lock = threading.Lock()
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
 
@@ -142,6 +155,25 @@ class TokenBus:
         key = self.stream_key(request_id)
         pipe.xadd(key, {"type": event_type, "data": json.dumps(data)}, maxlen=self.maxlen, approximate=True)
         pipe.expire(key, self.ttl_s)
+
+    def begin(self, request_id: str, *, executed_by: str) -> str | None:
+        """Mark the request running (one round trip): its ``created_at`` ("" if unknown),
+        or None when it has already finished (a redelivered task: nothing to do)."""
+        with redis_errors("start the request"):
+            if self._begin is None:
+                self._begin = self.client.register_script(_BEGIN)
+            created: Any = self._begin(keys=[self.status_key(request_id)], args=[executed_by, f"{time.time():.6f}", self.ttl_s])
+        return None if created is None else str(created)
+
+    def finish(self, request_id: str, event_type: str, data: dict[str, Any], *, status: str) -> None:
+        """The terminal event and the final status, in one round trip."""
+        key = self.status_key(request_id)
+        with redis_errors("publish to the token bus"):
+            pipe = self.client.pipeline(transaction=False)
+            self._queue_append(pipe, request_id, event_type, data)
+            pipe.hset(key, mapping={"status": status, "updated_at": f"{time.time():.6f}"})
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
 
     def wanted(self, request_id: str) -> bool:
         """False once every reader of the stream has left (signed out or lease run out)."""

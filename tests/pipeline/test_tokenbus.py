@@ -101,7 +101,15 @@ def test_redis_down_is_service_unavailable() -> None:
     with pytest.raises(ServiceUnavailable) as info:
         down.publish("r", "token", {})
     assert info.value.data == {"service": "redis"}
-    for call in (lambda: down.set_status("r", status="x"), lambda: down.get_status("r"), lambda: down.read_all("r"), lambda: read(down, "r", timeout_s=1)):
+    calls = (
+        lambda: down.set_status("r", status="x"),
+        lambda: down.get_status("r"),
+        lambda: down.read_all("r"),
+        lambda: read(down, "r", timeout_s=1),
+        lambda: down.begin("r", executed_by="w"),
+        lambda: down.finish("r", "done", {}, status="completed"),
+    )
+    for call in calls:
         with pytest.raises(ServiceUnavailable):
             call()
 
@@ -152,3 +160,30 @@ def test_pooled_connections_survive_a_redis_restart(tmp_path: Path) -> None:
         assert asyncio.run(read_after_restart()) == ["done", "done"]
     finally:
         own.stop()
+
+
+def test_begin_marks_a_queued_request_running_in_one_round_trip(bus: TokenBus) -> None:
+    bus.set_status("r", status="queued", created_at="1700000000.5", tenant_id="t")
+    assert bus.begin("r", executed_by="host:1") == "1700000000.5"
+    status = bus.get_status("r")
+    assert status["status"] == "running" and status["executed_by"] == "host:1" and status["tenant_id"] == "t"
+    assert 0 < bus.client.ttl(bus.status_key("r")) <= 30
+
+
+def test_begin_leaves_a_finished_request_alone(bus: TokenBus) -> None:
+    for final in ("completed", "failed"):
+        bus.set_status(f"r-{final}", status=final)
+        assert bus.begin(f"r-{final}", executed_by="host:2") is None
+        assert bus.get_status(f"r-{final}")["status"] == final and "executed_by" not in bus.get_status(f"r-{final}")
+
+
+def test_begin_on_an_unknown_request_runs_it_without_a_creation_time(bus: TokenBus) -> None:
+    assert bus.begin("never-queued", executed_by="host:3") == ""
+    assert bus.get_status("never-queued")["status"] == "running"
+
+
+def test_finish_appends_the_terminal_event_and_the_status_together(bus: TokenBus) -> None:
+    bus.set_status("r", status="running")
+    bus.finish("r", "done", {"text": "hi"}, status="completed")
+    assert [(e.type, e.data) for e in bus.read_all("r")] == [("done", {"text": "hi"})]
+    assert bus.get_status("r")["status"] == "completed" and 0 < bus.client.ttl(bus.stream_key("r")) <= 30
