@@ -30,6 +30,10 @@ OUT="$(mktemp)"
     echo
     "$PY" scripts/bench_ttft.py --server daphne
     echo
+    echo "### The same with the real-time workers on Celery's prefork pool (16 processes each) instead of threads, side by side"
+    echo
+    "$PY" scripts/bench_ttft.py --server uvicorn --worker-pool prefork
+    echo
     echo "### A batch job beside real-time traffic (scripts/bench_batch.py: 10,000 echo prompts, RAG over 1,000 documents; the batch worker at nice 0 and 10)"
     echo
     "$PY" scripts/bench_batch.py

@@ -69,9 +69,10 @@ def setup() -> str:
     return key
 
 
-def realtime_worker_command(name: str, *, threads: int) -> list[str]:
-    """A real-time Celery worker as ``make run`` starts one (a thread pool)."""
-    celery = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", "threads"]
+def realtime_worker_command(name: str, *, threads: int, pool: str = "threads") -> list[str]:
+    """A real-time Celery worker as ``make run`` starts one (a thread pool; ``pool``
+    "prefork" for the side-by-side measure: ``threads`` processes instead)."""
+    celery = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", pool]
     return [*celery, "-c", str(threads), "-n", name, "--without-gossip", "--without-mingle"]
 
 

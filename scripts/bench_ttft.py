@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--server", choices=("uvicorn", "daphne"), default="uvicorn", help="the ASGI server of the gateway (uvicorn: as make run)")
     parser.add_argument("--worker-processes", type=int, default=2)
-    parser.add_argument("--worker-threads", type=int, default=16)
+    parser.add_argument("--worker-threads", type=int, default=16, help="per worker: threads, or processes with --worker-pool prefork")
+    parser.add_argument("--worker-pool", choices=("threads", "prefork"), default="threads", help="the real-time workers' Celery pool (threads: as make run)")
     args = parser.parse_args(argv)
     if args.upstream:
         asyncio.run(serve_upstream(args.upstream, args.first_token_ms / 1000, args.tokens, args.token_interval_ms / 1000))
@@ -468,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         start(server_command(args.server, port)),
     ]
-    procs += [start(realtime_worker_command(f"ttft-{port}-{n}@%h", threads=args.worker_threads)) for n in range(args.worker_processes)]
+    procs += [start(realtime_worker_command(f"ttft-{port}-{n}@%h", threads=args.worker_threads, pool=args.worker_pool)) for n in range(args.worker_processes)]
     gateway = f"http://127.0.0.1:{port}"
     try:
         wait_for_gateway(gateway)
@@ -482,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(
             f"Upstream: first token after {args.first_token_ms:g} ms, then {args.tokens} tokens at once (paced: one every {args.token_interval_ms:g} ms); "
             f"platform: {args.server} + "
-            f"{args.worker_processes} real-time worker process(es) x {args.worker_threads} threads.\n\n"
+            f"{args.worker_processes} real-time worker(s), {args.worker_pool} pool x {args.worker_threads}.\n\n"
         )
         asyncio.run(run())
         if shutil.which("wrk"):

@@ -141,3 +141,13 @@ def test_each_wrk_case_sends_prompts_of_its_own() -> None:
     assert len(set(prompts)) == 6
     for _label, _url, body in first:
         json.loads(body.replace("%d", "1"))  # a JSON template
+
+
+def test_the_real_time_workers_pool_is_chosen_on_the_command_line() -> None:
+    from bench_path import realtime_worker_command
+
+    default = realtime_worker_command("rt@%h", threads=16)
+    assert default[default.index("-P") + 1] == "threads" and default[default.index("-c") + 1] == "16"  # as make run
+    prefork = realtime_worker_command("rt@%h", threads=8, pool="prefork")
+    assert prefork[prefork.index("-P") + 1] == "prefork" and prefork[prefork.index("-c") + 1] == "8"
+    assert "realtime" in prefork and "--without-mingle" in prefork
