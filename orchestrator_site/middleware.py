@@ -1,5 +1,6 @@
 """The gateway's access log: one structured line per HTTP request, in the same
-JSON (or console) format as every other line (Daphne's own access log is off)."""
+JSON (or console) format as every other line (Daphne's own access log is off);
+and Django's security headers without the thread hops."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from inspect import iscoroutinefunction
 
 import structlog
 from django.http import HttpRequest, HttpResponseBase
+from django.middleware.security import SecurityMiddleware
 from django.utils.decorators import sync_and_async_middleware
 
 LOGGER = "orchestrator_site.access"
@@ -48,5 +50,32 @@ def access_log(get_response: Callable[[HttpRequest], HttpResponseBase | Awaitabl
         response = get_response(request)
         _record(request, response, started)  # type: ignore[arg-type]
         return response  # type: ignore[return-value]
+
+    return middleware
+
+
+@sync_and_async_middleware
+def security_headers(get_response: Callable[[HttpRequest], HttpResponseBase | Awaitable[HttpResponseBase]]) -> Callable[[HttpRequest], object]:
+    """Django's ``SecurityMiddleware`` (HSTS, nosniff, referrer policy, COOP, the
+    HTTPS redirect), its two hooks called in line: as a ``MiddlewareMixin`` under
+    ASGI it hops to a thread for each of them, on every request, for work that does
+    no I/O."""
+    security = SecurityMiddleware(get_response)
+    if iscoroutinefunction(get_response):
+
+        async def async_middleware(request: HttpRequest) -> HttpResponseBase:
+            redirect = security.process_request(request)
+            if redirect is not None:
+                return redirect
+            response = await get_response(request)
+            return security.process_response(request, response)
+
+        return async_middleware
+
+    def middleware(request: HttpRequest) -> HttpResponseBase:
+        redirect = security.process_request(request)
+        if redirect is not None:
+            return redirect
+        return security.process_response(request, get_response(request))  # type: ignore[arg-type]
 
     return middleware

@@ -58,7 +58,7 @@ ADMIN_ONLY_MIDDLEWARE = (
 )
 MIDDLEWARE = [
     "orchestrator_site.middleware.access_log",
-    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.security.SecurityMiddleware",  # run in line by the gateway (asgi.IN_LINE)
     *ADMIN_ONLY_MIDDLEWARE,
 ]
 FULL_STACK_PATHS = ("/admin/",)

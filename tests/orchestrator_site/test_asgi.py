@@ -86,3 +86,53 @@ def test_html_pages_outside_the_admin_still_refuse_framing() -> None:
 def test_reimporting_the_module_is_harmless() -> None:
     reloaded = importlib.reload(asgi)
     assert callable(reloaded.application)
+
+
+def test_no_thread_hop_before_the_view() -> None:
+    """In the gateway process: request_started has no sync receiver left (Django would
+    hop to a thread to run it), request_finished still returns the request thread's
+    connection; both handlers run the security headers in line."""
+    code = (
+        "from django.core import signals; from orchestrator_site import asgi; "
+        "sync_started, _ = signals.request_started._live_receivers(None); "
+        "sync_finished, _ = signals.request_finished._live_receivers(None); "
+        "names = lambda receivers: sorted(getattr(r, '__name__', repr(r)) for r in receivers); "
+        "print(names(sync_started), names(sync_finished))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    started, finished = proc.stdout.strip().split("] [")
+    assert started == "[" and "close_old_connections" in finished
+
+
+def test_security_headers_are_djangos_run_in_line() -> None:
+    from inspect import iscoroutinefunction
+
+    from django.http import HttpResponse
+    from django.test import RequestFactory, override_settings
+
+    from orchestrator_site.middleware import security_headers
+
+    async def view(request: object) -> HttpResponse:
+        return HttpResponse("ok")
+
+    middleware = security_headers(view)
+    assert iscoroutinefunction(middleware)  # Django calls it as it is: no sync_to_async around it
+    response = asyncio.run(middleware(RequestFactory().get("/health")))
+    assert response["X-Content-Type-Options"] == "nosniff" and response["Referrer-Policy"] == "same-origin"
+    assert response["Cross-Origin-Opener-Policy"] == "same-origin"
+    with override_settings(SECURE_SSL_REDIRECT=True, SECURE_HSTS_SECONDS=60):
+        redirecting = security_headers(view)
+        assert asyncio.run(redirecting(RequestFactory().get("/health"))).status_code == 301  # http: to https first
+        secure = asyncio.run(redirecting(RequestFactory().get("/health", secure=True)))
+        assert secure.status_code == 200 and secure["Strict-Transport-Security"] == "max-age=60"
+        sync = security_headers(lambda request: HttpResponse("ok"))
+        assert sync(RequestFactory().get("/health")).status_code == 301 and sync(RequestFactory().get("/h", secure=True))["X-Content-Type-Options"] == "nosniff"
+    assert asgi.IN_LINE["django.middleware.security.SecurityMiddleware"] == "orchestrator_site.middleware.security_headers"
