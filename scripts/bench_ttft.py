@@ -370,11 +370,11 @@ async def measure(clients: Clients, args: argparse.Namespace) -> None:
     out.write("\n".join(ttft_rows("concurrency 1", lone)) + "\n")
     inside = {stage: pct([t[stage] / 1000 for t in STAGE_TIMES], 0.5) for stage in ("rag", "assemble", "inference")}
     STAGE_TIMES.clear()
-    ten, _took, ten_errors = await closed_loop(clients, concurrency=10, per_client=args.requests // 4, transports=TRANSPORTS)
+    ten, _took, ten_errors = await closed_loop(clients, concurrency=10, per_client=args.requests // 16, transports=TRANSPORTS)
     out.write("\n".join(ttft_rows("concurrency 10", ten)) + "\n")
     opened, open_errors = await open_loop(clients, rate=args.rate, seconds=args.seconds)
     out.write("\n".join(ttft_rows(f"open loop, {args.rate:g} req/s", opened)) + "\n")
-    busy, _took, busy_errors = await closed_loop(clients, concurrency=32, per_client=args.requests // 8, transports=TRANSPORTS)
+    busy, _took, busy_errors = await closed_loop(clients, concurrency=32, per_client=args.requests // 32, transports=TRANSPORTS)
     out.write("\n".join(ttft_rows("concurrency 32", busy)) + "\n")
 
     out.write(
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--token-interval-ms", type=float, default=20.0, help="between the tokens of a paced stream")
     parser.add_argument("--paced-requests", type=int, default=60, help="paced streams alone (ten at once: twice as many)")
-    parser.add_argument("--requests", type=int, default=200, help="per transport at concurrency 1")
+    parser.add_argument("--requests", type=int, default=800, help="at concurrency 1, the transports in turn (200 each: a P99 that is not just the maximum)")
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--throughput-requests", type=int, default=960)
