@@ -452,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(tempfile.mkdtemp(prefix="bench-ttft-")) / "pipeline.toml"
     write_config(upstream, config)
     ENV["PIPELINE_CONFIG"] = str(config)
+    # Shared state of its own (breaker, deduplication window, limits): a circuit opened by
+    # an earlier run's shutdown (its upstream stops first) must not fail this run fast.
+    ENV["REDIS_KEY_PREFIX"] = f"ttft-{uuid.uuid4().hex[:8]}"
     procs = [
         start(
             [
