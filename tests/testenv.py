@@ -15,6 +15,9 @@ os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("REDIS_KEY_PREFIX", f"orchtest{os.getpid()}")
 os.environ.setdefault("PIPELINE_CONFIG", os.path.join(os.path.dirname(__file__), "pipeline.test.toml"))
 os.environ.setdefault("LOG_LEVEL", "WARNING")
+# The suite's own process keeps CPython's collector (orchestrator_site.gctune); the
+# processes it starts set GC_FREEZE themselves where a test needs it.
+os.environ.setdefault("GC_FREEZE", "0")
 # One test database per checkout, so that a CI clone and a working tree can run side by side.
 _checkout = hashlib.sha256(os.path.dirname(os.path.abspath(__file__)).encode()).hexdigest()[:8]
 os.environ.setdefault("DATABASE_TEST_NAME", f"test_orchestrator_{_checkout}")
