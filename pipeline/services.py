@@ -409,7 +409,7 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
 def session_history_for(request: PromptRequest, *, turns: int) -> tuple[ChatMessage, ...]:
     """The session's stored turns. A request that named no session has a new one (its
     own request id, which no client could know before): nothing to read."""
-    if request.session_id == request.request_id:
+    if not request.names_session:
         return ()
     return selectors.session_history(tenant_id=request.tenant_id, session_id=request.session_id, turns=turns)
 

@@ -167,12 +167,10 @@ class TokenBus:
 
     def finish(self, request_id: str, event_type: str, data: dict[str, Any], *, status: str) -> None:
         """The terminal event and the final status, in one round trip."""
-        key = self.status_key(request_id)
         with redis_errors("publish to the token bus"):
             pipe = self.client.pipeline(transaction=False)
             self._queue_append(pipe, request_id, event_type, data)
-            pipe.hset(key, mapping={"status": status, "updated_at": f"{time.time():.6f}"})
-            pipe.expire(key, self.ttl_s)
+            self._queue_status(pipe, request_id, {"status": status})
             pipe.execute()
 
     def wanted(self, request_id: str) -> bool:
@@ -183,13 +181,16 @@ class TokenBus:
             return _still_wanted(pipe.execute())
 
     def set_status(self, request_id: str, **fields: str) -> None:
-        key = self.status_key(request_id)
         with redis_errors("record the request status"):
             pipe = self.client.pipeline(transaction=False)
-            mapping: dict[Any, Any] = {**fields, "updated_at": f"{time.time():.6f}"}
-            pipe.hset(key, mapping=mapping)
-            pipe.expire(key, self.ttl_s)
+            self._queue_status(pipe, request_id, fields)
             pipe.execute()
+
+    def _queue_status(self, pipe: Any, request_id: str, fields: dict[str, str]) -> None:
+        key = self.status_key(request_id)
+        mapping: dict[Any, Any] = {**fields, "updated_at": f"{time.time():.6f}"}
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, self.ttl_s)
 
     def get_status(self, request_id: str) -> dict[str, str]:
         with redis_errors("read the request status"):

@@ -34,6 +34,12 @@ class PromptRequest:
     # API); empty: the session's stored turns are used instead.
     history: tuple[ChatMessage, ...] = ()
 
+    @property
+    def names_session(self) -> bool:
+        """False when the client named no session: the request's own id stands in for
+        one (new, and no client could have known it)."""
+        return self.session_id != self.request_id
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,

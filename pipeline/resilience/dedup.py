@@ -27,7 +27,7 @@ def normalised(request: PromptRequest) -> dict[str, object]:
     return {
         "v": KEY_VERSION,
         "tenant": request.tenant_id,
-        "session": "" if request.session_id == request.request_id else request.session_id,
+        "session": request.session_id if request.names_session else "",
         "prompt": request.prompt,
         "worker": request.worker,
         "model": request.model,

@@ -58,6 +58,12 @@ def test_prompt_request_from_partial_dict_fills_optionals() -> None:
     assert request.max_tokens == 5 and request.stop == () and request.temperature is None and dict(request.metadata) == {}
 
 
+def test_a_request_names_a_session_only_when_its_session_is_not_its_own_id() -> None:
+    unnamed = PromptRequest(request_id="r1", tenant_id="t", session_id="r1", prompt="p", worker="w", model="m", max_tokens=5)
+    named = PromptRequest(request_id="r2", tenant_id="t", session_id="chat-7", prompt="p", worker="w", model="m", max_tokens=5)
+    assert not unnamed.names_session and named.names_session
+
+
 def test_prompt_request_missing_field_raises_key_error() -> None:
     with pytest.raises(KeyError):
         PromptRequest.from_dict({"request_id": "r"})
