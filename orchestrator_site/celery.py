@@ -38,19 +38,18 @@ app.autodiscover_tasks(["pipeline", "batches"])
 def _serve_metrics(**_: Any) -> None:
     from django.conf import settings
 
-    from orchestrator_site import gctune
     from orchestrator_site.metrics import serve_worker_metrics
 
     if settings.WORKER_METRICS_PORT:
         serve_worker_metrics(settings.WORKER_METRICS_PORT, settings.WORKER_METRICS_ADDR)
-    gctune.settle()
 
 
-@worker_process_init.connect
-def _settle_pool_process(**_: Any) -> None:
+@worker_ready.connect
+@worker_process_init.connect  # a prefork pool's process, after the fork
+def _settle(**_: Any) -> None:
     from orchestrator_site import gctune
 
-    gctune.settle()  # a prefork pool's process, after the fork
+    gctune.settle()
 
 
 @worker_process_shutdown.connect

@@ -12,7 +12,7 @@ from inspect import iscoroutinefunction
 import structlog
 from django.http import HttpRequest, HttpResponseBase
 from django.middleware.security import SecurityMiddleware
-from django.utils.decorators import sync_and_async_middleware
+from django.utils.decorators import async_only_middleware, sync_and_async_middleware
 
 LOGGER = "orchestrator_site.access"
 log = structlog.get_logger(LOGGER)
@@ -54,28 +54,18 @@ def access_log(get_response: Callable[[HttpRequest], HttpResponseBase | Awaitabl
     return middleware
 
 
-@sync_and_async_middleware
-def security_headers(get_response: Callable[[HttpRequest], HttpResponseBase | Awaitable[HttpResponseBase]]) -> Callable[[HttpRequest], object]:
+@async_only_middleware
+def security_headers(get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> Callable[[HttpRequest], Awaitable[HttpResponseBase]]:
     """Django's ``SecurityMiddleware`` (HSTS, nosniff, referrer policy, COOP, the
     HTTPS redirect), its two hooks called in line: as a ``MiddlewareMixin`` under
     ASGI it hops to a thread for each of them, on every request, for work that does
-    no I/O."""
+    no I/O. Only the ASGI gateway uses it (``asgi.IN_LINE``); WSGI keeps Django's."""
     security = SecurityMiddleware(get_response)
-    if iscoroutinefunction(get_response):
 
-        async def async_middleware(request: HttpRequest) -> HttpResponseBase:
-            redirect = security.process_request(request)
-            if redirect is not None:
-                return redirect
-            response = await get_response(request)
-            return security.process_response(request, response)
-
-        return async_middleware
-
-    def middleware(request: HttpRequest) -> HttpResponseBase:
+    async def middleware(request: HttpRequest) -> HttpResponseBase:
         redirect = security.process_request(request)
         if redirect is not None:
             return redirect
-        return security.process_response(request, get_response(request))  # type: ignore[arg-type]
+        return security.process_response(request, await get_response(request))  # type: ignore[arg-type]  # any response (the stubs say HttpResponse)
 
     return middleware
