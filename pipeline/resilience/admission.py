@@ -16,26 +16,40 @@ import redis
 
 from pipeline.tokenbus import redis_errors
 
-# KEYS: global set, tenant set. ARGV: now, lease_s, global max, tenant max, member.
-# Returns 1 admitted, 0 global queue full, -1 tenant queue full.
-_ACQUIRE = """
-local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - lease)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - lease)
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], now, ARGV[5])
-redis.call('ZADD', KEYS[2], now, ARGV[5])
-redis.call('EXPIRE', KEYS[1], math.ceil(lease))
-redis.call('EXPIRE', KEYS[2], math.ceil(lease))
-return 1
+# Check-and-admit, as a Lua function that other scripts compose (``pipeline.intake``):
+# 1 admitted, 0 global queue full, -1 tenant queue full.
+ACQUIRE_FUNCTION = """
+local function admission_acquire(global_key, tenant_key, now, lease, max_global, max_tenant, member)
+  redis.call('ZREMRANGEBYSCORE', global_key, '-inf', now - lease)
+  redis.call('ZREMRANGEBYSCORE', tenant_key, '-inf', now - lease)
+  if redis.call('ZCARD', tenant_key) >= max_tenant then return -1 end
+  if redis.call('ZCARD', global_key) >= max_global then return 0 end
+  redis.call('ZADD', global_key, now, member)
+  redis.call('ZADD', tenant_key, now, member)
+  redis.call('EXPIRE', global_key, math.ceil(lease))
+  redis.call('EXPIRE', tenant_key, math.ceil(lease))
+  return 1
+end
 """
+
+# KEYS: global set, tenant set. ARGV: now, lease_s, global max, tenant max, member.
+_ACQUIRE = (
+    ACQUIRE_FUNCTION
+    + """
+return admission_acquire(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+"""
+)
 
 
 @dataclass(frozen=True)
 class Verdict:
     admitted: bool
     scope: str = ""  # "tenant" or "global" when shed
+
+
+def keys(prefix: str, tenant_id: str) -> list[str]:
+    """The leases in flight: everyone's, the tenant's."""
+    return [f"{prefix}:inflight", f"{prefix}:inflight:{tenant_id}"]
 
 
 class Admission:
@@ -48,7 +62,7 @@ class Admission:
         self._script: Any = client.register_script(_ACQUIRE)
 
     def _keys(self, tenant_id: str) -> list[str]:
-        return [f"{self._prefix}:inflight", f"{self._prefix}:inflight:{tenant_id}"]
+        return keys(self._prefix, tenant_id)
 
     def acquire(self, tenant_id: str, request_id: str) -> Verdict:
         with redis_errors("admit the request"):

@@ -45,17 +45,23 @@ def dedup_key(request: PromptRequest) -> str:
 
 # --- the cluster-wide store ---------------------------------------------------------------
 
-# KEYS: inflight key, done key. ARGV: request_id, window_s. Returns {"done", result} |
-# {"inflight", request_id} | {"claimed", request_id}: one script, so two gateways never
-# both become the producer of the same answer.
-_CLAIM = """
-local done = redis.call('GET', KEYS[2])
-if done then return {'done', done} end
-local owner = redis.call('GET', KEYS[1])
-if owner then return {'inflight', owner} end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return {'claimed', ARGV[1]}
+# The claim, as a Lua function that other scripts compose (``pipeline.intake``): the
+# finished result {"done", result}, the owner in flight {"inflight", request_id}, or
+# {"claimed", request_id} (this request is now the owner, for window_s at most).
+CLAIM_FUNCTION = """
+local function dedup_claim(inflight_key, done_key, request_id, window_s)
+  local done = redis.call('GET', done_key)
+  if done then return {'done', done} end
+  local owner = redis.call('GET', inflight_key)
+  if owner then return {'inflight', owner} end
+  redis.call('SET', inflight_key, request_id, 'EX', window_s)
+  return {'claimed', request_id}
+end
 """
+
+# KEYS: inflight key, done key. ARGV: request_id, window_s. One script, so two gateways
+# never both become the producer of the same answer.
+_CLAIM = CLAIM_FUNCTION + "return dedup_claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n"
 
 # KEYS: inflight key, done key, index. ARGV: result json, window_s, now, max_entries, key.
 _COMPLETE = """
@@ -75,6 +81,11 @@ return 1
 """
 
 
+def keys(prefix: str, key: str) -> tuple[str, str, str]:
+    """The key's owner in flight, its finished result, and the index of finished results."""
+    return f"{prefix}:dedup:inflight:{key}", f"{prefix}:dedup:done:{key}", f"{prefix}:dedup:index"
+
+
 class DedupStore:
     """In-flight owners and finished results per key, for ``window_s`` seconds,
     at most ``max_entries`` finished results (the oldest are dropped first)."""
@@ -88,7 +99,7 @@ class DedupStore:
         self._complete: Any = client.register_script(_COMPLETE)
 
     def _keys(self, key: str) -> tuple[str, str, str]:
-        return f"{self._prefix}:dedup:inflight:{key}", f"{self._prefix}:dedup:done:{key}", f"{self._prefix}:dedup:index"
+        return keys(self._prefix, key)
 
     def claim(self, key: str, request_id: str) -> tuple[str, str]:
         """("claimed", request_id): run it; ("inflight", owner): wait for the owner's

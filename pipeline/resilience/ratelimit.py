@@ -17,31 +17,39 @@ import redis
 
 from pipeline.tokenbus import redis_errors
 
-# KEYS: requests log, tokens log. ARGV: now, window, rpm (0 = none), tpm (0 = none), member.
-# Returns {1} admitted, or {0, kind, retry_after_ms}.
-_CHECK = """
-local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local rpm, tpm = tonumber(ARGV[3]), tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - window)
-if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, 'requests_per_minute', math.ceil((tonumber(oldest[2]) + window - now) * 1000)}
-end
-if tpm > 0 then
-  local used = 0
-  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    used = used + tonumber(string.match(entries[i], ':(%d+)$'))
+# The check-and-count, as a Lua function that other scripts compose (``pipeline.intake``):
+# {1} counted, or {0, kind, retry_after_ms}. rpm and tpm 0: no such limit.
+CHECK_FUNCTION = """
+local function rate_check(requests_key, tokens_key, now, window, rpm, tpm, member)
+  redis.call('ZREMRANGEBYSCORE', requests_key, '-inf', now - window)
+  redis.call('ZREMRANGEBYSCORE', tokens_key, '-inf', now - window)
+  if rpm > 0 and redis.call('ZCARD', requests_key) >= rpm then
+    local oldest = redis.call('ZRANGE', requests_key, 0, 0, 'WITHSCORES')
+    return {0, 'requests_per_minute', math.ceil((tonumber(oldest[2]) + window - now) * 1000)}
   end
-  if used >= tpm then
-    return {0, 'tokens_per_minute', math.ceil((tonumber(entries[2]) + window - now) * 1000)}
+  if tpm > 0 then
+    local used = 0
+    local entries = redis.call('ZRANGE', tokens_key, 0, -1, 'WITHSCORES')
+    for i = 1, #entries, 2 do
+      used = used + tonumber(string.match(entries[i], ':(%d+)$'))
+    end
+    if used >= tpm then
+      return {0, 'tokens_per_minute', math.ceil((tonumber(entries[2]) + window - now) * 1000)}
+    end
   end
+  redis.call('ZADD', requests_key, now, member)
+  redis.call('EXPIRE', requests_key, math.ceil(window))
+  return {1}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[5])
-redis.call('EXPIRE', KEYS[1], math.ceil(window))
-return {1}
 """
+
+# KEYS: requests log, tokens log. ARGV: now, window, rpm (0 = none), tpm (0 = none), member.
+_CHECK = (
+    CHECK_FUNCTION
+    + """
+return rate_check(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -57,15 +65,23 @@ class TenantRates:
     tokens_per_minute: int = 0
 
 
+WINDOW_S = 60.0  # "per minute"
+
+
+def keys(prefix: str, tenant_id: str) -> list[str]:
+    """The tenant's logs: requests, and tokens used."""
+    return [f"{prefix}:rate:req:{tenant_id}", f"{prefix}:rate:tok:{tenant_id}"]
+
+
 class RateLimiter:
-    def __init__(self, client: redis.Redis, *, prefix: str, window_s: float = 60.0) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str, window_s: float = WINDOW_S) -> None:
         self._client = client
         self._prefix = prefix
         self.window_s = window_s
         self._script: Any = client.register_script(_CHECK)
 
     def _keys(self, tenant_id: str) -> list[str]:
-        return [f"{self._prefix}:rate:req:{tenant_id}", f"{self._prefix}:rate:tok:{tenant_id}"]
+        return keys(self._prefix, tenant_id)
 
     def check(self, tenant_id: str, request_id: str, rates: TenantRates) -> RateVerdict:
         if not rates.requests_per_minute and not rates.tokens_per_minute:
