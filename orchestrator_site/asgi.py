@@ -87,8 +87,10 @@ def _settle() -> None:
     from django.urls import get_resolver
 
     from orchestrator_site import gctune
+    from pipeline import services
 
     get_resolver().url_patterns  # noqa: B018  (imports every view now, not on the first request)
+    services.intake_prepare()  # Celery's template message for real-time tasks, likewise
     gctune.settle()
 
 

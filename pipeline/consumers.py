@@ -127,7 +127,7 @@ class StreamConsumer(AsyncWebsocketConsumer):
         request = services.infer_build_request(tenant_id=principal.tenant_id, data=dict(serializer.validated_data), config=config)
         rates = services.tenant_rates(principal.tenant, config)
         try:
-            started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=request, rates=rates)
+            started = await services.ainfer_start(request=request, rates=rates)
         except OrchestratorError as exc:
             await self.send_event(streaming.error_event(request.request_id, exc))
             return

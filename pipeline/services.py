@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import redis
 import structlog
 from asgiref.sync import sync_to_async
 from celery.exceptions import SoftTimeLimitExceeded
@@ -35,11 +37,15 @@ from orchestrator_site.errors import (
 from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
+from pipeline.intake import BrokerQueue, Intake, TaskMessages
+from pipeline.intake import Limits as IntakeLimits
 from pipeline.models import Document, SessionTurn, Tenant
+from pipeline.queues import Queue
 from pipeline.resilience.admission import Admission
 from pipeline.resilience.breaker import BreakerPolicy, CircuitBreaker
 from pipeline.resilience.dedup import DedupStore, dedup_key
 from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, LocalRateLimiter, WithFallback, shared_state
+from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_pool
 from pipeline.tokenbus import get_bus
@@ -82,14 +88,18 @@ _local_admission = LocalAdmission(max_global=0, max_per_tenant=0, lease_s=0)
 _local_dedup = LocalDedup()
 
 
-def admission(config: PipelineSettings | None = None) -> Admission:
-    """The real-time queue's bounds, shared by every gateway process through Redis
-    (this process's own count while Redis is down)."""
+def admission_bounds(config: PipelineSettings | None = None) -> tuple[int, int, float]:
+    """The real-time queue's bounds: global, per tenant, and a slot's lease in seconds."""
     limits = (config or get_config()).limits
     # A slot whose release never came (a killed worker) frees itself after the
     # longest a request can live: the gateway's wait or the task's hard limit.
-    lease_s = max(limits.request_timeout_s, 180.0) + 30.0
-    max_global, max_per_tenant = limits.max_inflight_global, limits.max_inflight_per_tenant
+    return limits.max_inflight_global, limits.max_inflight_per_tenant, max(limits.request_timeout_s, 180.0) + 30.0
+
+
+def admission(config: PipelineSettings | None = None) -> Admission:
+    """The real-time queue's bounds, shared by every gateway process through Redis
+    (this process's own count while Redis is down)."""
+    max_global, max_per_tenant, lease_s = admission_bounds(config)
     shared = Admission(get_bus().client, prefix=get_bus().prefix, max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)
     return cast(Admission, WithFallback(shared, _local_admission.configure(max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)))
 
@@ -113,13 +123,91 @@ def dedup_store(config: PipelineSettings) -> DedupStore:
 
 def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> Started:
     """Deduplicate, or submit. Attached and cached answers cost no upstream call and
-    are not counted against the tenant's rate limits."""
+    are not counted against the tenant's rate limits. (The gateway's views call
+    ``ainfer_start``: the same, on the event loop.)"""
     config = get_config()
     if not config.dedup.enabled:
         return Started("submitted" if infer_submit(request=request, rates=rates) else "inline", request.request_id)
     store = dedup_store(config)
     key = dedup_key(request)
     kind, value = store.claim(key, request.request_id)
+    answered = _deduplicated(kind, value, key)
+    if answered is not None:
+        return answered
+    try:
+        submitted = infer_submit(request=request, rates=rates)
+    except OrchestratorError:
+        store.abandon(key, request.request_id)  # refused: whoever comes next must try for themselves
+        raise
+    return Started("submitted" if submitted else "inline", request.request_id)
+
+
+async def ainfer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> Started:
+    """``infer_start`` on the event loop (``pipeline.intake``): one Lua script for the
+    deduplication claim, the rate limit, admission and the status, then the task's
+    message pushed onto the broker. Where that path does not apply (another broker,
+    Celery's publish traced) or Redis is down, ``infer_start`` runs in a thread, with
+    its fallbacks. Shielded: a client that leaves meanwhile cannot stop a request
+    half-way between admitted and queued."""
+    intake = await _intake()
+    if not intake.publishes or not shared_state.available():
+        return await sync_to_async(infer_start, thread_sensitive=False)(request=request, rates=rates)
+    return await asyncio.shield(_intake_start(intake, request, rates or TenantRates()))
+
+
+async def _intake_start(intake: Intake, request: PromptRequest, rates: TenantRates) -> Started:
+    config = get_config()
+    key = dedup_key(request) if config.dedup.enabled else None
+    max_global, max_per_tenant, lease_s = admission_bounds(config)
+    limits = IntakeLimits(config.dedup.window_s, rates.requests_per_minute, rates.tokens_per_minute, max_global, max_per_tenant, lease_s)
+    try:
+        outcome = await intake.start(get_bus(), request, dedup_key=key, limits=limits, now=time.time())
+    except ServiceUnavailable as exc:
+        shared_state.failed("start the request", exc.__cause__ or exc)
+        return await sync_to_async(infer_start, thread_sensitive=False)(request=request, rates=rates)
+    shared_state.succeeded()
+    if key is not None:
+        answered = _deduplicated(outcome.kind, outcome.value, key)
+        if answered is not None:
+            return answered
+    if outcome.kind == "rate":
+        raise _rate_limited(outcome.value, outcome.retry_after_s, rates)
+    if outcome.kind == "shed":
+        raise _shed(outcome.value, max_global=max_global, max_per_tenant=max_per_tenant)
+    try:
+        await intake.publish(request, realtime_argsrepr(request))
+    except redis.RedisError as exc:
+        _broker_unavailable(request, exc)
+        return Started("inline", request.request_id)
+    return Started("submitted", request.request_id)
+
+
+_intake_built: Intake | None = None
+
+
+def intake_prepare() -> Intake:
+    """This process's ``Intake``, built now if it is not yet: Celery publishes its template
+    message meanwhile. The gateway calls it at start (``orchestrator_site.asgi``)."""
+    global _intake_built
+    if _intake_built is None:
+        _intake_built = _build_intake()
+    return _intake_built
+
+
+async def _intake() -> Intake:
+    return _intake_built or await sync_to_async(intake_prepare, thread_sensitive=False)()
+
+
+def _build_intake() -> Intake:
+    from orchestrator_site.celery import app
+
+    messages = TaskMessages.from_celery(lambda request, connection: realtime_enqueue(request, connection=connection), Queue.REALTIME.value)
+    return Intake(BrokerQueue.for_broker(str(app.conf.broker_url or ""), app.conf.broker_transport_options or {}, messages))
+
+
+def _deduplicated(kind: str, value: str, key: str) -> Started | None:
+    """A deduplication claim's outcome: the answer it found (from the window, or the
+    stream of the identical request in flight), or None (the claim is this request's)."""
     hit = kind in ("done", "inflight")
     metrics.child(metrics.DEDUP_REQUESTS, "hit" if hit else "miss").inc()
     telemetry.annotate(dedup_key=key, cache_hit=hit)
@@ -128,12 +216,30 @@ def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> 
         return Started("cached", result.request_id, result)
     if kind == "inflight":
         return Started("attached", value)
-    try:
-        submitted = infer_submit(request=request, rates=rates)
-    except OrchestratorError:
-        store.abandon(key, request.request_id)  # refused: whoever comes next must try for themselves
-        raise
-    return Started("submitted" if submitted else "inline", request.request_id)
+    return None
+
+
+def _rate_limited(kind: str, retry_after_s: float, rates: TenantRates) -> RateLimited:
+    metrics.child(metrics.RATE_LIMITED, kind).inc()
+    limit = getattr(rates, kind)  # the verdict's kind names the limit's field
+    return RateLimited(
+        f"rate limit reached: {limit} {kind.replace('_', ' ')}",
+        data={"limit": limit, "kind": kind, "window_s": int(RATE_WINDOW_S)},
+        retry_after=retry_after_s,
+    )
+
+
+def _shed(scope: str, *, max_global: int, max_per_tenant: int) -> Overloaded:
+    metrics.child(metrics.REQUESTS_SHED, scope).inc()
+    limit = max_per_tenant if scope == "tenant" else max_global
+    # Shed at once rather than queue without bound: the client retries, nothing waits here.
+    return Overloaded(f"the {scope} real-time queue is full ({limit} requests in flight)", data={"scope": scope, "limit": limit}, retry_after=1.0)
+
+
+def _broker_unavailable(request: PromptRequest, exc: BaseException) -> None:
+    # The broker (often the same Redis) is unavailable: an accepted request is not
+    # dropped, this process runs it.
+    log.warning("broker_unavailable", request_id=request.request_id, outcome="degraded", error_type=type(exc).__name__)
 
 
 def rate_limiter() -> RateLimiter:
@@ -157,23 +263,12 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     limiter = rate_limiter()
     allowed = limiter.check(request.tenant_id, request.request_id, rates)
     if not allowed.allowed:
-        metrics.child(metrics.RATE_LIMITED, allowed.kind).inc()
-        limit = getattr(rates, allowed.kind)  # the verdict's kind names the limit's field
-        raise RateLimited(
-            f"rate limit reached: {limit} {allowed.kind.replace('_', ' ')}",
-            data={"limit": limit, "kind": allowed.kind, "window_s": int(limiter.window_s)},
-            retry_after=allowed.retry_after_s,
-        )
+        raise _rate_limited(allowed.kind, allowed.retry_after_s, rates)
     gate = admission()
     verdict = gate.acquire(request.tenant_id, request.request_id)
     if not verdict.admitted:
         limiter.forget(request.tenant_id, request.request_id)  # shed by us: not the tenant's to pay for
-        metrics.child(metrics.REQUESTS_SHED, verdict.scope).inc()
-        limit = gate.max_per_tenant if verdict.scope == "tenant" else gate.max_global
-        # Shed at once rather than queue without bound: the client retries, nothing waits here.
-        raise Overloaded(
-            f"the {verdict.scope} real-time queue is full ({limit} requests in flight)", data={"scope": verdict.scope, "limit": limit}, retry_after=1.0
-        )
+        raise _shed(verdict.scope, max_global=gate.max_global, max_per_tenant=gate.max_per_tenant)
     if not shared_state.available():
         return False
     bus = get_bus()
@@ -185,11 +280,14 @@ def infer_submit(*, request: PromptRequest, rates: TenantRates | None = None) ->
     try:
         realtime_enqueue(request)
     except KombuOperationalError as exc:
-        # The broker (often the same Redis) is unavailable: an accepted request is not
-        # dropped, this process runs it.
-        log.warning("broker_unavailable", request_id=request.request_id, outcome="degraded", error_type=type(exc).__name__)
+        _broker_unavailable(request, exc)
         return False
     return True
+
+
+def realtime_argsrepr(request: PromptRequest) -> str:
+    """The task's argument repr (in the message's headers, Flower and the worker's log)."""
+    return f"(<request {request.request_id}>,)"
 
 
 def realtime_enqueue(request: PromptRequest, *, connection: Any = None) -> None:
@@ -199,7 +297,7 @@ def realtime_enqueue(request: PromptRequest, *, connection: Any = None) -> None:
     from pipeline.tasks import run_realtime
 
     run_realtime.apply_async(  # type: ignore[call-arg]  # the stubs lack argsrepr and kwargsrepr
-        args=(request.to_dict(),), retry=False, connection=connection, argsrepr=f"(<request {request.request_id}>,)", kwargsrepr="{}"
+        args=(request.to_dict(),), retry=False, connection=connection, argsrepr=realtime_argsrepr(request), kwargsrepr="{}"
     )
 
 

@@ -119,7 +119,7 @@ class TokenBus:
                     )
         return self._sync
 
-    def _aclient(self) -> aioredis.Redis:
+    def aclient(self) -> aioredis.Redis:
         # Async connections belong to the loop that opened them.
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
@@ -212,7 +212,7 @@ class TokenBus:
         key, readers = self.stream_key(request_id), self.readers_key(request_id)
         me = uuid.uuid4().hex
         deadline = time.monotonic() + timeout_s
-        client = self._aclient()
+        client = self.aclient()
         kept = False
         try:
             while True:
@@ -242,13 +242,13 @@ class TokenBus:
 
     async def _keep(self, readers: str) -> None:
         with redis_errors("keep the request"):
-            await self._aclient().zadd(readers, {KEEP: float("inf")})
+            await self.aclient().zadd(readers, {KEEP: float("inf")})
 
     async def _sign_out(self, readers: str, me: str) -> None:
         # Also on a cancelled read (the client left); Redis being away is no news here.
         # Shielded: a second cancellation (the connection's task ending) must not stop
         # the sign-out half-way; the reader would otherwise count for its whole lease.
-        signing = asyncio.ensure_future(self._aclient().zadd(readers, {me: float("-inf")}))
+        signing = asyncio.ensure_future(self.aclient().zadd(readers, {me: float("-inf")}))
         with contextlib.suppress(redis.RedisError):
             await asyncio.shield(signing)
 

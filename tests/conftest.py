@@ -453,3 +453,69 @@ def _close_database_pool(django_db_setup: None, django_db_blocker: object) -> It
     close_pool = getattr(connections["default"], "close_pool", None)
     if close_pool is not None:
         close_pool()
+
+
+# --- the gateway's broker: its own list, or down ---------------------------------------------
+
+
+@dataclass
+class OwnBroker:
+    """The gateway's real-time messages go to ``key`` on the suite's broker Redis, where no
+    worker reads them: ``messages()`` are what the gateway published."""
+
+    key: str
+    client: Any
+
+    def messages(self) -> list[dict[str, Any]]:
+        import base64
+        import json
+
+        found = []
+        for raw in reversed(self.client.lrange(self.key, 0, -1)):  # LPUSH: oldest last
+            message = json.loads(raw)
+            message["body"] = json.loads(base64.b64decode(message["body"]))
+            found.append(message)
+        return found
+
+
+@pytest.fixture
+def own_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnBroker]:
+    import uuid
+
+    import redis
+    from django.conf import settings
+
+    from pipeline import services
+    from pipeline.intake import BrokerQueue, Intake
+
+    built = services.intake_prepare()
+    assert built.broker is not None, "the suite's broker is Redis"
+    key = f"{built.broker.key}-own-{uuid.uuid4().hex[:8]}"
+    queue = BrokerQueue(url=settings.CELERY_BROKER_URL, key=key, messages=built.broker.messages, socket_timeout_s=2)
+    monkeypatch.setattr(services, "_intake_built", Intake(queue))
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    yield OwnBroker(key, client)
+    client.delete(key)
+    client.close()
+
+
+@pytest.fixture
+def broker_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's broker is gone: its list is on a port nobody listens on (the event
+    loop's path, ``pipeline.intake``), and kombu's publish raises as it does when it
+    cannot connect (Celery's path, used with tracing on)."""
+    from kombu.exceptions import OperationalError
+
+    from pipeline import services
+    from pipeline.intake import BrokerQueue, Intake
+    from pipeline.tasks import run_realtime
+
+    built = services.intake_prepare()  # before apply_async is broken: Celery makes the template with it
+    assert built.broker is not None, "the suite's broker is Redis"
+    dead = BrokerQueue(url=f"redis://127.0.0.1:{free_port()}/0", key=built.broker.key, messages=built.broker.messages, socket_timeout_s=1)
+    monkeypatch.setattr(services, "_intake_built", Intake(dead))
+
+    def down(**_: object) -> None:
+        raise OperationalError("broker down")
+
+    monkeypatch.setattr(run_realtime, "apply_async", down)

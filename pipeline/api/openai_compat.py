@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
@@ -129,7 +128,7 @@ class ChatCompletionsApi(TenantAsyncAPIView):
         }
         prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=fields, config=config)
         rates = services.tenant_rates(principal.tenant, config)
-        started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=prompt_request, rates=rates)
+        started = await services.ainfer_start(request=prompt_request, rates=rates)
         name = f"{worker}/{model}"
         events = streaming.prompt_events(prompt_request, started, timeout_s=config.limits.request_timeout_s)
         if data["stream"]:

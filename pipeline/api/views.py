@@ -101,7 +101,7 @@ class InferApi(TenantAsyncAPIView):
         prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
         rates = services.tenant_rates(principal.tenant, config)
         # Broker and Redis I/O is blocking: keep it off the event loop.
-        started = await sync_to_async(services.infer_start, thread_sensitive=False)(request=prompt_request, rates=rates)
+        started = await services.ainfer_start(request=prompt_request, rates=rates)
         if data["stream"]:
             return sse_response(streaming.prompt_events(prompt_request, started, timeout_s=config.limits.request_timeout_s))
         if started.how == "inline":

@@ -5,16 +5,19 @@ regression is caught exactly. The budget lives in benchmarks/io_budget.json;
 a change that needs more must raise it there, in review. The worker's Redis
 count is 8 round trips per request plus one per publish: pieces that arrive
 together go out in one, after the first piece, which goes out alone (the echo
-reply's 8 pieces come in one burst: two publishes, 10).
+reply's 8 pieces come in one burst: two publishes, 10). The gateway's start of a
+request on its event loop is two: the start script and the broker's LPUSH.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import redis.asyncio.connection as aioredis_connection
 import redis.connection
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -23,7 +26,7 @@ from pipeline import selectors, services
 from pipeline.config import PipelineSettings
 from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
-from tests.conftest import ROOT, TenantFixture
+from tests.conftest import ROOT, OwnBroker, TenantFixture
 
 BUDGET = json.loads((ROOT / "benchmarks" / "io_budget.json").read_text())
 TOLERANCE = 0.10
@@ -44,6 +47,23 @@ def redis_round_trips() -> Iterator[list[int]]:
         yield counter
     finally:
         redis.connection.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
+
+
+@contextmanager
+def async_redis_round_trips() -> Iterator[list[int]]:
+    """Counts what the asyncio Redis clients send (the gateway's event loop)."""
+    counter = [0]
+    original = aioredis_connection.AbstractConnection.send_packed_command
+
+    async def counting(self: aioredis_connection.AbstractConnection, command: object, check_health: bool = True) -> None:
+        counter[0] += 1
+        return await original(self, command, check_health)  # type: ignore[arg-type]
+
+    aioredis_connection.AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        aioredis_connection.AbstractConnection.send_packed_command = original  # type: ignore[method-assign]
 
 
 def measure(fn: Callable[[], object]) -> dict[str, int]:
@@ -103,6 +123,25 @@ def test_gateway_submit_stays_within_budget(owner: TenantFixture, monkeypatch: p
     request = build()
     counts = measure(lambda: services.infer_submit(request=request))
     assert over_budget("infer_submit", counts) == [] and counts == BUDGET["infer_submit"], counts
+
+
+@pytest.mark.django_db(transaction=True)
+def test_gateway_start_on_the_event_loop_stays_within_budget(owner: TenantFixture, own_broker: OwnBroker) -> None:
+    prompts = iter(("first", "second"))  # deduplication is on: two different requests, both run
+
+    def build() -> PromptRequest:
+        return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": next(prompts), "session_id": "budget"}, config=PipelineSettings())
+
+    loop = asyncio.new_event_loop()  # one loop: its connections are made while warming
+    try:
+        loop.run_until_complete(services.ainfer_start(request=build()))  # warm: connections, the script loaded
+        with async_redis_round_trips() as trips, redis_round_trips() as sync_trips, CaptureQueriesContext(connection) as queries:
+            loop.run_until_complete(services.ainfer_start(request=build()))
+    finally:
+        loop.close()
+    counts = {"sql": len(queries.captured_queries), "redis": trips[0] + sync_trips[0]}
+    assert len(own_broker.messages()) == 2  # both published, on the broker's list
+    assert over_budget("ainfer_start", counts) == [] and counts == BUDGET["ainfer_start"], counts
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,7 +9,7 @@ import pytest
 from pipeline import services
 from pipeline.config import LimitsConfig, PipelineSettings
 from pipeline.tokenbus import get_bus
-from tests.conftest import TenantFixture
+from tests.conftest import OwnBroker, TenantFixture
 
 
 def _free_every_slot() -> None:
@@ -55,16 +55,14 @@ def test_the_global_bound_sheds_every_tenant(owner: TenantFixture, tight: Pipeli
 
 
 @pytest.mark.django_db
-def test_a_shed_request_leaves_no_trace(owner: TenantFixture, tight: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.tasks import run_realtime
-
-    sent: list[object] = []
-    monkeypatch.setattr(run_realtime, "apply_async", lambda **kw: sent.append(kw))
+def test_a_shed_request_leaves_no_trace(owner: TenantFixture, tight: PipelineSettings, own_broker: OwnBroker) -> None:
     gate = services.admission()
     gate.acquire(str(owner.tenant.id), "a")
     gate.acquire(str(owner.tenant.id), "b")
-    owner.client.post("/api/v1/infer", {"prompt": "p", "wait": False}, format="json")
-    assert sent == [] and gate.in_flight(str(owner.tenant.id)) == 2
+    resp = owner.client.post("/api/v1/infer", {"prompt": "p", "wait": False}, format="json")
+    assert resp.status_code == 503 and own_broker.messages() == [] and gate.in_flight(str(owner.tenant.id)) == 2
+    bus = get_bus()
+    assert [key for key in bus.client.scan_iter(f"{bus.prefix}:req:*") if bus.client.hget(key, "tenant_id") == str(owner.tenant.id)] == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -78,17 +76,7 @@ def test_finished_requests_give_their_slot_back(owner: TenantFixture, tight: Pip
 
 
 @pytest.mark.django_db(transaction=True)
-def test_with_the_broker_down_the_gateway_answers_and_gives_the_slot_back(
-    owner: TenantFixture, tight: PipelineSettings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from kombu.exceptions import OperationalError
-
-    from pipeline.tasks import run_realtime
-
-    def down(**kwargs: object) -> None:
-        raise OperationalError("broker down")
-
-    monkeypatch.setattr(run_realtime, "apply_async", down)
+def test_with_the_broker_down_the_gateway_answers_and_gives_the_slot_back(owner: TenantFixture, tight: PipelineSettings, broker_down: None) -> None:
     resp = owner.client.post("/api/v1/infer", {"prompt": "no broker", "wait": False}, format="json")
     assert resp.status_code == 200 and resp.json()["text"].startswith("no broker")
     request_id = resp.json()["request_id"]
@@ -99,15 +87,7 @@ def test_with_the_broker_down_the_gateway_answers_and_gives_the_slot_back(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_inline_failure_is_recorded_for_the_result_endpoint(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch, fakes: object) -> None:
-    from kombu.exceptions import OperationalError
-
-    from pipeline.tasks import run_realtime
-
-    def down(**kwargs: object) -> None:
-        raise OperationalError("broker down")
-
-    monkeypatch.setattr(run_realtime, "apply_async", down)
+def test_an_inline_failure_is_recorded_for_the_result_endpoint(owner: TenantFixture, broker_down: None, fakes: object) -> None:
     fakes.openai.mode = "401"  # type: ignore[attr-defined]
     session = f"inline-{owner.tenant.id}"
     resp = owner.client.post("/api/v1/infer", {"prompt": "x", "worker": "openai", "session_id": session}, format="json")

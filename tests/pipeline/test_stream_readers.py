@@ -271,7 +271,7 @@ def test_a_sign_out_cancelled_half_way_still_completes(bus: TokenBus) -> None:
     readers = bus.readers_key("r")
 
     async def scenario() -> float | None:
-        client = bus._aclient()
+        client = bus.aclient()
         await client.zadd(readers, {"me": -(time.time() + READER_LEASE_S)})
         task = asyncio.ensure_future(bus._sign_out(readers, "me"))
         await asyncio.sleep(0)  # under way

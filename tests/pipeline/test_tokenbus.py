@@ -116,7 +116,7 @@ def test_redis_down_is_service_unavailable() -> None:
 
 def test_one_async_client_per_event_loop(bus: TokenBus) -> None:
     async def twice() -> tuple[int, int]:
-        return id(bus._aclient()), id(bus._aclient())
+        return id(bus.aclient()), id(bus.aclient())
 
     a, b = asyncio.run(twice())
     assert a == b
