@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,7 +52,11 @@ def test_the_same_message_over_rabbitmq_lands_on_a_durable_realtime_queue() -> N
             queue.bind(channel).declare()
         channel.queue_purge("realtime")
         run_realtime.apply_async(args=({"request_id": "amqp-1"},), connection=conn)
-        _name, count, _consumers = channel.queue_declare("realtime", passive=True)
+        # The publish went out on the producer's channel, this count comes on another:
+        # RabbitMQ orders each channel's frames, not the two channels' against each other.
+        deadline = time.monotonic() + 5
+        while (count := channel.queue_declare("realtime", passive=True)[1]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert count == 1
         message = channel.basic_get("realtime", no_ack=True)
         assert message.content_type == "application/json" and message.headers["task"] == "pipeline.tasks.run_realtime"
