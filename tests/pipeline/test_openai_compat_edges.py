@@ -161,20 +161,20 @@ def test_a_completion_in_process_from_the_deduplication_window(owner: TenantFixt
 
 
 @pytest.mark.django_db
-def test_developer_messages_are_system_messages_and_the_rest_is_kept(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_developer_messages_are_system_messages_and_the_rest_is_kept(owner: TenantFixture, fakes: object, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchestrator_site.errors import ServiceUnavailable
     from pipeline import services
 
     seen: list[PromptRequest] = []
 
-    def capture(*, request: PromptRequest, rates: Any = None) -> Any:
+    async def capture(*, request: PromptRequest, rates: Any = None) -> Any:
         seen.append(request)
         raise ServiceUnavailable("stop here")  # the request as built is all this test needs
 
-    monkeypatch.setattr(services, "infer_start", capture)
+    monkeypatch.setattr(services, "ainfer_start", capture)
     messages = [{"role": "developer", "content": "rules"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}]
     resp = post(owner, {"model": "openai/gpt-other", "messages": messages, "max_completion_tokens": 7, "stop": "END", "temperature": 0.2})
-    assert resp.status_code == 503
+    assert resp.status_code == 503, resp.json()
     request = seen[0]
     assert [(m.role, m.content) for m in request.history] == [("system", "rules"), ("assistant", "hi")]
     assert (request.prompt, request.worker, request.model, request.max_tokens, request.stop, request.temperature) == (
