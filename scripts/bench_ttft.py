@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import websockets
@@ -183,8 +184,10 @@ async def open_socket(clients: Clients) -> websockets.ClientConnection:
     return ws
 
 
-async def one(clients: Clients, transport: str, ws: websockets.ClientConnection) -> Sample:
+async def one(clients: Clients, transport: str, ws: websockets.ClientConnection | None) -> Sample:
     if transport == "websocket":
+        if ws is None:
+            raise RuntimeError("a WebSocket prompt needs a connection")
         return await clients.websocket(ws)
     call: Callable[[], Awaitable[Sample]] = getattr(clients, transport)
     return await call()
@@ -214,19 +217,58 @@ async def closed_loop(clients: Clients, *, concurrency: int, per_client: int, tr
     return samples, time.perf_counter() - started, errors
 
 
+class SocketPool:
+    """WebSocket connections, each carrying one prompt at a time: a prompt takes an idle
+    one, or opens a new one, as a browser tab would. (Prompts sharing a connection at
+    once would each need the other's events: one reader per connection.) A connection
+    that failed is not reused."""
+
+    def __init__(self, open_one: Callable[[], Awaitable[Any]]) -> None:
+        self._open = open_one
+        self.idle: list[Any] = []
+        self.opened: list[Any] = []
+
+    async def warm(self, n: int) -> None:
+        """``n`` connections open and idle before the clock starts."""
+        for ws in [await self.acquire() for _ in range(n)]:
+            self.release(ws)
+
+    async def acquire(self) -> Any:
+        if self.idle:
+            return self.idle.pop()
+        ws = await self._open()
+        self.opened.append(ws)
+        return ws
+
+    def release(self, ws: Any, *, broken: bool = False) -> None:
+        if not broken:
+            self.idle.append(ws)
+
+    async def close(self) -> None:
+        for ws in self.opened:
+            await ws.close()
+
+
 async def open_loop(clients: Clients, *, rate: float, seconds: float) -> tuple[list[Sample], int]:
     """Requests sent at a fixed rate whatever the answers take, cycling through every
-    transport (WebSocket prompts share a few connections)."""
-    sockets = [await open_socket(clients) for _ in range(8)]
+    transport (each WebSocket prompt on a connection of its own while it runs)."""
+    pool = SocketPool(lambda: open_socket(clients))
+    await pool.warm(8)
     samples: list[Sample] = []
     errors = 0
 
-    async def fire(transport: str, ws: websockets.ClientConnection) -> None:
+    async def fire(transport: str) -> None:
         nonlocal errors
+        ws = await pool.acquire() if transport == "websocket" else None
+        broken = False
         try:
             samples.append(await one(clients, transport, ws))
         except (RuntimeError, httpx.HTTPError, websockets.WebSocketException):
             errors += 1
+            broken = True
+        finally:
+            if ws is not None:
+                pool.release(ws, broken=broken)
 
     tasks = []
     started = time.perf_counter()
@@ -234,10 +276,9 @@ async def open_loop(clients: Clients, *, rate: float, seconds: float) -> tuple[l
         delay = started + n / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(fire(transport, sockets[n % len(sockets)])))
+        tasks.append(asyncio.ensure_future(fire(transport)))
     await asyncio.gather(*tasks)
-    for ws in sockets:
-        await ws.close()
+    await pool.close()
     return samples, errors
 
 

@@ -151,3 +151,25 @@ def test_the_real_time_workers_pool_is_chosen_on_the_command_line() -> None:
     prefork = realtime_worker_command("rt@%h", threads=8, pool="prefork")
     assert prefork[prefork.index("-P") + 1] == "prefork" and prefork[prefork.index("-c") + 1] == "8"
     assert "realtime" in prefork and "--without-mingle" in prefork
+
+
+def test_open_loop_websocket_prompts_never_share_a_connection_at_once() -> None:
+    async def run() -> tuple[list[object], list[object], object]:
+        made: list[object] = []
+
+        async def open_one() -> object:
+            made.append(object())
+            return made[-1]
+
+        pool = bench_ttft.SocketPool(open_one)
+        await pool.warm(2)
+        assert len(made) == 2 and len(pool.idle) == 2
+        first, second, third = await pool.acquire(), await pool.acquire(), await pool.acquire()
+        pool.release(first)
+        pool.release(second, broken=True)  # failed: not reused
+        again = await pool.acquire()
+        return made, [first, second, third], again
+
+    made, taken, again = asyncio.run(run())
+    assert len(made) == 3 and len(set(map(id, taken))) == 3  # two warm ones, then a new one: all three busy at once
+    assert again is taken[0] and again is not taken[1]
