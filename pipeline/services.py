@@ -152,7 +152,11 @@ async def ainfer_start(*, request: PromptRequest, rates: TenantRates | None = No
     intake = await _intake()
     if not intake.publishes or not shared_state.available():
         return await sync_to_async(infer_start, thread_sensitive=False)(request=request, rates=rates)
-    return await asyncio.shield(_intake_start(intake, request, rates or TenantRates()))
+    starting = asyncio.ensure_future(_intake_start(intake, request, rates or TenantRates()))
+    # A client that left is not told how its start ended (a refusal, say): read it here,
+    # or asyncio would log it as an exception nobody retrieved.
+    starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+    return await asyncio.shield(starting)
 
 
 async def _intake_start(intake: Intake, request: PromptRequest, rates: TenantRates) -> Started:

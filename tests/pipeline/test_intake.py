@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -253,6 +254,24 @@ def test_a_client_that_leaves_meanwhile_does_not_stop_the_request_half_way(own_b
 
     asyncio.run(leave_at_once())
     assert len(own_broker.messages()) == 1 and get_bus().get_status(request.request_id)["status"] == "queued"
+
+
+@pytest.mark.django_db
+def test_a_refusal_nobody_waits_for_any_more_is_not_logged_as_lost(own_broker: OwnBroker) -> None:
+    errors: list[dict[str, Any]] = []
+
+    async def leave_then_refused() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        task = asyncio.ensure_future(services.ainfer_start(request=a_request(), rates=TenantRates(requests_per_minute=1)))
+        refused = asyncio.ensure_future(services.ainfer_start(request=a_request("other"), rates=TenantRates(requests_per_minute=1)))
+        await asyncio.sleep(0)
+        refused.cancel()
+        await task
+        await asyncio.sleep(0.2)  # the refused start ends meanwhile, unobserved
+
+    asyncio.run(leave_then_refused())
+    gc.collect()  # an unretrieved exception is reported when its task is collected
+    assert errors == [] and len(own_broker.messages()) == 1
 
 
 def test_the_script_counts_and_admits_exactly_under_concurrency(own_broker: OwnBroker, pipeline_config: Any) -> None:
