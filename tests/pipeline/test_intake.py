@@ -262,11 +262,10 @@ def test_a_refusal_nobody_waits_for_any_more_is_not_logged_as_lost(own_broker: O
 
     async def leave_then_refused() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
-        task = asyncio.ensure_future(services.ainfer_start(request=a_request(), rates=TenantRates(requests_per_minute=1)))
+        await services.ainfer_start(request=a_request(), rates=TenantRates(requests_per_minute=1))  # the minute's one
         refused = asyncio.ensure_future(services.ainfer_start(request=a_request("other"), rates=TenantRates(requests_per_minute=1)))
         await asyncio.sleep(0)
         refused.cancel()
-        await task
         await asyncio.sleep(0.2)  # the refused start ends meanwhile, unobserved
 
     asyncio.run(leave_then_refused())
