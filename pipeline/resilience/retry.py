@@ -9,9 +9,11 @@ a client, a retry would send the reply twice, so the error ends the stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import structlog
 
@@ -72,9 +74,15 @@ class RetryingWorker:
             while True:
                 started = False
                 try:
-                    async for chunk in self.inner.infer_stream(prompt):
-                        started = True
-                        yield chunk
+                    # aclosing: closing this stream (its reader left) closes the inner one,
+                    # and with it the upstream call, now. A generator iterated inside
+                    # another is otherwise closed only when collected, on its loop's
+                    # next turn: a worker thread's loop idles until its next task, and
+                    # meanwhile the provider kept writing the whole reply.
+                    async with contextlib.aclosing(cast(AsyncGenerator[TokenChunk, None], self.inner.infer_stream(prompt))) as chunks:
+                        async for chunk in chunks:
+                            started = True
+                            yield chunk
                     return
                 except TransientWorkerError as exc:
                     if started:

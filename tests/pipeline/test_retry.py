@@ -102,6 +102,26 @@ def test_a_stream_failing_before_its_first_chunk_is_retried() -> None:
     assert inner.calls == 2 and len(sleeps) == 1 and chunks[-1].finish_reason == "stop"
 
 
+def test_closing_the_stream_closes_the_inner_one_at_once() -> None:
+    closed: list[str] = []
+
+    class Upstream(Scripted):
+        async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
+            try:
+                for i in range(100):
+                    yield TokenChunk(index=i, text=f"t{i}")
+            finally:
+                closed.append("upstream call ended")
+
+    async def read_one_then_leave() -> list[str]:
+        stream = retrying(Upstream(), []).infer_stream(PROMPT)
+        await anext(stream)  # type: ignore[call-overload]
+        await stream.aclose()  # type: ignore[attr-defined]
+        return list(closed)  # before the loop could collect anything
+
+    assert asyncio.run(read_one_then_leave()) == ["upstream call ended"]
+
+
 def test_a_stream_that_has_sent_a_token_is_never_retried() -> None:
     sleeps: list[float] = []
     inner = Scripted(WorkerConnectionError(), fail_after_chunks=1)
