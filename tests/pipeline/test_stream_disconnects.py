@@ -180,12 +180,7 @@ def test_a_thousand_mid_stream_disconnects_leave_nothing_behind(
     gateway: str, owner: TenantFixture, slow_upstream: Fakes, realtime_worker: WorkerProcess
 ) -> None:
     fake = slow_upstream.openai
-    # 20 ms a token, 3 s a reply: "none ran to its end" must not also ask each cut to
-    # come within the ~1.2 s that 60 tokens took, with the task's start and its first
-    # token counted in, on a loaded 2-core machine (the 1 s bound is tested on its own,
-    # per transport, above). In the whole suite on a slow machine one stream in 1,000
-    # outran its cut that way.
-    fake.tokens, fake.token_delay_s = [f"w{i} " for i in range(150)], 0.02
+    fake.token_delay_s = 0.02
     thousand_departures(gateway, owner.key, 30, 10)  # warm: connections, pools, first-use imports
     assert wait_for(lambda: settled(fake), 15.0)
     tasks_before, connections_before, written_before = gateway_tasks(gateway), fake.open_connections, fake.streams_written
