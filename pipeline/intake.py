@@ -177,10 +177,10 @@ class TaskMessages:
         self._properties = dict(template["properties"])
 
     @classmethod
-    def from_celery(cls, enqueue: Callable[[PromptRequest, Any], None], queue: str) -> TaskMessages:
-        """Celery publishes one message (``enqueue``) to an in-memory broker: the template."""
+    def from_celery(cls, enqueue: Callable[..., None], queue: str) -> TaskMessages:
+        """Celery publishes one message (``enqueue(request, connection=…)``) to an in-memory broker: the template."""
         with _template_lock, Connection("memory://") as conn:
-            enqueue(_TEMPLATE_REQUEST, conn)
+            enqueue(_TEMPLATE_REQUEST, connection=conn)
             channel: Any = conn.default_channel  # a virtual transport's channel: it has basic_get
             message = channel.basic_get(queue, no_ack=True)
             if message is None:

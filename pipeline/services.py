@@ -205,7 +205,7 @@ async def _intake() -> Intake:
 def _build_intake() -> Intake:
     from orchestrator_site.celery import app
 
-    messages = TaskMessages.from_celery(lambda request, connection: realtime_enqueue(request, connection=connection), Queue.REALTIME.value)
+    messages = TaskMessages.from_celery(realtime_enqueue, Queue.REALTIME.value)
     return Intake(BrokerQueue.for_broker(str(app.conf.broker_url or ""), app.conf.broker_transport_options or {}, messages))
 
 
