@@ -8,7 +8,7 @@ from typing import Any
 from orchestrator_site.errors import TransientWorkerError, WorkerConnectionError, WorkerProtocolError
 from workers.base import WorkerSettings
 from workers.http import HttpClients, acheck_response, check_response, json_object, translate_errors
-from workers.sse import aiter_sse
+from workers.sse import aiter_sse, read_to_end
 from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
 
 API_VERSION = "2023-06-01"
@@ -65,7 +65,8 @@ class AnthropicWorker:
         with translate_errors(self.name):
             async with self._http.async_.stream("POST", self.path, json=self.body(prompt, stream=True)) as response:
                 await acheck_response(self.name, response)
-                async for event in aiter_sse(response.aiter_lines()):
+                events = aiter_sse(response.aiter_lines())
+                async for event in events:
                     if event.event == "ping":
                         continue
                     payload = json_object(self.name, event.data)
@@ -82,6 +83,7 @@ class AnthropicWorker:
                         output_tokens = int((payload.get("usage") or {}).get("output_tokens", output_tokens))
                     elif kind == "message_stop":
                         yield TokenChunk(index=index, text="", finish_reason=finish, usage=Usage(input_tokens, output_tokens))
+                        await read_to_end(events)  # the connection goes back to the pool
                         return
                     elif kind == "error":
                         raise _stream_error(self.name, payload)

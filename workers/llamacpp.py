@@ -8,7 +8,7 @@ from typing import Any
 from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
 from workers.base import WorkerSettings
 from workers.http import HttpClients, acheck_response, check_response, json_object, translate_errors
-from workers.sse import aiter_sse
+from workers.sse import aiter_sse, read_to_end
 from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
 
 
@@ -63,7 +63,8 @@ class LlamaCppWorker:
         with translate_errors(self.name):
             async with self._http.async_.stream("POST", self.path, json=self.body(prompt, stream=True)) as response:
                 await acheck_response(self.name, response)
-                async for event in aiter_sse(response.aiter_lines()):
+                events = aiter_sse(response.aiter_lines())
+                async for event in events:
                     payload = json_object(self.name, event.data)
                     if "error" in payload:
                         raise WorkerProtocolError(f"{self.name}: error event in stream", data={"worker": self.name, "upstream_message": str(payload["error"])})
@@ -71,6 +72,7 @@ class LlamaCppWorker:
                     if payload.get("stop"):
                         usage = Usage(int(payload.get("tokens_evaluated", 0)), int(payload.get("tokens_predicted", 0)))
                         yield TokenChunk(index=index, text=text, finish_reason=_finish(payload), usage=usage)
+                        await read_to_end(events)  # the connection goes back to the pool
                         return
                     if text:
                         yield TokenChunk(index=index, text=text)

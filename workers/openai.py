@@ -8,7 +8,7 @@ from typing import Any
 from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
 from workers.base import WorkerSettings
 from workers.http import HttpClients, acheck_response, check_response, json_object, translate_errors
-from workers.sse import aiter_sse
+from workers.sse import aiter_sse, read_to_end
 from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
 
 
@@ -61,9 +61,11 @@ class OpenAIWorker:
         with translate_errors(self.name):
             async with self._http.async_.stream("POST", self.path, json=self.body(prompt, stream=True)) as response:
                 await acheck_response(self.name, response)
-                async for event in aiter_sse(response.aiter_lines()):
+                events = aiter_sse(response.aiter_lines())
+                async for event in events:
                     if event.data == "[DONE]":
                         yield TokenChunk(index=index, text="", finish_reason=finish or "stop", usage=usage or Usage())
+                        await read_to_end(events)  # the connection goes back to the pool
                         return
                     payload = json_object(self.name, event.data)
                     if "error" in payload:

@@ -54,3 +54,13 @@ async def aiter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
         event = parser.feed_line(line.rstrip("\r"))
         if event is not None:
             yield event
+
+
+async def read_to_end(rest: AsyncIterator[SseEvent]) -> None:
+    """What follows a stream's final event: by the protocols, nothing but the body's
+    end (HTTP/1.1's last, empty chunk). It is read, not left: httpx puts a connection
+    back in its pool only once the response has been read to its end, and closes it
+    otherwise, so each stream would pay a new TCP (and, to a provider, TLS) handshake
+    before its first token."""
+    async for _ in rest:
+        pass

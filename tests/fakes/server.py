@@ -67,6 +67,7 @@ class FakeProvider:
         self.requests: list[dict[str, Any]] = []
         self.headers_seen: list[dict[str, str]] = []
         self.open_connections = 0
+        self.connections_made = 0  # every connection a client opened, over the fake's life
         self.active_streams = 0  # SSE bodies being written right now
         self.client_aborts: list[float] = []  # time.monotonic() of each stream its client closed
         self.streams_written = 0  # SSE bodies written to their end
@@ -150,6 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         with self.provider._lock:
             self.provider.open_connections += 1
+            self.provider.connections_made += 1
 
     def finish(self) -> None:
         try:

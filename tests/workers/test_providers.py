@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -50,6 +51,24 @@ def test_stream_yields_tokens_then_final_chunk_with_usage(rig: Rig) -> None:
     assert [c.is_final for c in chunks].count(True) == 1 and chunks[-1].is_final
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     assert [c.index for c in chunks[:-1]] == list(range(len(chunks) - 1))
+
+
+def test_streams_one_after_another_share_one_connection(rig: Rig) -> None:
+    """After the final event the body is read to its end, so the connection goes back
+    to the pool: a provider's TCP and TLS handshakes are paid once, not before each
+    stream's first token."""
+
+    async def three() -> list[TokenChunk]:
+        return [(await asyncio.wait_for(_last(rig.worker.infer_stream(PROMPT)), 5)) for _ in range(3)]
+
+    before = rig.fake.connections_made
+    assert all(chunk.is_final for chunk in asyncio.run(three()))
+    assert rig.fake.connections_made - before == 1
+
+
+async def _last(stream: AsyncIterator[TokenChunk]) -> TokenChunk:
+    chunks = [chunk async for chunk in stream]
+    return chunks[-1]
 
 
 def test_max_tokens_cut_reports_length(rig: Rig) -> None:
