@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import ssl
 import threading
 import weakref
 from collections.abc import Iterator
@@ -111,6 +113,15 @@ def json_object(worker: str, raw: str | bytes) -> dict[str, Any]:
     return payload
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The process's one TLS client context, as httpx would build it (certifi's CAs, or
+    ``SSL_CERT_FILE``/``SSL_CERT_DIR``). httpx builds one per client otherwise: ~20 ms
+    of loading certificates, paid in a worker thread's first request (each thread's
+    event loop has a client of its own) and holding up the others."""
+    return httpx.create_ssl_context()
+
+
 class HttpClients:
     """One pooled sync client per worker, and one async client per event loop
     (an httpx.AsyncClient's connections belong to the loop that opened them)."""
@@ -131,7 +142,7 @@ class HttpClients:
             # lock each would build its own client, and the pool limit would not hold.
             with self._lock:
                 if self._sync is None:
-                    self._sync = httpx.Client(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
+                    self._sync = httpx.Client(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers, verify=tls_context())
         return self._sync
 
     @property
@@ -139,7 +150,7 @@ class HttpClients:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            client = httpx.AsyncClient(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers)
+            client = httpx.AsyncClient(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers, verify=tls_context())
             self._async[loop] = client
         return client
 
