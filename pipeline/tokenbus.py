@@ -207,13 +207,14 @@ class TokenBus:
         """Events after ``after`` until a terminal one; stops quietly at ``timeout_s``.
 
         The reader holds a lease on the stream while it reads, and gives it back when
-        it stops (close the generator: ``contextlib.aclosing``). At ``timeout_s`` the
+        it stops before the end (close the generator: ``contextlib.aclosing``); after
+        the terminal event nothing is left to stop, and the lease runs out with the key. At ``timeout_s`` the
         request is kept: its client was told to poll for the result."""
         key, readers = self.stream_key(request_id), self.readers_key(request_id)
         me = uuid.uuid4().hex
         deadline = time.monotonic() + timeout_s
         client = self.aclient()
-        kept = False
+        kept = ended = False
         try:
             while True:
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -233,11 +234,15 @@ class TokenBus:
                     for entry_id, fields in entries:
                         after = entry_id
                         event = _event(entry_id, fields)
-                        yield event
                         if event.type in TERMINAL:
+                            ended = True  # before the yield: a reader closed after the end has nothing to stop
+                        yield event
+                        if ended:
                             return
         finally:
-            if not kept:
+            if not (kept or ended):
+                # After the end there is nothing left to stop: the lease runs out with
+                # the key, and the round trip is saved.
                 await self._sign_out(readers, me)
 
     async def _keep(self, readers: str) -> None:
