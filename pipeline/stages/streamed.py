@@ -62,6 +62,7 @@ class _Pass:
     released: list[str] = field(default_factory=list)
     last_heard: float = field(default_factory=time.monotonic)
     abandoned: bool = False
+    closing: bool = False  # the upstream stream is being closed: nothing may interrupt that
 
 
 def inference_streamed(
@@ -130,6 +131,7 @@ def inference_streamed(
                 if text_filter.stopped or (reader.done() and not arrived):
                     break
         finally:
+            state.closing = True
             finished_alone = reader.done()
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -140,6 +142,11 @@ def inference_streamed(
     async def watch(task: asyncio.Future[None], ask: Callable[[], bool]) -> None:
         while not task.done():
             await asyncio.sleep(WATCH_S)
+            # Never while the stream is being closed (a publish found nobody, or the reply
+            # ended): a cancellation landing in httpx's close leaves the connection open and
+            # counted as busy in its pool, and the provider writes the whole reply to it.
+            if state.closing:
+                return
             if time.monotonic() - state.last_heard >= WATCH_S and not task.done() and not ask():
                 state.abandoned = True
                 task.cancel()  # closes the upstream stream (pump's finally)
