@@ -402,8 +402,10 @@ retry = {{ attempts = 1 }}
 
 async def measure(clients: Clients, args: argparse.Namespace) -> None:
     out = sys.stdout
-    # Warm: connections, pools, first-use imports in every process.
-    await closed_loop(clients, concurrency=8, per_client=12, transports=TRANSPORTS)
+    # Warm: connections, pools, first-use imports in every process, and in every thread of
+    # the workers' pools (each has its own event loop, HTTP client and connections): at
+    # as many clients as the pools have threads, or the later phases measure cold threads.
+    await closed_loop(clients, concurrency=max(8, args.worker_processes * args.worker_threads), per_client=12, transports=TRANSPORTS)
 
     out.write("| load | transport | requests | TTFT P50 ms | TTFT P99 ms | overhead over direct, P50 / P99 ms |\n| --- | --- | --- | --- | --- | --- |\n")
     STAGE_TIMES.clear()
