@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -227,15 +227,20 @@ def test_a_busy_upstream_is_not_asked_about() -> None:
     assert asked == []  # the publishes answered the question: no extra round trips
 
 
-def test_a_publish_that_finds_nobody_stops_the_upstream_at_once() -> None:
-    worker = Slow(pieces=50, gap_s=0.01)
+def nobody_reads_after(index: int) -> Callable[[TokenChunk], None]:
+    """A publish that finds every reader gone at the chunk ``index``."""
 
     def publish(chunk: TokenChunk) -> None:
-        if chunk.index == 2:
-            raise RequestCancelled(data={"after_tokens": 2})
+        if chunk.index == index:
+            raise RequestCancelled(data={"after_tokens": index})
 
+    return publish
+
+
+def test_a_publish_that_finds_nobody_stops_the_upstream_at_once() -> None:
+    worker = Slow(pieces=50, gap_s=0.01)
     with pytest.raises(RequestCancelled):
-        run(worker, publish=publish, still_wanted=lambda: True)
+        run(worker, publish=nobody_reads_after(2), still_wanted=lambda: True)
     assert worker.sent == 3 and worker.closed_at is not None
 
 
@@ -259,13 +264,8 @@ def test_the_watch_never_interrupts_the_closing_of_the_stream() -> None:
                 self.closed_fully = True
 
     worker = SlowToClose(pieces=50, gap_s=0.01)
-
-    def publish(chunk: TokenChunk) -> None:
-        if chunk.index == 1:
-            raise RequestCancelled(data={"after_tokens": 1})
-
     with pytest.raises(RequestCancelled):
-        run(worker, publish=publish, still_wanted=lambda: False)
+        run(worker, publish=nobody_reads_after(1), still_wanted=lambda: False)
     assert worker.closed_fully
 
 
