@@ -45,7 +45,7 @@ class AnthropicWorker:
 
     def infer(self, prompt: AssembledPrompt) -> Completion:
         with translate_errors(self.name):
-            response = self._http.sync.post(self.path, json=self.body(prompt, stream=False))
+            response = self._http.post(self.path, json=self.body(prompt, stream=False))
             check_response(self.name, response)
             payload = json_object(self.name, response.content)
             text = "".join(block["text"] for block in payload["content"] if block.get("type") == "text")

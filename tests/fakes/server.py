@@ -63,11 +63,14 @@ class FakeProvider:
         self.retry_after = "2"
         self.tokens = ["Hello", ",", " world", "!"]
         self.token_delay_s = 0.0
+        self.reply_delay_s = 0.0  # before a whole (not streamed) reply
         self.hang_s = 3.0
         self.requests: list[dict[str, Any]] = []
         self.headers_seen: list[dict[str, str]] = []
         self.open_connections = 0
         self.connections_made = 0  # every connection a client opened, over the fake's life
+        self.in_flight = 0  # requests being answered right now
+        self.max_in_flight = 0
         self.active_streams = 0  # SSE bodies being written right now
         self.client_aborts: list[float] = []  # time.monotonic() of each stream its client closed
         self.streams_written = 0  # SSE bodies written to their end
@@ -173,6 +176,17 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(body)
 
     def _handle(self, body: dict[str, Any]) -> None:
+        provider = self.provider
+        with provider._lock:
+            provider.in_flight += 1
+            provider.max_in_flight = max(provider.max_in_flight, provider.in_flight)
+        try:
+            self._respond(body)
+        finally:
+            with provider._lock:
+                provider.in_flight -= 1
+
+    def _respond(self, body: dict[str, Any]) -> None:
         self.provider.requests.append({"path": self.path, "body": body})
         self.provider.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
         result = self.provider.dispatch(self.path, body)
@@ -181,6 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if isinstance(result, Reply):
+            time.sleep(self.provider.reply_delay_s)  # a provider that takes a while to answer
             self.send_response(result.status)
             self.send_header("Content-Type", result.content_type)
             self.send_header("Content-Length", str(len(result.body)))

@@ -23,7 +23,10 @@ def fake() -> Iterator[FakeOpenAI]:
     fake.stop()
 
 
-def test_many_threads_share_one_pooled_client(fake: FakeOpenAI) -> None:
+def test_many_threads_hold_the_connection_limit_together(fake: FakeOpenAI) -> None:
+    """Each thread has a client of its own (a shared httpcore pool closed connections
+    under other threads: EBADF), and all of them together hold ``max_connections``."""
+    fake.reply_delay_s = 0.02  # each reply takes a while: the threads overlap
     worker = OpenAIWorker(WorkerSettings(name="o", kind="openai", base_url=fake.url + "/v1", max_connections=4))
     results: list[Completion] = []
     lock = threading.Lock()
@@ -40,7 +43,8 @@ def test_many_threads_share_one_pooled_client(fake: FakeOpenAI) -> None:
     for t in threads:
         t.join()
     assert len(results) == 60 and {r.text for r in results} == {"Hello, world!"}
-    assert fake.open_connections <= 4  # the pool's limit holds across threads
+    assert 1 < fake.max_in_flight <= 4  # the limit holds over all threads
+    assert fake.connections_made <= 12  # one kept-alive connection per thread at most: reused, not one per call
 
 
 def test_many_streams_in_one_event_loop(fake: FakeOpenAI) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -157,3 +158,22 @@ def test_clients_of_every_loop_share_one_tls_context(monkeypatch: pytest.MonkeyP
     assert len({id(client) for client in built}) == 6 and clients[0].sync is not None
     assert len(loads) == 1  # one context for the process: sync and async, every loop, every worker
     assert tls_context().verify_mode == ssl.CERT_REQUIRED and tls_context().check_hostname  # httpx's default: verified
+
+
+def test_each_thread_has_its_own_sync_client_and_close_ends_them_all() -> None:
+    clients = HttpClients(WorkerSettings(name="w", kind="openai", base_url="http://127.0.0.1:9/v1/"), {})
+    seen: list[httpx.Client] = []
+
+    def grab() -> None:
+        seen.extend([clients.sync, clients.sync])
+
+    threads = [threading.Thread(target=grab) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(c) for c in seen}) == 3 and all(seen[i] is seen[i + 1] for i in range(0, 6, 2))  # one per thread, kept
+    mine = clients.sync
+    clients.close()
+    assert all(c.is_closed for c in [*seen, mine])
+    assert clients.sync is not mine and not clients.sync.is_closed  # a new one after close
