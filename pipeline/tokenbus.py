@@ -208,8 +208,9 @@ class TokenBus:
 
         The reader holds a lease on the stream while it reads, and gives it back when
         it stops before the end (close the generator: ``contextlib.aclosing``); after
-        the terminal event nothing is left to stop, and the lease runs out with the key. At ``timeout_s`` the
-        request is kept: its client was told to poll for the result."""
+        the terminal event nothing is left to stop, and the lease runs out with the
+        key. At ``timeout_s`` the request is kept: its client was told to poll for the
+        result."""
         key, readers = self.stream_key(request_id), self.readers_key(request_id)
         me = uuid.uuid4().hex
         deadline = time.monotonic() + timeout_s

@@ -139,21 +139,21 @@ class HttpClients:
         self._base_url = settings.base_url.rstrip("/")
         self._lock = threading.Lock()
         self._mine = threading.local()
-        self._generation = 0  # close() starts a new one: every thread then builds a new client
         self._sync_clients: list[httpx.Client] = []
         self._sync_slots = threading.BoundedSemaphore(settings.max_connections)
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 
     @property
     def sync(self) -> httpx.Client:
-        """This thread's sync client."""
-        mine: tuple[int, httpx.Client] | None = getattr(self._mine, "client", None)
-        if mine is not None and mine[0] == self._generation:
-            return mine[1]
-        client = httpx.Client(base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers, verify=tls_context())
+        """This thread's sync client (a new one after ``close``, which closed the old)."""
+        mine: httpx.Client | None = getattr(self._mine, "client", None)
+        if mine is not None and not mine.is_closed:
+            return mine
+        client = self._mine.client = httpx.Client(
+            base_url=self._base_url, timeout=self._timeout, limits=self._limits, headers=self._headers, verify=tls_context()
+        )
         with self._lock:
             self._sync_clients.append(client)
-            self._mine.client = (self._generation, client)
         return client
 
     def post(self, path: str, **kwargs: Any) -> httpx.Response:
@@ -174,6 +174,5 @@ class HttpClients:
     def close(self) -> None:
         with self._lock:
             clients, self._sync_clients = self._sync_clients, []
-            self._generation += 1
         for client in clients:
             client.close()
