@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import psycopg.errors
@@ -15,7 +16,9 @@ from pipeline.types import ChatMessage
 
 # OR semantics over the prompt's lexemes: a natural-language question rarely has
 # every one of its words in the right document (plainto_tsquery would AND them).
+# The search is bounded by its own statement timeout.
 _SEARCH_SQL = """
+SET LOCAL statement_timeout = %(timeout_ms)s;
 SELECT d.id, d.title, d.body, ts_rank(d.search_vector, q.query) AS rank
 FROM pipeline_document d,
      (SELECT replace(plainto_tsquery(%(cfg)s::regconfig, %(text)s)::text, ' & ', ' | ')::tsquery AS query) q
@@ -26,11 +29,16 @@ LIMIT %(top_k)s
 
 
 def document_search(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str) -> RetrievalResult:
+    params: dict[str, str | int] = {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k, "timeout_ms": int(timeout_ms)}
+    # Outside a transaction (a worker's case) the two statements, sent as one string,
+    # are one implicit transaction: SET LOCAL lasts for the search only, in one round
+    # trip (BEGIN, SET, SELECT and COMMIT were four). Inside one, a savepoint to roll
+    # back to when the search is cancelled.
+    within = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
     try:
-        with transaction.atomic(), connection.cursor() as cursor:
-            # SET LOCAL: the timeout ends with this transaction and never leaks to the pooled connection.
-            cursor.execute("SET LOCAL statement_timeout = %s", [int(timeout_ms)])
-            cursor.execute(_SEARCH_SQL, {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k})
+        with within, connection.cursor() as cursor:
+            cursor.execute(_SEARCH_SQL, params)
+            cursor.nextset()  # past SET's (empty) result, to the search's rows
             rows = cursor.fetchall()
     except OperationalError as exc:
         if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):

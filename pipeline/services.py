@@ -17,7 +17,7 @@ import redis
 import structlog
 from asgiref.sync import sync_to_async
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connection
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator_site import telemetry
@@ -525,14 +525,20 @@ def _record_failure(request: PromptRequest, error: OrchestratorError, clock: met
         clock.finished(error.code)
 
 
-@transaction.atomic
+_TURNS_SQL = f"""
+INSERT INTO {SessionTurn._meta.db_table} (tenant_id, session_id, request_id, role, content, created_at)
+VALUES (%(tenant)s, %(session)s, %(request)s, 'user', %(prompt)s, now()),
+       (%(tenant)s, %(session)s, %(request)s, 'assistant', %(reply)s, now())
+"""
+
+
 def session_turns_append(*, request: PromptRequest, reply: str) -> None:
-    SessionTurn.objects.bulk_create(
-        [
-            SessionTurn(tenant_id=request.tenant_id, session_id=request.session_id, request_id=request.request_id, role="user", content=request.prompt),
-            SessionTurn(tenant_id=request.tenant_id, session_id=request.session_id, request_id=request.request_id, role="assistant", content=reply),
-        ]
-    )
+    """The prompt and its reply, as two turns of the session: one INSERT, so both or
+    neither, in one round trip (``bulk_create`` wraps its INSERT in BEGIN and COMMIT)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _TURNS_SQL, {"tenant": request.tenant_id, "session": request.session_id, "request": request.request_id, "prompt": request.prompt, "reply": reply}
+        )
 
 
 def document_create(*, tenant: Tenant, title: str, body: str, metadata: Mapping[str, Any] | None = None) -> Document:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from orchestrator_site.errors import NotFound
 from pipeline import selectors, services
@@ -74,6 +75,30 @@ def test_slow_search_times_out_and_reports_it(owner: TenantFixture) -> None:
     assert search(owner, "refund", top_k=1, timeout_ms=60_000)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_the_timed_search_is_one_round_trip_and_its_timeout_ends_with_it(owner: TenantFixture) -> None:
+    """A worker's case (autocommit): the timeout and the search are one string, one
+    implicit transaction. The timeout still cancels a slow search, and does not stay
+    on the connection after it, cancelled or not."""
+    services.document_create(tenant=owner.tenant, title="Refund policy", body="refund within 30 days")
+    with CaptureQueriesContext(connection) as queries:
+        assert search(owner, "refund", timeout_ms=1500) == ["Refund policy"]
+    assert len(queries.captured_queries) == 1 and not connection.in_atomic_block
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("0",)
+        cursor.execute(
+            "INSERT INTO pipeline_document (id, tenant_id, title, body, metadata, created_at) "
+            "SELECT gen_random_uuid(), %s, 'refund ' || g, repeat('refund policy purchase words ', 40), '{}', now() FROM generate_series(1, 20000) g",
+            [owner.tenant.id],
+        )
+    slow = selectors.document_search(tenant_id=str(owner.tenant.id), query="refund policy purchase", top_k=3, timeout_ms=1, text_search_config="english")
+    assert slow.timed_out and slow.documents == ()
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("0",)
+
+
 @pytest.mark.django_db
 def test_document_get_and_list_are_tenant_scoped(owner: TenantFixture, outsider: TenantFixture) -> None:
     doc = services.document_create(tenant=owner.tenant, title="Mine", body="x", metadata={"k": 1})
@@ -99,6 +124,16 @@ def test_session_history_is_chronological_and_bounded(owner: TenantFixture) -> N
     assert [(m.role, m.content) for m in history] == [("user", "q3"), ("assistant", "a3"), ("user", "q4"), ("assistant", "a4")]
     assert selectors.session_history(tenant_id=str(owner.tenant.id), session_id="s1", turns=0) == ()
     assert SessionTurn.objects.filter(session_id="s1").count() == 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prompt_and_its_reply_are_stored_by_one_statement_in_order(owner: TenantFixture) -> None:
+    with CaptureQueriesContext(connection) as queries:
+        services.session_turns_append(request=request(owner, "one", "question", 1), reply="answer")
+    assert len(queries.captured_queries) == 1  # no BEGIN/COMMIT around it: one INSERT is atomic
+    turns = list(SessionTurn.objects.filter(session_id="one").order_by("id").values_list("role", "content", "request_id", "tenant_id"))
+    assert turns == [("user", "question", "r1", owner.tenant.id), ("assistant", "answer", "r1", owner.tenant.id)]
+    assert SessionTurn.objects.get(role="user", session_id="one").created_at is not None
 
 
 @pytest.mark.django_db
