@@ -33,6 +33,7 @@ from orchestrator_site.errors import (
     RequestTimeout,
     ServiceUnavailable,
     TransientWorkerError,
+    UnknownWorker,
 )
 from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, get_config
@@ -42,7 +43,7 @@ from pipeline.intake import Limits as IntakeLimits
 from pipeline.models import Document, SessionTurn, Tenant
 from pipeline.queues import Queue
 from pipeline.resilience.admission import Admission
-from pipeline.resilience.breaker import BreakerPolicy, CircuitBreaker
+from pipeline.resilience.breaker import BreakerPolicy, CircuitBreaker, Permission
 from pipeline.resilience.dedup import DedupStore, dedup_key
 from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, LocalRateLimiter, WithFallback, shared_state
 from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
@@ -387,19 +388,19 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
 
 def _run_and_answer(request: PromptRequest) -> None:
     bus = get_bus()
-    # Which worker process ran it: for operators, and the proof that no eager mode is involved.
-    created_at = bus.begin(request.request_id, executed_by=f"{socket.gethostname()}:{os.getpid()}")
-    if created_at is None:
+    config = get_config()
+    started = _start(request, config)
+    if started is None:
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return
-    config = get_config()
+    created_at, permission = started
     # Computed before any fallback re-routing: the key is the client's request.
     key = dedup_key(request) if config.dedup.enabled else None
     telemetry.annotate(request_id=request.request_id, dedup_key=key, cache_hit=False)
     clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(created_at or None))
     answered = False
     try:
-        result = _execute(request, config, clock)
+        result = _execute(request, config, clock, permission=permission)
     except ServiceUnavailable:
         raise  # the answer cannot be delivered either; realtime_execute logs it
     except OrchestratorError as exc:
@@ -421,6 +422,18 @@ def _run_and_answer(request: PromptRequest) -> None:
             dedup_store(config).abandon(key, request.request_id)  # errors are not served to others
 
 
+def _start(request: PromptRequest, config: PipelineSettings) -> tuple[str, Permission | None] | None:
+    """The request marked running and its worker's breaker asked, in one round trip:
+    None when it has already finished (a redelivered task). A worker this process does
+    not know has no breaker to ask: the pipeline answers for it."""
+    # Which worker process ran it: for operators, and the proof that no eager mode is involved.
+    executed_by = f"{socket.gethostname()}:{os.getpid()}"
+    if request.worker not in config.workers:
+        created_at = get_bus().begin(request.request_id, executed_by=executed_by)
+        return None if created_at is None else (created_at, None)
+    return _shared_breaker(config, request.worker).begin_and_allow(get_bus(), request.request_id, executed_by=executed_by)
+
+
 def _release_slot(request: PromptRequest) -> None:
     # With Redis down, released from this process's count; the shared slot's lease
     # expires on its own.
@@ -436,17 +449,25 @@ def _parse_payload(payload: object) -> PromptRequest | None:
         return None
 
 
-def breaker_for(config: PipelineSettings, worker: str) -> CircuitBreaker:
+def _shared_breaker(config: PipelineSettings, worker: str) -> CircuitBreaker:
+    if worker not in config.workers:
+        # Routed on a config this process does not have (a rollout): answered as the gateway would.
+        raise UnknownWorker(f"no worker named {worker!r}", data={"worker": worker, "available": sorted(config.workers)})
     settings = config.workers[worker].breaker
     policy = BreakerPolicy(failure_threshold=settings.failure_threshold, open_s=settings.open_s, half_open_trials=settings.half_open_trials)
-    shared = CircuitBreaker(get_bus().client, prefix=get_bus().prefix, worker=worker, policy=policy)
-    return cast(CircuitBreaker, WithFallback(shared, LocalBreaker(worker=worker, policy=policy)))
+    return CircuitBreaker(get_bus().client, prefix=get_bus().prefix, worker=worker, policy=policy)
 
 
-def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings) -> PromptRequest:
+def breaker_for(config: PipelineSettings, worker: str) -> CircuitBreaker:
+    shared = _shared_breaker(config, worker)
+    return cast(CircuitBreaker, WithFallback(shared, LocalBreaker(worker=worker, policy=shared.policy)))
+
+
+def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings, permission: Permission | None = None) -> PromptRequest:
     """The request as it will run: on its worker, on the fallback while the worker's
-    circuit is open, or not at all (CircuitOpen: fail fast, no upstream call)."""
-    permission = breaker_for(config, request.worker).allow()
+    circuit is open, or not at all (CircuitOpen: fail fast, no upstream call).
+    ``permission``: the worker's breaker already asked (a real-time task's start)."""
+    permission = permission or breaker_for(config, request.worker).allow()
     if permission.allowed:
         return request
     fallback = config.workers[request.worker].fallback
@@ -460,11 +481,13 @@ def _route_around_open_circuits(request: PromptRequest, config: PipelineSettings
     )
 
 
-def run_guarded(request: PromptRequest, config: PipelineSettings, run: Callable[[PromptRequest], PipelineResult]) -> PipelineResult:
+def run_guarded(
+    request: PromptRequest, config: PipelineSettings, run: Callable[[PromptRequest], PipelineResult], *, permission: Permission | None = None
+) -> PipelineResult:
     """``run`` the request behind its worker's circuit breaker: on the fallback (or
     refused) while the circuit is open, and the outcome recorded. Real-time requests
-    and batch items both go through here."""
-    request = _route_around_open_circuits(request, config)
+    (``permission``: their start asked the breaker) and batch items both go through here."""
+    request = _route_around_open_circuits(request, config, permission)
     breaker = breaker_for(config, request.worker)
     try:
         result = run(request)
@@ -478,12 +501,14 @@ def run_guarded(request: PromptRequest, config: PipelineSettings, run: Callable[
     return result
 
 
-def _execute(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True) -> PipelineResult:
+def _execute(
+    request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True, permission: Permission | None = None
+) -> PipelineResult:
     def run(routed: PromptRequest) -> PipelineResult:
         clock.worker = routed.worker
         return _run_stages(routed, config, clock, on_bus=on_bus)
 
-    return run_guarded(request, config, run)
+    return run_guarded(request, config, run, permission=permission)
 
 
 def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True) -> PipelineResult:

@@ -46,16 +46,23 @@ READER_LEASE_S = 15.0
 KEEP = "!"  # someone was told to poll for the result: finish it whatever happens (score +inf)
 
 
-# KEYS: the status hash. ARGV: executed_by, now, ttl_s. A request that already finished
-# (a redelivered task) is left as it is: returns nil. Otherwise it is marked running,
-# and its creation time returned ("" if unknown): one round trip for the producer's start.
-_BEGIN = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'completed' or status == 'failed' then return false end
-redis.call('HSET', KEYS[1], 'status', 'running', 'executed_by', ARGV[1], 'updated_at', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return redis.call('HGET', KEYS[1], 'created_at') or ''
+# A request's start in its worker, as a Lua function other scripts compose
+# (``resilience.breaker.BEGIN_AND_ALLOW``): a request that already finished (a
+# redelivered task) is left as it is, false; otherwise it is marked running, and its
+# creation time returned ("" if unknown).
+BEGIN_FUNCTION = """
+local function bus_begin(status_key, executed_by, now, ttl_s)
+  local status = redis.call('HGET', status_key, 'status')
+  if status == 'completed' or status == 'failed' then return false end
+  redis.call('HSET', status_key, 'status', 'running', 'executed_by', executed_by, 'updated_at', now)
+  redis.call('EXPIRE', status_key, ttl_s)
+  return redis.call('HGET', status_key, 'created_at') or ''
+end
 """
+
+# KEYS: the status hash. ARGV: executed_by, now, ttl_s. Returns nil or the creation time:
+# one round trip for the producer's start.
+_BEGIN = BEGIN_FUNCTION + "return bus_begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3])\n"
 
 
 @dataclass(frozen=True)

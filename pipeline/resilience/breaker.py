@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from pipeline.tokenbus import redis_errors
+from pipeline.tokenbus import BEGIN_FUNCTION, TokenBus, redis_errors
 
 
 class BreakerState(IntEnum):
@@ -29,34 +29,56 @@ class BreakerState(IntEnum):
     OPEN = 2
 
 
-# KEYS[1]: the worker's hash. ARGV: now, open_s, half_open_trials. Returns {allowed, state, retry_after_ms}.
-_ALLOW = """
-local now, open_s, trials = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = tonumber(redis.call('HGET', KEYS[1], 'state') or '0')
-if state == 2 then
-  local opened = tonumber(redis.call('HGET', KEYS[1], 'opened_at') or '0')
-  if now - opened < open_s then
-    return {0, 2, math.ceil((opened + open_s - now) * 1000)}
+# May a call go to the worker? As a Lua function other scripts compose: key is the
+# worker's hash. Returns {allowed, state, retry_after_ms}.
+ALLOW_FUNCTION = """
+local function breaker_allow(key, now, open_s, trials)
+  local state = tonumber(redis.call('HGET', key, 'state') or '0')
+  if state == 2 then
+    local opened = tonumber(redis.call('HGET', key, 'opened_at') or '0')
+    if now - opened < open_s then
+      return {0, 2, math.ceil((opened + open_s - now) * 1000)}
+    end
+    redis.call('HSET', key, 'state', 1, 'trials', 0, 'half_opened_at', now)
+    state = 1
   end
-  redis.call('HSET', KEYS[1], 'state', 1, 'trials', 0, 'half_opened_at', now)
-  state = 1
+  if state == 1 then
+    -- A trial whose outcome never came (its request died) must not wedge the breaker:
+    -- after another open_s, new trials are allowed.
+    local since = tonumber(redis.call('HGET', key, 'half_opened_at') or '0')
+    if now - since >= open_s then
+      redis.call('HSET', key, 'trials', 0, 'half_opened_at', now)
+    end
+    local used = redis.call('HINCRBY', key, 'trials', 1)
+    if used > trials then
+      redis.call('HINCRBY', key, 'trials', -1)
+      return {0, 1, 1000}
+    end
+    return {1, 1, 0}
+  end
+  return {1, 0, 0}
 end
-if state == 1 then
-  -- A trial whose outcome never came (its request died) must not wedge the breaker:
-  -- after another open_s, new trials are allowed.
-  local since = tonumber(redis.call('HGET', KEYS[1], 'half_opened_at') or '0')
-  if now - since >= open_s then
-    redis.call('HSET', KEYS[1], 'trials', 0, 'half_opened_at', now)
-  end
-  local used = redis.call('HINCRBY', KEYS[1], 'trials', 1)
-  if used > trials then
-    redis.call('HINCRBY', KEYS[1], 'trials', -1)
-    return {0, 1, 1000}
-  end
-  return {1, 1, 0}
-end
-return {1, 0, 0}
 """
+
+# KEYS[1]: the worker's hash. ARGV: now, open_s, half_open_trials.
+_ALLOW = ALLOW_FUNCTION + "return breaker_allow(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
+
+# A real-time task's start: the request marked running and its worker's breaker asked,
+# in one round trip. A request that already finished is left alone and asks nothing
+# (a half-open trial taken for it would never get an outcome): nil.
+# KEYS: the status hash, the worker's hash. ARGV: executed_by, now, ttl_s, open_s,
+# half_open_trials. Returns nil or {created_at, allowed, state, retry_after_ms}.
+BEGIN_AND_ALLOW = (
+    BEGIN_FUNCTION
+    + ALLOW_FUNCTION
+    + """
+local created = bus_begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+if not created then return false end
+local permission = breaker_allow(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+return {created, permission[1], permission[2], permission[3]}
+"""
+)
+
 
 # ARGV: outcome ('ok' | 'fail'), now, failure_threshold. Returns the new state.
 _RECORD = """
@@ -100,8 +122,23 @@ class CircuitBreaker:
 
     def allow(self) -> Permission:
         with redis_errors("check the circuit breaker"):
-            allowed, state, retry_ms = self._allow(keys=[self._key], args=[time.time(), self.policy.open_s, self.policy.half_open_trials])
-        return Permission(allowed=bool(int(allowed)), state=BreakerState(int(state)), retry_after_s=int(retry_ms) / 1000.0)
+            reply = self._allow(keys=[self._key], args=[time.time(), self.policy.open_s, self.policy.half_open_trials])
+        return _permission(*reply)
+
+    def begin_and_allow(self, bus: TokenBus, request_id: str, *, executed_by: str) -> tuple[str, Permission] | None:
+        """``bus.begin`` and ``allow`` in one round trip, a real-time task's start (the
+        breaker's client must be the bus's Redis): None when the request has already
+        finished (the breaker was not asked), else its creation time ("" if unknown)
+        and the permission."""
+        with redis_errors("start the request"):
+            reply = self._client.register_script(BEGIN_AND_ALLOW)(
+                keys=[bus.status_key(request_id), self._key],
+                args=[executed_by, f"{time.time():.6f}", bus.ttl_s, self.policy.open_s, self.policy.half_open_trials],
+            )
+        if reply is None:
+            return None
+        created, *permission = reply
+        return str(created), _permission(*permission)
 
     def record(self, *, success: bool) -> BreakerState:
         with redis_errors("record the circuit breaker outcome"):
@@ -114,6 +151,10 @@ class CircuitBreaker:
         if raw is None:
             return BreakerState.CLOSED
         return BreakerState(int(raw))
+
+
+def _permission(allowed: object, state: object, retry_ms: object) -> Permission:
+    return Permission(allowed=bool(int(str(allowed))), state=BreakerState(int(str(state))), retry_after_s=int(str(retry_ms)) / 1000.0)
 
 
 def read_states(client: redis.Redis, *, prefix: str, workers: list[str]) -> dict[str, BreakerState]:

@@ -16,7 +16,8 @@ from pipeline import services
 from pipeline.config import BreakerConfig, PipelineSettings, WorkerConfig, load_config
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker
 from pipeline.types import PromptRequest
-from tests.conftest import Fakes, TenantFixture, WorkerProcess
+from tests.conftest import Fakes, TenantFixture, WorkerProcess, scratch_bus
+from tests.pipeline.test_io_budget import redis_round_trips
 
 
 @pytest.fixture
@@ -80,6 +81,36 @@ def test_a_trial_that_never_reports_does_not_wedge_the_breaker(client: redis.Red
     assert b.allow().allowed and not b.allow().allowed  # the trial's request died somewhere
     time.sleep(0.55)
     assert b.allow().allowed
+
+
+def test_a_tasks_start_marks_it_running_and_asks_the_breaker_in_one_round_trip() -> None:
+    with scratch_bus("start", maxlen=10) as bus:
+        b = CircuitBreaker(bus.client, prefix=bus.prefix, worker="w", policy=BreakerPolicy(failure_threshold=1, open_s=30))
+        bus.set_status("queued", status="queued", created_at="1700000000.5")
+        with redis_round_trips() as trips:
+            started = b.begin_and_allow(bus, "queued", executed_by="host:1")
+        assert trips[0] == 1
+        assert started is not None and started[0] == "1700000000.5" and started[1].allowed and started[1].state == BreakerState.CLOSED
+        assert bus.get_status("queued")["status"] == "running" and bus.get_status("queued")["executed_by"] == "host:1"
+
+        b.record(success=False)  # open: the request still starts, and is refused
+        refused = b.begin_and_allow(bus, "unknown", executed_by="host:1")
+        assert refused is not None and refused[0] == ""
+        assert not refused[1].allowed and refused[1].state == BreakerState.OPEN and 29 < refused[1].retry_after_s <= 30
+
+
+def test_a_finished_requests_start_asks_the_breaker_nothing() -> None:
+    """A redelivered task finds its request finished: it is dropped, and takes no half-open
+    trial (one whose outcome would never come)."""
+    with scratch_bus("start", maxlen=10) as bus:
+        b = CircuitBreaker(bus.client, prefix=bus.prefix, worker="w", policy=BreakerPolicy(failure_threshold=1, open_s=0.2, half_open_trials=1))
+        b.record(success=False)
+        time.sleep(0.25)  # half-open: one trial left
+        for final in ("completed", "failed"):
+            bus.set_status(final, status=final)
+            assert b.begin_and_allow(bus, final, executed_by="host:2") is None
+            assert bus.get_status(final)["status"] == final
+        assert b.allow().allowed  # the one trial was still there
 
 
 def test_fallback_must_name_another_worker(tmp_path: object) -> None:

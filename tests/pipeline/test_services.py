@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -96,6 +97,18 @@ def test_stale_redelivery_is_dropped(owner: TenantFixture) -> None:
     get_bus().set_status(request.request_id, status="completed", tenant_id=str(owner.tenant.id))
     services.realtime_execute(request.to_dict())
     assert get_bus().read_all(request.request_id) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_for_a_worker_this_process_does_not_know_is_answered_with_an_error(owner: TenantFixture) -> None:
+    """The gateway routed it on a config this worker does not have (a rollout): no
+    breaker to ask at the start, and the pipeline's error is the answer, not a timeout."""
+    request = dataclasses.replace(build(owner), worker="retired")
+    get_bus().set_status(request.request_id, status="queued", tenant_id=str(owner.tenant.id))
+    services.realtime_execute(request.to_dict())
+    kind, data = last_event(request.request_id)
+    assert kind == "error" and data["code"] == "unknown_worker"
+    assert get_bus().get_status(request.request_id)["status"] == "failed"
 
 
 class Exploding:
