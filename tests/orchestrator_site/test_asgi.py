@@ -7,6 +7,7 @@ import importlib
 import os
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -136,3 +137,104 @@ def test_security_headers_are_djangos_run_in_line() -> None:
     # Async only: Django never calls it from a sync chain (it adapts the chain instead).
     assert security_headers.async_capable and not security_headers.sync_capable
     assert asgi.IN_LINE["django.middleware.security.SecurityMiddleware"] == "orchestrator_site.middleware.security_headers"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_requests_reuse_their_sync_threads_instead_of_starting_two_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request makes a sync call (at least the response's close). With asgiref's
+    own per-request context that is two thread starts per request (the executor's
+    thread, and one to join it); here requests one after another reuse one thread."""
+    started: list[str] = []
+    original = threading.Thread.start
+
+    def counting(self: threading.Thread) -> None:
+        started.append(self.name)
+        original(self)
+
+    async def run() -> tuple[int, list[int]]:
+        idle: list[int] = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi.application), base_url="http://testserver") as client:
+            for n in range(20):
+                if n == 1:
+                    warm = len(started)  # the first request may start the loop's and a request thread
+                resp = await client.get("/api/v1/documents")  # 401: the key check, then the response closed in a sync call
+                assert resp.status_code == 401
+                idle.append(asgi.ReusedThreadsHandler.threads.idle)
+        return len(started) - warm, idle
+
+    monkeypatch.setattr(threading.Thread, "start", counting)
+    later, idle_after_each = asyncio.run(run())
+    assert later == 0, started  # 19 requests, no thread started (asgiref's own context: 38)
+    assert min(idle_after_each) >= 1  # each request gave its thread back
+
+
+def test_a_request_thread_is_kept_idle_and_handed_out_again() -> None:
+    threads = asgi.RequestThreads(keep=2)
+    first = threads.take()
+    assert first.submit(threading.get_ident).result() != threading.get_ident()
+    threads.give_back(first)
+    assert threads.idle == 1 and threads.take() is first
+    ident = first.submit(threading.get_ident).result()
+    assert first.submit(threading.get_ident).result() == ident  # one thread: thread-sensitive calls stay on it
+    threads.give_back(first)
+
+
+def test_a_busy_request_thread_is_let_go_and_so_is_one_beyond_the_bound() -> None:
+    threads = asgi.RequestThreads(keep=1)
+    busy, release = threads.take(), threading.Event()
+    call = busy.submit(release.wait, 5)
+    assert busy.busy
+    threads.give_back(busy)  # its request was cancelled during a sync call: not handed to the next
+    assert threads.idle == 0 and threads.take() is not busy
+    release.set()
+    assert call.result() is True and not busy.busy
+
+    kept, extra = asgi.RequestThread(), asgi.RequestThread()
+    threads.give_back(kept)
+    threads.give_back(extra)
+    assert threads.idle == 1 and threads.take() is kept
+    with pytest.raises(RuntimeError):
+        extra.submit(threading.get_ident)  # shut down
+    kept.shutdown()
+
+
+def test_the_handler_serves_http_only() -> None:
+    async def call() -> None:
+        await asgi.api_app({"type": "lifespan"}, None, None)
+
+    with pytest.raises(ValueError, match="lifespan"):
+        asyncio.run(call())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_requests_at_once_each_have_a_thread_of_their_own_and_all_come_back() -> None:
+    """Thread-sensitive calls of two requests never share a thread at the same time: a
+    thread is handed to a request only when no request in flight has it, and every
+    request gives its thread back."""
+    threads = asgi.ReusedThreadsHandler.threads
+    in_flight: set[asgi.RequestThread] = set()
+    taken: list[asgi.RequestThread] = []
+    original_take, original_give_back = threads.take, threads.give_back
+
+    def take() -> asgi.RequestThread:
+        executor = original_take()
+        assert executor not in in_flight
+        in_flight.add(executor)
+        taken.append(executor)
+        return executor
+
+    def give_back(executor: asgi.RequestThread) -> None:
+        in_flight.remove(executor)
+        original_give_back(executor)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi.application), base_url="http://testserver") as client:
+            replies = await asyncio.gather(*(client.get("/api/v1/documents") for _ in range(8)))
+        assert [r.status_code for r in replies] == [401] * 8
+
+    threads.take, threads.give_back = take, give_back  # type: ignore[method-assign]
+    try:
+        asyncio.run(run())
+    finally:
+        del threads.take, threads.give_back
+    assert len(taken) == 8 and not in_flight and threads.idle >= len(set(taken))
