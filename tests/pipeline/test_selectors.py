@@ -61,16 +61,29 @@ def test_search_vector_is_maintained_by_postgres(owner: TenantFixture) -> None:
     assert search(owner, "giraffe") == ["Alpha"] and search(owner, "zebra") == []
 
 
-@pytest.mark.django_db
-def test_slow_search_times_out_and_reports_it(owner: TenantFixture) -> None:
+def slow_search(tenant: TenantFixture) -> selectors.RetrievalResult:
+    """A search over 20,000 matching documents with a 1 ms timeout: cancelled, reported
+    as timed out with no documents."""
     with connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO pipeline_document (id, tenant_id, title, body, metadata, created_at) "
             "SELECT gen_random_uuid(), %s, 'refund ' || g, repeat('refund policy purchase words ', 40), '{}', now() FROM generate_series(1, 20000) g",
-            [owner.tenant.id],
+            [tenant.tenant.id],
         )
-    result = selectors.document_search(tenant_id=str(owner.tenant.id), query="refund policy purchase", top_k=3, timeout_ms=1, text_search_config="english")
-    assert result.timed_out and result.documents == ()
+    result = selectors.document_search(tenant_id=str(tenant.tenant.id), query="refund policy purchase", top_k=3, timeout_ms=1, text_search_config="english")
+    assert result.documents == ()
+    return result
+
+
+def statement_timeout() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        return str(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db
+def test_slow_search_times_out_and_reports_it(owner: TenantFixture) -> None:
+    assert slow_search(owner).timed_out
     # The timeout was local to that search: the connection still works without it.
     assert search(owner, "refund", top_k=1, timeout_ms=60_000)
 
@@ -84,19 +97,9 @@ def test_outside_a_transaction_the_timed_search_is_one_round_trip_and_its_timeou
     with CaptureQueriesContext(connection) as queries:
         assert search(owner, "refund", timeout_ms=1500) == ["Refund policy"]
     assert len(queries.captured_queries) == 1 and not connection.in_atomic_block
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW statement_timeout")
-        assert cursor.fetchone() == ("0",)
-        cursor.execute(
-            "INSERT INTO pipeline_document (id, tenant_id, title, body, metadata, created_at) "
-            "SELECT gen_random_uuid(), %s, 'refund ' || g, repeat('refund policy purchase words ', 40), '{}', now() FROM generate_series(1, 20000) g",
-            [owner.tenant.id],
-        )
-    slow = selectors.document_search(tenant_id=str(owner.tenant.id), query="refund policy purchase", top_k=3, timeout_ms=1, text_search_config="english")
-    assert slow.timed_out and slow.documents == ()
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW statement_timeout")
-        assert cursor.fetchone() == ("0",)
+    assert statement_timeout() == "0"
+    assert slow_search(owner).timed_out
+    assert statement_timeout() == "0"
 
 
 @pytest.mark.django_db
