@@ -109,7 +109,7 @@ def test_redis_gone_mid_task_is_logged_not_raised(owner: TenantFixture, monkeypa
         raise ServiceUnavailable(data={"service": "redis"})
 
     request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
-    monkeypatch.setattr(get_bus(), "begin", gone)
+    monkeypatch.setattr(services.CircuitBreaker, "begin_and_allow", gone)  # the task's start: its first round trip
     monkeypatch.setattr(services.Admission, "release", gone)
     with capture_logs() as logs:
         services.realtime_execute(request.to_dict())  # must not raise into Celery
@@ -126,7 +126,7 @@ def test_an_unexpected_failure_while_answering_stays_inside_the_task(owner: Tena
         raise RuntimeError("bug in answering")
 
     request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p"}, config=PipelineSettings())
-    monkeypatch.setattr(get_bus(), "begin", broken)
+    monkeypatch.setattr(services.CircuitBreaker, "begin_and_allow", broken)  # the task's start
     with capture_logs() as logs:
         services.realtime_execute(request.to_dict())
     unanswered = [e for e in logs if e["event"] == "task_unanswered"]
