@@ -368,6 +368,71 @@ def wrk_rows(gateway: str, upstream: str, key: str, *, seconds: int) -> list[str
     return rows
 
 
+# --- CPU per request ------------------------------------------------------------------------
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def pids_named(*names: str) -> list[int]:
+    """Every process whose command name is one of ``names`` (Redis, Postgres's backends)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in names:
+                    pids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return pids
+
+
+def with_children(pids: list[int]) -> list[int]:
+    """The processes and their children (a prefork pool's processes: their CPU time is
+    their own, not their parent's)."""
+    parents = set(pids)
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if ppid in parents:
+                children.append(int(entry.name))
+    return [*pids, *children]
+
+
+class CpuClock:
+    """CPU time per request of each group of processes, over a phase: the capacity a
+    request costs, less dependent on how the two cores were shared than a rate. Each
+    group's processes are looked up when a phase starts (Postgres's backends open as
+    the workers connect); one that starts later is not counted."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+        self._start: dict[str, dict[int, float]] = {}
+
+    def start(self) -> None:
+        self._start = {group: {pid: cpu_seconds(pid) for pid in find()} for group, find in self.groups.items()}
+
+    def per_request_ms(self, requests: int) -> dict[str, float]:
+        """Milliseconds of CPU per request since ``start``, by group, and ``all``."""
+        used = {group: sum(max(0.0, cpu_seconds(pid) - before) for pid, before in pids.items()) for group, pids in self._start.items()}
+        per = {group: seconds * 1000 / max(requests, 1) for group, seconds in used.items()}
+        per["all"] = sum(per.values())
+        return per
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -400,7 +465,11 @@ retry = {{ attempts = 1 }}
     )
 
 
-async def measure(clients: Clients, args: argparse.Namespace) -> None:
+def cpu_cell(used: dict[str, float]) -> str:
+    return f"{used['all']:.1f} ({used['gateway']:.1f}, {used['workers']:.1f}, {used['redis']:.1f}, {used['postgres']:.1f})"
+
+
+async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> None:
     out = sys.stdout
     # Warm: connections, pools, first-use imports in every process, and in every thread of
     # the workers' pools (each has its own event loop, HTTP client and connections): at
@@ -421,7 +490,8 @@ async def measure(clients: Clients, args: argparse.Namespace) -> None:
     out.write("\n".join(ttft_rows("concurrency 32", busy)) + "\n")
 
     out.write(
-        "\n| throughput, concurrency 32 | requests | errors | completed req/s | tokens per request | P50 / P99 total ms |\n| --- | --- | --- | --- | --- | --- |\n"
+        "\n| throughput, concurrency 32 | requests | errors | completed req/s | tokens per request | P50 / P99 total ms "
+        "| CPU ms per request: all (gateway, workers, Redis, Postgres) |\n| --- | --- | --- | --- | --- | --- | --- |\n"
     )
     for transports, label in (
         (("websocket",), "WebSocket"),
@@ -430,11 +500,14 @@ async def measure(clients: Clients, args: argparse.Namespace) -> None:
         (("websocket", "sse", "v1"), "all three, interleaved"),
         (("direct",), "direct (the upstream alone)"),
     ):
+        cpu.start()
         samples, took, errors = await closed_loop(clients, concurrency=32, per_client=args.throughput_requests // 32, transports=transports)
+        used = cpu.per_request_ms(len(samples) + errors)
         totals = [s.total_ms for s in samples]
         tokens = sorted({s.tokens for s in samples})
         out.write(
-            f"| {label} | {len(samples)} | {errors} | {len(samples) / took:.0f} | {tokens[0] if len(tokens) == 1 else tokens} | {pct(totals, 0.5):.1f} / {pct(totals, 0.99):.1f} |\n"
+            f"| {label} | {len(samples)} | {errors} | {len(samples) / took:.0f} | {tokens[0] if len(tokens) == 1 else tokens} | {pct(totals, 0.5):.1f} / {pct(totals, 0.99):.1f} "
+            f"| {cpu_cell(used)} |\n"
         )
 
     out.write(
@@ -520,11 +593,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_for_gateway(gateway)
         time.sleep(2)  # the workers connect to the broker
+        # The client (this process) and the fake upstream are counted in "all" too.
+        cpu = CpuClock(
+            {
+                "gateway": lambda: [procs[1].pid],
+                "workers": lambda: with_children([p.pid for p in procs[2:]]),
+                "redis": lambda: pids_named("redis-server"),
+                "postgres": lambda: pids_named("postgres"),
+                "upstream": lambda: [procs[0].pid],
+                "client": lambda: [os.getpid()],
+            }
+        )
 
         async def run() -> None:
             limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
             async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-                await measure(Clients(gateway, upstream, key, http, tokens=args.tokens), args)
+                await measure(Clients(gateway, upstream, key, http, tokens=args.tokens), args, cpu)
 
         sys.stdout.write(
             f"Upstream: first token after {args.first_token_ms:g} ms, then {args.tokens} tokens at once (paced: one every {args.token_interval_ms:g} ms); "

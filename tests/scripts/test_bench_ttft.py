@@ -9,11 +9,14 @@ import asyncio
 import concurrent.futures
 import itertools
 import json
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -173,3 +176,43 @@ def test_open_loop_websocket_prompts_never_share_a_connection_at_once() -> None:
     made, taken, again = asyncio.run(run())
     assert len(made) == 3 and len(set(map(id, taken))) == 3  # two warm ones, then a new one: all three busy at once
     assert again is taken[0] and again is not taken[1]
+
+
+def test_cpu_per_request_is_counted_by_group_from_the_start() -> None:
+    """A process that burns CPU shows it, per request, in its group and in "all"; an
+    idle one next to it shows (almost) none; one that does not exist, or was not there
+    when the phase started, counts nothing."""
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    burner = subprocess.Popen([sys.executable, "-c", burn])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        found: list[int] = []
+        clock = bench_ttft.CpuClock({"busy": lambda: [burner.pid], "idle": lambda: [sleeper.pid], "gone": lambda: [2**22 + 1], "late": lambda: found})
+        clock.start()
+        found.append(os.getpid())  # looked up at the start: not counted
+        deadline = time.monotonic() + 20
+        while bench_ttft.cpu_seconds(burner.pid) < 0.58 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        used = clock.per_request_ms(10)
+    finally:
+        for proc in (burner, sleeper):
+            proc.kill()
+            proc.wait()
+    assert used["busy"] >= 20  # at least 0.2 s of its 0.6 s fell after the start, over 10 requests
+    assert used["idle"] < 5 and used["gone"] == 0 and used["late"] == 0
+    assert used["all"] == pytest.approx(used["busy"] + used["idle"])
+    assert bench_ttft.cpu_cell({"all": 9.87, "gateway": 1.0, "workers": 5.0, "redis": 0.5, "postgres": 0.25}) == "9.9 (1.0, 5.0, 0.5, 0.2)"
+
+
+def test_processes_are_found_by_name_with_their_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        mine = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+        assert os.getpid() in bench_ttft.pids_named(mine)
+        assert bench_ttft.pids_named("no-such-process-name") == []
+        assert bench_ttft.with_children([os.getpid()])[0] == os.getpid()
+        assert child.pid in bench_ttft.with_children([os.getpid()])
+    finally:
+        child.kill()
+        child.wait()
+    assert bench_ttft.cpu_seconds(child.pid) == 0.0  # reaped: gone
