@@ -182,23 +182,34 @@ def test_cpu_per_request_is_counted_by_group_from_the_start() -> None:
     """A process that burns CPU shows it, per request, in its group and in "all"; an
     idle one next to it shows (almost) none; one that does not exist, or was not there
     when the phase started, counts nothing."""
-    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
-    burner = subprocess.Popen([sys.executable, "-c", burn])
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    ready = "import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+    burner = subprocess.Popen(
+        [sys.executable, "-c", ready + "end = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sleeper = subprocess.Popen([sys.executable, "-c", ready + "time.sleep(30)"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        for proc in (burner, sleeper):  # past the interpreter's start-up, whose CPU time is not the phase's
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         found: list[int] = []
         clock = bench_ttft.CpuClock({"busy": lambda: [burner.pid], "idle": lambda: [sleeper.pid], "gone": lambda: [2**22 + 1], "late": lambda: found})
         clock.start()
         found.append(os.getpid())  # looked up at the start: not counted
+        for proc in (burner, sleeper):
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
         deadline = time.monotonic() + 20
-        while bench_ttft.cpu_seconds(burner.pid) < 0.58 and time.monotonic() < deadline:
+        while clock.per_request_ms(1)["busy"] < 580 and time.monotonic() < deadline:
             time.sleep(0.05)
         used = clock.per_request_ms(10)
     finally:
         for proc in (burner, sleeper):
             proc.kill()
-            proc.wait()
-    assert used["busy"] >= 20  # at least 0.2 s of its 0.6 s fell after the start, over 10 requests
+            proc.communicate()
+    assert used["busy"] >= 50  # its 0.6 s, over 10 requests (clock ticks: 10 ms)
     assert used["idle"] < 5 and used["gone"] == 0 and used["late"] == 0
     assert used["all"] == pytest.approx(used["busy"] + used["idle"])
     assert bench_ttft.cpu_cell({"all": 9.87, "gateway": 1.0, "workers": 5.0, "redis": 0.5, "postgres": 0.25}) == "9.9 (1.0, 5.0, 0.5, 0.2)"
