@@ -30,11 +30,17 @@ def cost_usd(config: PipelineSettings, worker: str, usage: Usage) -> float:
     return round(spent / 1_000_000, 10)
 
 
-def route_request(config: PipelineSettings, *, worker: str | None, model: str | None) -> Route:
-    name = worker or config.default_worker
+def worker_config(config: PipelineSettings, name: str) -> WorkerConfig:
+    """The named worker's settings; ``UnknownWorker`` (with the names there are) if none."""
     worker_cfg = config.workers.get(name)
     if worker_cfg is None:
         raise UnknownWorker(f"no worker named {name!r}", data={"worker": name, "available": sorted(config.workers)})
+    return worker_cfg
+
+
+def route_request(config: PipelineSettings, *, worker: str | None, model: str | None) -> Route:
+    name = worker or config.default_worker
+    worker_cfg = worker_config(config, name)
     chosen = model or worker_cfg.model_default
     if worker_cfg.models and chosen not in worker_cfg.models:
         raise UnknownModel(f"worker {name!r} does not serve model {chosen!r}", data={"worker": name, "model": chosen, "available": list(worker_cfg.models)})

@@ -33,7 +33,6 @@ from orchestrator_site.errors import (
     RequestTimeout,
     ServiceUnavailable,
     TransientWorkerError,
-    UnknownWorker,
 )
 from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, get_config
@@ -48,7 +47,7 @@ from pipeline.resilience.dedup import DedupStore, dedup_key
 from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, LocalRateLimiter, WithFallback, shared_state
 from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
-from pipeline.routing import route_request, worker_pool
+from pipeline.routing import route_request, worker_config, worker_pool
 from pipeline.tokenbus import get_bus
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest, TokenChunk
 
@@ -450,10 +449,9 @@ def _parse_payload(payload: object) -> PromptRequest | None:
 
 
 def _shared_breaker(config: PipelineSettings, worker: str) -> CircuitBreaker:
-    if worker not in config.workers:
-        # Routed on a config this process does not have (a rollout): answered as the gateway would.
-        raise UnknownWorker(f"no worker named {worker!r}", data={"worker": worker, "available": sorted(config.workers)})
-    settings = config.workers[worker].breaker
+    # A worker unknown here was routed on a config this process does not have (a
+    # rollout): UnknownWorker, answered as the gateway would.
+    settings = worker_config(config, worker).breaker
     policy = BreakerPolicy(failure_threshold=settings.failure_threshold, open_s=settings.open_s, half_open_trials=settings.half_open_trials)
     return CircuitBreaker(get_bus().client, prefix=get_bus().prefix, worker=worker, policy=policy)
 
