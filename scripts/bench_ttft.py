@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,42 +374,40 @@ def wrk_rows(gateway: str, upstream: str, key: str, *, seconds: int) -> list[str
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
+def proc_stat(pid: int) -> tuple[str, list[str]] | None:
+    """A process's command name and the fields of /proc/<pid>/stat after it (state,
+    ppid, …); None once it has gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    head, _, rest = text.rpartition(")")
+    return head.partition("(")[2], rest.split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far (0 once it has gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    stat = proc_stat(pid)
+    return 0.0 if stat is None else (int(stat[1][11]) + int(stat[1][12])) / TICKS_PER_S
+
+
+def processes() -> Iterator[tuple[int, str, int]]:
+    """Every process now: pid, command name, parent's pid."""
+    for entry in Path("/proc").iterdir():
+        stat = proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if stat is not None:
+            yield int(entry.name), stat[0], int(stat[1][1])
 
 
 def pids_named(*names: str) -> list[int]:
     """Every process whose command name is one of ``names`` (Redis, Postgres's backends)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "comm").read_text().strip() in names:
-                    pids.append(int(entry.name))
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return pids
+    return [pid for pid, name, _ppid in processes() if name in names]
 
 
 def with_children(pids: list[int]) -> list[int]:
     """The processes and their children (a prefork pool's processes: their CPU time is
     their own, not their parent's)."""
-    parents = set(pids)
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if ppid in parents:
-                children.append(int(entry.name))
-    return [*pids, *children]
+    return [*pids, *(pid for pid, _name, ppid in processes() if ppid in pids)]
 
 
 class CpuClock:
