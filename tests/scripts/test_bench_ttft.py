@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import json
 import os
@@ -50,8 +51,19 @@ def upstream() -> Iterator[str]:
     yield url
     serving.cancel()
     concurrent.futures.wait([serving], timeout=5)  # the server task has ended before its loop stops
+    # Its connections' tasks end too: a task still pending when the loop is collected is
+    # logged as destroyed at interpreter exit, and that logging can crash the run.
+    concurrent.futures.wait([asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop)], timeout=5)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=5)
+    loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def test_the_openai_sdk_reads_the_fake_upstream_after_its_first_token_delay(upstream: str) -> None:
@@ -87,6 +99,30 @@ def test_the_platforms_openai_worker_streams_from_it(upstream: str) -> None:
 
     pieces = asyncio.run(collect())
     assert "".join(pieces) == "tok0 tok1 tok2 tok3 tok4 "
+
+
+def test_the_client_times_the_first_token_and_counts_every_token(upstream: str) -> None:
+    async def run() -> list[bench_ttft.Sample]:
+        async with bench_ttft.http_session() as http:
+            clients = bench_ttft.Clients("http://unused", upstream, "key", http)
+            lone = await clients.direct()
+            paced = await dataclasses.replace(clients, model=bench_ttft.PACED_MODEL).direct()
+            return [lone, paced]
+
+    lone, paced = asyncio.run(run())
+    assert lone.transport == "direct" and lone.tokens == 5 and lone.ttft_ms >= 50
+    assert lone.total_ms - lone.ttft_ms < 30  # fake-1 writes its tokens at once
+    assert paced.tokens == 5 and paced.total_ms - paced.ttft_ms >= 4 * 25  # read to the end, one every 30 ms
+
+
+def test_the_client_reports_an_http_error_with_its_body(upstream: str) -> None:
+    async def run() -> bench_ttft.Sample:
+        async with bench_ttft.http_session() as http:
+            clients = bench_ttft.Clients(upstream, upstream, "key", http)  # the upstream has no /api/v1/infer: it answers 404
+            return await clients.sse()
+
+    with pytest.raises(RuntimeError, match=r"^sse: HTTP 404: .*not found"):
+        asyncio.run(run())
 
 
 def test_overheads_are_taken_at_the_same_percentile() -> None:
