@@ -8,7 +8,9 @@ The exporter reads the rest (headers, timeout, compression, ``OTEL_BSP_*``).
 
 Off, nothing is installed: no SDK, no instrumentation patching Django, Celery,
 httpx or Redis, and ``span()`` is a ``nullcontext`` — the cost of tracing off
-is one attribute check per stage.
+is one attribute check per stage. The workers' streamed provider calls (aiohttp)
+are traced here, by ``http_client_span``: no instrumentation of aiohttp matches
+the OpenTelemetry release the others are pinned to.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import contextlib
 import os
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 AttributeValue = str | bool | int | float
@@ -28,6 +31,7 @@ class _State:
     enabled = False
     tracer: Any = None
     trace: Any = None  # the opentelemetry.trace module, once tracing is on
+    inject: Any = None  # opentelemetry.propagate.inject
 
 
 _state = _State()
@@ -70,6 +74,7 @@ def configure_tracing() -> bool:
         from opentelemetry.instrumentation.django import DjangoInstrumentor
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
         from opentelemetry.instrumentation.redis import RedisInstrumentor
+        from opentelemetry.propagate import inject
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -84,6 +89,7 @@ def configure_tracing() -> bool:
         RedisInstrumentor().instrument()
         _state.tracer = trace.get_tracer("pipeline")
         _state.trace = trace
+        _state.inject = inject
         _state.enabled = True
         return True
 
@@ -97,6 +103,35 @@ def span(name: str, attributes: Mapping[str, AttributeValue]) -> contextlib.Abst
     if not _state.enabled:
         return _OFF
     return _state.tracer.start_as_current_span(name, attributes=attributes)
+
+
+def http_client_span(method: str, url: str, headers: MutableMapping[str, str]) -> contextlib.AbstractContextManager[Any]:
+    """A CLIENT span around an outgoing HTTP call, with its trace context written into
+    ``headers`` (W3C ``traceparent``) for the server; nothing when tracing is off.
+    Attributes as OpenTelemetry's HTTP client conventions name them."""
+    if not _state.enabled:
+        return _OFF
+    return _client_span(method, url, headers)
+
+
+@contextlib.contextmanager
+def _client_span(method: str, url: str, headers: MutableMapping[str, str]) -> Iterator[Any]:
+    parts = urlsplit(url)
+    attributes: dict[str, AttributeValue] = {"http.request.method": method, "url.full": url, "server.address": parts.hostname or ""}
+    if parts.port is not None:
+        attributes["server.port"] = parts.port
+    with _state.tracer.start_as_current_span(method, kind=_state.trace.SpanKind.CLIENT, attributes=attributes) as current:
+        _state.inject(headers)
+        yield current
+
+
+def http_status(span: Any, status: int) -> None:
+    """A traced call's response status (an error from 400 on, as the conventions say)."""
+    if span is None:
+        return
+    span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        span.set_status(_state.trace.Status(_state.trace.StatusCode.ERROR))
 
 
 def annotate(**attributes: AttributeValue | None) -> None:

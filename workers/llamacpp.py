@@ -7,7 +7,7 @@ from typing import Any
 
 from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
 from workers.base import WorkerSettings
-from workers.http import HttpClients, acheck_response, check_response, json_object, translate_errors
+from workers.http import HttpClients, check_response, json_object, translate_errors
 from workers.sse import aiter_sse, read_to_end
 from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
 
@@ -61,9 +61,8 @@ class LlamaCppWorker:
     async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
         index = 0
         with translate_errors(self.name):
-            async with self._http.async_.stream("POST", self.path, json=self.body(prompt, stream=True)) as response:
-                await acheck_response(self.name, response)
-                events = aiter_sse(response.aiter_lines())
+            async with self._http.stream(self.path, self.body(prompt, stream=True)) as lines:
+                events = aiter_sse(lines)
                 async for event in events:
                     payload = json_object(self.name, event.data)
                     if "error" in payload:

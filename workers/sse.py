@@ -1,9 +1,15 @@
-"""Server-sent events parsing (the WHATWG event-stream format) over text lines."""
+"""Server-sent events parsing (the WHATWG event-stream format): a body's bytes into
+lines, lines into events."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+# A line ends at CRLF, LF or a lone CR (the spec allows all three).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+MAX_LINE_BYTES = 4 * 1024 * 1024  # one event's line beyond this is not a provider's stream
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,25 @@ class SseParser:
         return event
 
 
+async def aiter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of a body that arrives in chunks cut anywhere (a CRLF, or a UTF-8
+    character, split across two). A last line without its line end is yielded too.
+    A line longer than ``MAX_LINE_BYTES`` raises ``ValueError`` (a malformed response)."""
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        # A CR at the end may be the first half of a CRLF: it waits for the next chunk.
+        cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
+        *lines, rest = _LINE_END.split(pending[:cut])
+        pending = rest + pending[cut:]
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+        if len(pending) > MAX_LINE_BYTES:
+            raise ValueError(f"an event-stream line longer than {MAX_LINE_BYTES} bytes")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
 async def aiter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
     """Events from an async iterator of lines. A trailing event with no blank line is dropped (spec)."""
     parser = SseParser()
@@ -58,9 +83,9 @@ async def aiter_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseEvent]:
 
 async def read_to_end(rest: AsyncIterator[SseEvent]) -> None:
     """What follows a stream's final event: by the protocols, nothing but the body's
-    end (HTTP/1.1's last, empty chunk). It is read, not left: httpx puts a connection
-    back in its pool only once the response has been read to its end, and closes it
-    otherwise, so each stream would pay a new TCP (and, to a provider, TLS) handshake
-    before its first token."""
+    end (HTTP/1.1's last, empty chunk). It is read, not left: the HTTP client puts a
+    connection back in its pool only once the response has been read to its end, and
+    closes it otherwise, so each stream would pay a new TCP (and, to a provider, TLS)
+    handshake before its first token."""
     async for _ in rest:
         pass

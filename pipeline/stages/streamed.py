@@ -143,7 +143,7 @@ def inference_streamed(
         while not task.done():
             await asyncio.sleep(WATCH_S)
             # Never while the stream is being closed (a publish found nobody, or the reply
-            # ended): a cancellation landing in httpx's close leaves the connection open and
+            # ended): a cancellation landing in the HTTP client's close can leave the connection open and
             # counted as busy in its pool, and the provider writes the whole reply to it.
             if state.closing:
                 return

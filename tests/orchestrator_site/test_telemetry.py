@@ -59,6 +59,10 @@ def test_off_nothing_is_installed_and_spans_are_free() -> None:
     with telemetry.span("pipeline.rag", {"worker": "echo"}) as span:
         assert span is None
     telemetry.annotate(dedup_key="k", cache_hit=True)  # nothing to annotate, nothing raised
+    headers: dict[str, str] = {}
+    with telemetry.http_client_span("POST", "http://127.0.0.1:9/v1/chat/completions", headers) as call:
+        telemetry.http_status(call, 503)
+    assert call is None and headers == {}  # no span, no trace context sent
     assert telemetry.add_trace_context(None, "info", {"event": "x"}) == {"event": "x"}
     # No instrumentation patched the libraries.
     import httpx
@@ -85,14 +89,37 @@ with telemetry.span("outer", {"a": 1}) as outer:
             "event": event,
             "trace_id": f"{inner.get_span_context().trace_id:032x}",
         }))
+headers = {}
+with telemetry.span("pipeline.inference", {}) as stage:
+    with telemetry.http_client_span("POST", "http://127.0.0.1:8081/v1/chat/completions", headers) as call:
+        telemetry.http_status(call, 503)
+print(json.dumps({
+    "kind": call.kind.name,
+    "name": call.name,
+    "parent": call.parent.span_id == stage.get_span_context().span_id,
+    "attributes": dict(call.attributes),
+    "error": call.status.status_code.name,
+    "traceparent": headers.get("traceparent"),
+    "expected": f"00-{call.get_span_context().trace_id:032x}-{call.get_span_context().span_id:016x}-{int(call.get_span_context().trace_flags):02x}",
+}))
 """
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "OTEL_BSP_EXPORT_TIMEOUT": "100"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, call = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
     assert out["same_trace"] and out["parent"]
     assert out["attributes"] == {"worker": "echo", "tokens": 3}
     assert out["event"]["trace_id"] == out["trace_id"] and len(out["event"]["span_id"]) == 16
+    # An outgoing HTTP call: a CLIENT span under the stage's, its trace context sent along.
+    assert (call["kind"], call["name"], call["parent"], call["error"]) == ("CLIENT", "POST", True, "ERROR")
+    assert call["attributes"] == {
+        "http.request.method": "POST",
+        "url.full": "http://127.0.0.1:8081/v1/chat/completions",
+        "server.address": "127.0.0.1",
+        "server.port": 8081,
+        "http.response.status_code": 503,
+    }
+    assert call["traceparent"] == call["expected"]
 
 
 @pytest.fixture

@@ -127,6 +127,9 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     under = [s for s in spans if s.kind == CLIENT and s.parent_id == inference.span_id]
     call = one([s for s in under if s.attributes.get("http.request.method", s.attributes.get("http.method")) == "POST"])
     assert call.service == "orchestrator-worker" and call.attributes.get("url.full", call.attributes.get("http.url", "")).endswith("/chat/completions")
+    # The provider was sent the trace context: its own spans would join this trace.
+    sent = [h["traceparent"].split("-")[1:3] for h in session_fakes.openai.headers_seen if "traceparent" in h]
+    assert [root.trace_id, call.span_id] in sent
     assert any(s.name.startswith("XADD") for s in under)
     # No span of another trace belongs to this request.
     others = [s for s in platform.collector.spans if s.attributes.get("request_id") == request_id and s.trace_id != root.trace_id]

@@ -59,6 +59,22 @@ def test_openai_null_content_and_missing_usage(scripted: Scripted) -> None:
     assert completion.text == "" and completion.usage.total_tokens == 0 and completion.model == "m"
 
 
+def test_openai_stream_with_crlf_and_cr_line_ends_cut_inside_a_character(scripted: Scripted) -> None:
+    """Line ends of all three kinds (a proxy's CRLF, a lone CR), and chunks cut inside a
+    UTF-8 character and between a CR and its LF: the tokens as written."""
+
+    def event(text: str) -> bytes:
+        return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}, ensure_ascii=False).encode()
+
+    body = event("héllo ✓") + b"\r\n\r\n" + event(" wörld") + b"\r\r" + b"data: [DONE]\r\n\r\n"
+    inside = body.index("✓".encode()) + 1
+    between = body.index(b"\r\n") + 1
+    assert inside < between
+    scripted.script = SseReply(events=[body[:inside], body[inside:between], body[between:]])
+    chunks = stream(OpenAIWorker(settings(scripted.url)))
+    assert [c.text for c in chunks] == ["héllo ✓", " wörld", ""] and chunks[-1].finish_reason == "stop"
+
+
 def test_openai_empty_choices_is_a_protocol_error(scripted: Scripted) -> None:
     scripted.script = json_reply(200, {"choices": []})
     with pytest.raises(WorkerProtocolError):

@@ -103,8 +103,10 @@ def test_429_maps_to_rate_limited_with_retry_after(rig: Rig) -> None:
         rig.worker.infer(PROMPT)
     assert info.value.retry_after == 7.0
     assert info.value.data["upstream_status"] == 429
-    with pytest.raises(WorkerRateLimited):
+    with pytest.raises(WorkerRateLimited) as streamed:
         collect(rig)
+    # A stream refused before its first byte carries the same: the wait, the status, the provider's message.
+    assert streamed.value.retry_after == 7.0 and streamed.value.data == info.value.data
 
 
 @pytest.mark.parametrize("status", ["500", "503"])
@@ -122,6 +124,9 @@ def test_503_carries_retry_after(rig: Rig) -> None:
     with pytest.raises(TransientWorkerError) as info:
         rig.worker.infer(PROMPT)
     assert info.value.retry_after == 3.0
+    with pytest.raises(TransientWorkerError) as streamed:
+        collect(rig)
+    assert streamed.value.retry_after == 3.0 and streamed.value.data["upstream_status"] == 503
 
 
 def test_401_maps_to_auth_error(rig: Rig) -> None:
@@ -129,6 +134,9 @@ def test_401_maps_to_auth_error(rig: Rig) -> None:
     with pytest.raises(WorkerAuthError) as info:
         rig.worker.infer(PROMPT)
     assert not info.value.retryable
+    with pytest.raises(WorkerAuthError) as streamed:
+        collect(rig)
+    assert not streamed.value.retryable and streamed.value.data["upstream_status"] == 401
 
 
 def test_hang_maps_to_timeout_within_the_limit(rig: Rig) -> None:
@@ -176,6 +184,9 @@ def test_connection_refused_maps_to_connection_error(rig: Rig) -> None:
     rig.fake.stop()
     with pytest.raises(WorkerConnectionError):
         rig.worker.infer(PROMPT)
+    with pytest.raises(WorkerConnectionError) as streamed:
+        collect(rig)
+    assert streamed.value.data == {"worker": rig.worker.name} and "connection failed" in str(streamed.value)
 
 
 def test_sync_client_reuses_its_pooled_connection(rig: Rig) -> None:

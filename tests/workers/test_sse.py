@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Iterable
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.sse import SseEvent, SseParser, aiter_sse
+from workers.sse import MAX_LINE_BYTES, SseEvent, SseParser, aiter_lines, aiter_sse
 
 
 def parse(text: str) -> list[SseEvent]:
@@ -64,7 +66,49 @@ def test_field_without_colon_and_id_with_nul() -> None:
     assert parser.feed_line("") == SseEvent("message", "", None)
 
 
-@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=30), min_size=1, max_size=8))
+@given(st.lists(st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=30), min_size=1, max_size=8))
 def test_any_data_lines_round_trip(payloads: list[str]) -> None:
     text = "".join(f"data: {p}\n\n" for p in payloads)
     assert [e.data for e in parse(text)] == payloads
+
+
+def lines_of(chunks: Iterable[bytes]) -> list[str]:
+    async def feed() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    async def run() -> list[str]:
+        return [line async for line in aiter_lines(feed())]
+
+    return asyncio.run(run())
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=12), st.sampled_from(["\n", "\r\n", "\r"])
+        ),
+        max_size=8,
+    ),
+    st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=5),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=10),
+)
+def test_lines_of_a_body_cut_anywhere(lines: list[tuple[str, str]], last: str, cuts: list[int]) -> None:
+    """Any mix of CRLF, LF and lone CR, any UTF-8 text, the bytes cut at any points (a
+    CRLF or a character split across two chunks): the same lines as the whole body."""
+    body = ("".join(text + end for text, end in lines) + last).encode()
+    points = sorted({min(c, len(body)) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    whole = re.split("\r\n|\r|\n", body.decode())  # a lone CR followed by an LF is one CRLF
+    expected = whole if whole[-1] else whole[:-1]
+    assert lines_of(chunks) == expected
+
+
+def test_a_crlf_split_across_chunks_is_one_line_end() -> None:
+    assert lines_of([b"data: a\r", b"\n\r", b"\ndata: b\r", b"\r"]) == ["data: a", "", "data: b", ""]
+
+
+def test_a_line_beyond_the_bound_is_refused() -> None:
+    with pytest.raises(ValueError, match=re.escape(f"longer than {MAX_LINE_BYTES} bytes")):
+        lines_of([b"data: ", b"x" * MAX_LINE_BYTES])
+    assert lines_of([b"data: " + b"x" * (MAX_LINE_BYTES - 6), b"\n"]) == ["data: " + "x" * (MAX_LINE_BYTES - 6)]
