@@ -17,7 +17,9 @@ from typing import Any
 
 import structlog
 from asgiref.sync import sync_to_async
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import close_old_connections
 
 from orchestrator_site.errors import (
     ApiKeyMissing,
@@ -43,6 +45,9 @@ class ClientGone(Exception):
 
 
 def _authenticate(raw: str) -> TenantPrincipal:
+    # The consumer's one use of the database: stale connections are closed here, where
+    # it is used (Channels' dispatch would do it before every message; see below).
+    close_old_connections()
     key = api_key_authenticate_cached(raw)
     return TenantPrincipal(tenant=key.tenant, api_key=key)
 
@@ -66,6 +71,16 @@ class StreamConsumer(AsyncWebsocketConsumer):
                 await self.refuse(exc)
                 return
             await self.send_event({"type": "authenticated", "tenant_id": self.principal.tenant_id})
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Channels' dispatch without its ``aclose_old_connections`` before every message:
+        a hop to the one thread-sensitive sync thread, which every connection's messages
+        queued for, 0.7 ms of a prompt's time to first token at concurrency 1. Nothing
+        here uses the database on the event loop; ``_authenticate`` cleans up itself."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def disconnect(self, code: int) -> None:
         # The client left: every stream stops reading and signs out of its token

@@ -68,6 +68,42 @@ def test_a_refused_prompt_names_its_request(owner: TenantFixture) -> None:
     assert refused["type"] == "error" and refused["code"] == "rate_limited" and refused["request_id"] and refused["data"]["limit"] == 1
 
 
+def test_messages_hop_to_no_thread_and_authentication_closes_stale_connections(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels' dispatch closes old database connections before every message, in the
+    one thread-sensitive thread; the consumer does it only where it uses the database."""
+    import channels.consumer
+
+    by_channels: list[int] = []
+    by_consumer: list[int] = []
+
+    async def hop() -> None:  # Channels' dispatch: before each message, in a thread
+        by_channels.append(1)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", hop)
+    real = consumers.close_old_connections
+    monkeypatch.setattr(consumers, "close_old_connections", lambda: (by_consumer.append(1), real()))
+
+    async def scenario() -> list[dict[str, Any]]:
+        ws = await connect(owner.key)  # the header's key: authenticated
+        answers = []
+        for _ in range(3):
+            await ws.send_to(text_data=json.dumps({"type": "nope"}))
+            answers.append(await receive(ws))
+        await ws.send_to(text_data=json.dumps({"type": "auth", "api_key": owner.key}))  # again, by message
+        answers.append(await receive(ws))
+        await ws.disconnect()
+        return answers
+
+    answers = run(scenario)
+    assert [a.get("code", a["type"]) for a in answers] == ["invalid_request"] * 3 + ["authenticated"]
+    assert by_channels == [] and len(by_consumer) == 2  # once per authentication, never per message
+
+
+def test_a_message_of_no_known_type_is_refused_as_channels_does() -> None:
+    with pytest.raises(ValueError, match=r"No handler for message type websocket\.nope"):
+        async_to_sync(consumers.StreamConsumer().dispatch)({"type": "websocket.nope"})
+
+
 def test_a_connection_holds_at_most_its_cap_of_streams() -> None:
     consumer = consumers.StreamConsumer()
     consumer.streams = {}
