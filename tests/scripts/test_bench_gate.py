@@ -55,12 +55,25 @@ CONTROLS = ("rag.limit_context", "post (2 KiB reply)")  # cases the injection do
 def disturbed(stdout: str) -> bool:
     """A run in which the untouched cases moved by more than 10 % was disturbed by the
     shared machine (seen once in CI: every base case 20 % slower); it says nothing."""
+    return any(line.startswith(CONTROLS) and "%" in line and abs(change(line)) > 10 for line in stdout.splitlines())
+
+
+def change(line: str) -> float:
+    return float(line.split()[-2 if "REGRESSION" in line else -1].rstrip("%"))
+
+
+def stands_out(stdout: str, case: str = "assemble", margin: float = 10.0) -> bool:
+    """In every comparison of the run (the first and each confirmation), ``case`` slowed
+    down by more than ``margin`` points beyond every control: the machine moved them
+    all, the injection only the one."""
+    blocks: list[dict[str, float]] = [{}]
     for line in stdout.splitlines():
-        if line.startswith(CONTROLS) and "%" in line:
-            change = float(line.split()[-2 if "REGRESSION" in line else -1].rstrip("%"))
-            if abs(change) > 10:
-                return True
-    return False
+        if line.startswith("confirmation run"):
+            blocks.append({})
+        elif line.startswith((case, *CONTROLS)) and "%" in line:
+            blocks[-1][line.split(" (")[0].split()[0]] = change(line)
+    controls = [name.split(" (")[0].split()[0] for name in CONTROLS]
+    return all(case in b and all(c in b for c in controls) and b[case] - max(b[c] for c in controls) > margin for b in blocks)
 
 
 def test_an_injected_slowdown_fails_the_gate(tmp_path: Path) -> None:
@@ -72,7 +85,10 @@ def test_an_injected_slowdown_fails_the_gate(tmp_path: Path) -> None:
         proc = gate(base, head)
         if not disturbed(proc.stdout):
             break
-    assert not disturbed(proc.stdout), proc.stdout
+    # A machine that stayed busy through three runs still tells, if the injected case stood
+    # clear of the controls in every comparison (seen in CI: the controls at -20 % and
+    # +8 %, assemble at +30 % to +55 %).
+    assert not disturbed(proc.stdout) or stands_out(proc.stdout), proc.stdout
     assert proc.returncode == 1, proc.stdout
     flagged = [line for line in proc.stdout.splitlines() if "REGRESSION" in line]
     assert any(line.startswith("assemble") for line in flagged), proc.stdout
@@ -82,6 +98,24 @@ def test_disturbed_runs_are_recognised() -> None:
     calm = "rag.limit_context (50 docs)   4.6   4.7   +2.0%\npost (2 KiB reply)   170.0   171.0   +0.6%\nassemble   12.0   14.8  +23.3%  REGRESSION"
     noisy = "rag.limit_context (50 docs)   6.45   4.93  -23.6%\npost (2 KiB reply)   230.5   184.3  -20.0%"
     assert not disturbed(calm) and disturbed(noisy)
+
+
+CI_RUN = """case                                   base us   head us   change
+rag.limit_context (50 docs)               6.44      6.06   -5.9%
+assemble                                 16.89     21.89  +29.6%  REGRESSION
+post (2 KiB reply)                      122.98     98.67  -19.8%
+confirmation run 1:
+rag.limit_context (50 docs)               6.11      6.44   +5.4%
+assemble                                 15.13     22.58  +49.2%  REGRESSION
+post (2 KiB reply)                      102.18    100.89   -1.3%
+bench gate: FAILED"""
+
+
+def test_an_injected_case_standing_clear_of_the_controls_is_told_from_noise() -> None:
+    assert disturbed(CI_RUN) and stands_out(CI_RUN)
+    assert not stands_out(CI_RUN.replace("+49.2%", "+12.0%"))  # within 10 points of a control (+5.4 %)
+    assert not stands_out(CI_RUN.replace("post (2 KiB reply)                      102.18    100.89   -1.3%\n", ""))  # a control missing
+    assert not stands_out(CI_RUN.replace("assemble                                 15.13     22.58  +49.2%  REGRESSION\n", ""))
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3])
