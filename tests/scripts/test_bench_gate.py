@@ -12,9 +12,9 @@ import pytest
 from tests.conftest import ROOT
 
 # One gate run is three side-by-side comparisons of ~8 s on a quiet machine; a
-# slowdown is confirmed twice more and a disturbed run is repeated, so on a busy
-# CI host the 120 s default was seen to cut a correct run short.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# slowdown is confirmed twice more and a disturbed run is repeated (up to five
+# runs), so on a busy CI host the 120 s default was seen to cut a correct run short.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 PACKAGES = ("orchestrator_site", "pipeline", "workers", "batches")
 
@@ -81,13 +81,15 @@ def test_an_injected_slowdown_fails_the_gate(tmp_path: Path) -> None:
     head = copy_tree(tmp_path / "head")
     with (head / "pipeline" / "stages" / "assemble.py").open("a") as f:
         f.write(SLOWDOWN)
-    for _ in range(3):
+    # A run tells when the controls held still, or when the injected case stood clear of
+    # them in every comparison (seen in CI: the controls at -20 % and +8 %, assemble at
+    # +30 % to +55 %). On a busy host it may take several runs: CI saw three disturbed in
+    # a row twice in one afternoon (once with the base side 15-20 % slower throughout,
+    # hiding the injection).
+    for _ in range(5):
         proc = gate(base, head)
-        if not disturbed(proc.stdout):
+        if not disturbed(proc.stdout) or stands_out(proc.stdout):
             break
-    # A machine that stayed busy through three runs still tells, if the injected case stood
-    # clear of the controls in every comparison (seen in CI: the controls at -20 % and
-    # +8 %, assemble at +30 % to +55 %).
     assert not disturbed(proc.stdout) or stands_out(proc.stdout), proc.stdout
     assert proc.returncode == 1, proc.stdout
     flagged = [line for line in proc.stdout.splitlines() if "REGRESSION" in line]
