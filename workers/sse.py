@@ -57,15 +57,19 @@ async def aiter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     """The lines of a body that arrives in chunks cut anywhere (a CRLF, or a UTF-8
     character, split across two). A last line without its line end is yielded too.
     A line longer than ``MAX_LINE_BYTES`` raises ``ValueError`` (a malformed response)."""
-    pending = b""
+    pending = bytearray()  # the line so far: appended to in place, not copied per chunk
     async for chunk in chunks:
+        held_cr = pending.endswith(b"\r")
         pending += chunk
-        # A CR at the end may be the first half of a CRLF: it waits for the next chunk.
-        cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
-        *lines, rest = _LINE_END.split(pending[:cut])
-        pending = rest + pending[cut:]
-        for line in lines:
-            yield line.decode("utf-8", "replace")
+        # Only a chunk with a line end (or after a held CR) is split: a long line arriving in
+        # many chunks is not scanned again with each one.
+        if held_cr or b"\n" in chunk or b"\r" in chunk:
+            # A CR at the end may be the first half of a CRLF: it waits for the next chunk.
+            cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
+            *lines, rest = _LINE_END.split(pending[:cut])
+            pending = rest + pending[cut:]
+            for line in lines:
+                yield line.decode("utf-8", "replace")
         if len(pending) > MAX_LINE_BYTES:
             raise ValueError(f"an event-stream line longer than {MAX_LINE_BYTES} bytes")
     if pending:
