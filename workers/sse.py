@@ -67,7 +67,7 @@ async def aiter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
             # A CR at the end may be the first half of a CRLF: it waits for the next chunk.
             cut = len(pending) - 1 if pending.endswith(b"\r") else len(pending)
             *lines, rest = _LINE_END.split(pending[:cut])
-            pending = rest + pending[cut:]
+            pending = bytearray(rest + pending[cut:])
             for line in lines:
                 yield line.decode("utf-8", "replace")
         if len(pending) > MAX_LINE_BYTES:
