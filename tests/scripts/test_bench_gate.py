@@ -62,6 +62,11 @@ def change(line: str) -> float:
     return float(line.split()[-2 if "REGRESSION" in line else -1].rstrip("%"))
 
 
+def case_name(line: str) -> str:
+    """A case's short name: ``post`` for ``post (2 KiB reply)`` and a line of its figures."""
+    return line.split(" (")[0].split()[0]
+
+
 def stands_out(stdout: str, case: str = "assemble", margin: float = 10.0) -> bool:
     """In every comparison of the run (the first and each confirmation), ``case`` slowed
     down by more than ``margin`` points beyond every control: the machine moved them
@@ -71,8 +76,8 @@ def stands_out(stdout: str, case: str = "assemble", margin: float = 10.0) -> boo
         if line.startswith("confirmation run"):
             blocks.append({})
         elif line.startswith((case, *CONTROLS)) and "%" in line:
-            blocks[-1][line.split(" (")[0].split()[0]] = change(line)
-    controls = [name.split(" (")[0].split()[0] for name in CONTROLS]
+            blocks[-1][case_name(line)] = change(line)
+    controls = [case_name(name) for name in CONTROLS]
     return all(case in b and all(c in b for c in controls) and b[case] - max(b[c] for c in controls) > margin for b in blocks)
 
 
