@@ -29,8 +29,7 @@ from orchestrator_site.errors import (
     PromptTooLarge,
 )
 from pipeline import services, streaming
-from pipeline.api.errors import validation_error
-from pipeline.api.serializers import InferInput
+from pipeline.api.serializers import InferInput, validated
 from pipeline.auth import TenantPrincipal, api_key_authenticate_cached, bearer_token
 from pipeline.config import get_config
 
@@ -135,11 +134,9 @@ class StreamConsumer(AsyncWebsocketConsumer):
         principal = self._principal()
         self._room_for_one_more()
         fields = {k: v for k, v in message.items() if k != "type"}
-        serializer = InferInput(data=fields)
-        if not serializer.is_valid():  # no I/O in it (as in the HTTP views): no thread hop
-            raise validation_error(serializer.errors)
+        data = validated(InferInput, fields)  # no I/O in it (as in the HTTP views): no thread hop
         config = get_config()
-        request = services.infer_build_request(tenant_id=principal.tenant_id, data=dict(serializer.validated_data), config=config)
+        request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
         rates = services.tenant_rates(principal.tenant, config)
         try:
             started = await services.ainfer_start(request=request, rates=rates)

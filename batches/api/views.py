@@ -19,8 +19,8 @@ from batches.api import serializers as s
 from batches.models import BatchJob
 from orchestrator_site.errors import InvalidRequest
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.api.serializers import ErrorOut
-from pipeline.api.views import tenant_of, validated
+from pipeline.api.serializers import ErrorOut, validated
+from pipeline.api.views import tenant_of
 from pipeline.config import get_config
 
 _ERRORS = {code: OpenApiResponse(ErrorOut) for code in (400, 401, 404, 413, 415)}

@@ -27,8 +27,8 @@ from rest_framework.views import APIView
 
 from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownModel
 from pipeline import services, streaming
-from pipeline.api.errors import validation_error
 from pipeline.api.parsers import LimitedJSONParser
+from pipeline.api.serializers import validated
 from pipeline.api.views import TenantAsyncAPIView, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 
@@ -105,10 +105,7 @@ class ChatCompletionsApi(TenantAsyncAPIView):
     @extend_schema(operation_id="openai_chat_completions", request=ChatCompletionInput, responses={200: dict})
     async def post(self, request: Request) -> Response | StreamingHttpResponse:
         principal = tenant_of(request)
-        serializer = ChatCompletionInput(data=request.data)
-        if not serializer.is_valid():
-            raise validation_error(serializer.errors)
-        data = serializer.validated_data
+        data = validated(ChatCompletionInput, request.data)
         config = get_config()
         worker, model = resolve_model(config, data["model"])
         messages = data["messages"]

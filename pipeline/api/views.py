@@ -20,7 +20,6 @@ from rest_framework.views import APIView
 from orchestrator_site.errors import ApiKeyMissing, InvalidRequest, OrchestratorError
 from pipeline import selectors, services, streaming
 from pipeline.api import serializers as s
-from pipeline.api.errors import validation_error
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.auth import TenantPrincipal, aresolve_api_key
 from pipeline.config import get_config
@@ -53,13 +52,6 @@ def tenant_of(request: Request) -> TenantPrincipal:
     if not isinstance(principal, TenantPrincipal):  # IsTenant has run; this keeps the types honest
         raise ApiKeyMissing()
     return principal
-
-
-def validated(serializer_cls: type[Any], data: Any) -> dict[str, Any]:
-    serializer = serializer_cls(data=data)
-    if not serializer.is_valid():
-        raise validation_error(serializer.errors)
-    return dict(serializer.validated_data)
 
 
 _ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 413, 415, 429, 503, 504)}
@@ -96,7 +88,7 @@ class InferApi(TenantAsyncAPIView):
     @extend_schema(request=s.InferInput, responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="infer")
     async def post(self, request: Request) -> Response | StreamingHttpResponse:
         principal = tenant_of(request)
-        data = validated(s.InferInput, request.data)
+        data = s.validated(s.InferInput, request.data)
         config = get_config()
         prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
         rates = services.tenant_rates(principal.tenant, config)
@@ -159,7 +151,7 @@ class DocumentListCreateApi(APIView):
 
     @extend_schema(request=s.DocumentInput, responses={201: s.DocumentOut, 400: s.ErrorOut, 401: s.ErrorOut}, operation_id="documents_create")
     def post(self, request: Request) -> Response:
-        data = validated(s.DocumentInput, request.data)
+        data = s.validated(s.DocumentInput, request.data)
         doc = services.document_create(tenant=tenant_of(request).tenant, title=data["title"], body=data["body"], metadata=data.get("metadata"))
         return Response(_document_out(doc), status=201)
 
