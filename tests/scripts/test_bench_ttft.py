@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -113,6 +114,39 @@ def test_the_client_times_the_first_token_and_counts_every_token(upstream: str) 
     assert lone.transport == "direct" and lone.tokens == 5 and lone.ttft_ms >= 50
     assert lone.total_ms - lone.ttft_ms < 30  # fake-1 writes its tokens at once
     assert paced.tokens == 5 and paced.total_ms - paced.ttft_ms >= 4 * 25  # read to the end, one every 30 ms
+
+
+def test_the_clients_collector_is_off_while_a_phase_is_timed(upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection in the client would be timed as the platform's: closed and open
+    loops run with it off, and turn it on again after."""
+    seen: list[bool] = []
+
+    class NoSocket:
+        async def close(self) -> None:
+            pass
+
+    async def no_socket(clients: bench_ttft.Clients) -> NoSocket:
+        return NoSocket()
+
+    async def run() -> tuple[int, int]:
+        async with bench_ttft.http_session() as http:
+            clients = bench_ttft.Clients("http://unused", upstream, "key", http)
+            direct = clients.direct
+
+            async def timed() -> bench_ttft.Sample:
+                seen.append(gc.isenabled())
+                return await direct()
+
+            object.__setattr__(clients, "direct", timed)
+            closed, _took, closed_errors = await bench_ttft.closed_loop(clients, concurrency=2, per_client=2, transports=("direct",))
+            monkeypatch.setattr(bench_ttft, "TRANSPORTS", ("direct",))
+            opened, open_errors = await bench_ttft.open_loop(clients, rate=20, seconds=0.2)
+            return len(closed) + len(opened), closed_errors + open_errors
+
+    monkeypatch.setattr(bench_ttft, "open_socket", no_socket)
+    assert gc.isenabled()
+    assert asyncio.run(run()) == (8, 0)
+    assert seen == [False] * 8 and gc.isenabled()
 
 
 def test_the_client_reports_an_http_error_with_its_body(upstream: str) -> None:
