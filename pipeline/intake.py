@@ -5,10 +5,12 @@ claim, the rate limit, admission and the status hash (a Redis round trip each),
 then Celery's publish, all in a thread of its own. Here the four Redis steps are
 one Lua script, composed of the very functions their own scripts run, so it is
 also atomic: a request refused by a limit leaves no claim behind. The task's
-broker message is one ``LPUSH`` on the loop's own connection to the broker. It is
-built from a template that Celery itself published once, to an in-memory broker.
-That is two round trips, no thread hop, and none of kombu's per-message cost
-(kombu builds a new client object for every publish).
+broker message is built from a template that Celery itself published once, to an
+in-memory broker. When the broker is the token bus's Redis server (the default:
+another database of it), the script pushes the message too, so that the request's
+whole start is one round trip; otherwise the message is one ``LPUSH`` on the loop's
+own connection to the broker, a second round trip. Either way no thread hop, and
+none of kombu's per-message cost (kombu builds a new client object for every publish).
 
 The message path is used only when the broker is Redis and nothing listens to
 Celery's publish signals. The OpenTelemetry instrumentation does listen: it puts
@@ -34,18 +36,21 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from celery import signals
 from kombu import Connection
+from redis.connection import parse_url
 
 from pipeline.resilience import admission, dedup, ratelimit
 from pipeline.tokenbus import TokenBus, one_async_retry, redis_errors
 from pipeline.types import PromptRequest
 
 # KEYS: 1 dedup in-flight key, 2 dedup done key, 3 rate requests log, 4 rate tokens log,
-#       5 global leases, 6 tenant leases, 7 status hash.
+#       5 global leases, 6 tenant leases, 7 status hash, 8 the broker's list.
 # ARGV: 1 request_id, 2 dedup window_s (0: no deduplication), 3 now, 4 rate window_s,
 #       5 rpm, 6 tpm (both 0: no rate limit, not even counted), 7 lease_s, 8 global max,
-#       9 tenant max, 10 tenant_id, 11 session_id, 12 status ttl_s, 13 now as recorded.
+#       9 tenant max, 10 tenant_id, 11 session_id, 12 status ttl_s, 13 now as recorded,
+#       14 the task's message ("": the caller pushes it), 15 the broker's database
+#       ("": the bus's own; a script's SELECT stays in the script from Redis 7.0 on).
 # Returns {"done", result} | {"inflight", owner} | {"rate", kind, retry_after_ms} |
-# {"shed", 0 (global) or -1 (tenant)} | {"queued", request_id}.
+# {"shed", 0 (global) or -1 (tenant)} | {"queued", request_id, 1 if the message was pushed}.
 START_SCRIPT = (
     dedup.CLAIM_FUNCTION
     + ratelimit.CHECK_FUNCTION
@@ -76,7 +81,13 @@ if admitted ~= 1 then
 end
 redis.call('HSET', KEYS[7], 'tenant_id', ARGV[10], 'session_id', ARGV[11], 'status', 'queued', 'created_at', ARGV[13], 'updated_at', ARGV[13])
 redis.call('EXPIRE', KEYS[7], ARGV[12])
-return {'queued', request_id}
+if ARGV[14] == '' then return {'queued', request_id, 0} end
+if ARGV[15] ~= '' then
+  local selected = redis.pcall('SELECT', ARGV[15])
+  if type(selected) == 'table' and selected.err then return {'queued', request_id, 0} end
+end
+redis.call('LPUSH', KEYS[8], ARGV[14])
+return {'queued', request_id, 1}
 """
 )
 
@@ -102,6 +113,7 @@ class Outcome:
     kind: str
     value: str = ""
     retry_after_s: float = 0.0
+    pushed: bool = False  # "queued" with the task's message on the broker's list already
 
 
 class Intake:
@@ -117,8 +129,17 @@ class Intake:
         """Whether ``publish`` may be used for the next message (else: Celery's publish)."""
         return self.broker is not None and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers)
 
-    async def start(self, bus: TokenBus, request: PromptRequest, *, dedup_key: str | None, limits: Limits, now: float) -> Outcome:
-        """Claim, count, admit and record the request as queued, or say why not (one round trip)."""
+    async def message_for(self, bus: TokenBus, request: PromptRequest, argsrepr: str) -> str | None:
+        """The request's task message, if ``start`` can push it with the script: the
+        broker is a database of the bus's server, and the script can reach it."""
+        if self.broker is None or await self.broker.database_from(bus) is None:
+            return None
+        return self.broker.messages.encode(request, argsrepr)
+
+    async def start(self, bus: TokenBus, request: PromptRequest, *, dedup_key: str | None, limits: Limits, now: float, message: str | None = None) -> Outcome:
+        """Claim, count, admit and record the request as queued, or say why not (one
+        round trip). A ``message`` (``message_for``) is pushed onto the broker's list
+        once the request is queued (``Outcome.pushed``)."""
         client = bus.aclient()
         script = self._scripts.get(client)
         if script is None:
@@ -130,7 +151,9 @@ class Intake:
             *ratelimit.keys(bus.prefix, request.tenant_id),
             *admission.keys(bus.prefix, request.tenant_id),
             bus.status_key(request.request_id),
+            self.broker.key if self.broker is not None else "",
         ]
+        database = await self.broker.database_from(bus) if self.broker is not None and message is not None else None
         args: list[str | int | float] = [
             request.request_id,
             limits.dedup_window_s if dedup_key else 0,
@@ -145,6 +168,8 @@ class Intake:
             request.session_id,
             bus.ttl_s,
             f"{now:.6f}",
+            message if database is not None and message is not None else "",
+            database or "",
         ]
         with redis_errors("start the request"):
             reply = await script(keys=keys, args=args)
@@ -153,7 +178,7 @@ class Intake:
             return Outcome("rate", str(reply[1]), max(int(reply[2]), 0) / 1000.0)
         if kind == "shed":
             return Outcome("shed", "tenant" if int(reply[1]) == -1 else "global")
-        return Outcome(kind, str(reply[1]))
+        return Outcome(kind, str(reply[1]), pushed=kind == "queued" and int(reply[2]) == 1)
 
     async def publish(self, request: PromptRequest, argsrepr: str) -> None:
         """``run_realtime``'s message for the request, onto the broker's list."""
@@ -205,6 +230,13 @@ class TaskMessages:
         return json.dumps({**self.template, "body": base64.b64encode(body.encode()).decode("ascii"), "headers": headers, "properties": properties})
 
 
+def selects_within_scripts(version: str) -> bool:
+    """Whether a script's SELECT stays in the script on a server of this version (7.0
+    and later); before, it changed the database of the connection that ran the script."""
+    major = version.split(".", 1)[0]
+    return major.isdigit() and int(major) >= 7
+
+
 _template_lock = threading.Lock()
 _TEMPLATE_REQUEST = PromptRequest(
     request_id="template", tenant_id="template", session_id="template", prompt="template", worker="template", model="template", max_tokens=1
@@ -222,6 +254,27 @@ class BrokerQueue:
         self.messages = messages
         self._socket_timeout_s = socket_timeout_s
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
+        self._databases: dict[str, str | None] = {}
+
+    async def database_from(self, bus: TokenBus) -> str | None:
+        """How a script on the bus's connection reaches this list: "" (the same
+        database), the database's number (another database of the same server, which
+        runs Redis 7.0 or later), or None (another server: the list is pushed to
+        on its own connection). Asked once per bus address."""
+        if bus.url not in self._databases:
+            self._databases[bus.url] = await self._database_from(bus)
+        return self._databases[bus.url]
+
+    async def _database_from(self, bus: TokenBus) -> str | None:
+        ours, theirs = parse_url(self.url), parse_url(bus.url)
+        database = int(ours.pop("db", 0))
+        if ours != {k: v for k, v in theirs.items() if k != "db"}:
+            return None
+        if database == int(theirs.get("db", 0)):
+            return ""
+        with redis_errors("read the server's version"):
+            info = await bus.aclient().info("server")
+        return str(database) if selects_within_scripts(str(info.get("redis_version", ""))) else None
 
     @classmethod
     def for_broker(cls, url: str, options: Mapping[str, Any], messages: TaskMessages) -> BrokerQueue | None:

@@ -164,8 +164,10 @@ async def _intake_start(intake: Intake, request: PromptRequest, rates: TenantRat
     key = dedup_key(request) if config.dedup.enabled else None
     max_global, max_per_tenant, lease_s = admission_bounds(config)
     limits = IntakeLimits(config.dedup.window_s, rates.requests_per_minute, rates.tokens_per_minute, max_global, max_per_tenant, lease_s)
+    bus = get_bus()
     try:
-        outcome = await intake.start(get_bus(), request, dedup_key=key, limits=limits, now=time.time())
+        message = await intake.message_for(bus, request, realtime_argsrepr(request))
+        outcome = await intake.start(bus, request, dedup_key=key, limits=limits, now=time.time(), message=message)
     except ServiceUnavailable as exc:
         shared_state.failed("start the request", exc.__cause__ or exc)
         return await sync_to_async(infer_start, thread_sensitive=False)(request=request, rates=rates)
@@ -178,6 +180,8 @@ async def _intake_start(intake: Intake, request: PromptRequest, rates: TenantRat
         raise _rate_limited(outcome.value, outcome.retry_after_s, rates)
     if outcome.kind == "shed":
         raise _shed(outcome.value, max_global=max_global, max_per_tenant=max_per_tenant)
+    if outcome.pushed:
+        return Started("submitted", request.request_id)
     try:
         await intake.publish(request, realtime_argsrepr(request))
     except redis.RedisError as exc:

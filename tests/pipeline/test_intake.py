@@ -178,6 +178,111 @@ def test_a_request_is_claimed_admitted_recorded_and_published(own_broker: OwnBro
     assert message["body"][0] == [request.to_dict()] and message["headers"]["argsrepr"] == f"(<request {request.request_id}>,)"
 
 
+def pushes_counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The messages pushed on the broker's own connection (a second round trip)."""
+    pushed: list[str] = []
+    push = BrokerQueue.push
+
+    async def counted(self: BrokerQueue, payload: str) -> None:
+        pushed.append(payload)
+        await push(self, payload)
+
+    monkeypatch.setattr(BrokerQueue, "push", counted)
+    return pushed
+
+
+def own_queue(monkeypatch: pytest.MonkeyPatch, url: str) -> tuple[BrokerQueue, redis.Redis]:
+    """The gateway's messages go to a list of their own on the broker at ``url``."""
+    built = services.intake_prepare().broker
+    assert built is not None
+    queue = BrokerQueue(url=url, key=f"intake-own-{uuid.uuid4().hex[:8]}", messages=built.messages, socket_timeout_s=2)
+    monkeypatch.setattr(services, "_intake_built", Intake(queue))
+    return queue, redis.Redis.from_url(url)
+
+
+@pytest.mark.django_db
+def test_on_a_database_of_the_bus_server_the_message_goes_with_the_script(own_broker: OwnBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's broker is another database of the bus's server: the script pushes
+    the message (one round trip), and its SELECT leaves the connection on the bus's
+    database for what comes next on it."""
+    pushed = pushes_counted(monkeypatch)
+    bus = get_bus()
+
+    async def two_then_read() -> tuple[list[services.Started], dict[Any, Any]]:
+        requests = [a_request("one"), a_request("two")]
+        started = [await services.ainfer_start(request=request) for request in requests]
+        return started, await bus.aclient().hgetall(bus.status_key(requests[1].request_id))  # the connection the scripts ran on
+
+    started, status = asyncio.run(two_then_read())
+    assert [s.how for s in started] == ["submitted", "submitted"] and pushed == []
+    assert [m["body"][0][0]["request_id"] for m in own_broker.messages()] == [s.request_id for s in started]
+    assert status["status"] == "queued"
+    assert asyncio.run(services.intake_prepare().broker.database_from(bus)) == settings.CELERY_BROKER_URL.rsplit("/", 1)[1]  # type: ignore[union-attr]
+
+
+@pytest.mark.django_db
+def test_a_broker_on_the_bus_database_itself_needs_no_select(monkeypatch: pytest.MonkeyPatch) -> None:
+    queue, client = own_queue(monkeypatch, settings.REDIS_URL)
+    pushed = pushes_counted(monkeypatch)
+    try:
+        request = a_request()
+        assert start(request).how == "submitted" and pushed == []
+        assert asyncio.run(queue.database_from(get_bus())) == ""
+        [raw] = client.lrange(queue.key, 0, -1)
+        assert json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0]["request_id"] == request.request_id
+    finally:
+        client.delete(queue.key)
+        client.close()
+
+
+@pytest.mark.django_db
+def test_a_broker_on_another_server_is_pushed_to_on_its_own_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``localhost`` is another address than the bus's ``127.0.0.1``: as far as the
+    gateway can tell, another server. The message goes by its own ``LPUSH``."""
+    queue, client = own_queue(monkeypatch, settings.CELERY_BROKER_URL.replace("127.0.0.1", "localhost"))
+    pushed = pushes_counted(monkeypatch)
+    try:
+        request = a_request()
+        assert start(request).how == "submitted" and len(pushed) == 1
+        assert asyncio.run(queue.database_from(get_bus())) is None
+        assert client.llen(queue.key) == 1
+    finally:
+        client.delete(queue.key)
+        client.close()
+
+
+@pytest.mark.django_db
+def test_a_broker_database_the_server_lacks_leaves_the_request_to_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The script's SELECT fails (the server has 16 databases): the request is queued
+    without its message, the caller's own push fails too, and the gateway runs it itself."""
+    _queue, client = own_queue(monkeypatch, settings.REDIS_URL.rsplit("/", 1)[0] + "/99")
+    pushed = pushes_counted(monkeypatch)
+    try:
+        with capture_logs() as logs:
+            started = start(a_request())
+        assert started.how == "inline" and len(pushed) == 1
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["broker_unavailable"]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("version", "local"), [("7.0.15", True), ("8.2.1", True), ("6.2.14", False), ("5.0.7", False), ("", False)])
+def test_a_scripts_select_stays_in_the_script_from_redis_7(version: str, local: bool) -> None:
+    from pipeline.intake import selects_within_scripts
+
+    assert selects_within_scripts(version) is local
+
+
+def test_before_redis_7_a_broker_database_is_pushed_to_on_its_own_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """There a script's SELECT would move the bus's connection to the broker's database."""
+    from pipeline import intake
+
+    queue, client = own_queue(monkeypatch, settings.CELERY_BROKER_URL)
+    client.close()
+    monkeypatch.setattr(intake, "selects_within_scripts", lambda version: False)
+    assert asyncio.run(queue.database_from(get_bus())) is None
+
+
 @pytest.mark.django_db
 def test_an_identical_request_attaches_then_is_answered_from_the_window(own_broker: OwnBroker) -> None:
     first = start(a_request("same"))
