@@ -460,23 +460,61 @@ def with_children(pids: list[int]) -> list[int]:
     return [*pids, *(pid for pid, _name, ppid in processes() if ppid in pids)]
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """CPU time used on the whole machine since boot, by every process and the kernel,
+    and the time the hypervisor kept the virtual CPUs from running (steal), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq) / TICKS_PER_S, steal / TICKS_PER_S
+
+
+@dataclass(frozen=True)
+class Outside:
+    """Over a phase: CPU used outside the measured groups (other services on the
+    machine, the kernel), the hypervisor's steal, and the phase's wall time."""
+
+    cpu_s: float
+    steal_s: float
+    wall_s: float
+
+    def line(self, phase: str) -> str:
+        per_s = 1000 / max(self.wall_s, 1e-9)
+        return (
+            f"During the {phase} phase, processes outside the benchmark's (other services, the kernel) used "
+            f"{self.cpu_s * per_s:.0f} ms of CPU per second, and the hypervisor took {self.steal_s * per_s:.0f} ms per second "
+            f"(of {os.cpu_count() or 0} x 1,000): their bursts land in single requests' times."
+        )
+
+
 class CpuClock:
     """CPU time per request of each group of processes, over a phase: the capacity a
     request costs, less dependent on how the two cores were shared than a rate. Each
     group's processes are looked up when a phase starts (Postgres's backends open as
-    the workers connect); one that starts later is not counted."""
+    the workers connect); one that starts later is not counted. The rest of the
+    machine's CPU time over the phase is ``outside``."""
 
     def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
         self.groups = groups
         self._start: dict[str, dict[int, float]] = {}
+        self._machine = (0.0, 0.0)
+        self._wall = 0.0
 
     def start(self) -> None:
         self._start = {group: {pid: cpu_seconds(pid) for pid in find()} for group, find in self.groups.items()}
+        self._machine = machine_cpu_seconds()
+        self._wall = time.monotonic()
+
+    def _used(self) -> dict[str, float]:
+        return {group: sum(max(0.0, cpu_seconds(pid) - before) for pid, before in pids.items()) for group, pids in self._start.items()}
+
+    def outside(self) -> Outside:
+        """Since ``start``: the machine's CPU time less the groups', and the steal."""
+        used, (cpu, steal) = self._used(), machine_cpu_seconds()
+        return Outside(max(0.0, cpu - self._machine[0] - sum(used.values())), steal - self._machine[1], time.monotonic() - self._wall)
 
     def per_request_ms(self, requests: int) -> dict[str, float]:
         """Milliseconds of CPU per request since ``start``, by group, and ``all``."""
-        used = {group: sum(max(0.0, cpu_seconds(pid) - before) for pid, before in pids.items()) for group, pids in self._start.items()}
-        per = {group: seconds * 1000 / max(requests, 1) for group, seconds in used.items()}
+        per = {group: seconds * 1000 / max(requests, 1) for group, seconds in self._used().items()}
         per["all"] = sum(per.values())
         return per
 
@@ -526,7 +564,9 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
 
     out.write("| load | transport | requests | TTFT P50 ms | TTFT P99 ms | overhead over direct, P50 / P99 ms |\n| --- | --- | --- | --- | --- | --- |\n")
     STAGE_TIMES.clear()
+    cpu.start()
     lone, _took, lone_errors = await closed_loop(clients, concurrency=1, per_client=args.requests, transports=TRANSPORTS)
+    lone_outside = cpu.outside()
     out.write("\n".join(ttft_rows("concurrency 1", lone)) + "\n")
     inside = {stage: pct([t[stage] / 1000 for t in STAGE_TIMES], 0.5) for stage in ("rag", "assemble", "inference")}
     STAGE_TIMES.clear()
@@ -558,6 +598,7 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
             f"| {cpu_cell(used)} |\n"
         )
 
+    out.write("\n" + lone_outside.line("concurrency 1") + "\n")
     out.write(
         "\nInside the worker, WebSocket prompts at concurrency 1 (P50 of the done events' timings): "
         + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in inside.items())
