@@ -378,30 +378,34 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
         # Not one of ours (or from an incompatible version): nothing to answer to.
         log.error("task_payload_invalid", outcome="dropped", payload_type=type(payload).__name__)
         return
+    released = False
     try:
-        _run_and_answer(request)
+        released = _run_and_answer(request)
     except ServiceUnavailable:
         # Redis is gone, so nobody can be told: the gateway answers with its timeout.
         log.warning("task_unanswered", request_id=request.request_id, outcome="degraded", reason="redis unavailable")
     except Exception as exc:  # task boundary: even answering failed; logged, never raised into Celery
         log.exception("task_unanswered", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
     finally:
-        _release_slot(request)
+        if released:
+            _local_admission.release(request.tenant_id, request.request_id)  # as WithFallback releases both
+        else:
+            _release_slot(request)
 
 
-def _run_and_answer(request: PromptRequest) -> None:
-    bus = get_bus()
+def _run_and_answer(request: PromptRequest) -> bool:
+    """Run the request and answer it: True when its slot was released with the answer."""
     config = get_config()
     started = _start(request, config)
     if started is None:
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
-        return
+        return False
     created_at, permission = started
     # Computed before any fallback re-routing: the key is the client's request.
     key = dedup_key(request) if config.dedup.enabled else None
     telemetry.annotate(request_id=request.request_id, dedup_key=key, cache_hit=False)
     clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(created_at or None))
-    answered = False
+    answered = released = False
     try:
         result = _execute(request, config, clock, permission=permission)
     except ServiceUnavailable:
@@ -414,15 +418,40 @@ def _run_and_answer(request: PromptRequest) -> None:
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
         _record_failure(request, OrchestratorError("internal error while running the pipeline"), clock)
     else:
-        bus.finish(request.request_id, "done", result.to_dict(), status="completed")
+        released = _answer(request, result, key, config)
         clock.finished("ok")
         answered = True
-        if key:
-            dedup_store(config).complete(key, json.dumps(result.to_dict()))
-        rate_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
     finally:
         if key and not answered:
             dedup_store(config).abandon(key, request.request_id)  # errors are not served to others
+    return released
+
+
+def _answer(request: PromptRequest, result: PipelineResult, key: str | None, config: PipelineSettings) -> bool:
+    """The ``done`` event and final status, then the request's bookkeeping: its answer
+    into the deduplication window, its tokens into the tenant's rate log, its slot
+    released. With Redis in use, all of it is one pipeline after the event (one round
+    trip, not four; True: the slot is released). While Redis is marked down, the
+    bookkeeping goes through each store's fallback, as the stores do on their own."""
+    bus, body = get_bus(), result.to_dict()
+    tokens = result.usage.total_tokens
+    if not shared_state.available():
+        bus.finish(request.request_id, "done", body, status="completed")
+        if key:
+            dedup_store(config).complete(key, json.dumps(body))
+        rate_limiter().record_tokens(request.tenant_id, request.request_id, tokens)
+        return False
+    then: list[Callable[[Any], None]] = []
+    if key:
+        dedup, window_key = DedupStore(bus.client, prefix=bus.prefix, window_s=config.dedup.window_s, max_entries=config.dedup.max_entries), key
+        then.append(lambda pipe: dedup.queue_complete(pipe, window_key, json.dumps(body)))
+    limiter = RateLimiter(bus.client, prefix=bus.prefix)
+    max_global, max_per_tenant, lease_s = admission_bounds(config)
+    slots = Admission(bus.client, prefix=bus.prefix, max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)
+    then.append(lambda pipe: limiter.queue_record_tokens(pipe, request.tenant_id, request.request_id, tokens))
+    then.append(lambda pipe: slots.queue_release(pipe, request.tenant_id, request.request_id))
+    bus.finish(request.request_id, "done", body, status="completed", then=then)
+    return True
 
 
 def _start(request: PromptRequest, config: PipelineSettings) -> tuple[str, Permission | None] | None:

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,12 +172,15 @@ class TokenBus:
             created: Any = self._begin(keys=[self.status_key(request_id)], args=[executed_by, f"{time.time():.6f}", self.ttl_s])
         return None if created is None else str(created)
 
-    def finish(self, request_id: str, event_type: str, data: dict[str, Any], *, status: str) -> None:
-        """The terminal event and the final status, in one round trip."""
+    def finish(self, request_id: str, event_type: str, data: dict[str, Any], *, status: str, then: Sequence[Callable[[Any], None]] = ()) -> None:
+        """The terminal event and the final status, in one round trip. ``then`` queue
+        more commands on the same pipeline, after them (a settle's bookkeeping)."""
         with redis_errors("publish to the token bus"):
             pipe = self.client.pipeline(transaction=False)
             self._queue_append(pipe, request_id, event_type, data)
             self._queue_status(pipe, request_id, {"status": status})
+            for queue in then:
+                queue(pipe)
             pipe.execute()
 
     def wanted(self, request_id: str) -> bool:

@@ -72,12 +72,16 @@ class Admission:
         return Verdict(admitted=False, scope="tenant" if result == -1 else "global")
 
     def release(self, tenant_id: str, request_id: str) -> None:
-        global_key, tenant_key = self._keys(tenant_id)
         with redis_errors("release the request's slot"):
             pipe = self._client.pipeline(transaction=False)
-            pipe.zrem(global_key, request_id)
-            pipe.zrem(tenant_key, request_id)
+            self.queue_release(pipe, tenant_id, request_id)
             pipe.execute()
+
+    def queue_release(self, pipe: Any, tenant_id: str, request_id: str) -> None:
+        """``release`` as commands of ``pipe`` (a settle's pipeline)."""
+        global_key, tenant_key = self._keys(tenant_id)
+        pipe.zrem(global_key, request_id)
+        pipe.zrem(tenant_key, request_id)
 
     def in_flight(self, tenant_id: str | None = None) -> int:
         global_key, tenant_key = self._keys(tenant_id or "")

@@ -110,9 +110,17 @@ class DedupStore:
         return _text(kind), _text(value)
 
     def complete(self, key: str, result_json: str) -> None:
-        inflight, done, index = self._keys(key)
         with redis_errors("record the deduplicated result"):
-            self._complete(keys=[inflight, done, index], args=[result_json, self.window_s, time.time(), self.max_entries, key])
+            self._complete(keys=list(self._keys(key)), args=self._complete_args(key, result_json))
+
+    def queue_complete(self, pipe: Any, key: str, result_json: str) -> None:
+        """``complete`` as one more command of ``pipe`` (a settle's pipeline). By its
+        source, not its hash: a pipeline holding a script by hash asks first whether
+        the server has it, a round trip of its own."""
+        pipe.eval(_COMPLETE, 3, *self._keys(key), *self._complete_args(key, result_json))
+
+    def _complete_args(self, key: str, result_json: str) -> list[Any]:
+        return [result_json, self.window_s, time.time(), self.max_entries, key]
 
     def abandon(self, key: str, request_id: str) -> None:
         """The owner failed: nobody else may wait on it, and errors are not cached."""

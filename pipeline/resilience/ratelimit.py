@@ -101,9 +101,15 @@ class RateLimiter:
     def record_tokens(self, tenant_id: str, request_id: str, tokens: int) -> None:
         if tokens <= 0:
             return
-        key = self._keys(tenant_id)[1]
         with redis_errors("record token usage"):
             pipe = self._client.pipeline(transaction=False)
-            pipe.zadd(key, {f"{request_id}:{tokens}": time.time()})
-            pipe.expire(key, int(self.window_s) + 1)
+            self.queue_record_tokens(pipe, tenant_id, request_id, tokens)
             pipe.execute()
+
+    def queue_record_tokens(self, pipe: Any, tenant_id: str, request_id: str, tokens: int) -> None:
+        """``record_tokens`` as commands of ``pipe`` (a settle's pipeline)."""
+        if tokens <= 0:
+            return
+        key = self._keys(tenant_id)[1]
+        pipe.zadd(key, {f"{request_id}:{tokens}": time.time()})
+        pipe.expire(key, int(self.window_s) + 1)
