@@ -6,8 +6,8 @@ import pytest
 from rest_framework.test import APIRequestFactory
 
 from orchestrator_site.errors import ApiKeyMissing
-from pipeline.api.serializers import DocumentInput
-from pipeline.api.views import tenant_of, validated
+from pipeline.api.serializers import DocumentInput, validated
+from pipeline.api.views import tenant_of
 from pipeline.auth import ApiKeyAuthentication, IsTenant, TenantPrincipal
 from tests.conftest import TenantFixture
 
