@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from celery import signals
 from kombu import Connection
@@ -273,7 +274,10 @@ class BrokerQueue:
         if database == int(theirs.get("db", 0)):
             return ""
         with redis_errors("read the server's version"):
-            info = await bus.aclient().info("server")
+            try:
+                info = await bus.aclient().info("server")
+            except redis.ResponseError:  # INFO refused (an ACL, a proxy): the list is pushed to apart
+                return None
         return str(database) if selects_within_scripts(str(info.get("redis_version", ""))) else None
 
     @classmethod

@@ -273,6 +273,25 @@ def test_a_scripts_select_stays_in_the_script_from_redis_7(version: str, local: 
     assert selects_within_scripts(version) is local
 
 
+def test_a_server_that_refuses_info_gets_the_message_pushed_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ACL or a proxy that refuses INFO is no outage: the start goes on, with the
+    message pushed by its own LPUSH, and Redis is not marked down."""
+    import redis.asyncio as aioredis
+
+    async def refused(self: aioredis.Redis, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise redis.ResponseError("NOPERM this user has no permissions to run the 'info' command")
+
+    queue, client = own_queue(monkeypatch, settings.CELERY_BROKER_URL)
+    monkeypatch.setattr(aioredis.Redis, "info", refused)
+    pushed = pushes_counted(monkeypatch)
+    try:
+        assert start(a_request()).how == "submitted" and len(pushed) == 1 and client.llen(queue.key) == 1
+        assert asyncio.run(queue.database_from(get_bus())) is None and shared_state.available()
+    finally:
+        client.delete(queue.key)
+        client.close()
+
+
 def test_before_redis_7_a_broker_database_is_pushed_to_on_its_own_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     """There a script's SELECT would move the bus's connection to the broker's database."""
     from pipeline import intake
