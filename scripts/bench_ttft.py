@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -54,6 +55,12 @@ from orchestrator_site.gateway import gateway_command
 
 TRANSPORTS = ("direct", "websocket", "sse", "v1")
 STAGE_TIMES: list[dict[str, int]] = []
+ERRORS: collections.Counter[str] = collections.Counter()  # what failed requests said, for the report
+
+
+def failed(transport: str, exc: BaseException) -> None:
+    """A request that failed: counted by what it said (the first 200 characters)."""
+    ERRORS[f"{transport}: {type(exc).__name__}: {str(exc)[:200]}"] += 1
 
 
 # --- the fake upstream (its own process) ---------------------------------------------------
@@ -254,7 +261,8 @@ async def closed_loop(clients: Clients, *, concurrency: int, per_client: int, tr
             for transport in itertools.islice(cycle, per_client):
                 try:
                     samples.append(await one(clients, transport, ws))
-                except (RuntimeError, aiohttp.ClientError, websockets.WebSocketException):
+                except (RuntimeError, aiohttp.ClientError, websockets.WebSocketException) as exc:
+                    failed(transport, exc)
                     errors += 1
         finally:
             await ws.close()
@@ -312,7 +320,8 @@ async def open_loop(clients: Clients, *, rate: float, seconds: float) -> tuple[l
         broken = False
         try:
             samples.append(await one(clients, transport, ws))
-        except (RuntimeError, aiohttp.ClientError, websockets.WebSocketException):
+        except (RuntimeError, aiohttp.ClientError, websockets.WebSocketException) as exc:
+            failed(transport, exc)
             errors += 1
             broken = True
         finally:
@@ -620,6 +629,8 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
         f"{ws_p99(paced_ten) / ws_p99(paced_lone):.2f}x ({len(paced_ten)} and {len(paced_lone)} streams). "
         f"Errors in the TTFT runs: {lone_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors}.\n"
     )
+    if ERRORS:
+        out.write("\nWhat the failed requests said (every phase): " + "; ".join(f"{text} (x{n})" for text, n in ERRORS.most_common()) + "\n")
 
 
 def server_command(server: str, port: int) -> list[str]:

@@ -116,10 +116,9 @@ def test_the_client_times_the_first_token_and_counts_every_token(upstream: str) 
     assert paced.tokens == 5 and paced.total_ms - paced.ttft_ms >= 4 * 25  # read to the end, one every 30 ms
 
 
-def test_the_clients_collector_is_off_while_a_phase_is_timed(upstream: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A collection in the client would be timed as the platform's: closed and open
-    loops run with it off, and turn it on again after."""
-    seen: list[bool] = []
+@pytest.fixture
+def no_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loops open a WebSocket each, which only the platform serves: a stand-in here."""
 
     class NoSocket:
         async def close(self) -> None:
@@ -127,6 +126,14 @@ def test_the_clients_collector_is_off_while_a_phase_is_timed(upstream: str, monk
 
     async def no_socket(clients: bench_ttft.Clients) -> NoSocket:
         return NoSocket()
+
+    monkeypatch.setattr(bench_ttft, "open_socket", no_socket)
+
+
+def test_the_clients_collector_is_off_while_a_phase_is_timed(upstream: str, no_sockets: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collection in the client would be timed as the platform's: closed and open
+    loops run with it off, and turn it on again after."""
+    seen: list[bool] = []
 
     async def run() -> tuple[int, int]:
         async with bench_ttft.http_session() as http:
@@ -143,10 +150,24 @@ def test_the_clients_collector_is_off_while_a_phase_is_timed(upstream: str, monk
             opened, open_errors = await bench_ttft.open_loop(clients, rate=20, seconds=0.2)
             return len(closed) + len(opened), closed_errors + open_errors
 
-    monkeypatch.setattr(bench_ttft, "open_socket", no_socket)
     assert gc.isenabled()
     assert asyncio.run(run()) == (8, 0)
     assert seen == [False] * 8 and gc.isenabled()
+
+
+def test_a_failed_request_is_counted_by_what_it_said(upstream: str, no_sockets: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's report says why its errors happened, not only how many."""
+
+    async def run() -> int:
+        async with bench_ttft.http_session() as http:
+            clients = bench_ttft.Clients(upstream, upstream, "key", http)  # no /api/v1/infer there: 404
+            _samples, _took, errors = await bench_ttft.closed_loop(clients, concurrency=1, per_client=2, transports=("sse",))
+            return errors
+
+    monkeypatch.setattr(bench_ttft, "ERRORS", bench_ttft.collections.Counter())
+    assert asyncio.run(run()) == 2
+    [(said, times)] = bench_ttft.ERRORS.items()
+    assert times == 2 and said.startswith("sse: RuntimeError: sse: HTTP 404")
 
 
 def test_the_client_reports_an_http_error_with_its_body(upstream: str) -> None:
