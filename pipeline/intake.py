@@ -130,17 +130,16 @@ class Intake:
         """Whether ``publish`` may be used for the next message (else: Celery's publish)."""
         return self.broker is not None and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers)
 
-    async def message_for(self, bus: TokenBus, request: PromptRequest, argsrepr: str) -> str | None:
-        """The request's task message, if ``start`` can push it with the script: the
-        broker is a database of the bus's server, and the script can reach it."""
-        if self.broker is None or await self.broker.database_from(bus) is None:
-            return None
-        return self.broker.messages.encode(request, argsrepr)
-
-    async def start(self, bus: TokenBus, request: PromptRequest, *, dedup_key: str | None, limits: Limits, now: float, message: str | None = None) -> Outcome:
+    async def start(self, bus: TokenBus, request: PromptRequest, *, dedup_key: str | None, limits: Limits, now: float, argsrepr: str | None = None) -> Outcome:
         """Claim, count, admit and record the request as queued, or say why not (one
-        round trip). A ``message`` (``message_for``) is pushed onto the broker's list
-        once the request is queued (``Outcome.pushed``)."""
+        round trip). With ``argsrepr``, the task's message goes with the script when the
+        script can reach the broker's list (``BrokerQueue.database_from``), pushed once
+        the request is queued (``Outcome.pushed``)."""
+        database, message = None, ""
+        if self.broker is not None and argsrepr is not None:
+            database = await self.broker.database_from(bus)
+            if database is not None:
+                message = self.broker.messages.encode(request, argsrepr)
         client = bus.aclient()
         script = self._scripts.get(client)
         if script is None:
@@ -154,7 +153,6 @@ class Intake:
             bus.status_key(request.request_id),
             self.broker.key if self.broker is not None else "",
         ]
-        database = await self.broker.database_from(bus) if self.broker is not None and message is not None else None
         args: list[str | int | float] = [
             request.request_id,
             limits.dedup_window_s if dedup_key else 0,
@@ -169,7 +167,7 @@ class Intake:
             request.session_id,
             bus.ttl_s,
             f"{now:.6f}",
-            message if database is not None and message is not None else "",
+            message,
             database or "",
         ]
         with redis_errors("start the request"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import socket
@@ -99,9 +100,14 @@ def admission_bounds(config: PipelineSettings | None = None) -> tuple[int, int, 
 def admission(config: PipelineSettings | None = None) -> Admission:
     """The real-time queue's bounds, shared by every gateway process through Redis
     (this process's own count while Redis is down)."""
+    shared = _shared_admission(config)
+    local = _local_admission.configure(max_global=shared.max_global, max_per_tenant=shared.max_per_tenant, lease_s=shared.lease_s)
+    return cast(Admission, WithFallback(shared, local))
+
+
+def _shared_admission(config: PipelineSettings | None = None) -> Admission:
     max_global, max_per_tenant, lease_s = admission_bounds(config)
-    shared = Admission(get_bus().client, prefix=get_bus().prefix, max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)
-    return cast(Admission, WithFallback(shared, _local_admission.configure(max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)))
+    return Admission(get_bus().client, prefix=get_bus().prefix, max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +123,12 @@ class Started:
 
 
 def dedup_store(config: PipelineSettings) -> DedupStore:
-    window = {"window_s": config.dedup.window_s, "max_entries": config.dedup.max_entries}
-    return cast(DedupStore, WithFallback(DedupStore(get_bus().client, prefix=get_bus().prefix, **window), _local_dedup.configure(**window)))
+    shared = _shared_dedup(config)
+    return cast(DedupStore, WithFallback(shared, _local_dedup.configure(window_s=shared.window_s, max_entries=shared.max_entries)))
+
+
+def _shared_dedup(config: PipelineSettings) -> DedupStore:
+    return DedupStore(get_bus().client, prefix=get_bus().prefix, window_s=config.dedup.window_s, max_entries=config.dedup.max_entries)
 
 
 def infer_start(*, request: PromptRequest, rates: TenantRates | None = None) -> Started:
@@ -164,10 +174,8 @@ async def _intake_start(intake: Intake, request: PromptRequest, rates: TenantRat
     key = dedup_key(request) if config.dedup.enabled else None
     max_global, max_per_tenant, lease_s = admission_bounds(config)
     limits = IntakeLimits(config.dedup.window_s, rates.requests_per_minute, rates.tokens_per_minute, max_global, max_per_tenant, lease_s)
-    bus = get_bus()
     try:
-        message = await intake.message_for(bus, request, realtime_argsrepr(request))
-        outcome = await intake.start(bus, request, dedup_key=key, limits=limits, now=time.time(), message=message)
+        outcome = await intake.start(get_bus(), request, dedup_key=key, limits=limits, now=time.time(), argsrepr=realtime_argsrepr(request))
     except ServiceUnavailable as exc:
         shared_state.failed("start the request", exc.__cause__ or exc)
         return await sync_to_async(infer_start, thread_sensitive=False)(request=request, rates=rates)
@@ -251,7 +259,11 @@ def _broker_unavailable(request: PromptRequest, exc: BaseException) -> None:
 
 
 def rate_limiter() -> RateLimiter:
-    return cast(RateLimiter, WithFallback(RateLimiter(get_bus().client, prefix=get_bus().prefix), _local_limiter))
+    return cast(RateLimiter, WithFallback(_shared_limiter(), _local_limiter))
+
+
+def _shared_limiter() -> RateLimiter:
+    return RateLimiter(get_bus().client, prefix=get_bus().prefix)
 
 
 def tenant_rates(tenant: Tenant, config: PipelineSettings | None = None) -> TenantRates:
@@ -441,15 +453,12 @@ def _answer(request: PromptRequest, result: PipelineResult, key: str | None, con
             dedup_store(config).complete(key, json.dumps(body))
         rate_limiter().record_tokens(request.tenant_id, request.request_id, tokens)
         return False
-    then: list[Callable[[Any], None]] = []
+    then: list[Callable[[Any], None]] = [
+        functools.partial(_shared_limiter().queue_record_tokens, tenant_id=request.tenant_id, request_id=request.request_id, tokens=tokens),
+        functools.partial(_shared_admission(config).queue_release, tenant_id=request.tenant_id, request_id=request.request_id),
+    ]
     if key:
-        dedup, window_key = DedupStore(bus.client, prefix=bus.prefix, window_s=config.dedup.window_s, max_entries=config.dedup.max_entries), key
-        then.append(lambda pipe: dedup.queue_complete(pipe, window_key, json.dumps(body)))
-    limiter = RateLimiter(bus.client, prefix=bus.prefix)
-    max_global, max_per_tenant, lease_s = admission_bounds(config)
-    slots = Admission(bus.client, prefix=bus.prefix, max_global=max_global, max_per_tenant=max_per_tenant, lease_s=lease_s)
-    then.append(lambda pipe: limiter.queue_record_tokens(pipe, request.tenant_id, request.request_id, tokens))
-    then.append(lambda pipe: slots.queue_release(pipe, request.tenant_id, request.request_id))
+        then.insert(0, functools.partial(_shared_dedup(config).queue_complete, key=key, result_json=json.dumps(body)))
     bus.finish(request.request_id, "done", body, status="completed", then=then)
     return True
 
