@@ -478,24 +478,30 @@ class OwnBroker:
         return found
 
 
-@pytest.fixture
-def own_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnBroker]:
+def own_queue(monkeypatch: pytest.MonkeyPatch, url: str) -> tuple[Any, Any]:
+    """The gateway's real-time messages go to a list of their own on the broker at
+    ``url``: that ``BrokerQueue``, and a client of the broker to read it."""
     import uuid
 
     import redis
-    from django.conf import settings
 
     from pipeline import services
     from pipeline.intake import BrokerQueue, Intake
 
     built = services.intake_prepare()
     assert built.broker is not None, "the suite's broker is Redis"
-    key = f"{built.broker.key}-own-{uuid.uuid4().hex[:8]}"
-    queue = BrokerQueue(url=settings.CELERY_BROKER_URL, key=key, messages=built.broker.messages, socket_timeout_s=2)
+    queue = BrokerQueue(url=url, key=f"{built.broker.key}-own-{uuid.uuid4().hex[:8]}", messages=built.broker.messages, socket_timeout_s=2)
     monkeypatch.setattr(services, "_intake_built", Intake(queue))
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    yield OwnBroker(key, client)
-    client.delete(key)
+    return queue, redis.Redis.from_url(url)
+
+
+@pytest.fixture
+def own_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnBroker]:
+    from django.conf import settings
+
+    queue, client = own_queue(monkeypatch, settings.CELERY_BROKER_URL)
+    yield OwnBroker(queue.key, client)
+    client.delete(queue.key)
     client.close()
 
 

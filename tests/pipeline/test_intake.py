@@ -34,7 +34,7 @@ from pipeline.resilience.local import shared_state
 from pipeline.resilience.ratelimit import TenantRates
 from pipeline.tokenbus import TokenBus, get_bus
 from pipeline.types import ChatMessage, PromptRequest
-from tests.conftest import ROOT, OwnBroker, delete_redis_keys, free_port
+from tests.conftest import ROOT, OwnBroker, delete_redis_keys, free_port, own_queue
 
 TENANT = "intake-tenant"
 
@@ -189,15 +189,6 @@ def pushes_counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(BrokerQueue, "push", counted)
     return pushed
-
-
-def own_queue(monkeypatch: pytest.MonkeyPatch, url: str) -> tuple[BrokerQueue, redis.Redis]:
-    """The gateway's messages go to a list of their own on the broker at ``url``."""
-    built = services.intake_prepare().broker
-    assert built is not None
-    queue = BrokerQueue(url=url, key=f"intake-own-{uuid.uuid4().hex[:8]}", messages=built.messages, socket_timeout_s=2)
-    monkeypatch.setattr(services, "_intake_built", Intake(queue))
-    return queue, redis.Redis.from_url(url)
 
 
 @pytest.mark.django_db
