@@ -110,6 +110,17 @@ class ReusedThreadsHandler(ASGIHandler):
         finally:
             self.threads.give_back(executor)
 
+    async def listen_for_disconnect(self, receive: Any) -> None:
+        """Django's, but a disconnect ends the task instead of raising
+        ``RequestAborted``. The server reports one after every response, and ``handle``
+        re-raised that exception to swallow it: its traceback held ``handle``'s frame,
+        which held the task, which held the exception, so each request's whole object
+        graph was left for the cycle collector. ``handle`` only waits for this task to
+        end (and then cancels a view still running), so ending it is the same signal."""
+        message = await receive()
+        if message["type"] != "http.disconnect":
+            raise AssertionError(f"Invalid ASGI message after request body: {message['type']}")  # as Django's own check
+
 
 def handler_with(middleware: list[str]) -> ASGIHandler:
     """A Django ASGI handler built on its own middleware list (Django reads

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -525,3 +526,47 @@ def broker_down(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OperationalError("broker down")
 
     monkeypatch.setattr(run_realtime, "apply_async", down)
+
+
+async def asgi_request(
+    app: Any, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None, after_body: Any = None, leave: asyncio.Event | None = None
+) -> list[dict[str, Any]]:
+    """One HTTP request straight into an ASGI application, as uvicorn makes it: the
+    body in one message, then ``http.disconnect`` once the response has ended, or once
+    ``leave`` is set (the client went away), or ``after_body`` (a message a server
+    should never send). Returns what the app sent. No client library between: what the
+    app leaves behind is its own."""
+    sent: list[dict[str, Any]] = []
+    ended = asyncio.Event()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        if after_body is not None:
+            return after_body
+        await (leave or ended).wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            ended.set()
+
+    pairs = {"host": "testserver", "content-length": str(len(body)), **(headers or {})}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.encode(), value.encode()) for name, value in pairs.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
+    return sent

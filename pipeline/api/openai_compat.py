@@ -23,13 +23,12 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownModel
 from pipeline import services, streaming
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.api.serializers import validated
-from pipeline.api.views import TenantAsyncAPIView, sse_response, tenant_of
+from pipeline.api.views import AcyclicAPIView, TenantAsyncAPIView, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -92,7 +91,7 @@ def model_ids(config: PipelineSettings) -> list[str]:
     return sorted(set(ids))
 
 
-class ModelsApi(APIView):
+class ModelsApi(AcyclicAPIView):
     @extend_schema(operation_id="openai_models", responses={200: dict})
     def get(self, request: Request) -> Response:
         tenant_of(request)

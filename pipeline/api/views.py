@@ -57,7 +57,38 @@ def tenant_of(request: Request) -> TenantPrincipal:
 _ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 413, 415, 429, 503, 504)}
 
 
-class TenantAsyncAPIView(AsyncAPIView):
+def _forget_renderer_context(response: Response) -> None:
+    # DRF set it (untyped); it held the view, the request and the response.
+    response.renderer_context = {}  # type: ignore[attr-defined]
+
+
+class LeavesNoCycles:
+    """A DRF view whose requests leave nothing for the cycle collector. DRF links a
+    request, its view and its response in reference cycles: the request's
+    ``parser_context`` holds the request and the view (which holds the request), a
+    response's ``renderer_context`` the view, the request and the response, and Django's
+    ``setup`` gives a view with ``get`` a ``head`` bound to itself. Only the collector
+    freed them, in pauses of several milliseconds every few hundred requests
+    (BENCHMARKS.md). Once the response is final the links go: a body already parsed
+    keeps its data, and the renderer's context is dropped once it has rendered."""
+
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        context = getattr(request, "parser_context", None)
+        if context:
+            context.pop("view", None)
+            context.pop("request", None)
+        self.__dict__.pop("head", None)
+        if isinstance(response, Response):
+            response.add_post_render_callback(_forget_renderer_context)
+        return response
+
+
+class AcyclicAPIView(LeavesNoCycles, APIView):
+    """DRF's ``APIView``, leaving no reference cycles (``LeavesNoCycles``)."""
+
+
+class TenantAsyncAPIView(LeavesNoCycles, AsyncAPIView):
     """An async view whose checks run on the event loop. adrf runs DRF's ``initial``
     (authentication, permissions) in the one thread of sync work, a hop that every
     request waited its turn for; here the key is resolved first (from the gateway's
@@ -110,7 +141,7 @@ class InferApi(TenantAsyncAPIView):
         return Response(result.to_dict())
 
 
-class RequestStatusApi(APIView):
+class RequestStatusApi(AcyclicAPIView):
     @extend_schema(responses={200: s.RequestStatusOut, 401: s.ErrorOut, 404: s.ErrorOut}, operation_id="request_status")
     def get(self, request: Request, request_id: str) -> Response:
         status = services.request_status_get(tenant_id=tenant_of(request).tenant_id, request_id=request_id)
@@ -125,7 +156,7 @@ class RequestStatusApi(APIView):
         )
 
 
-class RequestResultApi(APIView):
+class RequestResultApi(AcyclicAPIView):
     @extend_schema(responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="request_result")
     def get(self, request: Request, request_id: str) -> Response:
         status, result = services.request_result_get(tenant_id=tenant_of(request).tenant_id, request_id=request_id)
@@ -138,7 +169,7 @@ def _document_out(doc: Any) -> dict[str, Any]:
     return {"id": str(doc.id), "title": doc.title, "body": doc.body, "metadata": doc.metadata, "created_at": doc.created_at.isoformat()}
 
 
-class DocumentListCreateApi(APIView):
+class DocumentListCreateApi(AcyclicAPIView):
     @extend_schema(responses={200: s.DocumentOut(many=True), 401: s.ErrorOut}, operation_id="documents_list")
     def get(self, request: Request) -> Response:
         try:
@@ -156,7 +187,7 @@ class DocumentListCreateApi(APIView):
         return Response(_document_out(doc), status=201)
 
 
-class DocumentDetailApi(APIView):
+class DocumentDetailApi(AcyclicAPIView):
     @extend_schema(responses={200: s.DocumentOut, 401: s.ErrorOut, 404: s.ErrorOut}, operation_id="documents_get")
     def get(self, request: Request, document_id: str) -> Response:
         doc = selectors.document_get_for_tenant(tenant_id=tenant_of(request).tenant_id, document_id=document_id)
