@@ -4,16 +4,20 @@ one run (issue #3's benchmark).
 
 The upstream is a small asyncio HTTP/1.1 server in its own process (``--upstream``
 mode of this script): each streamed chat completion waits a fixed first-token
-delay, then writes its tokens as OpenAI SSE chunks. The platform is Daphne and
-real-time Celery worker processes on loopback, with Postgres and Redis, as
+delay, then writes its tokens as OpenAI SSE chunks. The platform is the gateway
+(uvicorn, or Daphne with ``--server daphne``) and real-time Celery worker
+processes on loopback, with Postgres and Redis, as
 ``bench_path.py`` sets them up; the tenant has no documents (retrieval runs and
 finds nothing), deduplication is on and every prompt is unique.
 
 The model ``fake-paced`` writes its tokens one every ``--token-interval-ms``, as
 a model does: ten such streams at once, against one alone, give the 10-stream
-TTFT ratio with streams that overlap as real ones do (the back-to-back figure,
-with every reply written at once, is mostly a throughput test: ten clients
-sending ~300 requests a second).
+TTFT ratio with streams that overlap as real ones do. It is measured twice: with
+the ten clients started together (streams of one length sent back to back stay
+in step, so each round of ten arrives at once: a burst) and started a tenth of a
+stream apart (each new stream arrives beside nine others in flight). The
+back-to-back figure, with every reply written at once, is mostly a throughput
+test: ten clients sending ~300 requests a second.
 
 Every client request is timed from sending to the first token's text, and read
 to its end. Reported: P50/P99 of TTFT per transport, the overhead over the
@@ -247,9 +251,14 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-async def closed_loop(clients: Clients, *, concurrency: int, per_client: int, transports: tuple[str, ...]) -> tuple[list[Sample], float, int]:
+async def closed_loop(
+    clients: Clients, *, concurrency: int, per_client: int, transports: tuple[str, ...], stagger_s: float = 0.0
+) -> tuple[list[Sample], float, int]:
     """``concurrency`` loops, each sending ``per_client`` requests back to back,
-    cycling through ``transports`` (each loop starts at a different one)."""
+    cycling through ``transports`` (each loop starts at a different one). Loop ``n``
+    sends its first request ``n * stagger_s`` after the first loop: streams of one
+    length sent back to back keep the phase they started in, so without a stagger
+    every round of them arrives at once."""
     samples: list[Sample] = []
     errors = 0
 
@@ -257,6 +266,7 @@ async def closed_loop(clients: Clients, *, concurrency: int, per_client: int, tr
         nonlocal errors
         ws = await open_socket(clients)
         try:
+            await asyncio.sleep(n * stagger_s)
             cycle = itertools.islice(itertools.cycle(transports), n % len(transports), None)
             for transport in itertools.islice(cycle, per_client):
                 try:
@@ -622,12 +632,21 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
     paced = dataclasses.replace(clients, model=PACED_MODEL)
     paced_lone, _took, paced_lone_errors = await closed_loop(paced, concurrency=1, per_client=args.paced_requests, transports=("websocket",))
     paced_ten, _took, paced_ten_errors = await closed_loop(paced, concurrency=10, per_client=args.paced_requests // 5, transports=("websocket",))
+    # The same ten streams, their starts spread over one stream's length: at any moment
+    # ten are in flight, and each new one starts beside nine others already streaming.
+    stream_s = (args.first_token_ms + args.tokens * args.token_interval_ms) / 1000
+    spread, _took, spread_errors = await closed_loop(
+        paced, concurrency=10, per_client=args.paced_requests // 5, transports=("websocket",), stagger_s=stream_s / 10
+    )
     out.write(
         f"\nWebSocket TTFT P99, 10 concurrent streams / one alone: back to back ({args.tokens} tokens at once, each client sending its next "
         f"prompt as soon as one ends): {ws_p99(ten):.2f} / {ws_p99(lone):.2f} ms = {ws_p99(ten) / ws_p99(lone):.2f}x; "
-        f"paced streams ({args.tokens} tokens, one every {args.token_interval_ms:g} ms): {ws_p99(paced_ten):.2f} / {ws_p99(paced_lone):.2f} ms = "
-        f"{ws_p99(paced_ten) / ws_p99(paced_lone):.2f}x ({len(paced_ten)} and {len(paced_lone)} streams). "
-        f"Errors in the TTFT runs: {lone_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors}.\n"
+        f"paced streams ({args.tokens} tokens, one every {args.token_interval_ms:g} ms), the ten started together, so that each round "
+        f"of ten arrives at once: {ws_p99(paced_ten):.2f} / {ws_p99(paced_lone):.2f} ms = {ws_p99(paced_ten) / ws_p99(paced_lone):.2f}x; "
+        f"the ten started {stream_s * 100:.0f} ms apart (a tenth of a stream), each arriving beside nine in flight: "
+        f"{ws_p99(spread):.2f} / {ws_p99(paced_lone):.2f} ms = {ws_p99(spread) / ws_p99(paced_lone):.2f}x "
+        f"({len(paced_ten)}, {len(spread)} and {len(paced_lone)} streams). "
+        f"Errors in the TTFT runs: {lone_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors + spread_errors}.\n"
     )
     if ERRORS:
         out.write("\nWhat the failed requests said (every phase): " + "; ".join(f"{text} (x{n})" for text, n in ERRORS.most_common()) + "\n")

@@ -342,3 +342,31 @@ def test_processes_are_found_by_name_with_their_children() -> None:
         child.kill()
         child.wait()
     assert bench_ttft.cpu_seconds(child.pid) == 0.0  # reaped: gone
+
+
+def test_staggered_loops_start_a_stagger_apart(upstream: str, no_sockets: None) -> None:
+    """With ``stagger_s`` loop n sends its first request n staggers after loop 0 (ten
+    paced streams spread over one stream's length); without it, all at once."""
+    firsts: dict[int, float] = {}
+
+    async def run(stagger_s: float) -> list[float]:
+        firsts.clear()
+        async with bench_ttft.http_session() as http:
+            clients = bench_ttft.Clients("http://unused", upstream, "key", http)
+            direct = clients.direct
+
+            async def timed() -> bench_ttft.Sample:
+                task = asyncio.current_task()
+                firsts.setdefault(id(task), time.perf_counter())
+                return await direct()
+
+            object.__setattr__(clients, "direct", timed)
+            samples, _took, errors = await bench_ttft.closed_loop(clients, concurrency=4, per_client=2, transports=("direct",), stagger_s=stagger_s)
+            assert len(samples) == 8 and errors == 0
+        return sorted(firsts.values())
+
+    spread = asyncio.run(run(0.1))
+    gaps = [b - a for a, b in itertools.pairwise(spread)]
+    assert len(spread) == 4 and all(0.09 <= gap <= 0.2 for gap in gaps), gaps
+    together = asyncio.run(run(0.0))
+    assert together[-1] - together[0] < 0.05
