@@ -18,7 +18,7 @@ import redis
 import structlog
 from asgiref.sync import sync_to_async
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator_site import telemetry
@@ -36,7 +36,7 @@ from orchestrator_site.errors import (
     TransientWorkerError,
 )
 from pipeline import metrics, selectors
-from pipeline.config import PipelineSettings, get_config
+from pipeline.config import PipelineSettings, RagConfig, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.intake import BrokerQueue, Intake, TaskMessages
 from pipeline.intake import Limits as IntakeLimits
@@ -49,6 +49,7 @@ from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, 
 from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_config, worker_pool
+from pipeline.stages.rag import RetrievalResult, Retriever
 from pipeline.tokenbus import get_bus
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest, TokenChunk
 
@@ -405,10 +406,42 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
             _release_slot(request)
 
 
+class SearchAhead:
+    """A request's RAG search, run before its stage: beside the task's start script
+    (``script_beside``), so that the Postgres and Redis round trips overlap. The stage
+    gets the outcome, a result or the database error the search raised, when it asks
+    with the same arguments, once; any other search runs when asked."""
+
+    def __init__(self, request: PromptRequest, rag: RagConfig) -> None:
+        self._args: dict[str, Any] = {
+            "tenant_id": request.tenant_id,
+            "query": request.prompt,
+            "top_k": rag.top_k,
+            "timeout_ms": rag.timeout_ms,
+            "text_search_config": rag.text_search_config,
+        }
+        self._outcome: RetrievalResult | DatabaseError | None = None
+
+    def run(self) -> None:
+        try:
+            self._outcome = selectors.document_search(**self._args)
+        except DatabaseError as exc:
+            self._outcome = exc  # raised in the stage, where the search would have raised it
+
+    def __call__(self, **args: Any) -> RetrievalResult:
+        outcome, self._outcome = self._outcome, None
+        if outcome is None or args != self._args:
+            return selectors.document_search(**args)
+        if isinstance(outcome, DatabaseError):
+            raise outcome
+        return outcome
+
+
 def _run_and_answer(request: PromptRequest) -> bool:
     """Run the request and answer it: True when its slot was released with the answer."""
     config = get_config()
-    started = _start(request, config)
+    search = SearchAhead(request, config.rag) if config.rag.enabled else None
+    started = _start(request, config, beside=search.run if search else None)
     if started is None:
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return False
@@ -419,7 +452,7 @@ def _run_and_answer(request: PromptRequest) -> bool:
     clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(created_at or None))
     answered = released = False
     try:
-        result = _execute(request, config, clock, permission=permission)
+        result = _execute(request, config, clock, permission=permission, retrieve=search)
     except ServiceUnavailable:
         raise  # the answer cannot be delivered either; realtime_execute logs it
     except OrchestratorError as exc:
@@ -463,16 +496,17 @@ def _answer(request: PromptRequest, result: PipelineResult, key: str | None, con
     return True
 
 
-def _start(request: PromptRequest, config: PipelineSettings) -> tuple[str, Permission | None] | None:
+def _start(request: PromptRequest, config: PipelineSettings, *, beside: Callable[[], None] | None = None) -> tuple[str, Permission | None] | None:
     """The request marked running and its worker's breaker asked, in one round trip:
     None when it has already finished (a redelivered task). A worker this process does
-    not know has no breaker to ask: the pipeline answers for it."""
+    not know has no breaker to ask: the pipeline answers for it. ``beside`` runs while
+    Redis answers (for a known worker; otherwise it is not run)."""
     # Which worker process ran it: for operators, and the proof that no eager mode is involved.
     executed_by = f"{socket.gethostname()}:{os.getpid()}"
     if request.worker not in config.workers:
         created_at = get_bus().begin(request.request_id, executed_by=executed_by)
         return None if created_at is None else (created_at, None)
-    return _shared_breaker(config, request.worker).begin_and_allow(get_bus(), request.request_id, executed_by=executed_by)
+    return _shared_breaker(config, request.worker).begin_and_allow(get_bus(), request.request_id, executed_by=executed_by, beside=beside)
 
 
 def _release_slot(request: PromptRequest) -> None:
@@ -542,16 +576,24 @@ def run_guarded(
 
 
 def _execute(
-    request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True, permission: Permission | None = None
+    request: PromptRequest,
+    config: PipelineSettings,
+    clock: metrics.StreamClock,
+    *,
+    on_bus: bool = True,
+    permission: Permission | None = None,
+    retrieve: Retriever | None = None,
 ) -> PipelineResult:
     def run(routed: PromptRequest) -> PipelineResult:
         clock.worker = routed.worker
-        return _run_stages(routed, config, clock, on_bus=on_bus)
+        return _run_stages(routed, config, clock, on_bus=on_bus, retrieve=retrieve)
 
     return run_guarded(request, config, run, permission=permission)
 
 
-def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True) -> PipelineResult:
+def _run_stages(
+    request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True, retrieve: Retriever | None = None
+) -> PipelineResult:
     bus = get_bus()
 
     def publish(chunk: TokenChunk) -> None:
@@ -561,7 +603,7 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
 
     deps = PipelineDeps(
         config=config,
-        retrieve=selectors.document_search,
+        retrieve=retrieve or selectors.document_search,
         load_history=lambda: session_history_for(request, turns=config.assemble.history_turns),
         worker=worker_pool.get(config, request.worker),
         publish=publish,

@@ -80,6 +80,36 @@ def redis_errors(action: str) -> Iterator[None]:
         raise ServiceUnavailable(f"redis unavailable while trying to {action}", data={"service": "redis"}) from exc
 
 
+def script_beside(client: redis.Redis, script: Any, *, keys: Sequence[Any], args: Sequence[Any], beside: Callable[[], None]) -> Any:
+    """Run ``script`` with ``keys`` and ``args``, and ``beside`` (a round trip to another
+    server) while Redis runs it: the command is sent, ``beside`` runs, then the reply is
+    read. Two round trips in the time of the longer one. ``beside`` runs exactly once
+    and keeps its own outcome (it must not raise; if it does, the connection, whose
+    reply was not read, is closed rather than pooled). A connection that failed, or a
+    server that lacks the script, gets the ordinary call instead (its own retry, and
+    the script loaded)."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    ran = read = False
+    try:
+        conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        ran = True
+        beside()
+        reply = conn.read_response()
+        read = True
+    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError) as exc:
+        reply = exc  # the ordinary call, below
+    finally:
+        if not read:
+            conn.disconnect()  # a reply may still be on its way: never handed to the next caller
+        pool.release(conn)
+    if read:
+        return reply
+    if not ran:
+        beside()
+    return script(keys=keys, args=args, client=client)
+
+
 def one_retry() -> Retry:
     """One immediate retry, on a new connection: enough for a pooled connection that
     a restarted Redis closed. redis-py's default (ten retries with backoff) keeps a

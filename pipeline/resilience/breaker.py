@@ -12,13 +12,14 @@ one Lua script, so two processes never disagree about the state.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 import redis
 
-from pipeline.tokenbus import BEGIN_FUNCTION, TokenBus, redis_errors
+from pipeline.tokenbus import BEGIN_FUNCTION, TokenBus, redis_errors, script_beside
 
 
 class BreakerState(IntEnum):
@@ -125,16 +126,16 @@ class CircuitBreaker:
             reply = self._allow(keys=[self._key], args=[time.time(), self.policy.open_s, self.policy.half_open_trials])
         return _permission(*reply)
 
-    def begin_and_allow(self, bus: TokenBus, request_id: str, *, executed_by: str) -> tuple[str, Permission] | None:
+    def begin_and_allow(self, bus: TokenBus, request_id: str, *, executed_by: str, beside: Callable[[], None] | None = None) -> tuple[str, Permission] | None:
         """``bus.begin`` and ``allow`` in one round trip, a real-time task's start (the
         breaker's client must be the bus's Redis): None when the request has already
         finished (the breaker was not asked), else its creation time ("" if unknown)
-        and the permission."""
+        and the permission. ``beside``: run while Redis answers (``script_beside``)."""
+        script = self._client.register_script(BEGIN_AND_ALLOW)
+        keys = [bus.status_key(request_id), self._key]
+        args: list[str | int | float] = [executed_by, f"{time.time():.6f}", bus.ttl_s, self.policy.open_s, self.policy.half_open_trials]
         with redis_errors("start the request"):
-            reply = self._client.register_script(BEGIN_AND_ALLOW)(
-                keys=[bus.status_key(request_id), self._key],
-                args=[executed_by, f"{time.time():.6f}", bus.ttl_s, self.policy.open_s, self.policy.half_open_trials],
-            )
+            reply = script(keys=keys, args=args) if beside is None else script_beside(self._client, script, keys=keys, args=args, beside=beside)
         if reply is None:
             return None
         created, *permission = reply
