@@ -70,7 +70,10 @@ StageTiming = tuple[str, str, int]  # stage, outcome, elapsed nanoseconds
 
 def _carried(ctx: StageContext, stage: str) -> int:
     """A streamed inference post-processes and publishes as it goes: that time is
-    the post and stream stages', not the inference's."""
+    the post and stream stages', not the inference's. A search run ahead of its stage
+    (beside the task's start) is the rag stage's time."""
+    if stage == "rag":
+        return ctx.searched_ahead_ns
     carried = ctx.carried
     if carried is None:
         return 0

@@ -410,7 +410,8 @@ class SearchAhead:
     """A request's RAG search, run before its stage: beside the task's start script
     (``script_beside``), so that the Postgres and Redis round trips overlap. The stage
     gets the outcome, a result or the database error the search raised, when it asks
-    with the same arguments, once; any other search runs when asked."""
+    with the same arguments, once; any other search runs when asked. The search's time
+    is reported as the stage's (``timings_us["rag"]``, the stage metrics)."""
 
     def __init__(self, request: PromptRequest, rag: RagConfig) -> None:
         self._args: dict[str, Any] = {
@@ -423,10 +424,13 @@ class SearchAhead:
         self._outcome: RetrievalResult | DatabaseError | None = None
 
     def run(self) -> None:
+        started = time.perf_counter_ns()
         try:
-            self._outcome = selectors.document_search(**self._args)
+            result = selectors.document_search(**self._args)
         except DatabaseError as exc:
             self._outcome = exc  # raised in the stage, where the search would have raised it
+            return
+        self._outcome = dataclasses.replace(result, searched_ahead_ns=time.perf_counter_ns() - started)  # the stage's time too
 
     def __call__(self, **args: Any) -> RetrievalResult:
         outcome, self._outcome = self._outcome, None

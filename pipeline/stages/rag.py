@@ -13,6 +13,8 @@ from pipeline.stages.context import RetrievedDocument, StageContext
 class RetrievalResult:
     documents: tuple[RetrievedDocument, ...]
     timed_out: bool = False
+    # The search's own time when it ran before the stage asked for it (0: the stage ran it).
+    searched_ahead_ns: int = 0
 
 
 class Retriever(Protocol):
@@ -49,4 +51,4 @@ def rag(ctx: StageContext, *, retrieve: Retriever, config: RagConfig) -> StageCo
     documents = limit_context(result.documents, config.max_context_chars)
     # A slow search degrades the answer (no context), never the request.
     outcome = "timeout" if result.timed_out else ("hit" if documents else "miss")
-    return replace(ctx, documents=documents, rag_outcome=outcome)
+    return replace(ctx, documents=documents, rag_outcome=outcome, searched_ahead_ns=result.searched_ahead_ns)
