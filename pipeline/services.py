@@ -49,7 +49,7 @@ from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, 
 from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_config, worker_pool
-from pipeline.stages.rag import RetrievalResult, Retriever
+from pipeline.stages.rag import RetrievalResult, Retriever, search_args
 from pipeline.tokenbus import get_bus
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest, TokenChunk
 
@@ -414,13 +414,7 @@ class SearchAhead:
     is reported as the stage's (``timings_us["rag"]``, the stage metrics)."""
 
     def __init__(self, request: PromptRequest, rag: RagConfig) -> None:
-        self._args: dict[str, Any] = {
-            "tenant_id": request.tenant_id,
-            "query": request.prompt,
-            "top_k": rag.top_k,
-            "timeout_ms": rag.timeout_ms,
-            "text_search_config": rag.text_search_config,
-        }
+        self._args = search_args(request, rag)
         self._outcome: RetrievalResult | DatabaseError | None = None
 
     def run(self) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from pipeline.config import RagConfig
 from pipeline.stages.context import RetrievedDocument, StageContext
+from pipeline.types import PromptRequest
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,21 @@ def limit_context(documents: tuple[RetrievedDocument, ...], max_chars: int) -> t
     return tuple(kept)
 
 
+def search_args(request: PromptRequest, config: RagConfig) -> dict[str, Any]:
+    """What the stage asks its retriever for a request (a search run ahead asks the same)."""
+    return {
+        "tenant_id": request.tenant_id,
+        "query": request.prompt,
+        "top_k": config.top_k,
+        "timeout_ms": config.timeout_ms,
+        "text_search_config": config.text_search_config,
+    }
+
+
 def rag(ctx: StageContext, *, retrieve: Retriever, config: RagConfig) -> StageContext:
     if not config.enabled:
         return replace(ctx, rag_outcome="disabled")
-    result = retrieve(
-        tenant_id=ctx.request.tenant_id,
-        query=ctx.request.prompt,
-        top_k=config.top_k,
-        timeout_ms=config.timeout_ms,
-        text_search_config=config.text_search_config,
-    )
+    result = retrieve(**search_args(ctx.request, config))
     documents = limit_context(result.documents, config.max_context_chars)
     # A slow search degrades the answer (no context), never the request.
     outcome = "timeout" if result.timed_out else ("hit" if documents else "miss")

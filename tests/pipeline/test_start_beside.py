@@ -21,7 +21,7 @@ from django.test.utils import CaptureQueriesContext
 
 from pipeline import selectors, services
 from pipeline.config import PipelineSettings, RagConfig
-from pipeline.stages.rag import RetrievalResult
+from pipeline.stages.rag import RetrievalResult, search_args
 from pipeline.tokenbus import get_bus, script_beside
 from pipeline.types import PromptRequest
 from tests.conftest import TenantFixture
@@ -110,16 +110,6 @@ def test_a_beside_that_fails_leaves_no_unread_reply_in_the_pool(client: redis.Re
 
 def request_for(owner: TenantFixture, prompt: str) -> PromptRequest:
     return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": prompt}, config=PipelineSettings())
-
-
-def search_args(request: PromptRequest, rag: RagConfig) -> dict[str, Any]:
-    return {
-        "tenant_id": request.tenant_id,
-        "query": request.prompt,
-        "top_k": rag.top_k,
-        "timeout_ms": rag.timeout_ms,
-        "text_search_config": rag.text_search_config,
-    }
 
 
 @pytest.mark.django_db
