@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import gc
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -570,3 +571,17 @@ async def asgi_request(
     }
     await app(scope, receive, send)
     return sent
+
+
+async def left_for_the_collector(call: Callable[[int], Awaitable[Any]], *, times: int = 10, warm: int = 2) -> tuple[int, list[Any]]:
+    """``call(n)`` ``warm`` times (first-use caches), then ``times`` more with the cycle
+    collector off: how many objects it then finds unreachable, and those calls' results."""
+    for n in range(warm):
+        await call(n)
+    gc.collect()
+    gc.disable()
+    try:
+        results = [await call(n) for n in range(warm, warm + times)]
+        return gc.collect(), results
+    finally:
+        gc.enable()

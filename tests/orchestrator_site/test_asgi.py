@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import os
 import subprocess
@@ -17,7 +16,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.http import HttpResponse
 
 from orchestrator_site import asgi
-from tests.conftest import ROOT, asgi_request
+from tests.conftest import ROOT, asgi_request, left_for_the_collector
 
 
 def get(path: str, **headers: str) -> httpx.Response:
@@ -259,18 +258,8 @@ class StockListener(PlainHandler):
 
 
 def garbage_per_request(handler: ASGIHandler) -> tuple[float, list[int]]:
-    async def run() -> tuple[float, list[int]]:
-        for _ in range(2):  # first-use caches
-            await asgi_request(handler, "GET", "/health")
-        gc.collect()
-        gc.disable()
-        try:
-            replies = [await asgi_request(handler, "GET", "/health") for _ in range(10)]
-            return gc.collect() / 10, [reply[0]["status"] for reply in replies]
-        finally:
-            gc.enable()
-
-    return asyncio.run(run())
+    collected, replies = asyncio.run(left_for_the_collector(lambda _n: asgi_request(handler, "GET", "/health")))
+    return collected / len(replies), [reply[0]["status"] for reply in replies]
 
 
 def test_a_request_leaves_nothing_for_the_cycle_collector() -> None:

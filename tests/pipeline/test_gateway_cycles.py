@@ -16,7 +16,7 @@ from rest_framework.response import Response
 
 from orchestrator_site import asgi
 from pipeline.api.views import AcyclicAPIView
-from tests.conftest import TenantFixture, WorkerProcess, asgi_request
+from tests.conftest import TenantFixture, WorkerProcess, asgi_request, left_for_the_collector
 
 CHAT = {"model": "echo/echo-1", "messages": [{"role": "user", "content": "hi"}]}
 REQUESTS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
@@ -44,18 +44,9 @@ def collected_after(owner: TenantFixture, method: str, path: str, body: dict[str
     async def one(n: int) -> list[dict[str, Any]]:
         return await asgi_request(asgi.application, method, path, body=each_body_unique(body, n), headers=headers)
 
-    async def run() -> tuple[int, list[int], list[bytes]]:
-        for n in range(2):  # first-use caches (the tenant's key, connections, scripts)
-            await one(n)
-        gc.collect()
-        gc.disable()
-        try:
-            replies = [await one(n) for n in range(2, 12)]
-            return gc.collect(), [r[0]["status"] for r in replies], [b"".join(m.get("body", b"") for m in r) for r in replies]
-        finally:
-            gc.enable()
-
-    return asyncio.run(run())
+    # The first calls warm the tenant's key, the connections and the scripts.
+    collected, replies = asyncio.run(left_for_the_collector(one))
+    return collected, [r[0]["status"] for r in replies], [b"".join(m.get("body", b"") for m in r) for r in replies]
 
 
 @pytest.mark.django_db(transaction=True)
