@@ -92,20 +92,19 @@ def script_beside(client: redis.Redis, script: Any, *, keys: Sequence[Any], args
     pool = client.connection_pool
     conn = pool.get_connection()
     ran = read = False
-    try:
-        conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        ran = True
-        beside()
-        reply = conn.read_response()
-        read = True
-    except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError) as exc:
-        reply = exc  # the ordinary call, below
-    finally:
-        if not read:
-            conn.disconnect()  # a reply may still be on its way: never handed to the next caller
-        pool.release(conn)
-    if read:
-        return reply
+    # A failed connection or a missing script: the ordinary call, below.
+    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, redis.exceptions.NoScriptError):
+        try:
+            conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            ran = True
+            beside()
+            reply = conn.read_response()
+            read = True
+            return reply
+        finally:
+            if not read:
+                conn.disconnect()  # a reply may still be on its way: never handed to the next caller
+            pool.release(conn)
     if not ran:
         beside()
     return script(keys=keys, args=args, client=client)
