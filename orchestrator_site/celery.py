@@ -34,6 +34,15 @@ _declare_queues()
 app.autodiscover_tasks(["pipeline", "batches"])
 
 
+def _add_lane() -> None:
+    from orchestrator_site.lane import LaneStep
+
+    app.steps["worker"].add(LaneStep)
+
+
+_add_lane()
+
+
 @worker_ready.connect
 def _serve_metrics(**_: Any) -> None:
     from django.conf import settings

@@ -184,6 +184,10 @@ CELERY_TASK_SEND_SENT_EVENT = False
 # starts, for a monitor that cannot keep up with real-time traffic anyway. Their
 # requests are in the metrics, the traces and the JSON log.
 REALTIME_TASK_EVENTS = env_bool("REALTIME_TASK_EVENTS", default=False)
+# A real-time worker (only `realtime`, thread pool, one Redis broker, no task events)
+# pops its messages off the broker's list in its own threads, one hand-off fewer
+# than through Celery's consumer (orchestrator_site.lane). Off: Celery's consumer.
+REALTIME_LANE = env_bool("REALTIME_LANE", default=True)
 # The scheduler (celery beat): the batch recovery sweep (batches.services.batch_recover).
 CELERY_BEAT_SCHEDULE = {
     "batch-recovery": {

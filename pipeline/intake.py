@@ -229,6 +229,11 @@ class TaskMessages:
         return json.dumps({**self.template, "body": base64.b64encode(body.encode()).decode("ascii"), "headers": headers, "properties": properties})
 
 
+def one_redis_server(url: str) -> bool:
+    """Whether a broker URL names one Redis server (not a failover list, Sentinel or a socket path)."""
+    return urlsplit(url).scheme in BrokerQueue.SCHEMES and ";" not in url
+
+
 def selects_within_scripts(version: str) -> bool:
     """Whether a script's SELECT stays in the script on a server of this version (7.0
     and later); before, it changed the database of the connection that ran the script."""
@@ -284,7 +289,7 @@ class BrokerQueue:
         is one Redis server (not a failover list, Sentinel or a socket path) and the
         message goes to a list of its own (``TaskMessages.queue``)."""
         queue = messages.queue
-        if urlsplit(url).scheme not in cls.SCHEMES or ";" in url or queue is None:
+        if not one_redis_server(url) or queue is None:
             return None
         return cls(url=url, key=f"{options.get('global_keyprefix', '')}{queue}", messages=messages, socket_timeout_s=float(options.get("socket_timeout", 5)))
 

@@ -138,3 +138,9 @@ def test_realtime_tasks_send_task_events_only_when_asked() -> None:
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "REALTIME_TASK_EVENTS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_every_worker_of_the_app_is_offered_the_realtime_lane() -> None:
+    from orchestrator_site.lane import LaneStep
+
+    assert LaneStep in app.steps["worker"]

@@ -1,0 +1,307 @@
+"""The real-time lane: a real-time worker's own consumer of the ``realtime`` list.
+
+Celery's consumer hands every message from its main thread to a pool thread: the
+message crosses two processes' wake-ups (the consumer's, then the pool thread's)
+before the task starts. In the lane each of the worker's threads blocks on
+``BRPOP`` of the list itself and runs the message it pops through Celery's own
+tracer (``trace_task_ret``, what the thread pool runs): the same task signals
+(Django's connection handling, OpenTelemetry's spans), the same logging, the
+same exception handling, one hand-off fewer.
+
+It is used by a worker that consumes only ``realtime`` from one Redis broker with
+the thread pool, when real-time task events are off (``REALTIME_TASK_EVENTS``) and
+``REALTIME_LANE`` is on (the default); the worker's Celery consumer then consumes
+no task queue of its own and keeps serving control commands (ping, stats,
+shutdown) and heartbeats. Any other worker runs real-time tasks through Celery's
+consumer, unchanged.
+
+Delivery is at most once, as ``run_realtime`` is with Celery on this worker
+(``acks_late=False``, no ack emulation: ``orchestrator_site.celery``): a message
+is off the list once popped. The lists are kombu's, in kombu's order: the queue's
+own list first, then its priority lists. A message the lane cannot run as it is,
+is logged and dropped, as Celery's consumer drops it: not JSON or not a task
+message (``realtime_lane_message_invalid``), a task this worker does not know
+(``..._unregistered``), a revoked or expired task (``..._revoked``,
+``..._expired``). A message with an ETA in the future is refused
+(``..._refused``): real-time tasks are never scheduled.
+
+On a warm shutdown every thread finishes the task it runs; a blocked ``BRPOP`` is
+ended by ``CLIENT UNBLOCK`` (no message is lost to it: it returns empty).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import structlog
+from celery import Celery, bootsteps
+from celery.app.trace import trace_task_ret
+from celery.concurrency.thread import TaskPool as ThreadPool
+from celery.utils.time import maybe_iso8601
+from celery.worker import state as worker_state
+from kombu.exceptions import KombuError
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from pipeline.intake import one_redis_server
+
+log = structlog.get_logger("orchestrator_site.lane")
+
+POLL_S = 5  # how long one BRPOP blocks: a dead server is noticed within this and the socket timeout
+BACKOFF_S = (0.05, 1.0)  # first and longest wait before reconnecting to a broker that is down
+
+
+def lane_keys(url: str, options: Mapping[str, Any], queue: str) -> tuple[str, ...] | None:
+    """The Redis lists kombu keeps ``queue`` in on this broker (Celery's ``broker_url``
+    and ``broker_transport_options``), in the order its consumer pops them; None unless
+    the broker is one Redis server (not a failover list, Sentinel or a socket path)."""
+    if not one_redis_server(url):
+        return None
+    prefix, sep = str(options.get("global_keyprefix", "")), str(options.get("sep", Channel.sep))
+    steps: Iterable[int] = options.get("priority_steps", PRIORITY_STEPS)
+    return tuple(f"{prefix}{queue}{sep}{step}" if step else f"{prefix}{queue}" for step in steps)
+
+
+class Refused(Exception):
+    """A message the lane drops: ``event`` is what is logged."""
+
+    def __init__(self, event: str, reason: str) -> None:
+        super().__init__(reason)
+        self.event = event
+
+
+class Lane:
+    """``threads`` threads, each popping one message at a time off ``keys`` and running it."""
+
+    def __init__(self, app: Celery, *, url: str, keys: tuple[str, ...], threads: int, hostname: str, socket_timeout_s: float) -> None:
+        if threads < 1 or not keys:
+            raise ValueError("a lane needs at least one thread and one list")
+        self.app = app
+        self.url = url
+        self.keys = keys
+        self.hostname = hostname
+        self.socket_timeout_s = socket_timeout_s
+        self.poll_s = POLL_S
+        self._count = threads
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._blocked: dict[int, int] = {}  # thread index -> its connection's CLIENT ID
+        self._lock = threading.Lock()
+
+    # --- the worker's side: start, stop --------------------------------------------
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._threads = [threading.Thread(target=self.serve, args=(n,), name=f"realtime-lane-{n}", daemon=True) for n in range(self._count)]
+        for thread in self._threads:
+            thread.start()
+        log.info("realtime_lane_started", threads=self._count, lists=list(self.keys))
+
+    def stop(self) -> None:
+        """Warm: each thread finishes its task; those waiting on ``BRPOP`` are unblocked."""
+        self._stopping.set()
+        self._unblock()
+        for thread in self._threads:
+            thread.join()
+        log.info("realtime_lane_stopped")
+
+    def terminate(self) -> None:
+        """Cold: nothing waited for (the threads are daemons and die with the process)."""
+        self._stopping.set()
+        self._unblock()
+
+    def _unblock(self) -> None:
+        with self._lock:
+            ids = list(self._blocked.values())
+        if not ids:
+            return
+        control = redis.Redis.from_url(self.url, socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_timeout_s)
+        try:
+            for client_id in ids:
+                control.client_unblock(client_id)
+        except redis.RedisError as exc:  # the threads then notice the stop within POLL_S
+            log.warning("realtime_lane_unblock_failed", error_type=type(exc).__name__)
+        finally:
+            control.close()
+
+    # --- one thread ------------------------------------------------------------------
+
+    def serve(self, n: int) -> None:
+        client: redis.Redis | None = None
+        wait, failing = BACKOFF_S[0], False
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if client is None:
+                        client = self._connect(n)
+                    if failing:
+                        log.info("realtime_lane_broker_back", thread=n)
+                        wait, failing = BACKOFF_S[0], False
+                    item = None if self._stopping.is_set() else self._pop(client)
+                except redis.RedisError as exc:
+                    self._forget(n, client)
+                    client = None
+                    if not failing:
+                        log.warning("realtime_lane_broker_unavailable", thread=n, error_type=type(exc).__name__, error=str(exc)[:200])
+                    failing = True
+                    self._stopping.wait(wait)
+                    wait = min(wait * 2, BACKOFF_S[1])
+                    continue
+                if item is not None:
+                    self.run(item)
+        finally:
+            self._forget(n, client)
+
+    def _connect(self, n: int) -> redis.Redis:
+        """Thread ``n``'s connection, its id noted for ``_unblock``."""
+        client = redis.Redis.from_url(
+            self.url,
+            single_connection_client=True,  # connected here: the connection whose CLIENT ID _unblock names
+            socket_timeout=self.poll_s + self.socket_timeout_s,
+            socket_connect_timeout=self.socket_timeout_s,
+            retry=None,
+            client_name=f"realtime-lane:{self.hostname}:{n}",
+        )
+        try:
+            client_id = int(client.client_id())
+        except redis.RedisError:
+            client.close()
+            raise
+        with self._lock:
+            self._blocked[n] = client_id
+        return client
+
+    def _forget(self, n: int, client: redis.Redis | None) -> None:
+        with self._lock:
+            self._blocked.pop(n, None)
+        if client is not None:
+            client.close()
+
+    def _pop(self, client: redis.Redis) -> bytes | None:
+        reply = client.brpop(list(self.keys), timeout=self.poll_s)
+        if reply is None:
+            return None
+        item = reply[1]
+        return item.encode() if isinstance(item, str) else item
+
+    def run(self, raw: bytes) -> None:
+        """Run one message as Celery's thread pool would; refused ones are logged."""
+        try:
+            name, task_id, request, body, content_type, content_encoding = self.decode(raw)
+            trace_task_ret(name, task_id, request, body, content_type, content_encoding, app=self.app)
+        except Refused as refused:
+            event, reason = refused.event, str(refused)
+        except KombuError as exc:  # the body: not JSON, or a content type this app does not accept
+            event, reason = "realtime_lane_message_invalid", f"{type(exc).__name__}: {exc}"[:300]
+        except Exception as exc:  # boundary: a lane thread outlives any one message
+            log.exception("realtime_lane_message_failed", error_type=type(exc).__name__)
+            return
+        else:
+            return
+        log.error(event, reason=reason, outcome="dropped")
+
+    def decode(self, raw: bytes) -> tuple[str, str, dict[str, Any], bytes | str, str, str]:
+        """kombu's envelope and Celery's task message protocol 2, as Celery's consumer reads
+        them: the task's name and id, the request (its headers and delivery), the body."""
+        try:
+            payload = json.loads(raw)
+            headers, properties = dict(payload["headers"]), dict(payload["properties"])
+            name, task_id = str(headers["task"]), str(headers["id"])
+            body: bytes | str = payload["body"]
+            if properties.get("body_encoding") == "base64":
+                body = base64.b64decode(body, validate=True)
+            content_type, content_encoding = str(payload["content-type"]), str(payload["content-encoding"])
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise Refused("realtime_lane_message_invalid", f"not a task message: {type(exc).__name__}") from None
+        if name not in self.app.tasks:
+            raise Refused("realtime_lane_task_unregistered", f"task {name!r} ({task_id}) is not registered")
+        if task_id in worker_state.revoked:
+            raise Refused("realtime_lane_task_revoked", f"task {task_id} was revoked")
+        now = datetime.now(UTC)
+        expires = self._when(headers, "expires", task_id)
+        if expires is not None and expires <= now:
+            raise Refused("realtime_lane_task_expired", f"task {task_id} expired at {headers['expires']}")
+        eta = self._when(headers, "eta", task_id)
+        if eta is not None and eta > now:
+            raise Refused("realtime_lane_task_refused", f"task {task_id} has an ETA ({headers['eta']}): real-time tasks are not scheduled")
+        info = properties.get("delivery_info") or {}
+        request = {
+            **headers,
+            "properties": properties,
+            "reply_to": properties.get("reply_to"),
+            "correlation_id": properties.get("correlation_id"),
+            "hostname": self.hostname,
+            "delivery_info": {
+                "exchange": info.get("exchange"),
+                "routing_key": info.get("routing_key"),
+                "priority": properties.get("priority"),
+                "redelivered": False,
+            },
+        }
+        return name, task_id, request, body, content_type, content_encoding
+
+    @staticmethod
+    def _when(headers: Mapping[str, Any], field: str, task_id: str) -> datetime | None:
+        value = headers.get(field)
+        if not value:
+            return None
+        try:
+            when = maybe_iso8601(str(value))
+        except (ValueError, OverflowError):
+            raise Refused("realtime_lane_message_invalid", f"task {task_id}: {field} {value!r} is not a time") from None
+        if when is None:
+            return None
+        return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+class LaneStep(bootsteps.StartStopStep):
+    """The worker's bootstep: decides whether the lane serves ``realtime`` here, and if
+    so takes the queue from the worker's Celery consumer before that starts."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.keys, self.reason = self.applies(parent)
+        self.enabled = self.keys is not None
+        if not self.enabled:
+            log.info("realtime_lane_off", reason=self.reason)
+
+    @staticmethod
+    def applies(worker: Any) -> tuple[tuple[str, ...] | None, str]:
+        """The lists the lane pops on this worker, or None and why not."""
+        from django.conf import settings
+
+        from pipeline.queues import Queue
+
+        queue = Queue.REALTIME.value
+        if not settings.REALTIME_LANE:
+            return None, "REALTIME_LANE is off"
+        if set(worker.app.amqp.queues.consume_from) != {queue}:
+            return None, f"the worker does not consume {queue!r} alone"
+        if not (isinstance(worker.pool_cls, type) and issubclass(worker.pool_cls, ThreadPool)):
+            return None, "the worker's pool is not the thread pool"
+        if settings.REALTIME_TASK_EVENTS:
+            return None, "REALTIME_TASK_EVENTS is on (task events are sent by Celery's consumer)"
+        keys = lane_keys(worker.app.conf.broker_read_url or "", worker.app.conf.broker_transport_options or {}, queue)
+        return keys, "" if keys is not None else "the broker is not one Redis server"
+
+    def create(self, parent: Any) -> Lane:  # type: ignore[override]  # celery's stubs say None; a StartStopStep keeps what create returns
+        from pipeline.queues import Queue
+
+        conf = parent.app.conf
+        parent.app.amqp.queues.deselect([Queue.REALTIME.value])  # Celery's consumer keeps control commands only
+        return Lane(
+            parent.app,
+            url=conf.broker_read_url,  # what Celery's consumer would read from (CELERY_BROKER_URL, or a read URL of its own)
+            keys=self.keys or (),
+            threads=int(parent.concurrency),
+            hostname=parent.hostname,
+            socket_timeout_s=float((conf.broker_transport_options or {}).get("socket_timeout", 5)),
+        )
