@@ -1,9 +1,9 @@
 """The real-time lane: a real-time worker's own consumer of the ``realtime`` list.
 
 Celery's consumer hands every message from its main thread to a pool thread: the
-message crosses two processes' wake-ups (the consumer's, then the pool thread's)
-before the task starts. In the lane each of the worker's threads blocks on
-``BRPOP`` of the list itself and runs the message it pops through Celery's own
+message crosses two wake-ups (the consumer's, then the pool thread's) before the
+task starts. In the lane the worker's threads take turns at ``BRPOP`` of the list
+(``Lane``), and the thread that popped a message runs it through Celery's own
 tracer (``trace_task_ret``, what the thread pool runs): the same task signals
 (Django's connection handling, OpenTelemetry's spans), the same logging, the
 same exception handling, one hand-off fewer.
@@ -25,7 +25,7 @@ message (``realtime_lane_message_invalid``), a task this worker does not know
 ``..._expired``). A message with an ETA in the future is refused
 (``..._refused``): real-time tasks are never scheduled.
 
-On a warm shutdown every thread finishes the task it runs; a blocked ``BRPOP`` is
+On a warm shutdown every thread finishes the task it runs; the waiting ``BRPOP`` is
 ended by ``CLIENT UNBLOCK`` (no message is lost to it: it returns empty).
 """
 
@@ -77,7 +77,16 @@ class Refused(Exception):
 
 
 class Lane:
-    """``threads`` threads, each popping one message at a time off ``keys`` and running it."""
+    """``threads`` threads taking turns at one ``BRPOP`` connection (leader and followers).
+
+    One thread at a time, the leader, waits on ``keys``. Once it has popped a message it
+    makes the follower that went idle last the leader and runs the message itself: no
+    hand-off before the task starts, and the threads that ran the last tasks run the
+    next ones. That keeps the fewest threads busy at low load, so their per-thread
+    state stays warm: each thread's event loop and its pooled connections to the
+    providers (which would be closed as idle if every thread took its turn, as
+    ``BRPOP`` serves whichever of its waiters waited longest). When every thread is
+    busy, no one waits on the list; the first to finish does."""
 
     def __init__(self, app: Celery, *, url: str, keys: tuple[str, ...], threads: int, hostname: str, socket_timeout_s: float) -> None:
         if threads < 1 or not keys:
@@ -91,8 +100,14 @@ class Lane:
         self._count = threads
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
-        self._blocked: dict[int, int] = {}  # thread index -> its connection's CLIENT ID
         self._lock = threading.Lock()
+        self._leader: int | None = None
+        self._followers: list[int] = []  # a stack: the last to go idle leads next
+        self._turn = [threading.Event() for _ in range(threads)]
+        self._client: redis.Redis | None = None  # the leader's; passed on with the lead
+        self._client_id: int | None = None  # its CLIENT ID, for _unblock
+        self._failing = False
+        self._wait_s = BACKOFF_S[0]
 
     # --- the worker's side: start, stop --------------------------------------------
 
@@ -104,69 +119,97 @@ class Lane:
         log.info("realtime_lane_started", threads=self._count, lists=list(self.keys))
 
     def stop(self) -> None:
-        """Warm: each thread finishes its task; those waiting on ``BRPOP`` are unblocked."""
-        self._stopping.set()
-        self._unblock()
+        """Warm: each thread finishes its task; the one waiting on ``BRPOP`` is unblocked."""
+        self._release()
         for thread in self._threads:
             thread.join()
+        self._close()
         log.info("realtime_lane_stopped")
 
     def terminate(self) -> None:
         """Cold: nothing waited for (the threads are daemons and die with the process)."""
-        self._stopping.set()
-        self._unblock()
+        self._release()
 
-    def _unblock(self) -> None:
-        with self._lock:
-            ids = list(self._blocked.values())
-        if not ids:
+    def _release(self) -> None:
+        with self._lock:  # against a thread about to wait for its turn (_await_turn)
+            self._stopping.set()
+            for turn in self._turn:
+                turn.set()
+            client_id = self._client_id
+        if client_id is None:
             return
         control = redis.Redis.from_url(self.url, socket_timeout=self.socket_timeout_s, socket_connect_timeout=self.socket_timeout_s)
         try:
-            for client_id in ids:
-                control.client_unblock(client_id)
-        except redis.RedisError as exc:  # the threads then notice the stop within POLL_S
+            control.client_unblock(client_id)
+        except redis.RedisError as exc:  # the leader then notices the stop within POLL_S
             log.warning("realtime_lane_unblock_failed", error_type=type(exc).__name__)
         finally:
             control.close()
 
-    # --- one thread ------------------------------------------------------------------
+    # --- the threads --------------------------------------------------------------------
 
     def serve(self, n: int) -> None:
-        client: redis.Redis | None = None
-        wait, failing = BACKOFF_S[0], False
-        try:
-            while not self._stopping.is_set():
-                try:
-                    if client is None:
-                        client = self._connect(n)
-                    if failing:
-                        log.info("realtime_lane_broker_back", thread=n)
-                        wait, failing = BACKOFF_S[0], False
-                    item = None if self._stopping.is_set() else self._pop(client)
-                except redis.RedisError as exc:
-                    self._forget(n, client)
-                    client = None
-                    if not failing:
-                        log.warning("realtime_lane_broker_unavailable", thread=n, error_type=type(exc).__name__, error=str(exc)[:200])
-                    failing = True
-                    self._stopping.wait(wait)
-                    wait = min(wait * 2, BACKOFF_S[1])
-                    continue
-                if item is not None:
-                    self.run(item)
-        finally:
-            self._forget(n, client)
+        while self._await_turn(n):
+            item = self._pop()
+            if item is None:
+                continue  # nothing within the poll (or a broker failure): still the leader
+            self._pass_lead(n)
+            self.run(item)
+        self._pass_lead(n)
 
-    def _connect(self, n: int) -> redis.Redis:
-        """Thread ``n``'s connection, its id noted for ``_unblock``."""
+    def _await_turn(self, n: int) -> bool:
+        """Lead, or wait to be made the leader; False once the lane stops."""
+        with self._lock:
+            if self._stopping.is_set():
+                return False
+            if self._leader is None:
+                self._leader = n
+            if self._leader == n:
+                return True
+            self._turn[n].clear()
+            self._followers.append(n)
+        self._turn[n].wait()
+        return not self._stopping.is_set()
+
+    def _pass_lead(self, n: int) -> None:
+        """Thread ``n`` stops leading: the follower that went idle last leads (or no one)."""
+        with self._lock:
+            if self._leader != n:
+                return
+            self._leader = self._followers.pop() if self._followers else None
+            if self._leader is not None:
+                self._turn[self._leader].set()
+
+    def _pop(self) -> bytes | None:
+        """One ``BRPOP`` by the leader; a broker failure is logged once and waited out."""
+        try:
+            if self._client is None:
+                self._connect()
+            if self._failing:
+                log.info("realtime_lane_broker_back")
+                self._failing, self._wait_s = False, BACKOFF_S[0]
+            reply = None if self._stopping.is_set() or self._client is None else self._client.brpop(list(self.keys), timeout=self.poll_s)
+        except redis.RedisError as exc:
+            self._close()
+            if not self._failing:
+                log.warning("realtime_lane_broker_unavailable", error_type=type(exc).__name__, error=str(exc)[:200])
+            self._failing = True
+            self._stopping.wait(self._wait_s)
+            self._wait_s = min(self._wait_s * 2, BACKOFF_S[1])
+            return None
+        if reply is None:
+            return None
+        item = reply[1]
+        return item.encode() if isinstance(item, str) else item
+
+    def _connect(self) -> None:
         client = redis.Redis.from_url(
             self.url,
-            single_connection_client=True,  # connected here: the connection whose CLIENT ID _unblock names
+            single_connection_client=True,  # connected here: the connection whose CLIENT ID _release names
             socket_timeout=self.poll_s + self.socket_timeout_s,
             socket_connect_timeout=self.socket_timeout_s,
             retry=None,
-            client_name=f"realtime-lane:{self.hostname}:{n}",
+            client_name=f"realtime-lane:{self.hostname}",
         )
         try:
             client_id = int(client.client_id())
@@ -174,21 +217,13 @@ class Lane:
             client.close()
             raise
         with self._lock:
-            self._blocked[n] = client_id
-        return client
+            self._client, self._client_id = client, client_id
 
-    def _forget(self, n: int, client: redis.Redis | None) -> None:
+    def _close(self) -> None:
         with self._lock:
-            self._blocked.pop(n, None)
+            client, self._client, self._client_id = self._client, None, None
         if client is not None:
             client.close()
-
-    def _pop(self, client: redis.Redis) -> bytes | None:
-        reply = client.brpop(list(self.keys), timeout=self.poll_s)
-        if reply is None:
-            return None
-        item = reply[1]
-        return item.encode() if isinstance(item, str) else item
 
     def run(self, raw: bytes) -> None:
         """Run one message as Celery's thread pool would; refused ones are logged."""
