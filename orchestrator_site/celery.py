@@ -10,6 +10,8 @@ from celery.signals import celeryd_init, worker_process_init, worker_process_shu
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
+from orchestrator_site.lane import LaneStep
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
 
 app = Celery("orchestrator_site")
@@ -32,15 +34,7 @@ def _declare_queues() -> None:
 
 _declare_queues()
 app.autodiscover_tasks(["pipeline", "batches"])
-
-
-def _add_lane() -> None:
-    from orchestrator_site.lane import LaneStep
-
-    app.steps["worker"].add(LaneStep)
-
-
-_add_lane()
+app.steps["worker"].add(LaneStep)  # a real-time worker's own consumer of `realtime` (orchestrator_site.lane)
 
 
 @worker_ready.connect
