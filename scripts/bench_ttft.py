@@ -22,7 +22,11 @@ test: ten clients sending ~300 requests a second.
 Every client request is timed from sending to the first token's text, and read
 to its end. Reported: P50/P99 of TTFT per transport, the overhead over the
 direct call at the same percentile, and the completed streamed requests per
-second. Prints Markdown.
+second. At concurrency 1 and in the open loop, each request's TTFT is also split
+around the upstream's own delay: from the client's send to the upstream reading
+the request, and from the upstream writing the first token to the client reading
+it (the upstream records both per prompt, on the machine's monotonic clock, which
+the client reads too). Prints Markdown.
 """
 
 from __future__ import annotations
@@ -95,6 +99,20 @@ def _reply(model: str, tokens: int, usage: bool) -> tuple[bytes, ...]:
     return (head, role, *words, end + _chunk("[DONE]") + b"0\r\n\r\n")
 
 
+# Per prompt (the 32 hex digits of its text), when the upstream read the request and when
+# it wrote the first token, on the machine's monotonic clock (the client's clock too):
+# they split a request's overhead into the way to the upstream and the way back.
+HOPS: dict[str, tuple[int, int]] = {}
+PROMPT_ID = re.compile(rb"benchmark prompt ([0-9a-f]{32})")
+
+
+def _hops_reply() -> bytes:
+    """``GET /bench/hops``: what was recorded since the last call, then forgotten."""
+    body = json.dumps(HOPS).encode()
+    HOPS.clear()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
 _NOT_FOUND_BODY = b'{"error": {"message": "not found", "type": "invalid_request_error"}}'
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(_NOT_FOUND_BODY), _NOT_FOUND_BODY)
 
@@ -103,18 +121,27 @@ async def _upstream_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWri
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
+            arrived = time.monotonic_ns()
             length = 0
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
-            body = json.loads(await reader.readexactly(length)) if length else {}
-            if head.split(b" ", 2)[1] != b"/v1/chat/completions":
+            raw = await reader.readexactly(length) if length else b"{}"
+            body = json.loads(raw)
+            path = head.split(b" ", 2)[1]
+            if path == b"/bench/hops":
+                writer.write(_hops_reply())
+                continue
+            if path != b"/v1/chat/completions":
                 writer.write(NOT_FOUND)
                 continue
             model = str(body.get("model", "fake-1"))
             reply = _reply(model, tokens, bool((body.get("stream_options") or {}).get("include_usage")))
+            found = PROMPT_ID.search(raw)
             writer.write(reply[0])
             await asyncio.sleep(first_token_s)
+            if found:
+                HOPS[found.group(1).decode()] = (arrived, time.monotonic_ns())
             if model == PACED_MODEL:
                 writer.write(reply[1])
                 for i, piece in enumerate(reply[2:-1]):
@@ -147,6 +174,14 @@ class Sample:
     ttft_ms: float
     total_ms: float
     tokens: int  # upstream tokens received (several may come in one event)
+    prompt_id: str = ""  # the 32 hex digits of its prompt: the upstream's HOPS key
+    sent_ns: int = 0  # monotonic clock: sent, and the first token's text read
+    first_ns: int = 0
+
+    @classmethod
+    def timed(cls, transport: str, prompt_id: str, sent_ns: int, first_ns: int, tokens: int) -> Sample:
+        now = time.monotonic_ns()
+        return cls(transport, (first_ns - sent_ns) / 1e6, (now - sent_ns) / 1e6, tokens, prompt_id, sent_ns, first_ns)
 
 
 def http_session() -> aiohttp.ClientSession:
@@ -167,24 +202,33 @@ class Clients:
     tokens: int = 20
     model: str = "fake-1"
 
-    def prompt(self) -> str:
-        return f"benchmark prompt {uuid.uuid4().hex}"
+    @staticmethod
+    def prompt(prompt_id: str) -> str:
+        return f"benchmark prompt {prompt_id}"
 
     async def direct(self) -> Sample:
-        body = {"model": self.model, "stream": True, "messages": [{"role": "user", "content": self.prompt()}]}
-        return await self._sse("direct", f"{self.upstream}/v1/chat/completions", body, {}, openai=True)
+        pid = uuid.uuid4().hex
+        body = {"model": self.model, "stream": True, "messages": [{"role": "user", "content": self.prompt(pid)}]}
+        return await self._sse("direct", pid, f"{self.upstream}/v1/chat/completions", body, {}, openai=True)
 
     async def sse(self) -> Sample:
-        body = {"prompt": self.prompt(), "worker": "bench", "model": self.model, "stream": True}
-        return await self._sse("sse", f"{self.gateway}/api/v1/infer", body, {"Authorization": f"Bearer {self.key}"}, openai=False)
+        pid = uuid.uuid4().hex
+        body = {"prompt": self.prompt(pid), "worker": "bench", "model": self.model, "stream": True}
+        return await self._sse("sse", pid, f"{self.gateway}/api/v1/infer", body, {"Authorization": f"Bearer {self.key}"}, openai=False)
 
     async def v1(self) -> Sample:
-        body = {"model": f"bench/{self.model}", "stream": True, "messages": [{"role": "user", "content": self.prompt()}]}
-        return await self._sse("v1", f"{self.gateway}/v1/chat/completions", body, {"Authorization": f"Bearer {self.key}"}, openai=True)
+        pid = uuid.uuid4().hex
+        body = {"model": f"bench/{self.model}", "stream": True, "messages": [{"role": "user", "content": self.prompt(pid)}]}
+        return await self._sse("v1", pid, f"{self.gateway}/v1/chat/completions", body, {"Authorization": f"Bearer {self.key}"}, openai=True)
 
-    async def _sse(self, transport: str, url: str, body: dict[str, object], headers: dict[str, str], *, openai: bool) -> Sample:
-        started = time.perf_counter()
-        first, count = 0.0, 0
+    async def hops(self) -> dict[str, tuple[int, int]]:
+        """The upstream's record since the last call (and it forgets it)."""
+        async with self.http.get(f"{self.upstream}/bench/hops") as resp:
+            return {pid: (int(a), int(b)) for pid, (a, b) in (await resp.json()).items()}
+
+    async def _sse(self, transport: str, pid: str, url: str, body: dict[str, object], headers: dict[str, str], *, openai: bool) -> Sample:
+        started = time.monotonic_ns()
+        first, count = 0, 0
         async with self.http.post(url, json=body, headers=headers) as resp:
             if resp.status != 200:
                 raise RuntimeError(f"{transport}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
@@ -202,23 +246,24 @@ class Clients:
                     text = event.get("text") if event["type"] == "token" else None
                 if text:
                     count += text.count("tok")
-                    first = first or time.perf_counter()
-        return Sample(transport, (first - started) * 1000, (time.perf_counter() - started) * 1000, count)
+                    first = first or time.monotonic_ns()
+        return Sample.timed(transport, pid, started, first, count)
 
     async def websocket(self, ws: websockets.ClientConnection) -> Sample:
-        started = time.perf_counter()
-        await ws.send(json.dumps({"type": "prompt", "prompt": self.prompt(), "worker": "bench", "model": self.model}))
-        first, count = 0.0, 0
+        pid = uuid.uuid4().hex
+        started = time.monotonic_ns()
+        await ws.send(json.dumps({"type": "prompt", "prompt": self.prompt(pid), "worker": "bench", "model": self.model}))
+        first, count = 0, 0
         while True:
             event = json.loads(await ws.recv())
             if event["type"] == "token":
                 count += event["text"].count("tok")
-                first = first or time.perf_counter()
+                first = first or time.monotonic_ns()
             elif event["type"] == "error":
                 raise RuntimeError(f"websocket: {event['code']}: {event['message']}")
             elif event["type"] == "done":
                 STAGE_TIMES.append(event["timings_us"])
-                return Sample("websocket", (first - started) * 1000, (time.perf_counter() - started) * 1000, count)
+                return Sample.timed("websocket", pid, started, first, count)
 
 
 async def open_socket(clients: Clients) -> websockets.ClientConnection:
@@ -555,6 +600,30 @@ def ttft_rows(title: str, samples: list[Sample]) -> list[str]:
     return rows
 
 
+def hop_rows(title: str, samples: list[Sample], hops: dict[str, tuple[int, int]]) -> list[str]:
+    """Each request's TTFT in two: from the client's send to the upstream reading the
+    request (the gateway, the queue, the worker's stages before the call), and from the
+    upstream writing the first token to the client reading it (the worker's stream,
+    the token bus, the gateway). The upstream's own first-token delay is neither."""
+    rows = []
+    for transport in TRANSPORTS:
+        matched = [(s, hops[s.prompt_id]) for s in samples if s.transport == transport and s.prompt_id in hops]
+        if not matched:
+            continue
+        there = [(arrived - s.sent_ns) / 1e6 for s, (arrived, _first) in matched]
+        back = [(s.first_ns - first) / 1e6 for s, (_arrived, first) in matched]
+        rows.append(
+            f"| {title} | {transport} | {len(matched)} | {pct(there, 0.5):.2f} / {pct(there, 0.99):.2f} | {pct(back, 0.5):.2f} / {pct(back, 0.99):.2f} |"
+        )
+    return rows
+
+
+HOPS_HEAD = (
+    "| load | transport | requests | client's send → upstream reads the request, P50 / P99 ms "
+    "| upstream writes the first token → client reads it, P50 / P99 ms |\n| --- | --- | --- | --- | --- |\n"
+)
+
+
 def write_config(upstream: str, path: Path) -> None:
     path.write_text(
         f"""default_worker = "bench"
@@ -583,15 +652,19 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
 
     out.write("| load | transport | requests | TTFT P50 ms | TTFT P99 ms | overhead over direct, P50 / P99 ms |\n| --- | --- | --- | --- | --- | --- |\n")
     STAGE_TIMES.clear()
+    await clients.hops()  # forget the warm-up's
     cpu.start()
     lone, _took, lone_errors = await closed_loop(clients, concurrency=1, per_client=args.requests, transports=TRANSPORTS)
     lone_outside = cpu.outside()
+    hops = hop_rows("concurrency 1", lone, await clients.hops())
     out.write("\n".join(ttft_rows("concurrency 1", lone)) + "\n")
     inside = {stage: pct([t[stage] / 1000 for t in STAGE_TIMES], 0.5) for stage in ("rag", "assemble", "inference")}
     STAGE_TIMES.clear()
     ten, _took, ten_errors = await closed_loop(clients, concurrency=10, per_client=args.requests // 16, transports=TRANSPORTS)
     out.write("\n".join(ttft_rows("concurrency 10", ten)) + "\n")
+    await clients.hops()
     opened, open_errors = await open_loop(clients, rate=args.rate, seconds=args.seconds)
+    hops += hop_rows(f"open loop, {args.rate:g} req/s", opened, await clients.hops())
     out.write("\n".join(ttft_rows(f"open loop, {args.rate:g} req/s", opened)) + "\n")
     busy, _took, busy_errors = await closed_loop(clients, concurrency=32, per_client=args.requests // 32, transports=TRANSPORTS)
     out.write("\n".join(ttft_rows("concurrency 32", busy)) + "\n")
@@ -617,6 +690,7 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
             f"| {cpu_cell(used)} |\n"
         )
 
+    out.write("\nWhere the time to first token goes: each request's, on either side of the upstream's own delay.\n\n" + HOPS_HEAD + "\n".join(hops) + "\n")
     out.write("\n" + lone_outside.line("concurrency 1") + "\n")
     out.write(
         "\nInside the worker, WebSocket prompts at concurrency 1 (P50 of the done events' timings): "

@@ -116,6 +116,33 @@ def test_the_client_times_the_first_token_and_counts_every_token(upstream: str) 
     assert paced.tokens == 5 and paced.total_ms - paced.ttft_ms >= 4 * 25  # read to the end, one every 30 ms
 
 
+def test_the_upstream_records_when_it_read_each_prompt_and_wrote_its_first_token(upstream: str) -> None:
+    async def run() -> tuple[list[bench_ttft.Sample], dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        async with bench_ttft.http_session() as http:
+            clients = bench_ttft.Clients("http://unused", upstream, "key", http)
+            await clients.hops()  # another test's
+            samples = [await clients.direct(), await clients.direct()]
+            return samples, await clients.hops(), await clients.hops()
+
+    samples, hops, again = asyncio.run(run())
+    assert set(hops) == {s.prompt_id for s in samples} and again == {}  # read once, then forgotten
+    for sample in samples:
+        arrived, first = hops[sample.prompt_id]
+        assert sample.sent_ns < arrived < first < sample.first_ns
+        assert (first - arrived) / 1e6 >= 50  # the upstream's own first-token delay lies between the two
+        assert sample.ttft_ms == pytest.approx((sample.first_ns - sample.sent_ns) / 1e6)
+
+
+def test_hops_split_each_requests_time_to_first_token_around_the_upstream() -> None:
+    ms = 1_000_000
+    samples = [bench_ttft.Sample("sse", 0, 0, 20, f"{i:032x}", sent_ns=i * 100 * ms, first_ns=i * 100 * ms + (30 + i) * ms) for i in range(100)]
+    samples.append(bench_ttft.Sample("sse", 0, 0, 20, "f" * 32, sent_ns=0, first_ns=1))  # the upstream never saw it: left out
+    hops = {f"{i:032x}": (i * 100 * ms + (2 + i / 10) * ms, i * 100 * ms + 22 * ms) for i in range(100)}
+    (row,) = bench_ttft.hop_rows("c1", samples, hops)
+    # there: 2 + i/10 ms; back: (30 + i) - 22 = 8 + i ms
+    assert row == "| c1 | sse | 100 | 7.00 / 11.80 | 58.00 / 106.00 |"  # nearest rank: the 51st and the 99th
+
+
 @pytest.fixture
 def no_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
     """The loops open a WebSocket each, which only the platform serves: a stand-in here."""
