@@ -28,23 +28,62 @@ LIMIT %(top_k)s
 """
 
 
+# A session's latest turns, newest first (reversed once read): ``session_history``'s
+# query, for ``document_search_and_history`` to send after the search.
+_HISTORY_SQL = f"""
+SELECT role, content FROM {SessionTurn._meta.db_table}
+WHERE tenant_id = %(tenant)s AND session_id = %(session)s
+ORDER BY id DESC
+LIMIT %(messages)s
+"""
+
+
 def document_search(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str) -> RetrievalResult:
     params: dict[str, str | int] = {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k, "timeout_ms": int(timeout_ms)}
-    # Outside a transaction (a worker's case) the two statements, sent as one string,
-    # are one implicit transaction: SET LOCAL lasts for the search only, in one round
+    return _search(_SEARCH_SQL, params, with_history=False)[0]
+
+
+def document_search_and_history(
+    *, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str, session_id: str, turns: int
+) -> tuple[RetrievalResult, tuple[ChatMessage, ...] | None]:
+    """``document_search`` and ``session_history`` in one round trip: the search, then
+    the session's latest ``turns`` exchanges. The history is None when it was not
+    read: a search that hit its timeout ends the statements after it too."""
+    params: dict[str, str | int] = {
+        "cfg": text_search_config,
+        "text": query,
+        "tenant": tenant_id,
+        "top_k": top_k,
+        "timeout_ms": int(timeout_ms),
+        "session": session_id,
+        "messages": 2 * max(turns, 0),
+    }
+    return _search(_SEARCH_SQL + ";" + _HISTORY_SQL, params, with_history=True)
+
+
+def _search(sql: str, params: dict[str, str | int], *, with_history: bool) -> tuple[RetrievalResult, tuple[ChatMessage, ...] | None]:
+    """The search's result and, ``with_history``, the history read after it (else None).
+    A search cancelled by its timeout is an empty result that says so, and nothing
+    after it was read."""
+    # Outside a transaction (a worker's case) the statements, sent as one string, are
+    # one implicit transaction: SET LOCAL lasts for these statements only, in one round
     # trip (BEGIN, SET, SELECT and COMMIT were four). Inside one, a savepoint to roll
     # back to when the search is cancelled.
     within = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    history: tuple[ChatMessage, ...] | None = None
     try:
         with within, connection.cursor() as cursor:
-            cursor.execute(_SEARCH_SQL, params)
+            cursor.execute(sql, params)
             cursor.nextset()  # past SET's (empty) result, to the search's rows
             rows = cursor.fetchall()
+            if with_history:
+                cursor.nextset()
+                history = tuple(ChatMessage(role, content) for role, content in reversed(cursor.fetchall()))
     except OperationalError as exc:
         if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
-            return RetrievalResult(documents=(), timed_out=True)
+            return RetrievalResult(documents=(), timed_out=True), None
         raise
-    return RetrievalResult(documents=tuple(RetrievedDocument(id=str(r[0]), title=r[1], body=r[2], rank=float(r[3])) for r in rows))
+    return RetrievalResult(documents=tuple(RetrievedDocument(id=str(r[0]), title=r[1], body=r[2], rank=float(r[3])) for r in rows)), history
 
 
 def _uuid_or_404(value: str) -> uuid.UUID:

@@ -36,7 +36,7 @@ from orchestrator_site.errors import (
     TransientWorkerError,
 )
 from pipeline import metrics, selectors
-from pipeline.config import PipelineSettings, RagConfig, get_config
+from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.intake import BrokerQueue, Intake, TaskMessages
 from pipeline.intake import Limits as IntakeLimits
@@ -49,7 +49,7 @@ from pipeline.resilience.local import LocalAdmission, LocalBreaker, LocalDedup, 
 from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_config, worker_pool
-from pipeline.stages.rag import RetrievalResult, Retriever, search_args
+from pipeline.stages.rag import RetrievalResult, search_args
 from pipeline.tokenbus import get_bus
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest, TokenChunk
 
@@ -406,27 +406,39 @@ def realtime_execute(payload: Mapping[str, Any]) -> None:
             _release_slot(request)
 
 
-class SearchAhead:
-    """A request's RAG search, run before its stage: beside the task's start script
-    (``script_beside``), so that the Postgres and Redis round trips overlap. The stage
-    gets the outcome, a result or the database error the search raised, when it asks
-    with the same arguments, once; any other search runs when asked. The search's time
-    is reported as the stage's (``timings_us["rag"]``, the stage metrics)."""
+class ReadAhead:
+    """A real-time task's reads from Postgres, run before their stages: beside the
+    task's start script (``script_beside``), so that the Postgres and Redis round
+    trips overlap. The RAG search and, in the same round trip, the session's stored
+    turns when the assemble stage will want them (the request names a session and
+    sends no conversation of its own). Each stage gets its outcome, a result or the
+    database error the search raised, when it asks with the same arguments, once;
+    anything else is read when asked. The round trip's time is reported as the rag
+    stage's (``timings_us["rag"]``, the stage metrics): the history read with the
+    search costs no round trip of its own."""
 
-    def __init__(self, request: PromptRequest, rag: RagConfig) -> None:
-        self._args = search_args(request, rag)
+    def __init__(self, request: PromptRequest, config: PipelineSettings) -> None:
+        self._request = request
+        self._args = search_args(request, config.rag)
+        self._turns = config.assemble.history_turns
+        self._with_history = request.names_session and not request.history and self._turns > 0
         self._outcome: RetrievalResult | DatabaseError | None = None
+        self._history: tuple[ChatMessage, ...] | None = None
 
     def run(self) -> None:
         started = time.perf_counter_ns()
         try:
-            result = selectors.document_search(**self._args)
+            if self._with_history:
+                result, self._history = selectors.document_search_and_history(**self._args, session_id=self._request.session_id, turns=self._turns)
+            else:
+                result = selectors.document_search(**self._args)
         except DatabaseError as exc:
             self._outcome = exc  # raised in the stage, where the search would have raised it
             return
         self._outcome = dataclasses.replace(result, searched_ahead_ns=time.perf_counter_ns() - started)  # the stage's time too
 
     def __call__(self, **args: Any) -> RetrievalResult:
+        """The rag stage's retriever."""
         outcome, self._outcome = self._outcome, None
         if outcome is None or args != self._args:
             return selectors.document_search(**args)
@@ -434,12 +446,18 @@ class SearchAhead:
             raise outcome
         return outcome
 
+    def load_history(self) -> tuple[ChatMessage, ...]:
+        """The assemble stage's: the turns read with the search, or read now (none were:
+        the request wants none, its search failed or timed out, or they were handed out)."""
+        history, self._history = self._history, None
+        return session_history_for(self._request, turns=self._turns) if history is None else history
+
 
 def _run_and_answer(request: PromptRequest) -> bool:
     """Run the request and answer it: True when its slot was released with the answer."""
     config = get_config()
-    search = SearchAhead(request, config.rag) if config.rag.enabled else None
-    started = _start(request, config, beside=search.run if search else None)
+    ahead = ReadAhead(request, config) if config.rag.enabled else None
+    started = _start(request, config, beside=ahead.run if ahead else None)
     if started is None:
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return False
@@ -450,7 +468,7 @@ def _run_and_answer(request: PromptRequest) -> bool:
     clock = metrics.StreamClock(request.worker, accepted_at=metrics.parse_time(created_at or None))
     answered = released = False
     try:
-        result = _execute(request, config, clock, permission=permission, retrieve=search)
+        result = _execute(request, config, clock, permission=permission, ahead=ahead)
     except ServiceUnavailable:
         raise  # the answer cannot be delivered either; realtime_execute logs it
     except OrchestratorError as exc:
@@ -580,17 +598,17 @@ def _execute(
     *,
     on_bus: bool = True,
     permission: Permission | None = None,
-    retrieve: Retriever | None = None,
+    ahead: ReadAhead | None = None,
 ) -> PipelineResult:
     def run(routed: PromptRequest) -> PipelineResult:
         clock.worker = routed.worker
-        return _run_stages(routed, config, clock, on_bus=on_bus, retrieve=retrieve)
+        return _run_stages(routed, config, clock, on_bus=on_bus, ahead=ahead)
 
     return run_guarded(request, config, run, permission=permission)
 
 
 def _run_stages(
-    request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True, retrieve: Retriever | None = None
+    request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, *, on_bus: bool = True, ahead: ReadAhead | None = None
 ) -> PipelineResult:
     bus = get_bus()
 
@@ -601,8 +619,8 @@ def _run_stages(
 
     deps = PipelineDeps(
         config=config,
-        retrieve=retrieve or selectors.document_search,
-        load_history=lambda: session_history_for(request, turns=config.assemble.history_turns),
+        retrieve=ahead or selectors.document_search,
+        load_history=ahead.load_history if ahead else lambda: session_history_for(request, turns=config.assemble.history_turns),
         worker=worker_pool.get(config, request.worker),
         publish=publish,
         streaming=True,

@@ -19,7 +19,7 @@ class StageContext:
     request: PromptRequest
     documents: tuple[RetrievedDocument, ...] = ()
     rag_outcome: str = "skipped"
-    # A search run before the stage (services.SearchAhead): its time, the stage's too.
+    # A search run before the stage (services.ReadAhead): its time, the stage's too.
     searched_ahead_ns: int = 0
     history: tuple[ChatMessage, ...] = ()
     prompt: AssembledPrompt | None = None

@@ -168,3 +168,35 @@ def test_metadata_is_stored_as_json(owner: TenantFixture) -> None:
     doc = services.document_create(tenant=owner.tenant, title="m", body="b", metadata={"source": "faq", "tags": ["a", "b"], "n": 1})
     assert Document.objects.get(pk=doc.pk).metadata == {"source": "faq", "tags": ["a", "b"], "n": 1}
     assert services.document_create(tenant=owner.tenant, title="n", body="b").metadata == {}
+
+
+def search_and_history(tenant: TenantFixture, query: str, session: str, turns: int, timeout_ms: int = 2000) -> tuple[selectors.RetrievalResult, object]:
+    return selectors.document_search_and_history(
+        tenant_id=str(tenant.tenant.id), query=query, top_k=3, timeout_ms=timeout_ms, text_search_config="english", session_id=session, turns=turns
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_search_and_the_sessions_turns_are_read_in_one_round_trip_as_each_alone(library: None, owner: TenantFixture, outsider: TenantFixture) -> None:
+    for n in range(5):
+        services.session_turns_append(request=request(owner, "s1", f"q{n}", n), reply=f"a{n}")
+    services.session_turns_append(request=request(outsider, "s1", "outsider's", 9), reply="x")  # the same session id, another tenant
+    tenant = str(owner.tenant.id)
+    for turns in (0, 2, 9):
+        with CaptureQueriesContext(connection) as queries:
+            found, history = search_and_history(owner, "refund", "s1", turns)
+        assert len(queries.captured_queries) == 1 and statement_timeout() == "0"  # one round trip; the timeout ended with it
+        alone = selectors.document_search(tenant_id=tenant, query="refund", top_k=3, timeout_ms=2000, text_search_config="english")
+        assert found == alone and [d.title for d in found.documents] == ["Refund policy", "Shipping"]
+        assert history == selectors.session_history(tenant_id=tenant, session_id="s1", turns=turns)
+    assert [m.content for m in search_and_history(owner, "refund", "s1", 2)[1]] == ["q3", "a3", "q4", "a4"]  # oldest first
+    assert search_and_history(owner, "refund", "no-such-session", 4)[1] == ()
+
+
+@pytest.mark.django_db
+def test_a_search_that_times_out_reads_no_history(owner: TenantFixture) -> None:
+    services.session_turns_append(request=request(owner, "s1", "q", 1), reply="a")
+    slow_search(owner)  # 20,000 matching documents
+    found, history = search_and_history(owner, "refund policy purchase", "s1", 4, timeout_ms=1)
+    assert found.timed_out and found.documents == () and history is None  # not read: the caller reads it alone
+    assert [m.content for m in search_and_history(owner, "refund", "s1", 4, timeout_ms=60_000)[1]] == ["q", "a"]  # the connection still works

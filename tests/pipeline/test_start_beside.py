@@ -1,9 +1,10 @@
 """A real-time task's start overlaps its two first round trips: the start script is
 sent to Redis, the RAG search runs on Postgres while Redis answers, then the script's
-reply is read (``tokenbus.script_beside``, ``services.SearchAhead``). Against the
+reply is read (``tokenbus.script_beside``, ``services.ReadAhead``); a request of a
+named session has its stored turns read in the search's round trip. Against the
 real Redis and Postgres: the order, the fallbacks (a server without the script, a
-dead pooled connection), a ``beside`` that fails, and the search's outcome handed
-to its stage once."""
+dead pooled connection), a ``beside`` that fails, and what was read handed to its
+stage once."""
 
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def test_a_beside_that_fails_leaves_no_unread_reply_in_the_pool(client: redis.Re
     assert [client.get(key) for _ in range(3)] == ["mine"] * 3
 
 
-def request_for(owner: TenantFixture, prompt: str) -> PromptRequest:
-    return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": prompt}, config=PipelineSettings())
+def request_for(owner: TenantFixture, prompt: str, **data: Any) -> PromptRequest:
+    return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": prompt, **data}, config=PipelineSettings())
 
 
 @pytest.mark.django_db
@@ -117,7 +118,7 @@ def test_the_search_run_ahead_is_handed_to_its_stage_once(owner: TenantFixture) 
     services.document_create(tenant=owner.tenant, title="Kettles", body="a kettle boils water")
     rag = RagConfig()
     request = request_for(owner, "kettle")
-    ahead = services.SearchAhead(request, rag)
+    ahead = services.ReadAhead(request, PipelineSettings(rag=rag))
     ahead.run()
     with CaptureQueriesContext(connection) as queries:
         found = ahead(**search_args(request, rag))
@@ -138,7 +139,7 @@ def test_the_search_run_ahead_is_handed_to_its_stage_once(owner: TenantFixture) 
 def test_a_search_that_failed_ahead_fails_in_its_stage(owner: TenantFixture) -> None:
     rag = RagConfig(text_search_config="no_such_configuration")
     request = request_for(owner, "kettle")
-    ahead = services.SearchAhead(request, rag)
+    ahead = services.ReadAhead(request, PipelineSettings(rag=rag))
     ahead.run()  # Postgres refuses it: kept, not raised here
     with pytest.raises(DatabaseError, match="no_such_configuration"):
         ahead(**search_args(request, rag))
@@ -174,3 +175,90 @@ def test_without_rag_nothing_is_searched_ahead(owner: TenantFixture, monkeypatch
     request = request_for(owner, "kettle")
     services.realtime_execute(request.to_dict())
     assert get_bus().read_all(request.request_id)[-1].type == "done" and searched == []
+
+
+TURNS_TABLE = "pipeline_sessionturn"
+
+
+def chat_with_two_turns(owner: TenantFixture) -> None:
+    for n, (question, reply) in enumerate((("my name is Ada", "hello Ada"), ("I like kettles", "noted"))):
+        services.session_turns_append(request=dataclasses.replace(request_for(owner, question, session_id="chat"), request_id=f"earlier-{n}"), reply=reply)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_sessions_turns_are_read_in_the_searchs_round_trip_and_handed_to_assemble_once(owner: TenantFixture) -> None:
+    chat_with_two_turns(owner)
+    stored = selectors.session_history(tenant_id=str(owner.tenant.id), session_id="chat", turns=10)
+    assert len(stored) == 4
+    request = request_for(owner, "kettle", session_id="chat")
+    ahead = services.ReadAhead(request, PipelineSettings())
+    with CaptureQueriesContext(connection) as queries:
+        ahead.run()
+    assert len(queries.captured_queries) == 1 and TURNS_TABLE in queries.captured_queries[0]["sql"]  # one round trip, both reads
+    with CaptureQueriesContext(connection) as queries:
+        ahead(**search_args(request, RagConfig()))
+        assert ahead.load_history() == stored
+    assert queries.captured_queries == []  # neither stage asks Postgres
+    with CaptureQueriesContext(connection) as queries:
+        assert ahead.load_history() == stored  # asked again: read again
+    assert len(queries.captured_queries) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("data", "settings"),
+    [
+        ({}, PipelineSettings()),  # no session named: a new one, with nothing stored
+        ({"session_id": "chat", "history": [("user", "hi"), ("assistant", "hello")]}, PipelineSettings()),  # the client sent its conversation
+        ({"session_id": "chat"}, PipelineSettings.model_validate({"assemble": {"history_turns": 0}})),  # no turns wanted
+    ],
+    ids=["no-session", "client-history", "no-turns"],
+)
+def test_no_turns_are_read_ahead_when_assemble_will_not_read_them(owner: TenantFixture, data: dict[str, Any], settings: PipelineSettings) -> None:
+    chat_with_two_turns(owner)
+    request = request_for(owner, "kettle", **data)
+    ahead = services.ReadAhead(request, settings)
+    with CaptureQueriesContext(connection) as queries:
+        ahead.run()
+    assert len(queries.captured_queries) == 1 and TURNS_TABLE not in queries.captured_queries[0]["sql"]  # the search alone
+    # Asked all the same, it answers as the stage's own read would.
+    assert ahead.load_history() == services.session_history_for(request, turns=settings.assemble.history_turns)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_turns_the_search_could_not_bring_are_read_when_assemble_asks(owner: TenantFixture) -> None:
+    chat_with_two_turns(owner)
+    request = request_for(owner, "kettle", session_id="chat")
+    ahead = services.ReadAhead(request, PipelineSettings(rag=RagConfig(text_search_config="no_such_configuration")))
+    ahead.run()  # refused: neither read
+    with CaptureQueriesContext(connection) as queries:
+        assert [m.content for m in ahead.load_history()] == ["my name is Ada", "hello Ada", "I like kettles", "noted"]
+    assert len(queries.captured_queries) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_real_time_task_of_a_session_reads_its_turns_beside_its_start(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import engine
+
+    chat_with_two_turns(owner)
+    reads: list[bool] = []
+    assembled: list[tuple[Any, ...]] = []
+    real_read, real_assemble = selectors.document_search_and_history, engine.assemble
+
+    def reading(**args: Any) -> Any:
+        reads.append(any(frame.function == "script_beside" for frame in inspect.stack()))
+        return real_read(**args)
+
+    def assembling(ctx: Any, **kwargs: Any) -> Any:
+        assembled.append(ctx.history)
+        return real_assemble(ctx, **kwargs)
+
+    monkeypatch.setattr(selectors, "document_search_and_history", reading)
+    monkeypatch.setattr(selectors, "session_history", lambda **_: pytest.fail("the turns were read apart from the search"))
+    monkeypatch.setattr(engine, "assemble", assembling)
+    request = request_for(owner, "what is my name?", session_id="chat")
+    services.realtime_execute(request.to_dict())
+    assert get_bus().read_all(request.request_id)[-1].type == "done"
+    assert reads == [True]  # once, while the start script's reply was awaited
+    [history] = assembled
+    assert [m.content for m in history] == ["my name is Ada", "hello Ada", "I like kettles", "noted"]
