@@ -29,8 +29,10 @@ LIMIT %(top_k)s
 
 
 # A session's latest turns, newest first (reversed once read): ``session_history``'s
-# query, for ``document_search_and_history`` to send after the search.
+# query, for ``document_search_and_history`` to send after the search. The search's
+# timeout is lifted first: a cancelled statement is always the search.
 _HISTORY_SQL = f"""
+SET LOCAL statement_timeout = 0;
 SELECT role, content FROM {SessionTurn._meta.db_table}
 WHERE tenant_id = %(tenant)s AND session_id = %(session)s
 ORDER BY id DESC
@@ -77,6 +79,7 @@ def _search(sql: str, params: dict[str, str | int], *, with_history: bool) -> tu
             cursor.nextset()  # past SET's (empty) result, to the search's rows
             rows = cursor.fetchall()
             if with_history:
+                cursor.nextset()  # past the second SET's
                 cursor.nextset()
                 history = tuple(ChatMessage(role, content) for role, content in reversed(cursor.fetchall()))
     except OperationalError as exc:
