@@ -6,8 +6,8 @@ Postgres and Redis could not store."""
 
 from __future__ import annotations
 
-import copy
 import re
+import threading
 from typing import Any
 
 from rest_framework import serializers
@@ -40,26 +40,7 @@ class RequestOptions(serializers.Serializer):
         return value
 
 
-class ShallowFields:
-    """A serializer whose fields are shallow copies of its declared ones.
-
-    DRF deep-copies every declared field for each serializer instance, re-running
-    each field's ``__init__`` (~120 us for ``InferInput``: the largest piece of
-    Python work on the gateway's path for a streamed prompt, ~8 % of its time under
-    SSE load). The declared fields are templates that DRF never binds, so a shallow
-    copy is a field of its own to bind (name, parent, label, source), sharing only
-    what validation reads: its arguments, error messages, validators and, for a
-    list or dict field, its child. So a subclass must not mutate those in place
-    (``self.fields[name].validators.append(...)``), and must have no nested
-    serializer fields (their bound fields would be shared)."""
-
-    _declared_fields: dict[str, serializers.Field]
-
-    def get_fields(self) -> dict[str, serializers.Field]:
-        return {name: copy.copy(field) for name, field in self._declared_fields.items()}
-
-
-class InferInput(ShallowFields, RequestOptions):
+class InferInput(RequestOptions):
     prompt = serializers.CharField(trim_whitespace=False, allow_blank=True)
     session_id = serializers.CharField(required=False, max_length=128)
     wait = serializers.BooleanField(required=False, default=True)
@@ -80,39 +61,41 @@ class InferInput(ShallowFields, RequestOptions):
 
 
 def validated(serializer_cls: type[serializers.Serializer], data: Any) -> dict[str, Any]:
-    """``data`` validated by a new ``serializer_cls``, or ``InvalidRequest`` (and its
-    kin) naming the fields. The serializer is unbound afterwards (``unbind``): it
-    leaves no garbage for the cycle collector."""
-    serializer = serializer_cls(data=data)
+    """``data`` validated by ``serializer_cls``, or ``InvalidRequest`` (and its kin)
+    naming the fields.
+
+    One serializer per class and thread validates every input (``_kept``), not a new
+    one each time. DRF builds a serializer's fields per instance, deep copies of the
+    declared ones with each field's ``__init__`` run again: 82 us for ``InferInput``
+    and 207 for ``ChatCompletionInput`` where a kept one takes 26 and 33
+    (BENCHMARKS.md), on the gateway's event loop, before every prompt starts. And a
+    new one's fields and their parent point at each other: garbage for the cycle
+    collector, whose pauses stop every stream of the gateway. Validation runs no
+    I/O and never awaits, so one thread never validates two inputs at once on one
+    instance; what an input leaves on it (the input, its result, its errors) is
+    cleared before this returns."""
+    serializer = _kept_serializer(serializer_cls)
+    serializer.initial_data = data
     try:
         if not serializer.is_valid():
             raise validation_error(serializer.errors)
         return dict(serializer.validated_data)
     finally:
-        unbind(serializer)
+        for state in ("initial_data", "_validated_data", "_errors"):
+            serializer.__dict__.pop(state, None)
 
 
-def unbind(field: serializers.Field) -> None:
-    """Break the reference cycles that binding made in a used serializer.
+_kept = threading.local()
 
-    A bound serializer and its fields point at each other (``fields`` and each
-    field's ``parent``), as do a list field and its child. So every validation left
-    ~40 objects (``InferInput``) to ~120 (``ChatCompletionInput``) that only the
-    cycle collector could free. On the gateway that garbage decided when the
-    collector ran and how long it stopped the event loop: 5-16 ms pauses, every few
-    seconds at concurrency 1 (BENCHMARKS.md). Unbound, a serializer is freed by
-    reference counting when its caller lets go of it. Only what this serializer
-    bound is touched: a child shared with a declared field (``ShallowFields``)
-    keeps its parent. The serializer is not to be used afterwards."""
-    bound = field.__dict__.pop("fields", None)  # a serializer's fields (a cached property)
-    children = list(bound.values()) if bound is not None else []
-    child = field.__dict__.get("child")  # a list or dict field's, or a ListSerializer's
-    if child is not None:
-        children.append(child)
-    for each in children:
-        if each.__dict__.get("parent") is field:
-            unbind(each)
-            each.parent = None
+
+def _kept_serializer(serializer_cls: type[serializers.Serializer]) -> serializers.Serializer:
+    kept: dict[type[serializers.Serializer], serializers.Serializer] | None = getattr(_kept, "serializers", None)
+    if kept is None:
+        kept = _kept.serializers = {}
+    serializer = kept.get(serializer_cls)
+    if serializer is None:
+        serializer = kept[serializer_cls] = serializer_cls()
+    return serializer
 
 
 class InferQueued(serializers.Serializer):

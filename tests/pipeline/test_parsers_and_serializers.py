@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,9 +14,10 @@ from hypothesis import strategies as st
 
 from batches.api.serializers import BatchInput
 from orchestrator_site.errors import InvalidRequest, PromptTooLarge
+from pipeline.api import serializers
 from pipeline.api.openai_compat import ChatCompletionInput
 from pipeline.api.parsers import LimitedJSONParser, body_limit
-from pipeline.api.serializers import InferInput, unbind, validated
+from pipeline.api.serializers import InferInput, validated
 from pipeline.config import LimitsConfig, PipelineSettings
 
 
@@ -98,19 +100,6 @@ def test_null_temperature_means_provider_default() -> None:
     assert valid({"prompt": "p", "temperature": None}) == {"prompt": "p", "temperature": None, "wait": True, "stream": False}
 
 
-def test_infer_input_fields_are_shallow_copies_of_the_declared_ones() -> None:
-    """Each serializer binds fields of its own, copied without re-running their
-    ``__init__``: they share the declared field's error messages (DRF's deep copy would
-    build new ones, ~120 us per request on the gateway)."""
-    first, second = InferInput(data={"prompt": "a"}), InferInput(data={"prompt": "b"})
-    for name, declared in InferInput._declared_fields.items():
-        mine, theirs = first.fields[name], second.fields[name]
-        assert mine is not theirs and mine is not declared
-        assert mine.parent is first and theirs.parent is second and mine.field_name == name
-        assert mine.error_messages is declared.error_messages
-        assert declared.parent is None and declared.field_name is None  # the template is never bound
-
-
 def test_infer_inputs_validated_side_by_side_keep_their_own_results() -> None:
     good = InferInput(data={"prompt": "hello", "stop": ["END"], "metadata": {"k": 1}, "max_tokens": 5})
     bad = InferInput(data={"prompt": "   ", "stop": ["x" * 65], "max_tokens": 0})
@@ -149,33 +138,63 @@ VALIDATIONS = [
 
 @pytest.mark.parametrize(("serializer_cls", "data"), VALIDATIONS, ids=["infer", "chat", "batch"])
 def test_a_validation_leaves_nothing_for_the_cycle_collector(no_collector: None, serializer_cls: type[Any], data: object) -> None:
-    """Bound serializers point at their fields and back: without ``unbind`` each of
-    these validations left 39 to 117 objects that only the collector frees (the
-    gateway's collection pauses). A refused input still does: DRF's own exceptions
-    and frames hold each other on that path, which well-formed traffic never takes."""
+    """A new serializer's fields and their parent point at each other: each validation
+    with a new one left 39 to 117 objects that only the collector frees (the gateway's
+    collection pauses). The kept one leaves none. A refused input still does: DRF's
+    own exceptions and frames hold each other on that path, which well-formed
+    traffic never takes."""
+    validated(serializer_cls, data)  # this thread's serializer made: kept, not garbage
+    gc.collect()
     outcomes = [validated(serializer_cls, data) for _ in range(20)]
     assert gc.collect() == 0
     assert all(outcome == outcomes[0] for outcome in outcomes)  # the same answer every time
 
 
-def test_unbind_leaves_the_declared_fields_as_they_were() -> None:
-    """``ShallowFields`` share a list field's child with the declared field: unbinding a
-    serializer must not unbind the template, or the next request's stops would break."""
-    declared = InferInput._declared_fields["stop"]
-    child = declared.child  # type: ignore[attr-defined]
-    for _ in range(3):
-        assert validated(InferInput, {"prompt": "a", "stop": ["END"]})["stop"] == ["END"]
-        assert declared.child is child and child.parent is declared  # type: ignore[attr-defined]
+def kept(serializer_cls: type[Any]) -> Any:
+    validated(serializer_cls, VALID[serializer_cls])
+    return serializers._kept.serializers[serializer_cls]
+
+
+VALID = dict(VALIDATIONS)
+
+
+def test_one_serializer_per_class_and_thread_validates_every_input() -> None:
+    mine = kept(InferInput)
+    assert kept(InferInput) is mine and kept(ChatCompletionInput) is not mine
+    with ThreadPoolExecutor(1) as other:
+        assert other.submit(kept, InferInput).result() is not mine  # another thread: its own
+
+
+@pytest.mark.parametrize(("serializer_cls", "data"), VALIDATIONS, ids=["infer", "chat", "batch"])
+def test_nothing_of_an_input_stays_on_the_kept_serializer(serializer_cls: type[Any], data: dict[str, Any]) -> None:
+    serializer = kept(serializer_cls)
     with pytest.raises(InvalidRequest):
-        validated(InferInput, {"prompt": "a", "stop": ["x" * 65]})  # the child still validates
+        validated(serializer_cls, {**data, "stop": 7})  # refused: its errors are not kept either
+    assert not {"initial_data", "_validated_data", "_errors"} & set(serializer.__dict__)
 
 
-def test_unbind_breaks_a_nested_serializers_own_cycles(no_collector: None) -> None:
-    chat = ChatCompletionInput(data=CHAT)
-    assert chat.is_valid()
-    messages = chat.fields["messages"]
-    message = messages.child  # type: ignore[attr-defined]
-    unbind(chat)
-    assert "fields" not in chat.__dict__ and messages.parent is None and message.parent is None and "fields" not in message.__dict__
-    del chat, messages, message
-    assert gc.collect() == 0
+def test_each_input_is_answered_for_itself_whatever_came_before() -> None:
+    full = {"prompt": "first", "stop": ["END"], "metadata": {"k": 1}, "max_tokens": 5, "session_id": "s"}
+    assert validated(InferInput, full) == full | {"wait": True, "stream": False}
+    assert validated(InferInput, {"prompt": "second"}) == {"prompt": "second", "wait": True, "stream": False}  # nothing of the first
+    with pytest.raises(InvalidRequest) as refused:
+        validated(InferInput, {"prompt": "ok", "max_tokens": 0, "temperature": 5})
+    assert set(refused.value.data["fields"]) == {"max_tokens", "temperature"}
+    with pytest.raises(InvalidRequest) as refused:
+        validated(InferInput, {"prompt": "ok", "stop": ["x" * 65]})
+    assert set(refused.value.data["fields"]) == {"stop"}  # not the last input's errors
+    assert validated(InferInput, {"prompt": "third"})["prompt"] == "third"
+    two = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert [m["content"] for m in validated(ChatCompletionInput, {**CHAT, "messages": two})["messages"]] == ["be brief", "hi"]
+    assert [m["content"] for m in validated(ChatCompletionInput, CHAT)["messages"]] == ["hi"]  # a nested list, answered anew
+
+
+def test_threads_validating_at_once_each_get_their_own_answers() -> None:
+    def validate_many(n: int) -> list[bool]:
+        return [
+            validated(InferInput, {"prompt": f"{n}-{i}", "max_tokens": n + 1}) == {"prompt": f"{n}-{i}", "max_tokens": n + 1, "wait": True, "stream": False}
+            for i in range(300)
+        ]
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(all(answers) for answers in pool.map(validate_many, range(8)))
