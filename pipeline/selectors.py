@@ -40,8 +40,12 @@ LIMIT %(messages)s
 """
 
 
+def _search_params(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str) -> dict[str, str | int]:
+    return {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k, "timeout_ms": int(timeout_ms)}
+
+
 def document_search(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str) -> RetrievalResult:
-    params: dict[str, str | int] = {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k, "timeout_ms": int(timeout_ms)}
+    params = _search_params(tenant_id=tenant_id, query=query, top_k=top_k, timeout_ms=timeout_ms, text_search_config=text_search_config)
     return _search(_SEARCH_SQL, params, with_history=False)[0]
 
 
@@ -51,15 +55,8 @@ def document_search_and_history(
     """``document_search`` and ``session_history`` in one round trip: the search, then
     the session's latest ``turns`` exchanges. The history is None when it was not
     read: a search that hit its timeout ends the statements after it too."""
-    params: dict[str, str | int] = {
-        "cfg": text_search_config,
-        "text": query,
-        "tenant": tenant_id,
-        "top_k": top_k,
-        "timeout_ms": int(timeout_ms),
-        "session": session_id,
-        "messages": 2 * max(turns, 0),
-    }
+    params = _search_params(tenant_id=tenant_id, query=query, top_k=top_k, timeout_ms=timeout_ms, text_search_config=text_search_config)
+    params |= {"session": session_id, "messages": 2 * max(turns, 0)}
     return _search(_SEARCH_SQL + ";" + _HISTORY_SQL, params, with_history=True)
 
 

@@ -85,16 +85,18 @@ def validated(serializer_cls: type[serializers.Serializer], data: Any) -> dict[s
             serializer.__dict__.pop(state, None)
 
 
-_kept = threading.local()
+class _Kept(threading.local):
+    def __init__(self) -> None:
+        self.serializers: dict[type[serializers.Serializer], serializers.Serializer] = {}
+
+
+_kept = _Kept()
 
 
 def _kept_serializer(serializer_cls: type[serializers.Serializer]) -> serializers.Serializer:
-    kept: dict[type[serializers.Serializer], serializers.Serializer] | None = getattr(_kept, "serializers", None)
-    if kept is None:
-        kept = _kept.serializers = {}
-    serializer = kept.get(serializer_cls)
+    serializer = _kept.serializers.get(serializer_cls)
     if serializer is None:
-        serializer = kept[serializer_cls] = serializer_cls()
+        serializer = _kept.serializers[serializer_cls] = serializer_cls()
     return serializer
 
 
