@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 
 import psycopg.errors
@@ -29,7 +30,7 @@ LIMIT %(top_k)s
 
 
 # A session's latest turns, newest first (reversed once read): ``session_history``'s
-# query, for ``document_search_and_history`` to send after the search. The search's
+# query, for ``document_search_ahead`` to send after the search. The search's
 # timeout is lifted first: a cancelled statement is always the search.
 _HISTORY_SQL = f"""
 SET LOCAL statement_timeout = 0;
@@ -44,46 +45,70 @@ def _search_params(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, t
     return {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k, "timeout_ms": int(timeout_ms)}
 
 
+# Whether the tenant has any document at all, asked after a search that found none
+# would tell nothing (``pipeline.presence``): the tenant's index entries, the first one.
+_PRESENCE_SQL = f"SELECT EXISTS (SELECT 1 FROM {Document._meta.db_table} WHERE tenant_id = %(tenant)s)"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchAhead:
+    """What ``document_search_ahead`` read: the search's result, the session's turns
+    (None: not asked, or not read) and whether the tenant has any document (likewise)."""
+
+    result: RetrievalResult
+    history: tuple[ChatMessage, ...] | None = None
+    has_documents: bool | None = None
+
+
 def document_search(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str) -> RetrievalResult:
     params = _search_params(tenant_id=tenant_id, query=query, top_k=top_k, timeout_ms=timeout_ms, text_search_config=text_search_config)
-    return _search(_SEARCH_SQL, params, with_history=False)[0]
+    return _search(params, presence=False, history=False).result
 
 
-def document_search_and_history(
-    *, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str, session_id: str, turns: int
-) -> tuple[RetrievalResult, tuple[ChatMessage, ...] | None]:
-    """``document_search`` and ``session_history`` in one round trip: the search, then
-    the session's latest ``turns`` exchanges. The history is None when it was not
-    read: a search that hit its timeout ends the statements after it too."""
+def document_search_ahead(
+    *, tenant_id: str, query: str, top_k: int, timeout_ms: int, text_search_config: str, session_id: str | None, turns: int, presence: bool
+) -> SearchAhead:
+    """``document_search`` and, in the same round trip, whether the tenant has any
+    document (``presence``) and the latest ``turns`` exchanges of ``session_id`` (when
+    one is given), as ``session_history`` reads them. A search that hit its timeout
+    ends the statements after it too: neither is read."""
     params = _search_params(tenant_id=tenant_id, query=query, top_k=top_k, timeout_ms=timeout_ms, text_search_config=text_search_config)
-    params |= {"session": session_id, "messages": 2 * max(turns, 0)}
-    return _search(_SEARCH_SQL + ";" + _HISTORY_SQL, params, with_history=True)
+    if session_id is not None:
+        params |= {"session": session_id, "messages": 2 * max(turns, 0)}
+    return _search(params, presence=presence, history=session_id is not None)
 
 
-def _search(sql: str, params: dict[str, str | int], *, with_history: bool) -> tuple[RetrievalResult, tuple[ChatMessage, ...] | None]:
-    """The search's result and, ``with_history``, the history read after it (else None).
-    A search cancelled by its timeout is an empty result that says so, and nothing
-    after it was read."""
+def _search(params: dict[str, str | int], *, presence: bool, history: bool) -> SearchAhead:
+    """The search's result, then what else was asked (see ``SearchAhead``). A search
+    cancelled by its timeout is an empty result that says so, and nothing after it was
+    read."""
+    sql = _SEARCH_SQL + (";" + _PRESENCE_SQL if presence else "") + (";" + _HISTORY_SQL if history else "")
     # Outside a transaction (a worker's case) the statements, sent as one string, are
     # one implicit transaction: SET LOCAL lasts for these statements only, in one round
     # trip (BEGIN, SET, SELECT and COMMIT were four). Inside one, a savepoint to roll
     # back to when the search is cancelled.
     within = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
-    history: tuple[ChatMessage, ...] | None = None
+    has_documents: bool | None = None
+    turns: tuple[ChatMessage, ...] | None = None
     try:
         with within, connection.cursor() as cursor:
             cursor.execute(sql, params)
             cursor.nextset()  # past SET's (empty) result, to the search's rows
             rows = cursor.fetchall()
-            if with_history:
+            if presence:
+                cursor.nextset()
+                row = cursor.fetchone()
+                has_documents = bool(row and row[0])
+            if history:
                 cursor.nextset()  # past the second SET's
                 cursor.nextset()
-                history = tuple(ChatMessage(role, content) for role, content in reversed(cursor.fetchall()))
+                turns = tuple(ChatMessage(role, content) for role, content in reversed(cursor.fetchall()))
     except OperationalError as exc:
         if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
-            return RetrievalResult(documents=(), timed_out=True), None
+            return SearchAhead(RetrievalResult(documents=(), timed_out=True))
         raise
-    return RetrievalResult(documents=tuple(RetrievedDocument(id=str(r[0]), title=r[1], body=r[2], rank=float(r[3])) for r in rows)), history
+    documents = tuple(RetrievedDocument(id=str(r[0]), title=r[1], body=r[2], rank=float(r[3])) for r in rows)
+    return SearchAhead(RetrievalResult(documents=documents), turns, has_documents)
 
 
 def _uuid_or_404(value: str) -> uuid.UUID:

@@ -35,7 +35,7 @@ from orchestrator_site.errors import (
     ServiceUnavailable,
     TransientWorkerError,
 )
-from pipeline import metrics, selectors
+from pipeline import metrics, presence, selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.intake import BrokerQueue, Intake, TaskMessages
@@ -50,7 +50,7 @@ from pipeline.resilience.ratelimit import WINDOW_S as RATE_WINDOW_S
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
 from pipeline.routing import route_request, worker_config, worker_pool
 from pipeline.stages.rag import RetrievalResult, search_args
-from pipeline.tokenbus import get_bus
+from pipeline.tokenbus import TokenBus, get_bus
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest, TokenChunk
 
 log = structlog.get_logger("pipeline.services")
@@ -415,27 +415,68 @@ class ReadAhead:
     database error the search raised, when it asks with the same arguments, once;
     anything else is read when asked. The round trip's time is reported as the rag
     stage's (``timings_us["rag"]``, the stage metrics): the history read with the
-    search costs no round trip of its own."""
+    search costs no round trip of its own.
 
-    def __init__(self, request: PromptRequest, config: PipelineSettings) -> None:
+    A tenant this process knows to have no documents (``pipeline.presence``) is not
+    searched: beside the start only its turns are read, if wanted, and the start's
+    reading of the tenant's document generation (``started``) decides: the same as
+    when the tenant was seen empty, and the stage gets an empty result; another, and
+    the stage searches. Otherwise the search also asks whether the tenant has any
+    document, when this process had read a generation before sending it."""
+
+    def __init__(self, request: PromptRequest, config: PipelineSettings, known: presence.EmptyTenants | None = None) -> None:
         self._request = request
         self._args = search_args(request, config.rag)
         self._turns = config.assemble.history_turns
         self._with_history = request.names_session and not request.history and self._turns > 0
         self._outcome: RetrievalResult | DatabaseError | None = None
         self._history: tuple[ChatMessage, ...] | None = None
+        self._known = known or presence.empty_tenants
+        self._empty_at = self._known.empty_at(request.tenant_id)  # None: search
+        self._read_before: str | None = None  # the generation read before the search was sent
+        self._has_documents: bool | None = None
+
+    def generation(self, bus: TokenBus) -> tuple[str, str]:
+        """For the start script: the tenant's generation key, and a value to create it with."""
+        return presence.generation_key(bus, self._request.tenant_id), presence.new_generation()
 
     def run(self) -> None:
+        if self._empty_at is not None:
+            self._read_turns_alone()
+            return
+        self._read_before = self._known.latest(self._request.tenant_id)
         started = time.perf_counter_ns()
         try:
-            if self._with_history:
-                result, self._history = selectors.document_search_and_history(**self._args, session_id=self._request.session_id, turns=self._turns)
-            else:
-                result = selectors.document_search(**self._args)
+            read = selectors.document_search_ahead(
+                **self._args,
+                session_id=self._request.session_id if self._with_history else None,
+                turns=self._turns,
+                presence=self._read_before is not None,
+            )
         except DatabaseError as exc:
             self._outcome = exc  # raised in the stage, where the search would have raised it
             return
-        self._outcome = dataclasses.replace(result, searched_ahead_ns=time.perf_counter_ns() - started)  # the stage's time too
+        self._outcome = dataclasses.replace(read.result, searched_ahead_ns=time.perf_counter_ns() - started)  # the stage's time too
+        self._history, self._has_documents = read.history, read.has_documents
+
+    def _read_turns_alone(self) -> None:
+        if not self._with_history:
+            return
+        with contextlib.suppress(DatabaseError):  # assemble reads them itself, and fails there
+            self._history = selectors.session_history(tenant_id=self._request.tenant_id, session_id=self._request.session_id, turns=self._turns)
+
+    def started(self, generation: str | None) -> None:
+        """The task's start read the tenant's document ``generation`` (None: it read none)."""
+        tenant = self._request.tenant_id
+        if generation is not None:
+            self._known.read(tenant, generation)
+        if self._empty_at is not None:
+            if generation == self._empty_at:
+                self._outcome = RetrievalResult(documents=())  # still none: nothing to search
+            else:
+                self._known.forget(tenant)  # documents were added (or it is unknown): the stage searches
+        elif self._has_documents is False and self._read_before is not None:
+            self._known.learned(tenant, self._read_before)
 
     def __call__(self, **args: Any) -> RetrievalResult:
         """The rag stage's retriever."""
@@ -457,7 +498,7 @@ def _run_and_answer(request: PromptRequest) -> bool:
     """Run the request and answer it: True when its slot was released with the answer."""
     config = get_config()
     ahead = ReadAhead(request, config) if config.rag.enabled else None
-    started = _start(request, config, beside=ahead.run if ahead else None)
+    started = _start(request, config, ahead=ahead)
     if started is None:
         log.info("task_stale", request_id=request.request_id, outcome="dropped")  # redelivered after it finished
         return False
@@ -512,17 +553,29 @@ def _answer(request: PromptRequest, result: PipelineResult, key: str | None, con
     return True
 
 
-def _start(request: PromptRequest, config: PipelineSettings, *, beside: Callable[[], None] | None = None) -> tuple[str, Permission | None] | None:
+def _start(request: PromptRequest, config: PipelineSettings, *, ahead: ReadAhead | None = None) -> tuple[str, Permission | None] | None:
     """The request marked running and its worker's breaker asked, in one round trip:
     None when it has already finished (a redelivered task). A worker this process does
-    not know has no breaker to ask: the pipeline answers for it. ``beside`` runs while
-    Redis answers (for a known worker; otherwise it is not run)."""
+    not know has no breaker to ask: the pipeline answers for it. ``ahead`` runs while
+    Redis answers, and is told the tenant's document generation the script read (for a
+    known worker; otherwise it is not run, and its stages read for themselves)."""
     # Which worker process ran it: for operators, and the proof that no eager mode is involved.
     executed_by = f"{socket.gethostname()}:{os.getpid()}"
     if request.worker not in config.workers:
         created_at = get_bus().begin(request.request_id, executed_by=executed_by)
         return None if created_at is None else (created_at, None)
-    return _shared_breaker(config, request.worker).begin_and_allow(get_bus(), request.request_id, executed_by=executed_by, beside=beside)
+    bus = get_bus()
+    breaker = _shared_breaker(config, request.worker)
+    if ahead is None:
+        started = breaker.begin_and_allow(bus, request.request_id, executed_by=executed_by)
+    else:
+        started = breaker.begin_and_allow(bus, request.request_id, executed_by=executed_by, beside=ahead.run, generation=ahead.generation(bus))
+    if started is None:
+        return None
+    created_at, permission, generation = started
+    if ahead is not None:
+        ahead.started(generation)
+    return created_at, permission
 
 
 def _release_slot(request: PromptRequest) -> None:

@@ -60,10 +60,12 @@ def setup() -> str:
     code = (
         "import django; django.setup()\n"
         "from pipeline.models import Document, Tenant\n"
+        "from pipeline.presence import documents_changed\n"
         "t = Tenant.objects.get(name='bench')\n"
         "if not Document.objects.filter(tenant=t).exists():\n"
         "    words = 'refund shipping warranty invoice account password delivery return exchange policy'.split()\n"
         "    Document.objects.bulk_create([Document(tenant=t, title=f'{words[i % 10]} guide {i}', body=' '.join(words[(i + j) % 10] for j in range(120))) for i in range(1000)])\n"
+        "    documents_changed(str(t.id))  # bulk_create sends no post_save (pipeline.presence)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
     return key

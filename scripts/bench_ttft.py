@@ -7,8 +7,12 @@ mode of this script): each streamed chat completion waits a fixed first-token
 delay, then writes its tokens as OpenAI SSE chunks. The platform is the gateway
 (uvicorn, or Daphne with ``--server daphne``) and real-time Celery worker
 processes on loopback, with Postgres and Redis, as
-``bench_path.py`` sets them up; the tenant has no documents (retrieval runs and
-finds nothing), deduplication is on and every prompt is unique.
+``bench_path.py`` sets them up; the tenant has no documents, so that after each
+worker process's first two requests its searches are skipped (``pipeline.presence``);
+deduplication is on and every prompt is unique. One more concurrency-1 phase
+sends WebSocket prompts for a tenant with one document, which no prompt matches:
+its search runs on every request and finds nothing (the cost of the RAG stage's
+round trip, side by side).
 
 The model ``fake-paced`` writes its tokens one every ``--token-interval-ms``, as
 a model does: ten such streams at once, against one alone, give the 10-stream
@@ -54,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -643,7 +648,10 @@ def cpu_cell(used: dict[str, float]) -> str:
     return f"{used['all']:.1f} ({used['gateway']:.1f}, {used['workers']:.1f}, {used['redis']:.1f}, {used['postgres']:.1f})"
 
 
-async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> None:
+DOCUMENTED = "concurrency 1, a tenant with a document"
+
+
+async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock, *, documented_key: str) -> None:
     out = sys.stdout
     # Warm: connections, pools, first-use imports in every process, and in every thread of
     # the workers' pools (each has its own event loop, HTTP client and connections): at
@@ -660,6 +668,13 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
     out.write("\n".join(ttft_rows("concurrency 1", lone)) + "\n")
     inside = {stage: pct([t[stage] / 1000 for t in STAGE_TIMES], 0.5) for stage in ("rag", "assemble", "inference")}
     STAGE_TIMES.clear()
+    # The same, for a tenant whose search runs (it has a document): WebSocket and direct, interleaved.
+    documented = dataclasses.replace(clients, key=documented_key)
+    with_document, _took, documented_errors = await closed_loop(documented, concurrency=1, per_client=args.requests // 2, transports=("direct", "websocket"))
+    out.write("\n".join(ttft_rows(DOCUMENTED, with_document)) + "\n")
+    searched_rag = pct([t["rag"] / 1000 for t in STAGE_TIMES], 0.5)
+    STAGE_TIMES.clear()
+    await clients.hops()
     ten, _took, ten_errors = await closed_loop(clients, concurrency=10, per_client=args.requests // 16, transports=TRANSPORTS)
     out.write("\n".join(ttft_rows("concurrency 10", ten)) + "\n")
     await clients.hops()
@@ -695,7 +710,7 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
     out.write(
         "\nInside the worker, WebSocket prompts at concurrency 1 (P50 of the done events' timings): "
         + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in inside.items())
-        + " (inference: the whole upstream call, first token and the rest).\n"
+        + f" (inference: the whole upstream call, first token and the rest); rag for the tenant with a document (searched): {searched_rag:.2f} ms.\n"
     )
 
     def ws_p99(samples: list[Sample]) -> float:
@@ -720,10 +735,19 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock) -> 
         f"the ten started {stream_s * 100:.0f} ms apart (a tenth of a stream), each arriving beside nine in flight: "
         f"{ws_p99(spread):.2f} / {ws_p99(paced_lone):.2f} ms = {ws_p99(spread) / ws_p99(paced_lone):.2f}x "
         f"({len(paced_ten)}, {len(spread)} and {len(paced_lone)} streams). "
-        f"Errors in the TTFT runs: {lone_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors + spread_errors}.\n"
+        f"Errors in the TTFT runs: {lone_errors + documented_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors + spread_errors}.\n"
     )
     if ERRORS:
         out.write("\nWhat the failed requests said (every phase): " + "; ".join(f"{text} (x{n})" for text, n in ERRORS.most_common()) + "\n")
+
+
+def one_document(gateway: str, key: str) -> None:
+    """The tenant's one document (through the API), unless an earlier run added it. No
+    benchmark prompt matches it: its search finds nothing, as the other tenant's would."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if not httpx.get(f"{gateway}/api/v1/documents?limit=1", headers=headers, timeout=10).raise_for_status().json():
+        body = {"title": "Kettles", "body": "A kettle boils water for tea."}
+        httpx.post(f"{gateway}/api/v1/documents", json=body, headers=headers, timeout=10).raise_for_status()
 
 
 def server_command(server: str, port: int) -> list[str]:
@@ -758,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "scripts/ensure_database.py"], cwd=ROOT, env=ENV, check=True)
     manage("migrate", "--no-input", "-v", "0")
     key = manage("create_tenant", "ttft-bench", "--reuse", "--key-name", "ttft").strip()
+    documented_key = manage("create_tenant", "ttft-bench-documented", "--reuse", "--key-name", "ttft").strip()
     upstream_port, port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     config = Path(tempfile.mkdtemp(prefix="bench-ttft-")) / "pipeline.toml"
@@ -787,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     gateway = f"http://127.0.0.1:{port}"
     try:
         wait_for_gateway(gateway)
+        one_document(gateway, documented_key)
         time.sleep(2)  # the workers connect to the broker
         # The client (this process) and the fake upstream are counted in "all" too.
         cpu = CpuClock(
@@ -802,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
 
         async def run() -> None:
             async with http_session() as http:
-                await measure(Clients(gateway, upstream, key, http, tokens=args.tokens), args, cpu)
+                await measure(Clients(gateway, upstream, key, http, tokens=args.tokens), args, cpu, documented_key=documented_key)
 
         sys.stdout.write(
             f"Upstream: first token after {args.first_token_ms:g} ms, then {args.tokens} tokens at once (paced: one every {args.token_interval_ms:g} ms); "

@@ -67,8 +67,10 @@ _ALLOW = ALLOW_FUNCTION + "return breaker_allow(KEYS[1], tonumber(ARGV[1]), tonu
 # A real-time task's start: the request marked running and its worker's breaker asked,
 # in one round trip. A request that already finished is left alone and asks nothing
 # (a half-open trial taken for it would never get an outcome): nil.
-# KEYS: the status hash, the worker's hash. ARGV: executed_by, now, ttl_s, open_s,
-# half_open_trials. Returns nil or {created_at, allowed, state, retry_after_ms}.
+# KEYS: the status hash, the worker's hash, optionally a generation to read (created
+# with ARGV[6] when missing). ARGV: executed_by, now, ttl_s, open_s, half_open_trials[,
+# a new generation]. Returns nil or {created_at, allowed, state, retry_after_ms,
+# generation or nil}.
 BEGIN_AND_ALLOW = (
     BEGIN_FUNCTION
     + ALLOW_FUNCTION
@@ -76,7 +78,15 @@ BEGIN_AND_ALLOW = (
 local created = bus_begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if not created then return false end
 local permission = breaker_allow(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5]))
-return {created, permission[1], permission[2], permission[3]}
+local generation = false
+if KEYS[3] then
+  generation = redis.call('GET', KEYS[3])
+  if not generation then
+    redis.call('SET', KEYS[3], ARGV[6])
+    generation = ARGV[6]
+  end
+end
+return {created, permission[1], permission[2], permission[3], generation}
 """
 )
 
@@ -126,20 +136,33 @@ class CircuitBreaker:
             reply = self._allow(keys=[self._key], args=[time.time(), self.policy.open_s, self.policy.half_open_trials])
         return _permission(*reply)
 
-    def begin_and_allow(self, bus: TokenBus, request_id: str, *, executed_by: str, beside: Callable[[], None] | None = None) -> tuple[str, Permission] | None:
+    def begin_and_allow(
+        self,
+        bus: TokenBus,
+        request_id: str,
+        *,
+        executed_by: str,
+        beside: Callable[[], None] | None = None,
+        generation: tuple[str, str] | None = None,
+    ) -> tuple[str, Permission, str | None] | None:
         """``bus.begin`` and ``allow`` in one round trip, a real-time task's start (the
         breaker's client must be the bus's Redis): None when the request has already
-        finished (the breaker was not asked), else its creation time ("" if unknown)
-        and the permission. ``beside``: run while Redis answers (``script_beside``)."""
+        finished (the breaker was not asked), else its creation time ("" if unknown),
+        the permission, and the value of the ``generation`` key (key, value to create
+        it with when it does not exist: ``pipeline.presence``) read in the same script,
+        or None. ``beside``: run while Redis answers (``script_beside``)."""
         script = self._client.register_script(BEGIN_AND_ALLOW)
         keys = [bus.status_key(request_id), self._key]
         args: list[str | int | float] = [executed_by, f"{time.time():.6f}", bus.ttl_s, self.policy.open_s, self.policy.half_open_trials]
+        if generation is not None:
+            keys.append(generation[0])
+            args.append(generation[1])
         with redis_errors("start the request"):
             reply = script(keys=keys, args=args) if beside is None else script_beside(self._client, script, keys=keys, args=args, beside=beside)
         if reply is None:
             return None
-        created, *permission = reply
-        return str(created), _permission(*permission)
+        created, allowed, state, retry_ms, read = reply
+        return str(created), _permission(allowed, state, retry_ms), None if read is None else str(read)
 
     def record(self, *, success: bool) -> BreakerState:
         with redis_errors("record the circuit breaker outcome"):

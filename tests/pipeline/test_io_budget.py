@@ -9,7 +9,7 @@ reply's 8 pieces come in one burst: two publishes, 6). The task's start is one o
 them: the status marked running and the worker's breaker asked by one script. So
 is its settle: the done event and status, the deduplication window, the token
 log and the slot's release, one pipeline. Its SQL is two statements' round trips:
-the search with the session's turns (``selectors.document_search_and_history``),
+the search with the session's turns (``selectors.document_search_ahead``),
 and the new turns stored. The gateway's start of a request on
 its event loop is one: the start script, which pushes the task's message too
 (the suite's broker is another database of the bus's server).
@@ -153,13 +153,13 @@ def test_gateway_start_on_the_event_loop_stays_within_budget(owner: TenantFixtur
 
 @pytest.mark.django_db(transaction=True)
 def test_the_gate_catches_an_extra_query(request_payload: Callable[[], dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    original = selectors.document_search_and_history
+    original = selectors.document_search_ahead
 
     def chatty(**kwargs: Any) -> Any:
         original(**kwargs)  # an N+1 slipped in: the same query twice
         return original(**kwargs)
 
-    monkeypatch.setattr(selectors, "document_search_and_history", chatty)
+    monkeypatch.setattr(selectors, "document_search_ahead", chatty)
     services.realtime_execute(request_payload())
     counts = measure(lambda: services.realtime_execute(request_payload()))
     assert over_budget("realtime_execute", counts), counts

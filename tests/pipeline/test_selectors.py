@@ -10,7 +10,7 @@ from orchestrator_site.errors import NotFound
 from pipeline import selectors, services
 from pipeline.models import Document, SessionTurn
 from pipeline.types import PromptRequest
-from tests.conftest import TenantFixture
+from tests.conftest import TenantFixture, make_tenant
 
 
 def search(tenant: TenantFixture, query: str, top_k: int = 3, timeout_ms: int = 2000) -> list[str]:
@@ -171,9 +171,18 @@ def test_metadata_is_stored_as_json(owner: TenantFixture) -> None:
 
 
 def search_and_history(tenant: TenantFixture, query: str, session: str, turns: int, timeout_ms: int = 2000) -> tuple[selectors.RetrievalResult, object]:
-    return selectors.document_search_and_history(
-        tenant_id=str(tenant.tenant.id), query=query, top_k=3, timeout_ms=timeout_ms, text_search_config="english", session_id=session, turns=turns
+    read = selectors.document_search_ahead(
+        tenant_id=str(tenant.tenant.id),
+        query=query,
+        top_k=3,
+        timeout_ms=timeout_ms,
+        text_search_config="english",
+        session_id=session,
+        turns=turns,
+        presence=False,
     )
+    assert read.has_documents is None  # not asked
+    return read.result, read.history
 
 
 @pytest.mark.django_db(transaction=True)
@@ -200,3 +209,30 @@ def test_a_search_that_times_out_reads_no_history(owner: TenantFixture) -> None:
     found, history = search_and_history(owner, "refund policy purchase", "s1", 4, timeout_ms=1)
     assert found.timed_out and found.documents == () and history is None  # not read: the caller reads it alone
     assert [m.content for m in search_and_history(owner, "refund", "s1", 4, timeout_ms=60_000)[1]] == ["q", "a"]  # the connection still works
+
+
+def search_ahead(tenant: TenantFixture, query: str, *, session: str | None = None, timeout_ms: int = 2000) -> selectors.SearchAhead:
+    return selectors.document_search_ahead(
+        tenant_id=str(tenant.tenant.id), query=query, top_k=3, timeout_ms=timeout_ms, text_search_config="english", session_id=session, turns=4, presence=True
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_whether_a_tenant_has_any_document_is_asked_in_the_searchs_round_trip(library: None, owner: TenantFixture, outsider: TenantFixture) -> None:
+    empty = make_tenant("empty")
+    services.session_turns_append(request=request(empty, "s1", "q", 1), reply="a")
+    with CaptureQueriesContext(connection) as queries:
+        none_found = search_ahead(owner, "zebra")  # nothing found, but the tenant has documents
+        found = search_ahead(owner, "refund", session="s1")
+        nothing = search_ahead(empty, "refund", session="s1")  # another tenant's documents are not its own
+    assert len(queries.captured_queries) == 3 and statement_timeout() == "0"  # one round trip each
+    assert none_found.result.documents == () and none_found.has_documents is True and none_found.history is None
+    assert [d.title for d in found.result.documents] == ["Refund policy", "Shipping"] and found.has_documents is True and found.history == ()
+    assert nothing.result.documents == () and nothing.has_documents is False and [m.content for m in nothing.history or ()] == ["q", "a"]
+
+
+@pytest.mark.django_db
+def test_a_search_that_times_out_does_not_say_whether_the_tenant_has_documents(owner: TenantFixture) -> None:
+    slow_search(owner)
+    timed_out = search_ahead(owner, "refund policy purchase", session="s1", timeout_ms=1)
+    assert timed_out.result.timed_out and timed_out.has_documents is None and timed_out.history is None

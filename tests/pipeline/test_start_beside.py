@@ -149,16 +149,17 @@ def test_a_search_that_failed_ahead_fails_in_its_stage(owner: TenantFixture) -> 
 def test_a_real_time_task_searches_beside_its_start(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     services.document_create(tenant=owner.tenant, title="Kettles", body="a kettle boils water")
     searches: list[tuple[RetrievalResult, bool, int]] = []
-    real = selectors.document_search
+    real = selectors.document_search_ahead
 
-    def recording(**args: Any) -> RetrievalResult:
+    def recording(**args: Any) -> selectors.SearchAhead:
         started = time.perf_counter_ns()
-        result = real(**args)
+        read = real(**args)
         took = time.perf_counter_ns() - started
-        searches.append((result, any(frame.function == "script_beside" for frame in inspect.stack()), took))
-        return result
+        searches.append((read.result, any(frame.function == "script_beside" for frame in inspect.stack()), took))
+        return read
 
-    monkeypatch.setattr(selectors, "document_search", recording)
+    monkeypatch.setattr(selectors, "document_search_ahead", recording)
+    monkeypatch.setattr(selectors, "document_search", lambda **_: pytest.fail("searched again in the stage"))
     request = request_for(owner, "kettle")
     services.realtime_execute(request.to_dict())
     done = get_bus().read_all(request.request_id)[-1]
@@ -172,6 +173,7 @@ def test_without_rag_nothing_is_searched_ahead(owner: TenantFixture, monkeypatch
     pipeline_config(PipelineSettings(rag=RagConfig(enabled=False)))
     searched: list[object] = []
     monkeypatch.setattr(selectors, "document_search", lambda **args: searched.append(args))
+    monkeypatch.setattr(selectors, "document_search_ahead", lambda **args: searched.append(args))
     request = request_for(owner, "kettle")
     services.realtime_execute(request.to_dict())
     assert get_bus().read_all(request.request_id)[-1].type == "done" and searched == []
@@ -243,7 +245,7 @@ def test_a_real_time_task_of_a_session_reads_its_turns_beside_its_start(owner: T
     chat_with_two_turns(owner)
     reads: list[bool] = []
     assembled: list[tuple[Any, ...]] = []
-    real_read, real_assemble = selectors.document_search_and_history, engine.assemble
+    real_read, real_assemble = selectors.document_search_ahead, engine.assemble
 
     def reading(**args: Any) -> Any:
         reads.append(any(frame.function == "script_beside" for frame in inspect.stack()))
@@ -253,7 +255,7 @@ def test_a_real_time_task_of_a_session_reads_its_turns_beside_its_start(owner: T
         assembled.append(ctx.history)
         return real_assemble(ctx, **kwargs)
 
-    monkeypatch.setattr(selectors, "document_search_and_history", reading)
+    monkeypatch.setattr(selectors, "document_search_ahead", reading)
     monkeypatch.setattr(selectors, "session_history", lambda **_: pytest.fail("the turns were read apart from the search"))
     monkeypatch.setattr(engine, "assemble", assembling)
     request = request_for(owner, "what is my name?", session_id="chat")
