@@ -45,8 +45,8 @@ def _search_params(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, t
     return {"cfg": text_search_config, "text": query, "tenant": tenant_id, "top_k": top_k, "timeout_ms": int(timeout_ms)}
 
 
-# Whether the tenant has any document at all, asked after a search that found none
-# would tell nothing (``pipeline.presence``): the tenant's index entries, the first one.
+# Whether the tenant has any document at all, which a search that found nothing does
+# not say (``pipeline.presence``): the first entry of the tenant's index answers it.
 _PRESENCE_SQL = f"SELECT EXISTS (SELECT 1 FROM {Document._meta.db_table} WHERE tenant_id = %(tenant)s)"
 
 
