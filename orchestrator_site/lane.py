@@ -9,11 +9,15 @@ tracer (``trace_task_ret``, what the thread pool runs): the same task signals
 same exception handling, one hand-off fewer.
 
 It is used by a worker that consumes only ``realtime`` from one Redis broker with
-the thread pool, when real-time task events are off (``REALTIME_TASK_EVENTS``) and
-``REALTIME_LANE`` is on (the default); the worker's Celery consumer then consumes
-no task queue of its own and keeps serving control commands (ping, stats,
-shutdown) and heartbeats. Any other worker runs real-time tasks through Celery's
-consumer, unchanged.
+the thread pool, when ``REALTIME_LANE`` is on (the default); the worker's Celery
+consumer then consumes no task queue of its own and keeps serving control commands
+(ping, stats, shutdown) and heartbeats. Any other worker runs real-time tasks
+through Celery's consumer, unchanged. When the worker sends task events (``-E``)
+and the task does (``REALTIME_TASK_EVENTS``), the lane sends what Celery's
+consumer and request would: ``task-received``, ``task-started``, then
+``task-succeeded``, ``task-failed`` or ``task-retried``, through the worker's own
+event dispatcher (its publishing is locked: Celery's thread pool sends from its
+threads too).
 
 Delivery is at most once, as ``run_realtime`` is with Celery on this worker
 (``acks_late=False``, no ack emulation: ``orchestrator_site.celery``): a message
@@ -35,15 +39,19 @@ import base64
 import binascii
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 import structlog
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # the stubs lack it; Celery's request imports it from here
 from celery import Celery, bootsteps
 from celery.app.trace import trace_task_ret
 from celery.concurrency.thread import TaskPool as ThreadPool
+from celery.exceptions import Ignore, Retry
+from celery.utils.saferepr import saferepr
+from celery.utils.serialization import get_pickled_exception
 from celery.utils.time import maybe_iso8601
 from celery.worker import state as worker_state
 from kombu.exceptions import KombuError
@@ -68,6 +76,40 @@ def lane_keys(url: str, options: Mapping[str, Any], queue: str) -> tuple[str, ..
     return tuple(f"{prefix}{queue}{sep}{step}" if step else f"{prefix}{queue}" for step in steps)
 
 
+def _send_received(events: Any, task_id: str, name: str, request: Mapping[str, Any]) -> None:
+    """``task-received`` as Celery's consumer sends it (its eta and expires: the headers'
+    ISO 8601 times)."""
+    events.send(
+        "task-received",
+        uuid=task_id,
+        name=name,
+        args=request.get("argsrepr"),
+        kwargs=request.get("kwargsrepr"),
+        root_id=request.get("root_id"),
+        parent_id=request.get("parent_id"),
+        retries=request.get("retries") or 0,
+        eta=request.get("eta"),
+        expires=request.get("expires"),
+    )
+
+
+def _send_outcome(events: Any, task_id: str, failed: int, result: Any, runtime: float) -> None:
+    """What Celery's request sends once its task has run (``Request.on_success`` and
+    ``on_failure``): ``result`` is the return value's repr, or the exception's info."""
+    if not failed:
+        events.send("task-succeeded", uuid=task_id, result=result, runtime=runtime)
+        return
+    exc = result.exception
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    if isinstance(exc, Ignore):
+        return
+    if isinstance(exc, Retry):
+        events.send("task-retried", uuid=task_id, exception=saferepr(exc.exc), traceback=str(result.traceback))
+        return
+    events.send("task-failed", uuid=task_id, exception=saferepr(get_pickled_exception(result.exception)), traceback=result.traceback)
+
+
 class Refused(Exception):
     """A message the lane drops: ``event`` is what is logged."""
 
@@ -88,10 +130,21 @@ class Lane:
     ``BRPOP`` serves whichever of its waiters waited longest). When every thread is
     busy, no one waits on the list; the first to finish does."""
 
-    def __init__(self, app: Celery, *, url: str, keys: tuple[str, ...], threads: int, hostname: str, socket_timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        url: str,
+        keys: tuple[str, ...],
+        threads: int,
+        hostname: str,
+        socket_timeout_s: float,
+        events: Callable[[], Any] | None = None,
+    ) -> None:
         if threads < 1 or not keys:
             raise ValueError("a lane needs at least one thread and one list")
         self.app = app
+        self.events = events  # the worker's event dispatcher, when it has one (it is made when its consumer starts)
         self.url = url
         self.keys = keys
         self.hostname = hostname
@@ -229,7 +282,13 @@ class Lane:
         """Run one message as Celery's thread pool would; refused ones are logged."""
         try:
             name, task_id, request, body, content_type, content_encoding = self.decode(raw)
-            trace_task_ret(name, task_id, request, body, content_type, content_encoding, app=self.app)
+            events = self._task_events(name)
+            if events is not None:
+                _send_received(events, task_id, name, request)
+                events.send("task-started", uuid=task_id)
+            failed, result, runtime = trace_task_ret(name, task_id, request, body, content_type, content_encoding, app=self.app)
+            if events is not None:
+                _send_outcome(events, task_id, failed, result, runtime)
         except Refused as refused:
             event, reason = refused.event, str(refused)
         except KombuError as exc:  # the body: not JSON, or a content type this app does not accept
@@ -240,6 +299,13 @@ class Lane:
         else:
             return
         log.error(event, reason=reason, outcome="dropped")
+
+    def _task_events(self, name: str) -> Any | None:
+        """The worker's event dispatcher, if it sends task events and the task does."""
+        dispatcher = self.events() if self.events is not None else None
+        if dispatcher is None or not dispatcher.enabled or not self.app.tasks[name].send_events:
+            return None
+        return dispatcher
 
     def decode(self, raw: bytes) -> tuple[str, str, dict[str, Any], bytes | str, str, str]:
         """kombu's envelope and Celery's task message protocol 2, as Celery's consumer reads
@@ -322,8 +388,6 @@ class LaneStep(bootsteps.StartStopStep):
             return None, f"the worker does not consume {queue!r} alone"
         if not (isinstance(worker.pool_cls, type) and issubclass(worker.pool_cls, ThreadPool)):
             return None, "the worker's pool is not the thread pool"
-        if settings.REALTIME_TASK_EVENTS:
-            return None, "REALTIME_TASK_EVENTS is on (task events are sent by Celery's consumer)"
         keys = lane_keys(worker.app.conf.broker_read_url or "", worker.app.conf.broker_transport_options or {}, queue)
         return keys, "" if keys is not None else "the broker is not one Redis server"
 
@@ -339,4 +403,5 @@ class LaneStep(bootsteps.StartStopStep):
             threads=int(parent.concurrency),
             hostname=parent.hostname,
             socket_timeout_s=float((conf.broker_transport_options or {}).get("socket_timeout", 5)),
+            events=lambda: getattr(getattr(parent, "consumer", None), "event_dispatcher", None),
         )

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import redis
 from celery import Celery, signals
+from celery.exceptions import Ignore
 from celery.worker import state as worker_state
 from django.conf import settings
 from kombu import Exchange
@@ -82,7 +83,7 @@ def make_probe(url: str) -> Probe:
     ran: queue.Queue[tuple[str, Any]] = queue.Queue()
 
     @app.task(name=f"{prefix}record", bind=True)
-    def record(self: Any, value: Any) -> None:
+    def record(self: Any, value: Any = None) -> None:
         ran.put(("record", {"value": value, "thread": threading.current_thread().name, "id": self.request.id, "delivery_info": self.request.delivery_info}))
 
     @app.task(name=f"{prefix}boom")
@@ -100,6 +101,18 @@ def make_probe(url: str) -> Probe:
             ran.put(("together", False))
         else:
             ran.put(("together", True))
+
+    @app.task(name=f"{prefix}again", bind=True, max_retries=1)
+    def again(self: Any) -> None:
+        raise self.retry(countdown=3600)  # back on the list with an ETA: refused there
+
+    @app.task(name=f"{prefix}ignored")
+    def ignored() -> None:
+        raise Ignore()
+
+    @app.task(name=f"{prefix}quiet", send_events=False)
+    def quiet() -> None:
+        ran.put(("quiet", None))
 
     @app.task(name=f"{prefix}slow")
     def slow(seconds: float) -> None:
@@ -170,6 +183,98 @@ def test_a_message_celery_published_runs_in_a_lane_thread_through_celerys_tracer
     assert seen["thread"].startswith("realtime-lane-")
     assert seen["delivery_info"]["routing_key"] == QUEUE
     assert task_id in started  # the task signals fire: Django's connection handling and tracing hang on them
+
+
+# --- task events ------------------------------------------------------------------------
+
+
+@dataclass
+class Events:
+    """A real event receiver on the probe's broker, and a real dispatcher to send with."""
+
+    dispatcher: Any
+    got: list[dict[str, Any]]
+
+    def of(self, task_id: str) -> list[str]:
+        """The types of the events received for ``task_id``, in order."""
+        return [e["type"] for e in self.got if e.get("uuid") == task_id]
+
+    def received(self, task_id: str) -> dict[str, Any]:
+        return self.one(task_id, "task-received")
+
+    def one(self, task_id: str, kind: str) -> dict[str, Any]:
+        return next(e for e in self.got if e.get("uuid") == task_id and e["type"] == kind)
+
+    def settled(self, timeout: float = 10) -> None:
+        """Everything sent so far has been received: a marker sent now arrives after it."""
+        marker = uuid.uuid4().hex
+        self.dispatcher.send("lane-ping", marker=marker)
+        deadline = time.monotonic() + timeout
+        while not any(e.get("marker") == marker for e in self.got):
+            assert time.monotonic() < deadline, "the marker never arrived"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def events(probe: Probe) -> Iterator[Events]:
+    got: list[dict[str, Any]] = []
+    receiver = probe.app.events.Receiver(probe.app.connection_for_read(), handlers={"*": got.append})
+    listening = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None, "wakeup": False}, daemon=True)
+    listening.start()
+    dispatcher = probe.app.events.Dispatcher(probe.app.connection_for_write(), hostname=f"{probe.prefix}@localhost", enabled=True)
+    deadline = time.monotonic() + 10
+    while not any(e["type"] == "lane-ping" for e in got):  # the receiver is subscribed
+        assert time.monotonic() < deadline, "the event receiver never heard a ping"
+        dispatcher.send("lane-ping")
+        time.sleep(0.05)
+    yield Events(dispatcher, got)
+    receiver.should_stop = True
+    listening.join(timeout=5)
+    dispatcher.close()
+    receiver.connection.close()
+
+
+def run_in_order(probe: Probe, events: Any, *tasks: str) -> list[str]:
+    """``tasks`` run one after the other by a one-thread lane, then a last one; returns
+    their ids once everything the lane sent for them has been received: a marker sent
+    after the last task ran arrives after it."""
+    lane = probe.lane(threads=1, events=events)
+    lane.start()
+    try:
+        ids = [probe.send(name) for name in tasks]
+        probe.send("record", "last")
+        while (seen := probe.next())[0] != "record" or seen[1]["value"] != "last":
+            pass
+    finally:
+        lane.stop()
+    return ids
+
+
+def test_a_lane_sends_the_task_events_celerys_consumer_would(probe: Probe, events: Events) -> None:
+    ok, boom, again, ignored, quiet = run_in_order(probe, lambda: events.dispatcher, "record", "boom", "again", "ignored", "quiet")
+    events.settled()
+    assert events.of(ok) == ["task-received", "task-started", "task-succeeded"]
+    assert events.of(boom) == ["task-received", "task-started", "task-failed"]
+    assert events.of(again) == ["task-received", "task-started", "task-retried"]
+    assert events.of(ignored) == ["task-received", "task-started"]  # Ignore: nothing after, as Celery's request
+    assert events.of(quiet) == []  # a task that sends no events
+    received = events.received(ok)
+    assert received["name"] == probe.task("record") and received["args"] == "()" and received["kwargs"] == "{}"
+    assert received["retries"] == 0 and received["hostname"] == f"{probe.prefix}@localhost" and received["eta"] is None
+    succeeded = events.one(ok, "task-succeeded")
+    assert succeeded["result"] == "None" and succeeded["runtime"] > 0
+    failed = events.one(boom, "task-failed")
+    assert failed["exception"] == "ValueError('boom')" and "raise ValueError" in failed["traceback"]
+
+
+def test_a_lane_sends_no_task_events_when_the_worker_sends_none(probe: Probe, events: Events) -> None:
+    disabled = probe.app.events.Dispatcher(probe.app.connection_for_write(), hostname="off@localhost", enabled=False)  # a worker without -E
+    try:
+        ids = run_in_order(probe, lambda: disabled, "record") + run_in_order(probe, lambda: None, "record")  # None: before its consumer made one
+    finally:
+        disabled.close()
+    events.settled()
+    assert [events.of(task_id) for task_id in ids] == [[], []]
 
 
 def test_every_priority_list_is_read_the_queues_own_first(probe: Probe) -> None:
@@ -491,7 +596,6 @@ def test_a_realtime_thread_worker_on_redis_gets_the_lane_and_celery_consumes_no_
         ([QUEUE], "solo", {}, "not the thread pool"),
         ([QUEUE], "prefork", {}, "not the thread pool"),
         ([QUEUE], "threads", {"REALTIME_LANE": False}, "REALTIME_LANE is off"),
-        ([QUEUE], "threads", {"REALTIME_TASK_EVENTS": True}, "REALTIME_TASK_EVENTS is on"),
     ],
 )
 def test_any_other_worker_keeps_celerys_consumer(step_app: Celery, settings: Any, queues: list[str], pool: str, setting: dict[str, bool], reason: str) -> None:
@@ -504,6 +608,16 @@ def test_any_other_worker_keeps_celerys_consumer(step_app: Celery, settings: Any
     assert step is not None and not step.enabled and step.obj is None and step not in worker.steps
     assert reason in step.reason and [entry["reason"] for entry in logs if entry["event"] == "realtime_lane_off"] == [step.reason]
     assert set(step_app.amqp.queues.consume_from) == set(queues)
+
+
+def test_with_real_time_task_events_on_the_lane_sends_them_through_the_workers_dispatcher(step_app: Celery, settings: Any) -> None:
+    settings.REALTIME_TASK_EVENTS = True
+    worker = work_controller(step_app, [QUEUE])
+    step = lane_step(worker)
+    assert step is not None and step.enabled and isinstance(step.obj, Lane)
+    assert step.obj.events is not None and step.obj.events() is None  # the consumer makes its dispatcher when it starts
+    worker.consumer.event_dispatcher = dispatcher = object()
+    assert step.obj.events() is dispatcher
 
 
 def test_no_lane_on_a_broker_that_is_not_redis(settings: Any) -> None:
