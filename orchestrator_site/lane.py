@@ -76,10 +76,20 @@ def lane_keys(url: str, options: Mapping[str, Any], queue: str) -> tuple[str, ..
     return tuple(f"{prefix}{queue}{sep}{step}" if step else f"{prefix}{queue}" for step in steps)
 
 
+def _send(events: Any, kind: str, **fields: Any) -> None:
+    """One task event; one that cannot be sent is logged, and the task runs all the same
+    (its message is off the list: an event never costs a task)."""
+    try:
+        events.send(kind, **fields)
+    except (KombuError, redis.RedisError, OSError) as exc:
+        log.warning("realtime_lane_event_unsent", event_type=kind, task_id=fields.get("uuid"), error_type=type(exc).__name__)
+
+
 def _send_received(events: Any, task_id: str, name: str, request: Mapping[str, Any]) -> None:
     """``task-received`` as Celery's consumer sends it (its eta and expires: the headers'
     ISO 8601 times)."""
-    events.send(
+    _send(
+        events,
         "task-received",
         uuid=task_id,
         name=name,
@@ -97,7 +107,7 @@ def _send_outcome(events: Any, task_id: str, failed: int, result: Any, runtime: 
     """What Celery's request sends once its task has run (``Request.on_success`` and
     ``on_failure``): ``result`` is the return value's repr, or the exception's info."""
     if not failed:
-        events.send("task-succeeded", uuid=task_id, result=result, runtime=runtime)
+        _send(events, "task-succeeded", uuid=task_id, result=result, runtime=runtime)
         return
     exc = result.exception
     if isinstance(exc, ExceptionWithTraceback):
@@ -105,9 +115,9 @@ def _send_outcome(events: Any, task_id: str, failed: int, result: Any, runtime: 
     if isinstance(exc, Ignore):
         return
     if isinstance(exc, Retry):
-        events.send("task-retried", uuid=task_id, exception=saferepr(exc.exc), traceback=str(result.traceback))
+        _send(events, "task-retried", uuid=task_id, exception=saferepr(exc.exc), traceback=str(result.traceback))
         return
-    events.send("task-failed", uuid=task_id, exception=saferepr(get_pickled_exception(result.exception)), traceback=result.traceback)
+    _send(events, "task-failed", uuid=task_id, exception=saferepr(get_pickled_exception(result.exception)), traceback=result.traceback)
 
 
 class Refused(Exception):
@@ -285,7 +295,7 @@ class Lane:
             events = self._task_events(name)
             if events is not None:
                 _send_received(events, task_id, name, request)
-                events.send("task-started", uuid=task_id)
+                _send(events, "task-started", uuid=task_id)
             failed, result, runtime = trace_task_ret(name, task_id, request, body, content_type, content_encoding, app=self.app)
             if events is not None:
                 _send_outcome(events, task_id, failed, result, runtime)

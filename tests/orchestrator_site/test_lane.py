@@ -277,6 +277,20 @@ def test_a_lane_sends_no_task_events_when_the_worker_sends_none(probe: Probe, ev
     assert [events.of(task_id) for task_id in ids] == [[], []]
 
 
+def test_events_that_cannot_be_sent_are_logged_and_the_task_runs(probe: Probe) -> None:
+    from kombu import Connection
+
+    from tests.conftest import free_port
+
+    dead = Connection(f"redis://127.0.0.1:{free_port()}/0", transport_options={"max_retries": 0})  # refused at once, not retried
+    dispatcher = probe.app.events.Dispatcher(dead, hostname="gone@localhost", enabled=True, buffer_while_offline=False)
+    with capture_logs() as logs:
+        [boom] = run_in_order(probe, lambda: dispatcher, "boom")
+    unsent = [(e["event_type"], e["task_id"]) for e in logs if e["event"] == "realtime_lane_event_unsent"]
+    assert unsent[:3] == [("task-received", boom), ("task-started", boom), ("task-failed", boom)]
+    assert [kind for kind, _ in unsent[3:]] == ["task-received", "task-started", "task-succeeded"]  # the last task: it ran too
+
+
 def test_every_priority_list_is_read_the_queues_own_first(probe: Probe) -> None:
     for priority in (9, 6, 3):
         probe.send("record", f"priority {priority}", priority=priority)
