@@ -566,10 +566,8 @@ def _start(request: PromptRequest, config: PipelineSettings, *, ahead: ReadAhead
         return None if created_at is None else (created_at, None)
     bus = get_bus()
     breaker = _shared_breaker(config, request.worker)
-    if ahead is None:
-        started = breaker.begin_and_allow(bus, request.request_id, executed_by=executed_by)
-    else:
-        started = breaker.begin_and_allow(bus, request.request_id, executed_by=executed_by, beside=ahead.run, generation=ahead.generation(bus))
+    beside, to_read = (ahead.run, ahead.generation(bus)) if ahead is not None else (None, None)
+    started = breaker.begin_and_allow(bus, request.request_id, executed_by=executed_by, beside=beside, generation=to_read)
     if started is None:
         return None
     created_at, permission, generation = started
