@@ -57,7 +57,8 @@ def generation_key(bus: TokenBus, tenant_id: str) -> str:
 
 
 def new_generation() -> str:
-    """A random start: a generation created again (Redis flushed) never repeats an old one."""
+    """A random start (52 bits): a generation created again, after Redis lost it, is not
+    the one a process kept, but for a chance of one in 2**52."""
     return str(secrets.randbelow(2**52) + 1)
 
 
