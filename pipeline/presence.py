@@ -31,8 +31,7 @@ changed (Redis down after the commit), what this process knows is trusted for
 from __future__ import annotations
 
 import functools
-import secrets
-import threading
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -59,8 +58,10 @@ def generation_key(bus: TokenBus, tenant_id: str) -> str:
 
 def new_generation() -> str:
     """A random start (52 bits): a generation created again, after Redis lost it, is not
-    the one a process kept, but for a chance of one in 2**52."""
-    return str(secrets.randbelow(2**52) + 1)
+    the one a process kept, but for a chance of one in 2**52. Made for every real-time
+    task's start (used only when the generation is missing): the process's own
+    generator, reseeded in a forked child, not a system call each time."""
+    return str(random.getrandbits(52) + 1)
 
 
 def documents_changed(tenant_id: str, *, bus: TokenBus | None = None) -> None:
@@ -91,25 +92,23 @@ class EmptyTenants:
         self.trust_s, self.size, self._clock = trust_s, size, clock
         self._read: dict[str, str] = {}
         self._empty: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
 
     def read(self, tenant_id: str, generation: str) -> None:
         """A task's start read ``generation``. A slower thread may store an older one
         after a newer: either was read before any search sent after this call."""
-        if len(self._read) >= self.size and tenant_id not in self._read:
-            with self._lock:
-                self._read.clear()  # bounded: forgetting only costs a search
-        self._read[tenant_id] = generation
+        self._put(self._read, tenant_id, generation)
 
     def latest(self, tenant_id: str) -> str | None:
         return self._read.get(tenant_id)
 
     def learned(self, tenant_id: str, generation: str) -> None:
         """A search sent after ``generation`` was read found the tenant with no document."""
-        if len(self._empty) >= self.size and tenant_id not in self._empty:
-            with self._lock:
-                self._empty.clear()
-        self._empty[tenant_id] = (generation, self._clock())
+        self._put(self._empty, tenant_id, (generation, self._clock()))
+
+    def _put(self, known: dict[str, Any], tenant_id: str, value: Any) -> None:
+        if len(known) >= self.size and tenant_id not in known:
+            known.clear()  # bounded: forgetting only costs a search
+        known[tenant_id] = value
 
     def empty_at(self, tenant_id: str) -> str | None:
         """The generation at which the tenant had no documents, if known and still trusted."""

@@ -463,7 +463,7 @@ class ReadAhead:
         if not self._with_history:
             return
         with contextlib.suppress(DatabaseError):  # assemble reads them itself, and fails there
-            self._history = selectors.session_history(tenant_id=self._request.tenant_id, session_id=self._request.session_id, turns=self._turns)
+            self._history = session_history_for(self._request, turns=self._turns)
 
     def started(self, generation: str | None) -> None:
         """The task's start read the tenant's document ``generation`` (None: it read none)."""
