@@ -27,12 +27,14 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from batches import metrics
 from batches.models import BatchItem, BatchJob
 from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, ServiceUnavailable, TransientWorkerError
-from pipeline import selectors, services
+from pipeline import selectors
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.metrics import record_stages
 from pipeline.models import Tenant
 from pipeline.routing import route_request, worker_pool
+from pipeline.services.gates import run_guarded
+from pipeline.services.start import max_tokens_for
 from pipeline.types import PipelineResult, PromptRequest
 
 log = structlog.get_logger("batches")
@@ -58,7 +60,7 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
             priority=data.get("priority") or BatchJob.Priority.DEFAULT,
             worker=route.worker,
             model=route.model,
-            max_tokens=services.max_tokens_for(config, data.get("max_tokens")),
+            max_tokens=max_tokens_for(config, data.get("max_tokens")),
             temperature=data.get("temperature"),
             stop=list(data.get("stop") or ()),
             metadata=dict(data.get("metadata") or {}),
@@ -199,7 +201,7 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
         return run_pipeline(routed, deps, observed)[1]
 
     try:
-        result = services.run_guarded(_request_for(job, item), config, run)
+        result = run_guarded(_request_for(job, item), config, run)
     except TRANSIENT as exc:
         record_stages(observed, worker)
         if item.attempts >= config.batch.max_attempts:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from celery import Celery
-from celery.signals import celeryd_init, worker_process_init, worker_process_shutdown, worker_ready
+import structlog
+from celery import Celery, bootsteps
+from celery.signals import celeryd_init, task_received, task_revoked, worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Exchange
 from kombu import Queue as KombuQueue
-
-from orchestrator_site.lane import LaneStep
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
 
@@ -34,7 +33,69 @@ def _declare_queues() -> None:
 
 _declare_queues()
 app.autodiscover_tasks(["pipeline", "batches"])
-app.steps["worker"].add(LaneStep)  # a real-time worker's own consumer of `realtime` (orchestrator_site.lane)
+log = structlog.get_logger("orchestrator_site.celery")
+REALTIME_TASK = "pipeline.tasks.run_realtime"
+
+
+class LeaseSweep(bootsteps.StartStopStep):
+    """A real-time worker sweeps lapsed leases every second, on the worker's timer
+    (``pipeline.services.leases``): every real-time worker does, so the sweep lives as
+    long as any of them does, and its decisions are atomic in Redis."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref: Any = None
+
+    def start(self, worker: Any) -> None:
+        from pipeline.queues import Queue
+        from pipeline.services import leases
+
+        if Queue.REALTIME.value in worker.app.amqp.queues.consume_from:
+            self.tref = worker.timer.call_repeatedly(leases.SWEEP_INTERVAL_S, leases.sweep_safely, priority=10)
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+
+app.steps["worker"].add(LeaseSweep)
+
+
+def _run_of(request: Any) -> tuple[str, int] | None:
+    """A received ``run_realtime`` message's (request id, attempt), or None for any other task."""
+    if getattr(request, "name", None) != REALTIME_TASK:
+        return None
+    args = list(getattr(request, "args", None) or [])
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], int):
+        return args[0], args[1]
+    return None
+
+
+@task_received.connect
+def _hold_received(request: Any = None, **_: Any) -> None:
+    run = _run_of(request)
+    if run is not None:
+        from pipeline.services import leases
+
+        leases.message_received(*run)
+
+
+@task_revoked.connect
+def _fail_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A dropped ``run_realtime`` message (its task id is its request's id)."""
+    request_id = getattr(request, "id", None)
+    if getattr(sender, "name", None) != REALTIME_TASK or not isinstance(request_id, str):
+        return
+    from orchestrator_site.errors import OrchestratorError
+    from pipeline.services import leases
+
+    try:
+        leases.message_revoked(request_id)
+    except OrchestratorError as exc:  # a signal receiver: Celery would only log it
+        log.warning("request_revoke_unrecorded", request_id=request_id, outcome="error", error_code=exc.code)
 
 
 @worker_ready.connect
@@ -71,11 +132,11 @@ def worker_queues(options: dict[str, Any]) -> set[str]:
 @celeryd_init.connect
 def _realtime_is_at_most_once(conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
     """A worker that consumes only ``realtime`` takes its messages off the Redis
-    broker without kombu's ack emulation. Real-time tasks are at most once anyway
-    (``acks_late=False``: a lost one is answered by the gateway), and the emulation's
-    bookkeeping is what crashes a worker whose Redis goes away with a message
-    unacked (kombu: "'NoneType' object has no attribute 'hostname'" while
-    restoring it)."""
+    broker without kombu's ack emulation (a documented transport option). A
+    real-time message is acknowledged when it starts anyway, and a run that dies is
+    noticed by its lease, not by the broker; the emulation's bookkeeping is what
+    crashes a worker whose Redis goes away with a message unacked (kombu:
+    "'NoneType' object has no attribute 'hostname'" while restoring it)."""
     from pipeline.queues import Queue
 
     if conf is not None and worker_queues(options or {}) == {Queue.REALTIME.value}:

@@ -12,6 +12,7 @@ per integration with ``raise ... from exc``.
     ├── InvalidRequest ........................... 400 invalid_request
     │   ├── MalformedJson ........................ 400 malformed_json
     │   ├── UnsupportedMediaType ................. 415 unsupported_media_type
+    │   ├── NotAcceptable ........................ 406 not_acceptable (no answer in a type the Accept header allows)
     │   ├── PromptMissing ........................ 400 prompt_missing
     │   ├── PromptTooLarge ....................... 413 prompt_too_large
     │   ├── UnknownWorker ........................ 400 unknown_worker
@@ -24,7 +25,8 @@ per integration with ``raise ... from exc``.
     ├── MethodNotAllowed ......................... 405 method_not_allowed
     ├── RequestTimeout ........................... 504 request_timeout
     ├── RequestCancelled ......................... 499 request_cancelled (every reader of the stream left)
-    ├── ServiceUnavailable ....................... 503 service_unavailable
+    ├── ServiceUnavailable ....................... 503 service_unavailable (retry_after)
+    ├── WorkerLost ............................... 503 worker_lost (the run died after its first tokens)
     ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
     ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
     ├── CircuitOpen .............................. 503 circuit_open (worker's breaker open, no fallback)
@@ -117,6 +119,13 @@ class UnsupportedMediaType(InvalidRequest):
     default_message = "the request body must be application/json"
 
 
+class NotAcceptable(InvalidRequest):
+    code = "not_acceptable"
+    http_status = 406
+    ws_close_code = 4406
+    default_message = "no answer in a media type the Accept header allows"
+
+
 class PromptMissing(InvalidRequest):
     code = "prompt_missing"
     default_message = "prompt is required and must not be empty"
@@ -197,6 +206,17 @@ class ServiceUnavailable(OrchestratorError):
     http_status = 503
     ws_close_code = 4503
     default_message = "a backing service is unavailable"
+    retryable = True
+
+
+class WorkerLost(OrchestratorError):
+    """The run answering a request stopped (its worker process died, say) after its
+    first tokens had reached the client: a new run would repeat them. Retry the request."""
+
+    code = "worker_lost"
+    http_status = 503
+    ws_close_code = 4503
+    default_message = "the worker running this request was lost; retry it"
     retryable = True
 
 

@@ -113,11 +113,11 @@ def _guarded(read: Any, source: str) -> list[GaugeMetricFamily] | None:
 def _redis_families() -> Iterable[GaugeMetricFamily]:
     from pipeline.config import get_config
     from pipeline.resilience.breaker import read_states
-    from pipeline.services import admission
-    from pipeline.tokenbus import get_bus
+    from pipeline.services.gates import admission
+    from pipeline.shared_redis import get_redis
 
-    bus = get_bus()
-    states = read_states(bus.client, prefix=bus.prefix, workers=sorted(get_config().workers))
+    shared = get_redis()
+    states = read_states(shared.client, prefix=shared.prefix, workers=sorted(get_config().workers))
     breaker = GaugeMetricFamily("orchestrator_circuit_breaker_state", "Circuit breaker per worker: 0 closed, 1 half-open, 2 open.", labels=["worker"])
     for worker, state in states.items():
         breaker.add_metric([worker], int(state))

@@ -1,6 +1,6 @@
-"""The gateway's access log: one structured line per HTTP request, in the same
-JSON (or console) format as every other line (Daphne's own access log is off);
-and Django's security headers without the thread hops."""
+"""The gateway's middleware: one structured access-log line per HTTP request, in
+the same JSON (or console) format as every other line (the server's own access
+log is off); and the admin's middleware kept to the admin's paths."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from inspect import iscoroutinefunction
+from typing import Any
 
 import structlog
+from asgiref.sync import markcoroutinefunction, sync_to_async
+from django.core import checks
 from django.http import HttpRequest, HttpResponseBase
-from django.middleware.security import SecurityMiddleware
-from django.utils.decorators import async_only_middleware, sync_and_async_middleware
+from django.utils.decorators import sync_and_async_middleware
+from django.utils.module_loading import import_string
 
 LOGGER = "orchestrator_site.access"
 log = structlog.get_logger(LOGGER)
@@ -54,18 +57,70 @@ def access_log(get_response: Callable[[HttpRequest], HttpResponseBase | Awaitabl
     return middleware
 
 
-@async_only_middleware
-def security_headers(get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> Callable[[HttpRequest], Awaitable[HttpResponseBase]]:
-    """Django's ``SecurityMiddleware`` (HSTS, nosniff, referrer policy, COOP, the
-    HTTPS redirect), its two hooks called in line: as a ``MiddlewareMixin`` under
-    ASGI it hops to a thread for each of them, on every request, for work that does
-    no I/O. Only the ASGI gateway uses it (``asgi.IN_LINE``); WSGI keeps Django's."""
-    security = SecurityMiddleware(get_response)
+class AdminOnlyMiddleware:
+    """The middleware only the admin needs (sessions, CSRF, logins, messages,
+    clickjacking: ``settings.ADMIN_MIDDLEWARE``), run for the admin's paths only.
 
-    async def middleware(request: HttpRequest) -> HttpResponseBase:
-        redirect = security.process_request(request)
-        if redirect is not None:
-            return redirect
-        return security.process_response(request, await get_response(request))  # type: ignore[arg-type]  # any response (the stubs say HttpResponse)
+    Everything else the gateway serves authenticates by API key and keeps no
+    session. Under ASGI each of those middlewares costs a thread hop per hook, on
+    every request (BENCHMARKS.md); here an API request passes them by. They are
+    built and called through Django's documented middleware interface: a chain of
+    ``get_response`` callables, and their ``process_view`` hooks (the CSRF check),
+    which Django calls on this middleware's."""
 
-    return middleware
+    sync_capable = False
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]]) -> None:
+        from django.conf import settings
+
+        self.get_response = get_response
+        self.paths = tuple(settings.ADMIN_PATHS)
+        chain: Any = get_response
+        self.view_hooks: list[Callable[..., Any]] = []
+        for dotted in reversed(settings.ADMIN_MIDDLEWARE):
+            middleware = import_string(dotted)(chain)
+            if hasattr(middleware, "process_view"):
+                self.view_hooks.insert(0, middleware.process_view)
+            chain = middleware
+        self.admin = chain
+        markcoroutinefunction(self)
+
+    async def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        if request.path.startswith(self.paths):
+            return await self.admin(request)
+        return await self.get_response(request)
+
+    async def process_view(self, request: HttpRequest, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpResponseBase | None:
+        if not request.path.startswith(self.paths):
+            return None
+        for hook in self.view_hooks:
+            response = await sync_to_async(hook)(request, view, args, kwargs)
+            if response is not None:
+                return response
+        return None
+
+
+# Django's admin and deploy checks look for these middlewares in MIDDLEWARE; here they
+# live in ADMIN_MIDDLEWARE (settings silences those checks), and this check stands in.
+ADMIN_NEEDS = {
+    "django.contrib.sessions.middleware.SessionMiddleware": "admin.E410",
+    "django.contrib.auth.middleware.AuthenticationMiddleware": "admin.E408",
+    "django.contrib.messages.middleware.MessageMiddleware": "admin.E409",
+    "django.middleware.csrf.CsrfViewMiddleware": "security.W003",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware": "security.W002",
+}
+
+
+def check_admin_middleware(app_configs: Any = None, **_: Any) -> list[checks.CheckMessage]:
+    """The admin's middleware, all of it, in ADMIN_MIDDLEWARE, and that run for the admin."""
+    from django.conf import settings
+
+    problems: list[checks.CheckMessage] = [
+        checks.Error(f"{path!r} must be in ADMIN_MIDDLEWARE for the admin (it stands for Django's {check})", id="orchestrator_site.E001")
+        for path, check in ADMIN_NEEDS.items()
+        if path not in settings.ADMIN_MIDDLEWARE
+    ]
+    if "orchestrator_site.middleware.AdminOnlyMiddleware" not in settings.MIDDLEWARE:
+        problems.append(checks.Error("MIDDLEWARE must include orchestrator_site.middleware.AdminOnlyMiddleware", id="orchestrator_site.E002"))
+    return problems

@@ -42,13 +42,11 @@ INSTALLED_APPS = [
     "batches",
 ]
 
-# Everything the gateway serves besides the admin (the APIs, /metrics, /health,
-# the playground) authenticates by API key and keeps no session: it runs without
-# these (under ASGI each of Django's middlewares costs thread hops per request;
-# measured: +24 % streamed requests/s on /v1/chat/completions, BENCHMARKS.md).
-# asgi.py routes FULL_STACK_PATHS to the whole stack; what is added to MIDDLEWARE
-# at start-up (OpenTelemetry's middleware) stays on both.
-ADMIN_ONLY_MIDDLEWARE = (
+# The admin's middleware, run for ADMIN_PATHS only (orchestrator_site.middleware):
+# everything else the gateway serves (the APIs, /metrics, /health, the playground)
+# authenticates by API key and keeps no session, and under ASGI each of these would
+# cost thread hops on every request (BENCHMARKS.md).
+ADMIN_MIDDLEWARE = (
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -56,12 +54,15 @@ ADMIN_ONLY_MIDDLEWARE = (
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 )
+ADMIN_PATHS = ("/admin/",)
+# Django looks for the admin's middleware in MIDDLEWARE; orchestrator_site.E001 checks
+# ADMIN_MIDDLEWARE for it instead (orchestrator_site.middleware.check_admin_middleware).
+SILENCED_SYSTEM_CHECKS = ["admin.E408", "admin.E409", "admin.E410", "security.W002", "security.W003"]
 MIDDLEWARE = [
     "orchestrator_site.middleware.access_log",
-    "django.middleware.security.SecurityMiddleware",  # run in line by the gateway (asgi.IN_LINE)
-    *ADMIN_ONLY_MIDDLEWARE,
+    "django.middleware.security.SecurityMiddleware",
+    "orchestrator_site.middleware.AdminOnlyMiddleware",
 ]
-FULL_STACK_PATHS = ("/admin/",)
 
 ROOT_URLCONF = "orchestrator_site.urls"
 WSGI_APPLICATION = "orchestrator_site.wsgi.application"
@@ -102,7 +103,8 @@ DATABASES = {
             "pool": {
                 "min_size": env_int("DATABASE_POOL_MIN", 1),
                 "max_size": env_int("DATABASE_POOL_MAX", 20),
-                "timeout": 10,  # seconds to wait for a free connection before failing
+                # Seconds to wait for a connection before failing (503 service_unavailable).
+                "timeout": env_int("DATABASE_POOL_TIMEOUT_S", 10),
             },
         },
     }
@@ -179,15 +181,9 @@ CELERY_WORKER_SEND_TASK_EVENTS = True  # Flower
 # learns of a task when a worker receives it; the queues' depth is a metric
 # (orchestrator_queue_depth).
 CELERY_TASK_SEND_SENT_EVENT = False
-# Real-time tasks send no task events (received, started, succeeded) unless this is
-# on: three more publishes per request on the worker, one of them before the task
-# starts, for a monitor that cannot keep up with real-time traffic anyway. Their
-# requests are in the metrics, the traces and the JSON log.
-REALTIME_TASK_EVENTS = env_bool("REALTIME_TASK_EVENTS", default=False)
-# A real-time worker (only `realtime`, thread pool, one Redis broker, no task events)
-# pops its messages off the broker's list in its own threads, one hand-off fewer
-# than through Celery's consumer (orchestrator_site.lane). Off: Celery's consumer.
-REALTIME_LANE = env_bool("REALTIME_LANE", default=True)
+# Real-time tasks send Celery's task events (received, started, succeeded) like every
+# task, so Flower and `celery events` see them; 0 saves the worker those publishes.
+REALTIME_TASK_EVENTS = env_bool("REALTIME_TASK_EVENTS", default=True)
 # The scheduler (celery beat): the batch recovery sweep (batches.services.batch_recover).
 CELERY_BEAT_SCHEDULE = {
     "batch-recovery": {

@@ -14,10 +14,7 @@ class PipelineConfig(AppConfig):
         from pipeline import checks  # noqa: F401  (registers the pipeline.toml check)
         from pipeline.api import schema  # noqa: F401  (registers the OpenAPI auth extension)
         from pipeline.auth import forget_cached_keys
-        from pipeline.presence import document_saved
 
         # A key or tenant saved in this process (the admin) is not served from its cache.
         post_save.connect(forget_cached_keys, sender="pipeline.ApiKey", dispatch_uid="pipeline.auth.apikey")
         post_save.connect(forget_cached_keys, sender="pipeline.Tenant", dispatch_uid="pipeline.auth.tenant")
-        # A document added voids what every process knew of its tenant having none.
-        post_save.connect(document_saved, sender="pipeline.Document", dispatch_uid="pipeline.presence.document")

@@ -11,14 +11,14 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from orchestrator_site.errors import ApiKeyInvalid, ApiKeyMissing, ApiKeyRevoked
+from orchestrator_site.errors import ApiKeyInvalid, ApiKeyMissing, ApiKeyRevoked, ServiceUnavailable
 from pipeline.models import ApiKey, Tenant
 
 KEY_PREFIX = "po_"
@@ -62,6 +62,9 @@ def api_key_authenticate(raw: str) -> ApiKey:
         key = ApiKey.objects.select_related("tenant").get(key_hash=hash_key(raw))
     except ApiKey.DoesNotExist as exc:
         raise ApiKeyInvalid() from exc
+    except DatabaseError as exc:
+        # Postgres is down and the key is not in the cache: nothing can vouch for it.
+        raise ServiceUnavailable("the key store is unavailable; retry shortly", data={"service": "postgres"}, retry_after=5.0) from exc
     if key.is_revoked or not key.tenant.is_active:
         raise ApiKeyRevoked()
     return key
@@ -130,8 +133,8 @@ async def aresolve_api_key(request: HttpRequest) -> None:
             return
         key = key_cache.get(token) or await sync_to_async(api_key_authenticate_cached)(token)
         setattr(request, RESOLVED, key)
-    except (ApiKeyInvalid, ApiKeyRevoked) as exc:
-        setattr(request, RESOLVED, exc)
+    except (ApiKeyInvalid, ApiKeyRevoked, ServiceUnavailable) as exc:
+        setattr(request, RESOLVED, exc)  # raised by the authentication, inside DRF's error handling
 
 
 def bearer_token(header: bytes | str) -> str | None:

@@ -98,6 +98,15 @@ class LimitsConfig(_Strict):
     # Real-time requests queued or running at once; beyond, new ones are shed with a 503.
     max_inflight_per_tenant: int = Field(100, ge=1)
     max_inflight_global: int = Field(1000, ge=1)
+    # A run's lease: renewed every third of it while the run lives. A run whose worker
+    # died is noticed this long after its last renewal, plus a sweep's interval (1 s).
+    run_lease_s: float = Field(3.0, ge=0.5, le=60)
+    # A published request's lease until a worker takes its message: a message lost
+    # on the way (a broker restart) is published again after this long.
+    queue_lease_s: float = Field(10.0, ge=1, le=600)
+    # Runs of one request that may die before it fails with worker_lost (a request
+    # that kills its worker must not kill them all, one after the other).
+    max_runs: int = Field(2, ge=1, le=10)
 
 
 class RateLimitConfig(_Strict):

@@ -17,9 +17,7 @@ from typing import Any
 
 import structlog
 from asgiref.sync import sync_to_async
-from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.db import close_old_connections
 
 from orchestrator_site.errors import (
     ApiKeyMissing,
@@ -28,10 +26,11 @@ from orchestrator_site.errors import (
     Overloaded,
     PromptTooLarge,
 )
-from pipeline import services, streaming
-from pipeline.api.serializers import InferInput, validated
+from pipeline import selectors, streaming
+from pipeline.api.inputs import InferInput, validated
 from pipeline.auth import TenantPrincipal, api_key_authenticate_cached, bearer_token
 from pipeline.config import get_config
+from pipeline.services import gates, start
 
 log = structlog.get_logger("pipeline.consumers")
 
@@ -44,9 +43,6 @@ class ClientGone(Exception):
 
 
 def _authenticate(raw: str) -> TenantPrincipal:
-    # The consumer's one use of the database: stale connections are closed here, where
-    # it is used (Channels' dispatch would do it before every message; see below).
-    close_old_connections()
     key = api_key_authenticate_cached(raw)
     return TenantPrincipal(tenant=key.tenant, api_key=key)
 
@@ -70,16 +66,6 @@ class StreamConsumer(AsyncWebsocketConsumer):
                 await self.refuse(exc)
                 return
             await self.send_event({"type": "authenticated", "tenant_id": self.principal.tenant_id})
-
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        """Channels' dispatch without its ``aclose_old_connections`` before every message:
-        a hop to the one thread-sensitive sync thread, which every connection's messages
-        queued for, 0.7 ms of a prompt's time to first token at concurrency 1. Nothing
-        here uses the database on the event loop; ``_authenticate`` cleans up itself."""
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
 
     async def disconnect(self, code: int) -> None:
         # The client left: every stream stops reading and signs out of its token
@@ -133,17 +119,15 @@ class StreamConsumer(AsyncWebsocketConsumer):
     async def on_prompt(self, message: dict[str, Any]) -> None:
         principal = self._principal()
         self._room_for_one_more()
-        fields = {k: v for k, v in message.items() if k != "type"}
-        data = validated(InferInput, fields)  # no I/O in it (as in the HTTP views): no thread hop
+        data = validated(InferInput, {k: v for k, v in message.items() if k != "type"})
         config = get_config()
-        request = services.infer_build_request(tenant_id=principal.tenant_id, data=data, config=config)
-        rates = services.tenant_rates(principal.tenant, config)
+        request = start.infer_build_request(tenant_id=principal.tenant_id, data=data.fields(), config=config)
         try:
-            started = await services.ainfer_start(request=request, rates=rates)
+            started = await start.ainfer_start(request=request, rates=gates.tenant_rates(principal.tenant, config))
         except OrchestratorError as exc:
             await self.send_event(streaming.error_event(request.request_id, exc))
             return
-        events = streaming.prompt_events(request, started, timeout_s=config.limits.request_timeout_s)
+        events = streaming.prompt_events(request, started, timeout_s=streaming.wait_s(config.limits.request_timeout_s))
         self._forward(request.request_id, events)
 
     async def on_resume(self, message: dict[str, Any]) -> None:
@@ -155,8 +139,9 @@ class StreamConsumer(AsyncWebsocketConsumer):
         if not isinstance(after_seq, int) or isinstance(after_seq, bool):
             raise InvalidRequest("after_seq must be an integer", data={"field": "after_seq"})
         # Another tenant's request, or one whose stream expired, is not found.
-        await sync_to_async(services.request_status_get, thread_sensitive=False)(tenant_id=principal.tenant_id, request_id=request_id)
-        events = streaming.stream_events(request_id, client_request_id=request_id, timeout_s=get_config().limits.request_timeout_s, after_seq=after_seq)
+        await sync_to_async(selectors.request_status_for_tenant, thread_sensitive=False)(tenant_id=principal.tenant_id, request_id=request_id)
+        timeout_s = streaming.wait_s(get_config().limits.request_timeout_s)
+        events = streaming.stream_events(request_id, client_request_id=request_id, timeout_s=timeout_s, after_seq=after_seq)
         self._forward(request_id, events)
 
     def _principal(self) -> TenantPrincipal:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from orchestrator_site import telemetry
-from orchestrator_site.errors import OrchestratorError
+from orchestrator_site.errors import OrchestratorError, WorkerTimeout
 from pipeline.config import PipelineSettings
 from pipeline.stages.assemble import assemble
 from pipeline.stages.context import StageContext
@@ -38,6 +38,8 @@ class PipelineDeps:
     streaming: bool = False
     # Asked while the upstream is silent: does anyone still read this request's stream?
     still_wanted: Callable[[], bool] | None = None
+    # When the request must be answered by (time.time()): the provider call is cancelled then.
+    deadline_at: float | None = None
 
 
 Stage = Callable[[StageContext, PipelineDeps], StageContext]
@@ -51,9 +53,12 @@ def _assemble(ctx: StageContext, deps: PipelineDeps) -> StageContext:
 
 def _inference(ctx: StageContext, deps: PipelineDeps) -> StageContext:
     worker = deps.worker
+    timeout_s = None if deps.deadline_at is None else deps.deadline_at - time.time()
+    if timeout_s is not None and timeout_s <= 0:
+        raise WorkerTimeout("the request's deadline passed before inference", data={"worker": worker.name})
     if deps.streaming and worker.supports_streaming and isinstance(worker, StreamingModelWorker):
-        return inference_streamed(ctx, worker=worker, config=deps.config.postprocess, publish=deps.publish, still_wanted=deps.still_wanted)
-    return inference(ctx, worker=worker)
+        return inference_streamed(ctx, worker=worker, config=deps.config.postprocess, publish=deps.publish, still_wanted=deps.still_wanted, timeout_s=timeout_s)
+    return inference(ctx, worker=worker)  # a worker that cannot stream answers within its own timeout
 
 
 STAGE_TABLE: tuple[tuple[str, Stage], ...] = (
@@ -68,16 +73,13 @@ STAGE_TABLE: tuple[tuple[str, Stage], ...] = (
 StageTiming = tuple[str, str, int]  # stage, outcome, elapsed nanoseconds
 
 
-def _carried(ctx: StageContext, stage: str) -> int:
+def _time_moved_to(ctx: StageContext, stage: str) -> int:
     """A streamed inference post-processes and publishes as it goes: that time is
-    the post and stream stages', not the inference's. A search run ahead of its stage
-    (beside the task's start) is the rag stage's time."""
-    if stage == "rag":
-        return ctx.searched_ahead_ns
-    carried = ctx.carried
-    if carried is None:
+    the post and stream stages', not the inference's."""
+    spent = ctx.streamed_timings
+    if spent is None:
         return 0
-    return {"inference": -(carried.post_ns + carried.stream_ns), "post": carried.post_ns, "stream": carried.stream_ns}.get(stage, 0)
+    return {"inference": -(spent.post_ns + spent.stream_ns), "post": spent.post_ns, "stream": spent.stream_ns}.get(stage, 0)
 
 
 def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[StageTiming] | None = None) -> tuple[StageContext, PipelineResult]:
@@ -98,7 +100,7 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[Stag
                 observed.append((name, exc.code, time.perf_counter_ns() - started))
                 bound.warning("stage", stage=name, duration_us=(time.perf_counter_ns() - started) // 1000, outcome="error", error_code=exc.code)
                 raise
-            elapsed = max(0, time.perf_counter_ns() - started + _carried(ctx, name))
+            elapsed = max(0, time.perf_counter_ns() - started + _time_moved_to(ctx, name))
             timings[name] = elapsed // 1000
             outcome = ctx.rag_outcome if name == "rag" else "ok"
             observed.append((name, outcome, elapsed))

@@ -76,7 +76,9 @@ class Document(models.Model):
 
 
 class SessionTurn(models.Model):
-    """One message of a conversation; assemble replays the latest turns of a session."""
+    """One message of a conversation; assemble replays the latest turns of a session.
+    A request adds one pair (its prompt and its reply), written by the attempt that
+    answered it (``services.sessions``)."""
 
     id = models.BigAutoField(primary_key=True)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="turns")
@@ -84,11 +86,13 @@ class SessionTurn(models.Model):
     request_id = models.CharField(max_length=64)
     role = models.CharField(max_length=16, choices=[("user", "user"), ("assistant", "assistant")])
     content = models.TextField()
+    attempt = models.PositiveIntegerField(default=1, db_default=1)  # db_default: a worker of the version before writes no attempt
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["id"]
         indexes = [models.Index(fields=["tenant", "session_id", "-id"], name="turn_session_recent")]
+        constraints = [models.UniqueConstraint(fields=["request_id", "role"], name="turn_once_per_request")]
 
     def __str__(self) -> str:
         return f"{self.session_id}:{self.role}"

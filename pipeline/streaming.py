@@ -1,15 +1,18 @@
 """The streaming protocol's events, shared by SSE (``POST /api/v1/infer`` with
-``"stream": true``) and the WebSocket (``/api/v1/stream``): ``start``, then
-``token`` events with their sequence numbers, then ``done`` or ``error`` — one
-terminal event, always (docs/streaming.md).
+``"stream": true``, ``/v1/chat/completions``) and the WebSocket
+(``/api/v1/stream``): ``start``, then ``token`` events with their sequence
+numbers, then ``done`` or ``error`` — one terminal event, always
+(docs/streaming.md).
 
 The events come from the request's token stream in Redis, which every reader
 reads from any position at its own pace: an attached (deduplicated) request and
-a resumed one read the same stream as the original.
+a resumed one read the same stream as the original. A request is never run a
+second time here: if Redis fails while a run may be answering, the client gets
+``service_unavailable`` once the reader gives up.
 
 Every generator here is closed by whoever reads it (``contextlib.aclosing``), so
 that a client's leaving reaches the token bus at once: the reader signs out, and
-the request stops when its last reader has gone (``tokenbus``).
+the run stops when its last reader has gone (``tokenbus.producer``).
 """
 
 from __future__ import annotations
@@ -19,19 +22,26 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import structlog
 from asgiref.sync import sync_to_async
 
 from orchestrator_site.errors import OrchestratorError, RequestTimeout, ServiceUnavailable
-from pipeline import services
 from pipeline.config import get_config
 from pipeline.resilience.local import shared_state
 from pipeline.routing import cost_usd
+from pipeline.services import inline
+from pipeline.services.gates import DEADLINE_GRACE_S
+from pipeline.services.start import Started
 from pipeline.tokenbus import get_bus
+from pipeline.tokenbus.reader import read_events
 from pipeline.types import PipelineResult, PromptRequest
 
-log = structlog.get_logger("pipeline.streaming")
 Event = dict[str, Any]
+
+
+def wait_s(request_timeout_s: float) -> float:
+    """How long a client waits for a request: its deadline, plus the time for the run's
+    own ``worker_timeout`` to arrive."""
+    return request_timeout_s + DEADLINE_GRACE_S
 
 
 def done_event(request_id: str, result: PipelineResult) -> Event:
@@ -52,50 +62,41 @@ def error_event(request_id: str | None, error: OrchestratorError) -> Event:
     return {"type": "error", "request_id": request_id, **error.to_dict()}
 
 
-async def prompt_events(request: PromptRequest, started: services.Started, *, timeout_s: float) -> AsyncGenerator[Event, None]:
-    """The events of a request the gateway has just started (``services.infer_start``)."""
+async def prompt_events(request: PromptRequest, started: Started, *, timeout_s: float) -> AsyncGenerator[Event, None]:
+    """The events of a request the gateway has just started (``services.start``)."""
     rid = request.request_id
     yield {"type": "start", "request_id": rid}
     if started.result is not None:  # answered from the deduplication window
         async for event in _whole(rid, started.result):
             yield event
         return
-    if started.how == "inline":  # Redis is down: run here, answer in one piece
-        async for event in _inline(request):
+    if not started.on_the_bus:  # Redis is down: run here, answer in one piece
+        async for event in _local(request):
             yield event
         return
-    async with contextlib.aclosing(stream_events(started.request_id, client_request_id=rid, timeout_s=timeout_s, rerun=request)) as events:
+    async with contextlib.aclosing(stream_events(started.request_id, client_request_id=rid, timeout_s=timeout_s)) as events:
         async for event in events:
             yield event
 
 
-async def stream_events(
-    stream_id: str, *, client_request_id: str, timeout_s: float, after_seq: int = -1, rerun: PromptRequest | None = None
-) -> AsyncGenerator[Event, None]:
+async def stream_events(stream_id: str, *, client_request_id: str, timeout_s: float, after_seq: int = -1) -> AsyncGenerator[Event, None]:
     """Token, then done or error events from the stream ``stream_id``, after
     ``after_seq``, labelled with the client's request id (an attached request reads
-    the stream of the identical request it shares). If Redis goes away before any
-    token was sent, ``rerun`` (the client's request) is run here instead."""
-    sent = False
-    async with contextlib.aclosing(get_bus().events(stream_id, timeout_s=timeout_s)) as events:
+    the stream of the identical request it shares)."""
+    events = read_events(get_bus(), stream_id, timeout_s=timeout_s, on_outage=_redis_failed)
+    async with contextlib.aclosing(events):
         while True:
             try:
                 event = await anext(events)
             except StopAsyncIteration:
                 yield error_event(client_request_id, RequestTimeout(f"no result within {timeout_s:g}s", data={"request_id": client_request_id}))
                 return
-            except ServiceUnavailable as exc:
-                shared_state.failed("stream the result", exc.__cause__ or exc)
-                if sent or rerun is None:  # part of the answer is out (a rerun would repeat it), or nothing to rerun
-                    yield error_event(client_request_id, ServiceUnavailable("the token stream was lost", data={"service": "redis"}))
-                    return
-                async for inline_event in _inline(rerun):
-                    yield inline_event
+            except ServiceUnavailable:
+                yield error_event(client_request_id, ServiceUnavailable("the token stream was lost", data={"service": "redis"}, retry_after=1.0))
                 return
             if event.type == "token":
                 seq = int(event.data.get("seq", 0))
                 if seq > after_seq:
-                    sent = True
                     yield {"type": "token", "request_id": client_request_id, "seq": seq, "text": str(event.data.get("text", ""))}
             elif event.type == "done":
                 yield done_event(client_request_id, PipelineResult.from_dict(event.data))
@@ -105,15 +106,47 @@ async def stream_events(
                 return
 
 
+async def infer_wait(*, request_id: str, timeout_s: float) -> PipelineResult:
+    """The answer of the request whose stream is ``request_id``, read whole (the
+    non-streaming endpoints), or its error raised."""
+    events = read_events(get_bus(), request_id, timeout_s=timeout_s, on_outage=_redis_failed)
+    async with contextlib.aclosing(events):
+        while True:
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+            except ServiceUnavailable as exc:
+                raise ServiceUnavailable("the token stream was lost", data={"service": "redis"}, retry_after=1.0) from exc
+            if event.type == "done":
+                return PipelineResult.from_dict(event.data)
+            if event.type == "error":
+                raise OrchestratorError.from_dict(event.data)
+    raise RequestTimeout(f"no result within {timeout_s:g}s; poll GET /api/v1/status/{request_id}", data={"request_id": request_id})
+
+
+async def answer_of(request: PromptRequest, started: Started, *, timeout_s: float) -> PipelineResult:
+    """A started request's whole answer (the non-streaming endpoints), or its error raised."""
+    if started.result is not None:
+        return started.result
+    if not started.on_the_bus:
+        return await sync_to_async(inline.infer_local, thread_sensitive=False)(request=request)
+    return await infer_wait(request_id=started.request_id, timeout_s=timeout_s)
+
+
+def _redis_failed(cause: BaseException) -> None:
+    shared_state.failed("read the token bus", cause)
+
+
 async def _whole(request_id: str, result: PipelineResult) -> AsyncIterator[Event]:
     if result.text:
         yield {"type": "token", "request_id": request_id, "seq": 0, "text": result.text}
     yield done_event(request_id, result)
 
 
-async def _inline(request: PromptRequest) -> AsyncIterator[Event]:
+async def _local(request: PromptRequest) -> AsyncIterator[Event]:
     try:
-        result = await sync_to_async(services.infer_inline, thread_sensitive=False)(request=request)
+        result = await sync_to_async(inline.infer_local, thread_sensitive=False)(request=request)
     except OrchestratorError as exc:
         yield error_event(request.request_id, exc)
         return

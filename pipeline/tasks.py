@@ -1,24 +1,20 @@
-"""Celery tasks: thin shells that take JSON and call one service."""
+"""Celery tasks: thin shells that take ids and call one service."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from celery import shared_task
 from django.conf import settings
 
-from pipeline import services
+from pipeline.services import execute
 
 
 @shared_task(
     name="pipeline.tasks.run_realtime",
     ignore_result=True,
-    # At most once: a real-time request whose worker died is answered by the
-    # gateway's timeout, not replayed minutes later to a client that has gone.
+    # Acknowledged when it starts: a run that dies is noticed by its lease
+    # (services.leases), on either broker, and run again or failed from there.
     acks_late=False,
-    soft_time_limit=150,
-    time_limit=180,
     send_events=settings.REALTIME_TASK_EVENTS,
 )
-def run_realtime(payload: dict[str, Any]) -> None:
-    services.realtime_execute(payload)
+def run_realtime(request_id: str, attempt: int = 1) -> None:
+    execute.realtime_execute(request_id, attempt)

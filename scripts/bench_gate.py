@@ -7,7 +7,9 @@ Runs ``bench_stages.py`` for the base and the head trees alternately (base,
 head, head, base, ...) so that both see the same machine load, then compares
 the fastest round of every case (noise only adds time). Fails (exit 1) when any case of the
 head is more than ``threshold`` slower than the base. A case that the base
-does not have is reported and skipped.
+does not have (or cannot build: a module it has not got yet) is reported and
+skipped. The gate fails, too, when its own machinery cannot export the base or
+run the benchmark on either tree: a gate that cannot measure says so.
 
 A comparison in which the cases moved together (their median change beyond half
 the threshold) was disturbed: the shared machine slowed one side for a stretch,
@@ -61,7 +63,11 @@ def sample(tree: Path, rounds: int) -> dict[str, list[float]]:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark failed for {tree}: {proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for missing in out.get("unavailable", []):
+        sys.stderr.write(f"bench gate: {tree}: case not available: {missing}\n")
+    cases: dict[str, list[float]] = out["cases"]
+    return cases
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,17 +161,16 @@ def main(argv: list[str] | None = None) -> int:
             label = args.base_ref or default_base()
             try:
                 base = export_ref(label, Path(tmp))
-            except subprocess.CalledProcessError:
-                sys.stdout.write(f"bench gate: no base tree at {label}; nothing to compare\n")
-                return 0
+            except subprocess.CalledProcessError as exc:
+                sys.stdout.write(f"bench gate: FAILED: cannot export the base tree {label}: {(exc.stderr or b'').decode(errors='replace')[-500:]}\n")
+                return 1
         try:
             ok, lines = gate(
                 functools.partial(compare, base, args.head_tree, pairs=args.pairs, rounds=args.rounds, threshold=args.threshold), threshold=args.threshold
             )
         except RuntimeError as exc:
-            # The base predates a benchmark case's API: report, do not block.
-            sys.stdout.write(f"bench gate: base {label} could not be benchmarked ({exc}); skipped\n")
-            return 0
+            sys.stdout.write(f"bench gate: FAILED: the benchmark could not run ({exc})\n")
+            return 1
     sys.stdout.write(f"bench gate: base {label} vs head, threshold +{args.threshold:.0%}\n" + "\n".join(lines) + "\n")
     sys.stdout.write("bench gate: " + ("ok" if ok else "FAILED") + "\n")
     return 0 if ok else 1

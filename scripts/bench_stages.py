@@ -4,9 +4,10 @@ in-memory dependencies (no Postgres, Redis or network).
     python scripts/bench_stages.py [--tree DIR] [--rounds N] [--json]
 
 ``--tree`` imports the packages from another checkout (the regression gate
-runs this file from HEAD against the merge base's packages). Prints, per
-case, the per-call time in microseconds of each round (a round is the mean
-of ``number`` calls).
+runs this file from HEAD against the merge base's packages); a case that
+tree cannot build is left out and named (``unavailable`` in the JSON).
+Prints, per case, the per-call time in microseconds of each round (a round is
+the mean of ``number`` calls).
 """
 
 from __future__ import annotations
@@ -20,53 +21,111 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+Case = tuple[Callable[[], object], int]  # a call, and how many calls make a round
 
 
-def build_cases(*, tracing: bool = False) -> dict[str, tuple[Callable[[], object], int]]:
-    import structlog
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-
-    from pipeline.config import AssembleConfig, PipelineSettings, PostprocessConfig
-    from pipeline.engine import PipelineDeps, run_pipeline
-    from pipeline.stages.assemble import assemble
+def _shared() -> dict[str, object]:
+    """What several cases use, from the tree under test."""
     from pipeline.stages.context import RetrievedDocument, StageContext
-    from pipeline.stages.postprocess import build_filter, postprocess
-    from pipeline.stages.rag import RetrievalResult, limit_context
     from pipeline.types import ChatMessage, Completion, PromptRequest, Usage
-    from workers.base import WorkerSettings
-    from workers.echo import EchoWorker
 
     request = PromptRequest(
         request_id="bench", tenant_id="t", session_id="s", prompt="How do refunds work for damaged items?", worker="echo", model="echo-1", max_tokens=64
     )
-    docs = tuple(RetrievedDocument(str(i), f"Policy {i}", "Refunds are issued within 30 days of purchase. " * 12, 1.0 / (i + 1)) for i in range(5))
-    many_docs = tuple(RetrievedDocument(str(i), f"Doc {i}", "x" * 150, 1.0) for i in range(50))
-    history = tuple(ChatMessage("user" if i % 2 == 0 else "assistant", f"turn {i} " * 20) for i in range(20))
     reply = ("Thanks for asking. Mail support@example.com or use key sk-abcdefghijklmnopqrstuvwx. " + "Refunds take five days. " * 60)[:2048]
-    completion_ctx = StageContext(request, completion=Completion(text=reply, model="m", worker="w", usage=Usage(10, 400)))
-    config = PipelineSettings()
-    deps = PipelineDeps(
-        config=config,
-        retrieve=lambda **_: RetrievalResult(docs),
-        load_history=lambda: history,
-        worker=EchoWorker(WorkerSettings(name="echo", kind="echo", token_count=64)),
-        publish=lambda chunk: None,
-    )
-    pieces = [reply[i : i + 7] for i in range(0, len(reply), 7)]
+    return {
+        "request": request,
+        "docs": tuple(RetrievedDocument(str(i), f"Policy {i}", "Refunds are issued within 30 days of purchase. " * 12, 1.0 / (i + 1)) for i in range(5)),
+        "many_docs": tuple(RetrievedDocument(str(i), f"Doc {i}", "x" * 150, 1.0) for i in range(50)),
+        "history": tuple(ChatMessage("user" if i % 2 == 0 else "assistant", f"turn {i} " * 20) for i in range(20)),
+        "reply": reply,
+        "completion_ctx": StageContext(request, completion=Completion(text=reply, model="m", worker="w", usage=Usage(10, 400))),
+    }
+
+
+def _limit_context(s: dict[str, Any]) -> Case:
+    from pipeline.stages.rag import limit_context
+
+    return lambda: limit_context(s["many_docs"], 6000), 2000
+
+
+def _assemble(s: dict[str, Any]) -> Case:
+    from pipeline.config import AssembleConfig
+    from pipeline.stages.assemble import assemble
+    from pipeline.stages.context import StageContext
+
+    return lambda: assemble(StageContext(s["request"], documents=s["docs"], history=s["history"]), config=AssembleConfig()), 2000
+
+
+def _post(s: dict[str, Any]) -> Case:
+    from pipeline.config import PostprocessConfig
+    from pipeline.stages.postprocess import postprocess
+
+    return lambda: postprocess(s["completion_ctx"], config=PostprocessConfig()), 500
+
+
+def _post_stream(s: dict[str, Any]) -> Case:
+    from pipeline.config import PostprocessConfig
+    from pipeline.stages.postprocess import build_filter
+
+    pieces = [s["reply"][i : i + 7] for i in range(0, len(s["reply"]), 7)]
 
     def stream_filter() -> str:
         f = build_filter(PostprocessConfig(stop=("###",)), ())
         return "".join(f.feed(p) for p in pieces) + f.finish()
 
-    cases = {
-        "rag.limit_context (50 docs)": (lambda: limit_context(many_docs, 6000), 2000),
-        "assemble": (lambda: assemble(StageContext(request, documents=docs, history=history), config=AssembleConfig()), 2000),
-        "post (2 KiB reply)": (lambda: postprocess(completion_ctx, config=PostprocessConfig()), 500),
-        "post on a stream (7-char chunks)": (stream_filter, 30),
-        "engine (5 stages, in memory)": (lambda: run_pipeline(request, deps), 300),
-    }
-    traced = engine_traced(lambda: run_pipeline(request, deps)) if tracing else None
+    return stream_filter, 30
+
+
+def _engine(s: dict[str, Any]) -> Case:
+    return engine_call(s), 300
+
+
+def engine_call(s: dict[str, Any]) -> Callable[[], object]:
+    from pipeline.config import PipelineSettings
+    from pipeline.engine import PipelineDeps, run_pipeline
+    from pipeline.stages.rag import RetrievalResult
+    from workers.base import WorkerSettings
+    from workers.echo import EchoWorker
+
+    deps = PipelineDeps(
+        config=PipelineSettings(),
+        retrieve=lambda **_: RetrievalResult(s["docs"]),
+        load_history=lambda: s["history"],
+        worker=EchoWorker(WorkerSettings(name="echo", kind="echo", token_count=64)),
+        publish=lambda chunk: None,
+    )
+    return lambda: run_pipeline(s["request"], deps)
+
+
+CASES: dict[str, Callable[[dict[str, Any]], Case]] = {
+    "rag.limit_context (50 docs)": _limit_context,
+    "assemble": _assemble,
+    "post (2 KiB reply)": _post,
+    "post on a stream (7-char chunks)": _post_stream,
+    "engine (5 stages, in memory)": _engine,
+}
+# A tree the cases cannot be built from (a module moved, a signature changed): what fails
+# to build there is left out, and said (``unavailable``), rather than failing the run.
+UNBUILDABLE = (ImportError, AttributeError, TypeError, KeyError)
+
+
+def build_cases(*, tracing: bool = False, unavailable: list[str] | None = None) -> dict[str, Case]:
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    shared = _shared()
+    cases: dict[str, Case] = {}
+    for name, build in CASES.items():
+        try:
+            cases[name] = build(shared)
+        except UNBUILDABLE as exc:
+            if unavailable is None:
+                raise
+            unavailable.append(f"{name}: {type(exc).__name__}: {exc}")
+    traced = engine_traced(engine_call(shared)) if tracing and "engine (5 stages, in memory)" in cases else None
     if traced:
         cases["engine, tracing on (SDK, no export)"] = (traced, 300)
     return cases
@@ -96,8 +155,8 @@ def engine_traced(engine: Callable[[], object]) -> Callable[[], object] | None:
     return run
 
 
-def run(rounds: int) -> dict[str, list[float]]:
-    cases = build_cases()
+def run(rounds: int, unavailable: list[str] | None = None) -> dict[str, list[float]]:
+    cases = build_cases(unavailable=unavailable)
     results: dict[str, list[float]] = {name: [] for name in cases}
     for fn, number in cases.values():
         for _ in range(max(1, number // 10)):  # warm up
@@ -144,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, (p50, p99) in percentiles(args.percentiles).items():
             sys.stdout.write(f"| {name} | {p50:.1f} | {p99:.1f} |\n")
         return 0
-    results = run(args.rounds)
+    unavailable: list[str] = []
+    results = run(args.rounds, unavailable)
     if args.json:
-        sys.stdout.write(json.dumps(results) + "\n")
+        sys.stdout.write(json.dumps({"cases": results, "unavailable": unavailable}) + "\n")
     else:
         for name, samples in results.items():
             sys.stdout.write(f"{name:<36} median {statistics.median(samples):9.2f} us  min {min(samples):9.2f} us\n")

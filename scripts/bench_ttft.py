@@ -6,13 +6,13 @@ The upstream is a small asyncio HTTP/1.1 server in its own process (``--upstream
 mode of this script): each streamed chat completion waits a fixed first-token
 delay, then writes its tokens as OpenAI SSE chunks. The platform is the gateway
 (uvicorn, or Daphne with ``--server daphne``) and real-time Celery worker
-processes on loopback, with Postgres and Redis, as
-``bench_path.py`` sets them up; the tenant has no documents, so that after each
-worker process's first two requests its searches are skipped (``pipeline.presence``);
-deduplication is on and every prompt is unique. One more concurrency-1 phase
-sends WebSocket prompts for a tenant with one document, which no prompt matches:
-its search runs on every request and finds nothing (the cost of the RAG stage's
-round trip, side by side).
+processes on loopback, with Postgres and Redis (or ``--broker`` for another
+Celery broker, RabbitMQ say), as ``bench_path.py`` sets them up; the tenant has no
+documents (its search finds nothing); deduplication is on and every prompt is
+unique. One more concurrency-1 phase sends WebSocket prompts for a tenant with
+one document, which no prompt matches. Another sends whole (not streamed)
+``/v1/chat/completions`` requests beside whole requests straight to the upstream:
+the overhead on a whole answer, against the streamed first token's.
 
 The model ``fake-paced`` writes its tokens one every ``--token-interval-ms``, as
 a model does: ten such streams at once, against one alone, give the 10-stream
@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from bench_path import ENV, ROOT, free_port, manage, pct, realtime_worker_comman
 from orchestrator_site.gateway import gateway_command
 
 TRANSPORTS = ("direct", "websocket", "sse", "v1")
+WHOLE = ("direct_whole", "v1_whole")  # not streamed: the answer in one JSON body
 STAGE_TIMES: list[dict[str, int]] = []
 ERRORS: collections.Counter[str] = collections.Counter()  # what failed requests said, for the report
 
@@ -102,6 +103,23 @@ def _reply(model: str, tokens: int, usage: bool) -> tuple[bytes, ...]:
     if usage:
         end += _chunk({**base, "choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}})
     return (head, role, *words, end + _chunk("[DONE]") + b"0\r\n\r\n")
+
+
+@functools.cache
+def _whole_reply(model: str, tokens: int) -> bytes:
+    """A chat completion that was not streamed: the whole answer in one JSON body."""
+    body = json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(f"tok{i} " for i in range(tokens))}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens},
+        },
+        separators=(",", ":"),
+    ).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
 # Per prompt (the 32 hex digits of its text), when the upstream read the request and when
@@ -141,8 +159,13 @@ async def _upstream_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWri
                 writer.write(NOT_FOUND)
                 continue
             model = str(body.get("model", "fake-1"))
-            reply = _reply(model, tokens, bool((body.get("stream_options") or {}).get("include_usage")))
             found = PROMPT_ID.search(raw)
+            if not body.get("stream"):
+                await asyncio.sleep(first_token_s)
+                writer.write(_whole_reply(model, tokens))
+                await writer.drain()
+                continue
+            reply = _reply(model, tokens, bool((body.get("stream_options") or {}).get("include_usage")))
             writer.write(reply[0])
             await asyncio.sleep(first_token_s)
             if found:
@@ -225,6 +248,26 @@ class Clients:
         pid = uuid.uuid4().hex
         body = {"model": f"bench/{self.model}", "stream": True, "messages": [{"role": "user", "content": self.prompt(pid)}]}
         return await self._sse("v1", pid, f"{self.gateway}/v1/chat/completions", body, {"Authorization": f"Bearer {self.key}"}, openai=True)
+
+    async def direct_whole(self) -> Sample:
+        pid = uuid.uuid4().hex
+        body = {"model": self.model, "messages": [{"role": "user", "content": self.prompt(pid)}]}
+        return await self._whole("direct_whole", pid, f"{self.upstream}/v1/chat/completions", body, {})
+
+    async def v1_whole(self) -> Sample:
+        pid = uuid.uuid4().hex
+        body = {"model": f"bench/{self.model}", "messages": [{"role": "user", "content": self.prompt(pid)}]}
+        return await self._whole("v1_whole", pid, f"{self.gateway}/v1/chat/completions", body, {"Authorization": f"Bearer {self.key}"})
+
+    async def _whole(self, transport: str, pid: str, url: str, body: Mapping[str, object], headers: dict[str, str]) -> Sample:
+        """A whole answer: its "first token" is the whole body, read."""
+        started = time.monotonic_ns()
+        async with self.http.post(url, json=body, headers=headers) as resp:
+            answer = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{transport}: HTTP {resp.status}: {answer[:300]!r}")
+        text = json.loads(answer)["choices"][0]["message"]["content"]
+        return Sample.timed(transport, pid, started, time.monotonic_ns(), text.count("tok"))
 
     async def hops(self) -> dict[str, tuple[int, int]]:
         """The upstream's record since the last call (and it forgets it)."""
@@ -591,18 +634,23 @@ class CpuClock:
 # --- the report -------------------------------------------------------------------------------
 
 
-def ttft_rows(title: str, samples: list[Sample]) -> list[str]:
-    by = {t: [s.ttft_ms for s in samples if s.transport == t] for t in TRANSPORTS}
-    direct = by["direct"]
+def ttft_rows(title: str, samples: list[Sample], transports: tuple[str, ...] = TRANSPORTS) -> list[str]:
+    """Per transport, P50/P99 TTFT and the overhead over the first transport (the direct call)."""
+    by = {t: [s.ttft_ms for s in samples if s.transport == t] for t in transports}
+    direct = by[transports[0]]
     rows = []
-    for transport in TRANSPORTS:
+    for transport in transports:
         values = by[transport]
         if not values:
             continue
         p50, p99 = pct(values, 0.5), pct(values, 0.99)
-        over = "-" if transport == "direct" else f"{p50 - pct(direct, 0.5):+.2f} / {p99 - pct(direct, 0.99):+.2f}"
+        over = "-" if transport == transports[0] else f"{p50 - pct(direct, 0.5):+.2f} / {p99 - pct(direct, 0.99):+.2f}"
         rows.append(f"| {title} | {transport} | {len(values)} | {p50:.2f} | {p99:.2f} | {over} |")
     return rows
+
+
+def overhead_p50(samples: list[Sample], transport: str, direct: str) -> float:
+    return pct([s.ttft_ms for s in samples if s.transport == transport], 0.5) - pct([s.ttft_ms for s in samples if s.transport == direct], 0.5)
 
 
 def hop_rows(title: str, samples: list[Sample], hops: dict[str, tuple[int, int]]) -> list[str]:
@@ -666,6 +714,8 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock, *, 
     lone_outside = cpu.outside()
     hops = hop_rows("concurrency 1", lone, await clients.hops())
     out.write("\n".join(ttft_rows("concurrency 1", lone)) + "\n")
+    whole, _took, whole_errors = await closed_loop(clients, concurrency=1, per_client=args.requests // 2, transports=WHOLE)
+    out.write("\n".join(ttft_rows("concurrency 1, not streamed (whole answer)", whole, WHOLE)) + "\n")
     inside = {stage: pct([t[stage] / 1000 for t in STAGE_TIMES], 0.5) for stage in ("rag", "assemble", "inference")}
     STAGE_TIMES.clear()
     # The same, for a tenant whose search runs (it has a document): WebSocket and direct, interleaved.
@@ -707,6 +757,11 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock, *, 
 
     out.write("\nWhere the time to first token goes: each request's, on either side of the upstream's own delay.\n\n" + HOPS_HEAD + "\n".join(hops) + "\n")
     out.write("\n" + lone_outside.line("concurrency 1") + "\n")
+    streamed, not_streamed = overhead_p50(lone, "v1", "direct"), overhead_p50(whole, "v1_whole", "direct_whole")
+    out.write(
+        f"\n`/v1/chat/completions` at concurrency 1, overhead at P50: a whole answer {not_streamed:+.2f} ms, the streamed first token "
+        f"{streamed:+.2f} ms (target: whole no more than streamed + 1 ms: {'met' if not_streamed <= streamed + 1 else 'missed'}).\n"
+    )
     out.write(
         "\nInside the worker, WebSocket prompts at concurrency 1 (P50 of the done events' timings): "
         + ", ".join(f"{stage} {ms:.2f} ms" for stage, ms in inside.items())
@@ -735,7 +790,7 @@ async def measure(clients: Clients, args: argparse.Namespace, cpu: CpuClock, *, 
         f"the ten started {stream_s * 100:.0f} ms apart (a tenth of a stream), each arriving beside nine in flight: "
         f"{ws_p99(spread):.2f} / {ws_p99(paced_lone):.2f} ms = {ws_p99(spread) / ws_p99(paced_lone):.2f}x "
         f"({len(paced_ten)}, {len(spread)} and {len(paced_lone)} streams). "
-        f"Errors in the TTFT runs: {lone_errors + documented_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors + spread_errors}.\n"
+        f"Errors in the TTFT runs: {lone_errors + whole_errors + documented_errors + ten_errors + open_errors + busy_errors + paced_lone_errors + paced_ten_errors + spread_errors}.\n"
     )
     if ERRORS:
         out.write("\nWhat the failed requests said (every phase): " + "; ".join(f"{text} (x{n})" for text, n in ERRORS.most_common()) + "\n")
@@ -774,7 +829,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-processes", type=int, default=2)
     parser.add_argument("--worker-threads", type=int, default=16, help="per worker: threads, or processes with --worker-pool prefork")
     parser.add_argument("--worker-pool", choices=("threads", "prefork"), default="threads", help="the real-time workers' Celery pool (threads: as make run)")
+    parser.add_argument("--broker", help="the Celery broker's URL (default: a database of the suite's Redis; amqp://… for RabbitMQ)")
     args = parser.parse_args(argv)
+    if args.broker:
+        ENV["CELERY_BROKER_URL"] = args.broker
     if args.upstream:
         asyncio.run(serve_upstream(args.upstream, args.first_token_ms / 1000, args.tokens, args.token_interval_ms / 1000))
         return 0

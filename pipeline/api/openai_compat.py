@@ -20,56 +20,19 @@ from typing import Any
 
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
-from rest_framework import serializers
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownModel
-from pipeline import services, streaming
+from orchestrator_site.errors import InvalidRequest, UnknownModel
+from pipeline import streaming
+from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.api.serializers import validated
-from pipeline.api.views import AcyclicAPIView, TenantAsyncAPIView, sse_response, tenant_of
+from pipeline.api.views import EventStreamRenderer, TenantAsyncAPIView, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
-
-ROLES = ("system", "developer", "user", "assistant")
-
-
-class MessageInput(serializers.Serializer):
-    role = serializers.ChoiceField(choices=ROLES)
-    content = serializers.JSONField()
-
-    def validate_content(self, value: Any) -> str:
-        """A string, or a list of text parts (``{"type": "text", "text": …}``)."""
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-            return "".join(p["text"] for p in value)
-        raise serializers.ValidationError("content must be a string or a list of text parts")
-
-
-class StreamOptionsInput(serializers.Serializer):
-    include_usage = serializers.BooleanField(required=False, default=False)
-
-
-class ChatCompletionInput(serializers.Serializer):
-    model = serializers.CharField(max_length=300)
-    messages = MessageInput(many=True, allow_empty=False)
-    max_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
-    max_completion_tokens = serializers.IntegerField(required=False, min_value=1, allow_null=True)
-    temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
-    stop = serializers.JSONField(required=False, allow_null=True)
-    stream = serializers.BooleanField(required=False, default=False)
-    stream_options = StreamOptionsInput(required=False, allow_null=True)
-    n = serializers.IntegerField(required=False, min_value=1, max_value=1, allow_null=True)
-    user = serializers.CharField(required=False, max_length=256, allow_blank=True)
-
-    def validate_stop(self, value: Any) -> list[str]:
-        if value is None:
-            return []
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
-            raise serializers.ValidationError("stop must be a string or a list of at most 4 strings")
-        return list(stops)
+from pipeline.services import gates, start
+from pipeline.types import PipelineResult
 
 
 def resolve_model(config: PipelineSettings, name: str) -> tuple[str, str]:
@@ -91,7 +54,7 @@ def model_ids(config: PipelineSettings) -> list[str]:
     return sorted(set(ids))
 
 
-class ModelsApi(AcyclicAPIView):
+class ModelsApi(APIView):
     @extend_schema(operation_id="openai_models", responses={200: dict})
     def get(self, request: Request) -> Response:
         tenant_of(request)
@@ -100,57 +63,50 @@ class ModelsApi(AcyclicAPIView):
 
 class ChatCompletionsApi(TenantAsyncAPIView):
     parser_classes = [LimitedJSONParser]
+    renderer_classes = [JSONRenderer, EventStreamRenderer]
 
     @extend_schema(operation_id="openai_chat_completions", request=ChatCompletionInput, responses={200: dict})
     async def post(self, request: Request) -> Response | StreamingHttpResponse:
         principal = tenant_of(request)
         data = validated(ChatCompletionInput, request.data)
+        if not data.stream:
+            refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
-        worker, model = resolve_model(config, data["model"])
-        messages = data["messages"]
-        if messages[-1]["role"] != "user":
+        worker, model = resolve_model(config, data.model)
+        messages = data.messages
+        if messages[-1].role != "user":
             raise InvalidRequest("the last message must be the user's", data={"field": "messages"})
-        history = [(m["role"] if m["role"] != "developer" else "system", m["content"]) for m in messages[:-1]]
-        if sum(len(m["content"]) for m in messages) > config.limits.max_prompt_chars:
+        if sum(len(m.content) for m in messages) > config.limits.max_prompt_chars:
             raise InvalidRequest(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
         fields = {
-            "prompt": messages[-1]["content"],
+            "prompt": messages[-1].content,
             "worker": worker,
             "model": model,
-            "max_tokens": data.get("max_completion_tokens") or data.get("max_tokens"),
-            "temperature": data.get("temperature"),
-            "stop": data.get("stop") or [],
-            "history": history,
+            "max_tokens": data.max_completion_tokens or data.max_tokens,
+            "temperature": data.temperature,
+            "stop": data.stop,
+            "history": [(m.role if m.role != "developer" else "system", m.content) for m in messages[:-1]],
         }
-        prompt_request = services.infer_build_request(tenant_id=principal.tenant_id, data=fields, config=config)
-        rates = services.tenant_rates(principal.tenant, config)
-        started = await services.ainfer_start(request=prompt_request, rates=rates)
+        prompt_request = start.infer_build_request(tenant_id=principal.tenant_id, data=fields, config=config)
+        started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         name = f"{worker}/{model}"
-        events = streaming.prompt_events(prompt_request, started, timeout_s=config.limits.request_timeout_s)
-        if data["stream"]:
-            include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return _chunk_stream(events, name, include_usage)
-        return Response(await _completion(events, name))
+        wait_s = streaming.wait_s(config.limits.request_timeout_s)
+        if data.stream:
+            events = streaming.prompt_events(prompt_request, started, timeout_s=wait_s)
+            return _chunk_stream(events, name, bool(data.stream_options and data.stream_options.include_usage))
+        result = await streaming.answer_of(prompt_request, started, timeout_s=wait_s)
+        return Response(_completion(prompt_request.request_id, result, name))
 
 
-async def _completion(events: AsyncGenerator[streaming.Event, None], model: str) -> dict[str, Any]:
-    text: list[str] = []
-    async with contextlib.aclosing(events):
-        async for event in events:
-            if event["type"] == "token":
-                text.append(event["text"])
-            elif event["type"] == "error":
-                raise OrchestratorError.from_dict(event)
-            elif event["type"] == "done":
-                return {
-                    "id": f"chatcmpl-{event['request_id']}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "finish_reason": event["finish_reason"]}],
-                    "usage": event["usage"],
-                }
-    raise OrchestratorError("the stream ended without an answer")
+def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
+        "usage": result.usage.to_dict(),
+    }
 
 
 def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, include_usage: bool) -> StreamingHttpResponse:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from pipeline.tokenbus import redis_errors
+from pipeline.shared_redis import redis_errors
 
 # Check-and-admit, as a Lua function that other scripts compose (``pipeline.intake``):
 # 1 admitted, 0 global queue full, -1 tenant queue full.

@@ -12,14 +12,13 @@ one Lua script, so two processes never disagree about the state.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
 import redis
 
-from pipeline.tokenbus import BEGIN_FUNCTION, TokenBus, redis_errors, script_beside
+from pipeline.shared_redis import redis_errors
 
 
 class BreakerState(IntEnum):
@@ -30,9 +29,9 @@ class BreakerState(IntEnum):
     OPEN = 2
 
 
-# May a call go to the worker? As a Lua function other scripts compose: key is the
-# worker's hash. Returns {allowed, state, retry_after_ms}.
-ALLOW_FUNCTION = """
+# May a call go to the worker? KEYS[1]: the worker's hash. ARGV: now, open_s,
+# half_open_trials. Returns {allowed, state, retry_after_ms}.
+_ALLOW = """
 local function breaker_allow(key, now, open_s, trials)
   local state = tonumber(redis.call('HGET', key, 'state') or '0')
   if state == 2 then
@@ -59,37 +58,8 @@ local function breaker_allow(key, now, open_s, trials)
   end
   return {1, 0, 0}
 end
+return breaker_allow(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 """
-
-# KEYS[1]: the worker's hash. ARGV: now, open_s, half_open_trials.
-_ALLOW = ALLOW_FUNCTION + "return breaker_allow(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))\n"
-
-# A real-time task's start: the request marked running and its worker's breaker asked,
-# in one round trip. A request that already finished is left alone and asks nothing
-# (a half-open trial taken for it would never get an outcome): nil.
-# KEYS: the status hash, the worker's hash, optionally a generation to read (created
-# with ARGV[6] when missing). ARGV: executed_by, now, ttl_s, open_s, half_open_trials[,
-# a new generation]. Returns nil or {created_at, allowed, state, retry_after_ms,
-# generation or nil}.
-BEGIN_AND_ALLOW = (
-    BEGIN_FUNCTION
-    + ALLOW_FUNCTION
-    + """
-local created = bus_begin(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
-if not created then return false end
-local permission = breaker_allow(KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5]))
-local generation = false
-if KEYS[3] then
-  generation = redis.call('GET', KEYS[3])
-  if not generation then
-    redis.call('SET', KEYS[3], ARGV[6])
-    generation = ARGV[6]
-  end
-end
-return {created, permission[1], permission[2], permission[3], generation}
-"""
-)
-
 
 # ARGV: outcome ('ok' | 'fail'), now, failure_threshold. Returns the new state.
 _RECORD = """
@@ -135,34 +105,6 @@ class CircuitBreaker:
         with redis_errors("check the circuit breaker"):
             reply = self._allow(keys=[self._key], args=[time.time(), self.policy.open_s, self.policy.half_open_trials])
         return _permission(*reply)
-
-    def begin_and_allow(
-        self,
-        bus: TokenBus,
-        request_id: str,
-        *,
-        executed_by: str,
-        beside: Callable[[], None] | None = None,
-        generation: tuple[str, str] | None = None,
-    ) -> tuple[str, Permission, str | None] | None:
-        """``bus.begin`` and ``allow`` in one round trip, a real-time task's start (the
-        breaker's client must be the bus's Redis): None when the request has already
-        finished (the breaker was not asked), else its creation time ("" if unknown),
-        the permission, and the value of the ``generation`` key (key, value to create
-        it with when it does not exist: ``pipeline.presence``) read in the same script,
-        or None. ``beside``: run while Redis answers (``script_beside``)."""
-        script = self._client.register_script(BEGIN_AND_ALLOW)
-        keys = [bus.status_key(request_id), self._key]
-        args: list[str | int | float] = [executed_by, f"{time.time():.6f}", bus.ttl_s, self.policy.open_s, self.policy.half_open_trials]
-        if generation is not None:
-            keys.append(generation[0])
-            args.append(generation[1])
-        with redis_errors("start the request"):
-            reply = script(keys=keys, args=args) if beside is None else script_beside(self._client, script, keys=keys, args=args, beside=beside)
-        if reply is None:
-            return None
-        created, allowed, state, retry_ms, read = reply
-        return str(created), _permission(allowed, state, retry_ms), None if read is None else str(read)
 
     def record(self, *, success: bool) -> BreakerState:
         with redis_errors("record the circuit breaker outcome"):

@@ -17,7 +17,7 @@ import json
 import time
 from typing import Any
 
-from pipeline.tokenbus import redis_errors
+from pipeline.shared_redis import redis_errors
 from pipeline.types import PromptRequest
 
 KEY_VERSION = 2  # 2: the client's conversation

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from pipeline.tokenbus import redis_errors
+from pipeline.shared_redis import redis_errors
 
 # The check-and-count, as a Lua function that other scripts compose (``pipeline.intake``):
 # {1} counted, or {0, kind, retry_after_ms}. rpm and tpm 0: no such limit.

@@ -19,8 +19,6 @@ class StageContext:
     request: PromptRequest
     documents: tuple[RetrievedDocument, ...] = ()
     rag_outcome: str = "skipped"
-    # A search run before the stage (services.ReadAhead): its time, the stage's too.
-    searched_ahead_ns: int = 0
     history: tuple[ChatMessage, ...] = ()
     prompt: AssembledPrompt | None = None
     completion: Completion | None = None
@@ -29,11 +27,11 @@ class StageContext:
     # Set by a streamed inference (stages.streamed): post-processing and publishing
     # are done, and the time they took inside it.
     streamed: bool = False
-    carried: Carried | None = None
+    streamed_timings: StreamedTimings | None = None
 
 
 @dataclass(frozen=True)
-class Carried:
+class StreamedTimings:
     """Time spent post-processing and publishing inside a streamed inference."""
 
     post_ns: int = 0

@@ -14,8 +14,6 @@ from pipeline.types import PromptRequest
 class RetrievalResult:
     documents: tuple[RetrievedDocument, ...]
     timed_out: bool = False
-    # The search's own time when it ran before the stage asked for it (0: the stage ran it).
-    searched_ahead_ns: int = 0
 
 
 class Retriever(Protocol):
@@ -40,7 +38,7 @@ def limit_context(documents: tuple[RetrievedDocument, ...], max_chars: int) -> t
 
 
 def search_args(request: PromptRequest, config: RagConfig) -> dict[str, Any]:
-    """What the stage asks its retriever for a request (a search run ahead asks the same)."""
+    """What the stage asks its retriever for a request."""
     return {
         "tenant_id": request.tenant_id,
         "query": request.prompt,
@@ -57,4 +55,4 @@ def rag(ctx: StageContext, *, retrieve: Retriever, config: RagConfig) -> StageCo
     documents = limit_context(result.documents, config.max_context_chars)
     # A slow search degrades the answer (no context), never the request.
     outcome = "timeout" if result.timed_out else ("hit" if documents else "miss")
-    return replace(ctx, documents=documents, rag_outcome=outcome, searched_ahead_ns=result.searched_ahead_ns)
+    return replace(ctx, documents=documents, rag_outcome=outcome)

@@ -14,7 +14,9 @@ ends the request with that error; retries happen only before the first chunk
 A request nobody wants any more (every reader of its stream left) is stopped:
 ``publish`` raises ``RequestCancelled`` when it finds that out, and while the
 upstream is silent ``still_wanted`` is asked every ``WATCH_S``. Either way the
-upstream call is closed within a second of the last reader leaving.
+upstream call is closed within a second of the last reader leaving. At
+``timeout_s`` (the request's deadline) the pass is cancelled, the upstream call
+closed, and the request fails with ``WorkerTimeout``.
 
 The output equals the whole-text post-process of the same reply (the filter's
 property), so the ``post`` and ``stream`` stages have nothing left to do; their
@@ -29,9 +31,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from orchestrator_site.errors import RequestCancelled
+from orchestrator_site.errors import RequestCancelled, WorkerTimeout
 from pipeline.config import PostprocessConfig
-from pipeline.stages.context import Carried, StageContext, require_prompt
+from pipeline.stages.context import StageContext, StreamedTimings, require_prompt
 from pipeline.stages.postprocess import build_filter
 from pipeline.stages.stream import Publisher
 from pipeline.types import Completion, TokenChunk, Usage
@@ -51,7 +53,7 @@ def thread_loop() -> asyncio.AbstractEventLoop:
 
 
 @dataclass
-class _Pass:
+class StreamedPass:
     """What one streamed pass collects."""
 
     finish: str = "stop"
@@ -72,10 +74,11 @@ def inference_streamed(
     config: PostprocessConfig,
     publish: Publisher,
     still_wanted: Callable[[], bool] | None = None,
+    timeout_s: float | None = None,
 ) -> StageContext:
     prompt = require_prompt(ctx)
     text_filter = build_filter(config, ctx.request.stop)
-    state = _Pass()
+    state = StreamedPass()
 
     def emit(text: str) -> None:
         if text:
@@ -156,7 +159,10 @@ def inference_streamed(
         task = asyncio.ensure_future(pump())
         watcher = asyncio.ensure_future(watch(task, still_wanted)) if still_wanted else None
         try:
-            await task
+            # At the deadline the pump is cancelled: its stream closes the upstream call.
+            await asyncio.wait_for(task, timeout_s)
+        except TimeoutError:
+            raise WorkerTimeout("the request's deadline passed during inference", data={"worker": worker.name, "after_tokens": len(state.released)}) from None
         except asyncio.CancelledError:
             if not state.abandoned:
                 raise
@@ -169,5 +175,5 @@ def inference_streamed(
     thread_loop().run_until_complete(run())
     emit(post(None))
     completion = Completion(text="".join(state.raw), model=prompt.model, worker=worker.name, usage=state.usage or Usage(), finish_reason=state.finish)
-    carried = Carried(post_ns=state.post_ns, stream_ns=state.stream_ns)
-    return replace(ctx, completion=completion, output="".join(state.released), finish_reason=state.finish, carried=carried, streamed=True)
+    timings = StreamedTimings(post_ns=state.post_ns, stream_ns=state.stream_ns)
+    return replace(ctx, completion=completion, output="".join(state.released), finish_reason=state.finish, streamed_timings=timings, streamed=True)

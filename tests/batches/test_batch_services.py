@@ -20,7 +20,7 @@ from batches.services import Prompt, batch_create, batch_recover, batch_recover_
 from pipeline import engine
 from pipeline.config import BatchConfig, PipelineSettings, get_config
 from pipeline.resilience.breaker import BreakerState
-from pipeline.services import breaker_for
+from pipeline.services.gates import breaker_for
 from tests.conftest import TenantFixture
 
 

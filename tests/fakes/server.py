@@ -5,7 +5,8 @@ A test sets ``fake.mode`` to choose the behaviour of the next requests:
 - ``ok``: a normal reply (JSON, or SSE when the request asks to stream);
 - ``429``: rate limited, with ``Retry-After: fake.retry_after``;
 - ``500`` / ``503`` / ``529`` / ``401``: that status with the provider's error body;
-- ``hang``: accept the request and answer nothing until ``hang_s`` has passed;
+- ``hang``: accept the request and answer nothing until ``hang_s`` has passed (a
+  client that closes the connection meanwhile is seen, in ``client_aborts``);
 - ``malformed``: a body (or one SSE event) that is not valid JSON;
 - ``drop``: stream some events, then close the socket mid-body
   (no terminating chunk: the client sees an incomplete chunked body);
@@ -16,6 +17,7 @@ A test sets ``fake.mode`` to choose the behaviour of the next requests:
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -74,6 +76,7 @@ class FakeProvider:
         self.active_streams = 0  # SSE bodies being written right now
         self.client_aborts: list[float] = []  # time.monotonic() of each stream its client closed
         self.streams_written = 0  # SSE bodies written to their end
+        self.events_sent = 0  # SSE events written to clients, over the fake's life
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -191,8 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.provider.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
         result = self.provider.dispatch(self.path, body)
         if isinstance(result, Hang):
-            time.sleep(result.seconds)
-            self.close_connection = True
+            self._hang(result.seconds)
             return
         if isinstance(result, Reply):
             time.sleep(self.provider.reply_delay_s)  # a provider that takes a while to answer
@@ -205,6 +207,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(result.body)
             return
         self._stream(result)
+
+    def _hang(self, seconds: float) -> None:
+        """Answer nothing for ``seconds``, noticing a client that closes the connection
+        meanwhile (recorded in ``client_aborts``, as a cancelled stream is)."""
+        ends = time.monotonic() + seconds
+        self.close_connection = True
+        while (left := ends - time.monotonic()) > 0:
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+            if readable:
+                try:
+                    gone = self.connection.recv(1, socket.MSG_PEEK) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    with self.provider._lock:
+                        self.provider.client_aborts.append(time.monotonic())
+                    return
 
     def _stream(self, reply: SseReply) -> None:
         self.send_response(200)
@@ -240,5 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
                 time.sleep(reply.delay_s)
             self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
             self.wfile.flush()
+            with self.provider._lock:
+                self.provider.events_sent += 1
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()

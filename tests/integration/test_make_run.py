@@ -27,6 +27,12 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def pids_of(marker: str) -> set[int]:
+    """The processes whose command line contains ``marker``."""
+    lines = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+    return {int(pid) for pid, args in (line.strip().split(None, 1) for line in lines if line.strip()) if marker in args and "ps -ww" not in args}
+
+
 def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
     gateway, flower, llama = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_CONFIG", "DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR")}
@@ -89,6 +95,18 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
             assert local.status_code == 200, local.text
             assert local.json()["model"] == "smollm2-135m" and 1 <= local.json()["usage"]["completion_tokens"] <= 8
 
+        # A real-time worker killed outright is started again, and the platform keeps serving.
+        statedb = str(tmp_path / "worker-realtime.state")
+        (first,) = pids_of(statedb)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not pids_of(statedb) - {first}:
+            assert time.monotonic() < deadline, (tmp_path / "supervisord.log").read_text()
+            time.sleep(0.3)
+        assert "exited: worker-realtime (terminated by SIGKILL" in (tmp_path / "supervisord.log").read_text()
+        again = httpx.post(f"{base}/api/v1/infer", json={"prompt": "after a kill"}, headers=auth, timeout=60)
+        assert again.status_code == 200 and again.json()["text"].startswith("after a kill"), again.text
+
         deadline = time.monotonic() + 30
         while True:  # Flower takes a moment longer than the gateway
             try:
@@ -98,6 +116,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
                 pass
             assert time.monotonic() < deadline, "flower did not answer"
             time.sleep(0.3)
+        platform = pids_of(str(tmp_path)) | pids_of(f"--port {gateway}")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
         try:
@@ -110,4 +129,5 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
             if leftover:
                 os.killpg(proc.pid, signal.SIGKILL)
     assert not leftover, "processes were left running after Ctrl-C"
+    assert not (pids_of(str(tmp_path)) | pids_of(f"--port {gateway}")) & platform, "supervised processes were left running"
     assert "stopped." in out_path.read_text()

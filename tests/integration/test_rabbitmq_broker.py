@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tokenbus import get_bus
 from tests.conftest import ROOT, TenantFixture, _database_url, start_celery_worker, stop_process
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -44,3 +45,5 @@ def test_infer_over_rabbitmq(owner: TenantFixture, tmp_path: Path) -> None:
     status, body = proc.stdout.strip().split(" ", 1)
     result = json.loads(body)
     assert status == "200" and result["text"].startswith("over rabbit") and list(result["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
+    # Run by the worker, through Celery's consumer on RabbitMQ: not by the gateway's own fallback.
+    assert get_bus().get_record(result["request_id"])["executed_by"].endswith(f":{worker.pid}")

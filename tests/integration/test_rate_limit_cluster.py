@@ -24,18 +24,18 @@ def gateways(tmp_path: Path) -> Iterator[list[str]]:
     for proc, _ in started:
         stop_process(proc)
     bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:rate:*") + bus.client.keys(f"{bus.prefix}:inflight*")
+    keys = bus.redis.client.keys(f"{bus.prefix}:rate:*") + bus.redis.client.keys(f"{bus.prefix}:inflight*")
     if keys:
-        bus.client.delete(*keys)
+        bus.redis.client.delete(*keys)
 
 
 @pytest.mark.parametrize(("limit", "sent"), [(12, 40), (25, 25), (7, 8)])
 def test_two_gateways_admit_exactly_the_limit(gateways: list[str], owner: TenantFixture, limit: int, sent: int) -> None:
     Tenant.objects.filter(pk=owner.tenant.pk).update(requests_per_minute=limit)
     bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:rate:*")
+    keys = bus.redis.client.keys(f"{bus.prefix}:rate:*")
     if keys:
-        bus.client.delete(*keys)
+        bus.redis.client.delete(*keys)
     statuses: list[int] = []
     lock = threading.Lock()
     barrier = threading.Barrier(sent)

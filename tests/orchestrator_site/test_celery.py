@@ -39,9 +39,11 @@ def test_json_only_and_no_result_backend() -> None:
     assert not app.conf.result_backend
 
 
-def test_realtime_task_limits_and_delivery() -> None:
-    assert run_realtime.soft_time_limit == 150 and run_realtime.time_limit == 180
-    assert run_realtime.acks_late is False  # a real-time request is never replayed to a gone client
+def test_realtime_tasks_have_no_celery_time_limits_and_are_acked_when_they_start() -> None:
+    # Celery's time limits do nothing on the thread pool: the run's own deadline holds
+    # (services.execute), and a run that dies is noticed by its lease, not by the broker.
+    assert run_realtime.soft_time_limit is None and run_realtime.time_limit is None
+    assert run_realtime.acks_late is False
 
 
 def test_batch_queues_helper() -> None:
@@ -98,8 +100,9 @@ def test_only_a_realtime_only_worker_drops_ack_emulation(queues: object, emulate
     _realtime_is_at_most_once(conf=None, options=None)  # a signal without them: nothing to do
 
 
-def test_a_realtime_message_names_its_request_not_its_prompt() -> None:
-    """Published for real to a Redis broker (its own key prefix), then read back raw."""
+def test_a_realtime_message_carries_ids_never_the_prompt() -> None:
+    """Published for real, through Celery's own publish, to a Redis broker (its own key
+    prefix), then read back raw: the request itself stays in Redis's record."""
     import base64
     import json
     import uuid
@@ -107,40 +110,87 @@ def test_a_realtime_message_names_its_request_not_its_prompt() -> None:
     import redis
     from kombu import Connection
 
-    from pipeline import services
-    from pipeline.types import PromptRequest
-
-    request = PromptRequest(request_id=uuid.uuid4().hex, tenant_id="t", session_id="s", prompt="my secret prompt", worker="echo", model="echo-1", max_tokens=5)
+    request_id = uuid.uuid4().hex
     prefix = f"argsrepr-{uuid.uuid4().hex[:8]}:"
     with Connection("redis://127.0.0.1:6379/12", transport_options={"global_keyprefix": prefix}) as conn:
-        services.realtime_enqueue(request, connection=conn)
+        run_realtime.apply_async(args=(request_id, 1), task_id=request_id, connection=conn)
     client = redis.Redis.from_url("redis://127.0.0.1:6379/12")
     try:
         raw = client.lpop(f"{prefix}realtime")
         assert isinstance(raw, bytes)
         message = json.loads(raw)
-        assert message["headers"]["argsrepr"] == f"(<request {request.request_id}>,)" and message["headers"]["kwargsrepr"] == "{}"
-        assert "secret" not in json.dumps(message["headers"])
-        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        assert args[0]["prompt"] == "my secret prompt"  # the worker still gets it
+        assert message["headers"]["id"] == request_id and message["headers"]["task"] == "pipeline.tasks.run_realtime"
+        assert message["headers"]["argsrepr"] == repr((request_id, 1))
+        args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        assert args == [request_id, 1] and kwargs == {}
     finally:
         for key in client.scan_iter(f"{prefix}*"):
             client.delete(key)
 
 
-def test_realtime_tasks_send_task_events_only_when_asked() -> None:
+def test_realtime_tasks_send_task_events_unless_told_not_to() -> None:
     import os
     import subprocess
     import sys
 
-    assert run_realtime.send_events is False and app.tasks["batches.tasks.run_batch_chunk"].send_events is True
+    assert run_realtime.send_events is True and app.conf.worker_send_task_events is True
     code = "import django; django.setup(); from pipeline.tasks import run_realtime; print(run_realtime.send_events)"
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "REALTIME_TASK_EVENTS": "1"}
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "orchestrator_site.settings", "REALTIME_TASK_EVENTS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
-    assert out.strip() == "True"
+    assert out.strip() == "False"
 
 
-def test_every_worker_of_the_app_is_offered_the_realtime_lane() -> None:
-    from orchestrator_site.lane import LaneStep
+def test_every_worker_of_the_app_sweeps_leases_when_it_consumes_realtime() -> None:
+    from orchestrator_site.celery import LeaseSweep
 
-    assert LaneStep in app.steps["worker"]
+    assert LeaseSweep in app.steps["worker"]
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, object]] = []
+
+    def call_repeatedly(self, interval: float, fun: object, priority: int = 0) -> object:
+        self.calls.append((interval, fun))
+        return self
+
+    def cancel(self) -> None:
+        self.calls.clear()
+
+
+class Worker:
+    def __init__(self, queues: list[str]) -> None:
+        from types import SimpleNamespace
+
+        self.app = SimpleNamespace(amqp=SimpleNamespace(queues=SimpleNamespace(consume_from={q: None for q in queues})))
+        self.timer = Timer()
+
+
+@pytest.mark.parametrize(("queues", "sweeps"), [(["realtime"], True), (["realtime", "batch.high"], True), (["batch.high", "batch.low"], False)])
+def test_the_sweep_runs_each_second_on_a_realtime_workers_timer(queues: list[str], sweeps: bool) -> None:
+    from orchestrator_site.celery import LeaseSweep
+    from pipeline.services import leases
+
+    worker = Worker(queues)
+    step = LeaseSweep(worker)
+    step.start(worker)
+    assert worker.timer.calls == ([(leases.SWEEP_INTERVAL_S, leases.sweep_safely)] if sweeps else [])
+    step.stop(worker)
+    assert worker.timer.calls == []
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "run"),
+    [
+        ("pipeline.tasks.run_realtime", ["r", 2], ("r", 2)),
+        ("pipeline.tasks.run_realtime", ["r"], None),
+        ("pipeline.tasks.run_realtime", [1, 2], None),
+        ("batches.tasks.run_batch_chunk", ["j", 0, 1], None),
+    ],
+)
+def test_only_realtime_messages_are_held_by_their_lease(name: str, args: list[object], run: tuple[str, int] | None) -> None:
+    from types import SimpleNamespace
+
+    from orchestrator_site.celery import _run_of
+
+    assert _run_of(SimpleNamespace(name=name, args=args)) == run

@@ -16,6 +16,7 @@ CONTRACT = {
     "invalid_request": (400, 4400),
     "malformed_json": (400, 4400),
     "unsupported_media_type": (415, 4415),
+    "not_acceptable": (406, 4406),
     "prompt_missing": (400, 4400),
     "prompt_too_large": (413, 4413),
     "unknown_worker": (400, 4400),
@@ -29,6 +30,7 @@ CONTRACT = {
     "request_timeout": (504, 4504),
     "request_cancelled": (499, 4499),
     "service_unavailable": (503, 4503),
+    "worker_lost": (503, 4503),
     "overloaded": (503, 4503),
     "rate_limited": (429, 4429),
     "circuit_open": (503, 4503),
@@ -56,6 +58,7 @@ def test_retryable_errors_are_exactly_the_transient_ones() -> None:
     retryable = {k.code for k in all_error_classes() if k.retryable}
     assert retryable == {
         "service_unavailable",
+        "worker_lost",
         "circuit_open",
         "overloaded",
         "rate_limited",

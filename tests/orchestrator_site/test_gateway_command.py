@@ -3,12 +3,9 @@ the compose file use, and the HTTP router sends each path to its handler."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shlex
-from typing import Any
 
-from orchestrator_site.asgi import DjangoByPath
 from orchestrator_site.gateway import APPLICATION, gateway_command
 from tests.conftest import ROOT
 
@@ -16,8 +13,8 @@ from tests.conftest import ROOT
 def run_sh_gateway_args() -> list[str]:
     """The arguments ``scripts/run.sh`` gives uvicorn (its line continuations joined)."""
     text = (ROOT / "scripts" / "run.sh").read_text().replace("\\\n", " ")
-    (line,) = [line for line in text.splitlines() if line.startswith("start gateway ")]
-    args = shlex.split(line)[3:]  # start, gateway, "$BIN/uvicorn"
+    (line,) = [line for line in text.splitlines() if line.strip().startswith("program gateway ")]
+    args = shlex.split(line)[3:]  # program, gateway, "$BIN/uvicorn"
     return ["127.0.0.1" if a == "$GATEWAY_PORT" else a for a in args]
 
 
@@ -41,27 +38,6 @@ def test_the_command_names_the_application_and_keeps_uvicorns_own_logging_quiet(
 def test_an_executable_can_be_given_as_a_module_run() -> None:
     command = gateway_command("127.0.0.1", 1, executable=("python", "-m", "uvicorn"))
     assert command[:4] == ["python", "-m", "uvicorn", APPLICATION]
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        self.paths.append(scope["path"])
-
-
-def test_the_admin_goes_to_the_whole_stack_and_the_rest_to_the_api_handler() -> None:
-    full, api = Recorder(), Recorder()
-    router = DjangoByPath(full, api, ("/admin/",))  # type: ignore[arg-type]
-
-    async def send_all() -> None:
-        for path in ("/admin/", "/admin/login/", "/api/v1/infer", "/v1/models", "/metrics", "/adminx", "/"):
-            await router({"type": "http", "path": path}, None, None)
-
-    asyncio.run(send_all())
-    assert full.paths == ["/admin/", "/admin/login/"]
-    assert api.paths == ["/api/v1/infer", "/v1/models", "/metrics", "/adminx", "/"]
 
 
 def test_the_compose_gateway_listens_where_the_healthcheck_looks() -> None:

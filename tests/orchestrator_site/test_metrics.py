@@ -15,11 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator_site import metrics as exposition
 from orchestrator_site.celery import app
-from pipeline import tokenbus
 from pipeline.config import get_config
 from pipeline.queues import Queue
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker, read_states
-from pipeline.tokenbus import TokenBus, get_bus
+from pipeline.shared_redis import SharedRedis, set_redis
+from pipeline.tokenbus import get_bus
 from tests.conftest import free_port
 
 # A scrape reads batch progress from Postgres (on a thread of its own).
@@ -81,14 +81,14 @@ def test_only_get_is_allowed() -> None:
 def test_breaker_state_is_read_from_redis(clean_breakers: None) -> None:
     bus = get_bus()
     worker = sorted(get_config().workers)[0]
-    breaker = CircuitBreaker(bus.client, prefix=bus.prefix, worker=worker, policy=BreakerPolicy(failure_threshold=1, open_s=0.0))
+    breaker = CircuitBreaker(bus.redis.client, prefix=bus.prefix, worker=worker, policy=BreakerPolicy(failure_threshold=1, open_s=0.0))
     breaker.record(success=False)
     assert value(scrape(), "orchestrator_circuit_breaker_state", worker=worker) == BreakerState.OPEN
     breaker.allow()  # open_s has passed: the next request is a trial
     assert value(scrape(), "orchestrator_circuit_breaker_state", worker=worker) == BreakerState.HALF_OPEN
     breaker.record(success=True)
     assert value(scrape(), "orchestrator_circuit_breaker_state", worker=worker) == BreakerState.CLOSED
-    assert read_states(bus.client, prefix=bus.prefix, workers=[]) == {}
+    assert read_states(bus.redis.client, prefix=bus.prefix, workers=[]) == {}
 
 
 def test_queue_depth_counts_waiting_messages() -> None:
@@ -112,7 +112,7 @@ def test_queue_depth_on_rabbitmq_too() -> None:
 
 
 def test_inflight_counts_admitted_requests() -> None:
-    from pipeline.services import admission
+    from pipeline.services.gates import admission
 
     gate = admission()
     before = value(scrape(), "orchestrator_realtime_inflight") or 0
@@ -124,9 +124,11 @@ def test_inflight_counts_admitted_requests() -> None:
 
 
 def test_redis_down_leaves_its_gauges_out_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    dead = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
-    monkeypatch.setattr(tokenbus, "_bus", dead)
-    samples = scrape()
+    set_redis(SharedRedis(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", socket_timeout_s=0.5))
+    try:
+        samples = scrape()
+    finally:
+        set_redis(None)
     assert value(samples, "orchestrator_metrics_source_up", source="redis") == 0
     assert not any(name == "orchestrator_circuit_breaker_state" for name, _ in samples)
     assert value(samples, "orchestrator_metrics_source_up", source="broker") == 1

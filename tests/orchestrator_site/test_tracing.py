@@ -130,7 +130,7 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     # The provider was sent the trace context: its own spans would join this trace.
     sent = [h["traceparent"].split("-")[1:3] for h in session_fakes.openai.headers_seen if "traceparent" in h]
     assert [root.trace_id, call.span_id] in sent
-    assert any(s.name.startswith("XADD") for s in under)
+    assert any(s.name.startswith("EVALSHA") for s in under)  # the fenced publish: one script per token write
     # No span of another trace belongs to this request.
     others = [s for s in platform.collector.spans if s.attributes.get("request_id") == request_id and s.trace_id != root.trace_id]
     assert others == []

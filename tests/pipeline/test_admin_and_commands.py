@@ -8,9 +8,9 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
-from pipeline import services
 from pipeline.auth import api_key_authenticate
 from pipeline.models import Document, SessionTurn
+from pipeline.services import sessions
 from pipeline.types import PromptRequest
 from tests.conftest import TenantFixture
 
@@ -36,7 +36,7 @@ def test_session_turns_are_read_only_in_the_admin(staff: Client, owner: TenantFi
     request = PromptRequest(
         request_id="req-1", tenant_id=str(owner.tenant.id), session_id="s-1", prompt="question", worker="echo", model="echo-1", max_tokens=5
     )
-    services.session_turns_append(request=request, reply="answer")
+    sessions.session_turns_append(request=request, reply="answer")
     turn = SessionTurn.objects.get(role="user")
     page = staff.get(f"/admin/pipeline/sessionturn/{turn.pk}/change/").content.decode()
     assert "question" in page and 'name="content"' not in page  # shown, not editable

@@ -12,12 +12,12 @@ import redis
 from django.conf import settings
 
 from orchestrator_site.errors import CircuitOpen, ConfigInvalid, WorkerAuthError, WorkerTimeout
-from pipeline import services
-from pipeline.config import BreakerConfig, PipelineSettings, WorkerConfig, load_config
+from pipeline.config import BreakerConfig, PipelineSettings, WorkerConfig, load_config, set_config
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker
+from pipeline.services import execute, gates, start
+from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
-from tests.conftest import Fakes, TenantFixture, WorkerProcess, scratch_bus
-from tests.pipeline.test_io_budget import redis_round_trips
+from tests.conftest import Fakes, TenantFixture, WorkerProcess, queue_request
 
 
 @pytest.fixture
@@ -83,34 +83,23 @@ def test_a_trial_that_never_reports_does_not_wedge_the_breaker(client: redis.Red
     assert b.allow().allowed
 
 
-def test_a_tasks_start_marks_it_running_and_asks_the_breaker_in_one_round_trip() -> None:
-    with scratch_bus("start", maxlen=10) as bus:
-        b = CircuitBreaker(bus.client, prefix=bus.prefix, worker="w", policy=BreakerPolicy(failure_threshold=1, open_s=30))
-        bus.set_status("queued", status="queued", created_at="1700000000.5")
-        with redis_round_trips() as trips:
-            started = b.begin_and_allow(bus, "queued", executed_by="host:1")
-        assert trips[0] == 1
-        assert started is not None and started[0] == "1700000000.5" and started[1].allowed and started[1].state == BreakerState.CLOSED
-        assert bus.get_status("queued")["status"] == "running" and bus.get_status("queued")["executed_by"] == "host:1"
-
-        b.record(success=False)  # open: the request still starts, and is refused
-        refused = b.begin_and_allow(bus, "unknown", executed_by="host:1")
-        assert refused is not None and refused[0] == ""
-        assert not refused[1].allowed and refused[1].state == BreakerState.OPEN and 29 < refused[1].retry_after_s <= 30
-
-
-def test_a_finished_requests_start_asks_the_breaker_nothing() -> None:
-    """A redelivered task finds its request finished: it is dropped, and takes no half-open
-    trial (one whose outcome would never come)."""
-    with scratch_bus("start", maxlen=10) as bus:
-        b = CircuitBreaker(bus.client, prefix=bus.prefix, worker="w", policy=BreakerPolicy(failure_threshold=1, open_s=0.2, half_open_trials=1))
-        b.record(success=False)
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_message_asks_the_breaker_nothing(owner: TenantFixture, clean_breakers: None) -> None:
+    """A redelivered message finds its request finished: it is dropped before the
+    breaker is asked, so it takes no half-open trial (one whose outcome would never come)."""
+    config = PipelineSettings(workers={"echo": WorkerConfig(kind="echo", breaker=BreakerConfig(failure_threshold=1, open_s=0.2, half_open_trials=1))})
+    set_config(config)
+    try:
+        breaker = gates.breaker_for(config, "echo")
+        breaker.record(success=False)
         time.sleep(0.25)  # half-open: one trial left
-        for final in ("completed", "failed"):
-            bus.set_status(final, status=final)
-            assert b.begin_and_allow(bus, final, executed_by="host:2") is None
-            assert bus.get_status(final)["status"] == final
-        assert b.allow().allowed  # the one trial was still there
+        request = start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "stale"}, config=config)
+        queue_request(request)
+        get_bus().set_record(request.request_id, status="completed")
+        execute.realtime_execute(request.request_id, 1)
+        assert breaker.allow().allowed  # the one trial was still there
+    finally:
+        set_config(None)
 
 
 def test_fallback_must_name_another_worker(tmp_path: object) -> None:
@@ -138,13 +127,13 @@ def request(worker: str) -> PromptRequest:
 
 
 def test_routing_while_open_goes_to_the_fallback_or_fails_fast(clean_breakers: None) -> None:
-    assert services._route_around_open_circuits(request("main"), CONFIG).worker == "main"
-    services.breaker_for(CONFIG, "main").record(success=False)
-    rerouted = services._route_around_open_circuits(request("main"), CONFIG)
+    assert gates._route_around_open_circuits(request("main"), CONFIG).worker == "main"
+    gates.breaker_for(CONFIG, "main").record(success=False)
+    rerouted = gates._route_around_open_circuits(request("main"), CONFIG)
     assert (rerouted.worker, rerouted.model) == ("echo", "echo-1")
-    services.breaker_for(CONFIG, "alone").record(success=False)
+    gates.breaker_for(CONFIG, "alone").record(success=False)
     with pytest.raises(CircuitOpen) as info:
-        services._route_around_open_circuits(request("alone"), CONFIG)
+        gates._route_around_open_circuits(request("alone"), CONFIG)
     assert info.value.data == {"worker": "alone", "state": "open"} and info.value.retry_after and info.value.retry_after > 0
 
 
@@ -156,13 +145,13 @@ def test_outcomes_are_recorded_by_kind(clean_breakers: None) -> None:
         return run
 
     with pytest.raises(WorkerAuthError):  # permanent: the provider is up
-        services.run_guarded(request("alone"), CONFIG, failing(WorkerAuthError()))
-    assert services.breaker_for(CONFIG, "alone").state() == BreakerState.CLOSED
+        gates.run_guarded(request("alone"), CONFIG, failing(WorkerAuthError()))
+    assert gates.breaker_for(CONFIG, "alone").state() == BreakerState.CLOSED
     with pytest.raises(WorkerTimeout):  # transient: counts
-        services.run_guarded(request("alone"), CONFIG, failing(WorkerTimeout()))
-    assert services.breaker_for(CONFIG, "alone").state() == BreakerState.OPEN
+        gates.run_guarded(request("alone"), CONFIG, failing(WorkerTimeout()))
+    assert gates.breaker_for(CONFIG, "alone").state() == BreakerState.OPEN
     with pytest.raises(CircuitOpen):  # open, no fallback: refused before running
-        services.run_guarded(request("alone"), CONFIG, failing(AssertionError("must not run")))
+        gates.run_guarded(request("alone"), CONFIG, failing(AssertionError("must not run")))
 
 
 @pytest.mark.django_db(transaction=True)

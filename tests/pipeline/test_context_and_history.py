@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from orchestrator_site.errors import StageOrderError
-from pipeline import selectors, services
+from pipeline import selectors
+from pipeline.services import documents, sessions
 from pipeline.stages.context import StageContext, require_completion, require_prompt
 from pipeline.types import STAGES, AssembledPrompt, ChatMessage, Completion, PromptRequest
 from tests.conftest import TenantFixture
@@ -40,7 +41,7 @@ def test_stage_names_are_the_public_timing_keys() -> None:
 @pytest.mark.django_db
 def test_history_shorter_than_asked_is_returned_whole(owner: TenantFixture) -> None:
     request = PromptRequest(**{**REQUEST.to_dict(), "tenant_id": str(owner.tenant.id), "session_id": "short", "stop": ()})
-    services.session_turns_append(request=request, reply="only answer")
+    sessions.session_turns_append(request=request, reply="only answer")
     history = selectors.session_history(tenant_id=str(owner.tenant.id), session_id="short", turns=50)
     assert history == (ChatMessage("user", "p"), ChatMessage("assistant", "only answer"))
     assert selectors.session_history(tenant_id=str(owner.tenant.id), session_id="never-used", turns=5) == ()
@@ -48,7 +49,7 @@ def test_history_shorter_than_asked_is_returned_whole(owner: TenantFixture) -> N
 
 @pytest.mark.django_db
 def test_top_k_larger_than_the_library(owner: TenantFixture) -> None:
-    services.document_create(tenant=owner.tenant, title="Only doc", body="lonely refund")
+    documents.document_create(tenant=owner.tenant, title="Only doc", body="lonely refund")
     result = selectors.document_search(tenant_id=str(owner.tenant.id), query="refund", top_k=50, timeout_ms=1000, text_search_config="english")
     assert [d.title for d in result.documents] == ["Only doc"] and result.documents[0].rank > 0
 
@@ -62,5 +63,5 @@ def test_search_for_an_unknown_tenant_is_empty() -> None:
 @pytest.mark.django_db
 def test_turns_store_the_request_id_for_tracing(owner: TenantFixture) -> None:
     request = PromptRequest(**{**REQUEST.to_dict(), "tenant_id": str(owner.tenant.id), "request_id": "req-abc", "stop": ()})
-    services.session_turns_append(request=request, reply="a")
+    sessions.session_turns_append(request=request, reply="a")
     assert set(owner.tenant.turns.values_list("request_id", "role")) == {("req-abc", "user"), ("req-abc", "assistant")}

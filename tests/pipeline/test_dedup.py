@@ -13,12 +13,14 @@ import pytest
 import redis
 from django.conf import settings
 
-from pipeline import services
 from pipeline.config import PipelineSettings
 from pipeline.resilience.dedup import DedupStore, dedup_key
+from pipeline.resilience.ratelimit import TenantRates
+from pipeline.services import execute, start
+from pipeline.services.start import StartKind
 from pipeline.tokenbus import get_bus
 from pipeline.types import PromptRequest
-from tests.conftest import Fakes, TenantFixture, WorkerProcess
+from tests.conftest import Fakes, TenantFixture, WorkerProcess, start_request
 
 
 @pytest.fixture
@@ -76,25 +78,30 @@ def test_concurrent_claims_elect_exactly_one_owner(store: DedupStore) -> None:
 
 
 def build(tenant: TenantFixture, prompt: str, config: PipelineSettings, worker: str = "echo") -> PromptRequest:
-    return services.infer_build_request(tenant_id=str(tenant.tenant.id), data={"prompt": prompt, "worker": worker, "session_id": "dd"}, config=config)
+    return start.infer_build_request(tenant_id=str(tenant.tenant.id), data={"prompt": prompt, "worker": worker, "session_id": "dd"}, config=config)
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_finished_answer_is_served_from_the_window(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_finished_answer_is_served_from_the_window(owner: TenantFixture, dedup_on: PipelineSettings, unpublished: list[tuple[str, int]]) -> None:
     first = build(owner, "same question", dedup_on)
-    submitted: list[str] = []
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: submitted.append(request.request_id) or True)
-    assert services.infer_start(request=first).how == "submitted"
-    get_bus().set_status(first.request_id, tenant_id=first.tenant_id, status="queued")
-    services.realtime_execute(first.to_dict())  # the worker's side, in process
-    again = services.infer_start(request=build(owner, "same question", dedup_on))
-    assert again.how == "cached" and again.result is not None and again.request_id == first.request_id
-    assert submitted == [first.request_id]  # one upstream run for two requests
-    assert services.infer_start(request=build(owner, "another question", dedup_on)).how == "submitted"
+    assert start_request(first).kind is StartKind.SUBMITTED
+    execute.realtime_execute(*unpublished[0])  # the worker's side, in process
+    again = start_request(build(owner, "same question", dedup_on))
+    assert again.kind is StartKind.CACHED and again.result is not None and again.request_id == first.request_id
+    assert unpublished == [(first.request_id, 1)]  # one upstream run for two requests
+    assert start_request(build(owner, "another question", dedup_on)).kind is StartKind.SUBMITTED
 
 
 @pytest.mark.django_db(transaction=True)
-def test_errors_are_not_shared(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_identical_request_in_flight_is_attached_to_its_stream(owner: TenantFixture, dedup_on: PipelineSettings, unpublished: list[tuple[str, int]]) -> None:
+    first = build(owner, "in flight", dedup_on)
+    start_request(first)
+    attached = start_request(build(owner, "in flight", dedup_on))
+    assert (attached.kind, attached.request_id) == (StartKind.ATTACHED, first.request_id) and len(unpublished) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_errors_are_not_shared(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch, unpublished: list[tuple[str, int]]) -> None:
     from orchestrator_site.errors import WorkerTimeout
     from pipeline.routing import worker_pool
 
@@ -104,27 +111,22 @@ def test_errors_are_not_shared(owner: TenantFixture, dedup_on: PipelineSettings,
         def infer(self, prompt: object) -> object:
             raise WorkerTimeout()
 
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: True)
     monkeypatch.setattr(worker_pool, "get", lambda config, name: Slow())
     first = build(owner, "doomed", dedup_on)
-    services.infer_start(request=first)
-    get_bus().set_status(first.request_id, tenant_id=first.tenant_id, status="queued")
-    services.realtime_execute(first.to_dict())
-    assert services.infer_start(request=build(owner, "doomed", dedup_on)).how == "submitted"
+    start_request(first)
+    execute.realtime_execute(*unpublished[0])
+    assert start_request(build(owner, "doomed", dedup_on)).kind is StartKind.SUBMITTED
 
 
-@pytest.mark.django_db
-def test_a_refused_submit_gives_the_claim_back(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_start_gives_the_claim_back(owner: TenantFixture, dedup_on: PipelineSettings, unpublished: list[tuple[str, int]]) -> None:
     from orchestrator_site.errors import RateLimited
 
-    def refuse(request: PromptRequest, rates: object = None) -> None:
-        raise RateLimited(retry_after=1)
-
-    monkeypatch.setattr(services, "infer_submit", refuse)
+    shared = get_bus().redis
+    shared.client.zadd(f"{shared.prefix}:rate:req:{owner.tenant.id}", {"earlier": time.time()})  # the minute's one request
     with pytest.raises(RateLimited):
-        services.infer_start(request=build(owner, "q", dedup_on))
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: True)
-    assert services.infer_start(request=build(owner, "q", dedup_on)).how == "submitted"
+        start_request(build(owner, "q", dedup_on), TenantRates(requests_per_minute=1))
+    assert start_request(build(owner, "q", dedup_on)).kind is StartKind.SUBMITTED  # the claim was not left behind
 
 
 @pytest.mark.django_db

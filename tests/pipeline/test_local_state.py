@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from orchestrator_site.errors import ServiceUnavailable
-from pipeline import services
 from pipeline.config import PipelineSettings
 from pipeline.resilience.admission import Admission
 from pipeline.resilience.breaker import BreakerPolicy, BreakerState, CircuitBreaker
@@ -32,8 +31,7 @@ from pipeline.resilience.local import (
     shared_state,
 )
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
-from pipeline.tokenbus import TokenBus
-from tests.conftest import TenantFixture, free_port
+from tests.conftest import TenantFixture
 
 
 class Clock:
@@ -240,15 +238,6 @@ def test_local_breaker_opens_and_half_opens_on_its_clock() -> None:
 # --- wired into the services ----------------------------------------------------------------
 
 
-@pytest.fixture
-def redis_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    from pipeline import tokenbus
-
-    dead = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="gone", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
-    monkeypatch.setattr(tokenbus, "_bus", dead)
-    yield
-
-
 @pytest.mark.django_db(transaction=True)
 def test_with_redis_down_the_gateway_runs_the_request_itself(owner: TenantFixture, redis_down: None) -> None:
     resp = owner.client.post("/api/v1/infer", {"prompt": "still here", "session_id": "outage"}, format="json")
@@ -291,23 +280,6 @@ def test_inline_requests_are_deduplicated_within_the_process(owner: TenantFixtur
     first = owner.client.post("/api/v1/infer", {"prompt": "same", "session_id": "d"}, format="json").json()
     second = owner.client.post("/api/v1/infer", {"prompt": "same", "session_id": "d"}, format="json").json()
     assert second["request_id"] == first["request_id"] and second["text"] == first["text"]
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_wait_that_loses_redis_runs_the_request_itself(owner: TenantFixture) -> None:
-    from asgiref.sync import async_to_sync
-
-    from pipeline import tokenbus
-
-    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "lost answer"}, config=PipelineSettings())
-    real = tokenbus.get_bus()
-    dead = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix=real.prefix, maxlen=10, ttl_s=10, socket_timeout_s=0.5)
-    original, tokenbus._bus = tokenbus._bus, dead
-    try:
-        result = async_to_sync(services.infer_wait)(request=request, timeout_s=5)
-    finally:
-        tokenbus._bus = original
-    assert result.text.startswith("lost answer") and result.request_id == request.request_id
 
 
 def test_many_threads_failing_at_once_log_one_transition() -> None:

@@ -8,11 +8,12 @@ import httpx
 import pytest
 from django.test import Client
 
-from pipeline import services
 from pipeline.config import LimitsConfig, PipelineSettings
 from pipeline.models import Tenant
+from pipeline.services import gates, start
+from pipeline.services.start import StartKind
 from pipeline.types import STAGES, PromptRequest
-from tests.conftest import Fakes, TenantFixture, WorkerProcess
+from tests.conftest import Fakes, TenantFixture, WorkerProcess, start_request
 from tests.orchestrator_site.test_metrics import Samples, parse, value
 
 
@@ -85,16 +86,15 @@ def test_retries_and_failures_are_counted_per_worker(owner: TenantFixture, realt
 
 
 def prompt(owner: TenantFixture, text: str, config: PipelineSettings) -> PromptRequest:
-    return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": text, "session_id": "metrics"}, config=config)
+    return start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": text, "session_id": "metrics"}, config=config)
 
 
 @pytest.mark.django_db
-def test_dedup_hits_and_misses_and_the_ratio_on_the_gateway(owner: TenantFixture, dedup_on: PipelineSettings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(services, "infer_submit", lambda request, rates=None: True)  # nothing runs: the first stays in flight
-    before = gateway_scrape()
-    assert services.infer_start(request=prompt(owner, "metric me", dedup_on)).how == "submitted"
-    assert services.infer_start(request=prompt(owner, "metric me", dedup_on)).how == "attached"
-    assert services.infer_start(request=prompt(owner, "metric me", dedup_on)).how == "attached"
+def test_dedup_hits_and_misses_and_the_ratio_on_the_gateway(owner: TenantFixture, dedup_on: PipelineSettings, unpublished: list) -> None:
+    before = gateway_scrape()  # nothing runs: the first stays in flight
+    assert start_request(prompt(owner, "metric me", dedup_on)).kind is StartKind.SUBMITTED
+    assert start_request(prompt(owner, "metric me", dedup_on)).kind is StartKind.ATTACHED
+    assert start_request(prompt(owner, "metric me", dedup_on)).kind is StartKind.ATTACHED
     after = gateway_scrape()
     assert delta(before, after, "orchestrator_dedup_requests_total", outcome="miss") == 1
     assert delta(before, after, "orchestrator_dedup_requests_total", outcome="hit") == 2
@@ -105,7 +105,7 @@ def test_dedup_hits_and_misses_and_the_ratio_on_the_gateway(owner: TenantFixture
 @pytest.mark.django_db
 def test_shed_requests_are_counted_by_scope(owner: TenantFixture, pipeline_config: object) -> None:
     pipeline_config(PipelineSettings(limits=LimitsConfig(max_inflight_per_tenant=1, max_inflight_global=5)))  # type: ignore[operator]
-    gate = services.admission()
+    gate = gates.admission()
     assert gate.acquire(str(owner.tenant.id), "held").admitted
     try:
         before = gateway_scrape()

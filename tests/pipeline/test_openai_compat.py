@@ -104,9 +104,9 @@ def test_rate_limits_are_the_sdks_rate_limit_error(gateway: str, owner: TenantFi
         with pytest.raises(openai.RateLimitError):
             sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "two"}])
     finally:
-        keys = bus.client.keys(f"{bus.prefix}:rate:*")
+        keys = bus.redis.client.keys(f"{bus.prefix}:rate:*")
         if keys:
-            bus.client.delete(*keys)
+            bus.redis.client.delete(*keys)
 
 
 def test_model_names_resolve_three_ways() -> None:

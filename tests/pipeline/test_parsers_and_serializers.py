@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import gc
 import io
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from batches.api.serializers import BatchInput
-from orchestrator_site.errors import InvalidRequest, PromptTooLarge
-from pipeline.api import serializers
-from pipeline.api.openai_compat import ChatCompletionInput
+from orchestrator_site.errors import InvalidRequest, PromptMissing, PromptTooLarge
+from pipeline.api.inputs import ChatCompletionInput, InferInput, validated
 from pipeline.api.parsers import LimitedJSONParser, body_limit
-from pipeline.api.serializers import InferInput, validated
+from pipeline.api.serializers import validated as drf_validated
 from pipeline.config import LimitsConfig, PipelineSettings
 
 
@@ -48,18 +43,38 @@ def test_parser_reads_an_exactly_full_body() -> None:
 
 
 def valid(data: dict) -> dict | None:
-    serializer = InferInput(data=data)
-    return dict(serializer.validated_data) if serializer.is_valid() else None
+    """What was given and valid, with ``wait`` and ``stream`` always; None when refused."""
+    try:
+        model = validated(InferInput, data)
+    except InvalidRequest:
+        return None
+    return model.model_dump(exclude_defaults=True) | {"wait": model.wait, "stream": model.stream}
 
 
 def test_defaults() -> None:
     assert valid({"prompt": "hi"}) == {"prompt": "hi", "wait": True, "stream": False}
+    assert validated(InferInput, {"prompt": "hi"}).fields() == {
+        "prompt": "hi",
+        "session_id": None,
+        "worker": None,
+        "model": None,
+        "max_tokens": None,
+        "temperature": None,
+        "stop": [],
+        "metadata": {},
+    }
 
 
 def test_prompt_at_and_over_the_limit() -> None:
     assert valid({"prompt": "x" * 100}) is not None
-    serializer = InferInput(data={"prompt": "x" * 101})
-    assert not serializer.is_valid() and serializer.errors["prompt"][0].code == "too_large"
+    with pytest.raises(PromptTooLarge, match="longer than 100 characters"):
+        validated(InferInput, {"prompt": "x" * 101})
+
+
+@pytest.mark.parametrize("body", [{}, {"prompt": None}, {"prompt": ""}, {"prompt": " \n\t"}, {"session_id": "s"}])
+def test_a_missing_or_blank_prompt_is_prompt_missing(body: dict) -> None:
+    with pytest.raises(PromptMissing):
+        validated(InferInput, body)
 
 
 def test_prompt_whitespace_is_kept() -> None:
@@ -80,7 +95,7 @@ def test_any_well_formed_session_id_is_accepted(session_id: str) -> None:
 ALLOWED = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:@-")
 
 
-# Surrounding whitespace is trimmed (DRF's CharField), so it is not "another character".
+# Surrounding whitespace is trimmed, as DRF's CharField did, so it is not "another character".
 @given(st.text(min_size=1, max_size=40).filter(lambda s: not s.strip() or any(c not in ALLOWED for c in s.strip())))
 def test_session_ids_with_other_characters_are_refused(session_id: str) -> None:
     assert valid({"prompt": "p", "session_id": session_id}) is None
@@ -97,104 +112,75 @@ def test_temperature_out_of_range(value: object) -> None:
 
 
 def test_null_temperature_means_provider_default() -> None:
-    assert valid({"prompt": "p", "temperature": None}) == {"prompt": "p", "temperature": None, "wait": True, "stream": False}
+    assert validated(InferInput, {"prompt": "p", "temperature": None}).temperature is None
 
 
-def test_infer_inputs_validated_side_by_side_keep_their_own_results() -> None:
-    good = InferInput(data={"prompt": "hello", "stop": ["END"], "metadata": {"k": 1}, "max_tokens": 5})
-    bad = InferInput(data={"prompt": "   ", "stop": ["x" * 65], "max_tokens": 0})
-    _ = good.fields, bad.fields  # both bound before either validates
-    assert bad.is_valid() is False and good.is_valid() is True
-    assert good.validated_data == {"prompt": "hello", "stop": ["END"], "metadata": {"k": 1}, "max_tokens": 5, "wait": True, "stream": False}
-    assert {field: [e.code for e in errors] if isinstance(errors, list) else errors for field, errors in bad.errors.items()} == {
-        "prompt": ["blank"],
-        "max_tokens": ["min_value"],
-        "stop": {0: [bad.errors["stop"][0][0]]},
+def test_every_field_error_of_an_input_is_named_at_once() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        validated(InferInput, {"prompt": "ok", "max_tokens": 0, "temperature": 5, "stop": ["x" * 65], "wait": "sometimes"})
+    assert refused.value.data["fields"] == {
+        "max_tokens": ["Ensure this value is greater than or equal to 1."],
+        "temperature": ["Ensure this value is less than or equal to 2.0."],
+        "stop": ["0: Ensure this field has no more than 64 characters."],
+        "wait": ["Must be a valid boolean."],
     }
-    assert bad.errors["stop"][0][0].code == "max_length"
-    again = InferInput(data={"prompt": "hello again"})
-    assert again.is_valid() and again.validated_data["prompt"] == "hello again" and good.validated_data["prompt"] == "hello"
+    assert refused.value.message == "some fields are invalid: max_tokens, stop, temperature, wait"
 
 
-@pytest.fixture
-def no_collector() -> Iterator[None]:
-    """The cycle collector off, with nothing left over from before: what a test
-    collects afterwards is what it made itself."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"prompt": "a\x00b"}, "prompt", "Value error, must not contain NUL characters"),
+        ({"prompt": "bad \ud800"}, "prompt", "Value error, must not contain lone surrogates"),
+        ({"prompt": ["a"]}, "prompt", "Not a valid string."),
+        ({"prompt": "p", "metadata": [1]}, "metadata", "Expected a dictionary of items."),
+        ({"prompt": "p", "max_tokens": "lots"}, "max_tokens", "A valid integer is required."),
+        ({"prompt": "p", "stop": "END"}, "stop", "Expected a list of items."),
+    ],
+)
+def test_what_cannot_be_stored_or_read_is_refused_by_name(body: dict, field: str, message: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        validated(InferInput, body)
+    (got,) = refused.value.data["fields"][field]
+    assert got == message.removeprefix("Value error, ")
+
+
+def test_a_body_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        validated(InferInput, ["not", "an", "object"])
+    assert refused.value.data == {"fields": {"non_field_errors": ["expected a JSON object"]}}
 
 
 CHAT = {"model": "echo/m", "stream": True, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}}
-VALIDATIONS = [
-    (InferInput, {"prompt": "hello", "stop": ["END"], "metadata": {"k": 1}, "max_tokens": 5}),
-    (ChatCompletionInput, CHAT),
-    (BatchInput, {"prompts": ["a", "b"], "stop": ["END"]}),
-]
 
 
-@pytest.mark.parametrize(("serializer_cls", "data"), VALIDATIONS, ids=["infer", "chat", "batch"])
-def test_a_validation_leaves_nothing_for_the_cycle_collector(no_collector: None, serializer_cls: type[Any], data: object) -> None:
-    """A new serializer's fields and their parent point at each other: each validation
-    with a new one left 39 to 117 objects that only the collector frees (the gateway's
-    collection pauses). The kept one leaves none. A refused input still does: DRF's
-    own exceptions and frames hold each other on that path, which well-formed
-    traffic never takes."""
-    validated(serializer_cls, data)  # this thread's serializer made: kept, not garbage
-    gc.collect()
-    outcomes = [validated(serializer_cls, data) for _ in range(20)]
-    assert gc.collect() == 0
-    assert all(outcome == outcomes[0] for outcome in outcomes)  # the same answer every time
-
-
-def kept(serializer_cls: type[Any]) -> Any:
-    validated(serializer_cls, VALID[serializer_cls])
-    return serializers._kept.serializers[serializer_cls]
-
-
-VALID = dict(VALIDATIONS)
-
-
-def test_one_serializer_per_class_and_thread_validates_every_input() -> None:
-    mine = kept(InferInput)
-    assert kept(InferInput) is mine and kept(ChatCompletionInput) is not mine
-    with ThreadPoolExecutor(1) as other:
-        assert other.submit(kept, InferInput).result() is not mine  # another thread: its own
-
-
-@pytest.mark.parametrize(("serializer_cls", "data"), VALIDATIONS, ids=["infer", "chat", "batch"])
-def test_nothing_of_an_input_stays_on_the_kept_serializer(serializer_cls: type[Any], data: dict[str, Any]) -> None:
-    serializer = kept(serializer_cls)
+def test_chat_messages_take_text_parts_and_refuse_the_rest() -> None:
+    two = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    assert [m.content for m in validated(ChatCompletionInput, {**CHAT, "messages": two}).messages] == ["be brief", "hi"]
+    with pytest.raises(InvalidRequest) as refused:
+        validated(ChatCompletionInput, {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert refused.value.data["fields"] == {"messages": ["0.content: content must be a string or a list of text parts"]}
+    with pytest.raises(InvalidRequest) as refused:
+        validated(ChatCompletionInput, {**CHAT, "messages": [{"role": "tool", "content": "x"}]})
+    assert list(refused.value.data["fields"]) == ["messages"]
     with pytest.raises(InvalidRequest):
-        validated(serializer_cls, {**data, "stop": 7})  # refused: its errors are not kept either
-    assert not {"initial_data", "_validated_data", "_errors"} & set(serializer.__dict__)
+        validated(ChatCompletionInput, {**CHAT, "messages": []})
 
 
-def test_each_input_is_answered_for_itself_whatever_came_before() -> None:
-    full = {"prompt": "first", "stop": ["END"], "metadata": {"k": 1}, "max_tokens": 5, "session_id": "s"}
-    assert validated(InferInput, full) == full | {"wait": True, "stream": False}
-    assert validated(InferInput, {"prompt": "second"}) == {"prompt": "second", "wait": True, "stream": False}  # nothing of the first
+@pytest.mark.parametrize(("stop", "expected"), [(None, []), ("END", ["END"]), (["a", "b"], ["a", "b"])])
+def test_chat_stop_forms(stop: object, expected: list[str]) -> None:
+    assert validated(ChatCompletionInput, {**CHAT, "stop": stop}).stop == expected
+
+
+@pytest.mark.parametrize("stop", [["a", "b", "c", "d", "e"], [""], 7, [1]])
+def test_chat_stops_it_cannot_honour_are_refused(stop: object) -> None:
     with pytest.raises(InvalidRequest) as refused:
-        validated(InferInput, {"prompt": "ok", "max_tokens": 0, "temperature": 5})
-    assert set(refused.value.data["fields"]) == {"max_tokens", "temperature"}
+        validated(ChatCompletionInput, {**CHAT, "stop": stop})
+    assert refused.value.data["fields"] == {"stop": ["stop must be a string or a list of at most 4 strings"]}
+
+
+def test_the_batch_api_validates_with_a_new_drf_serializer_each_time() -> None:
+    assert drf_validated(BatchInput, {"prompts": ["a", "b"], "stop": ["END"]})["stop"] == ["END"]
     with pytest.raises(InvalidRequest) as refused:
-        validated(InferInput, {"prompt": "ok", "stop": ["x" * 65]})
-    assert set(refused.value.data["fields"]) == {"stop"}  # not the last input's errors
-    assert validated(InferInput, {"prompt": "third"})["prompt"] == "third"
-    two = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    assert [m["content"] for m in validated(ChatCompletionInput, {**CHAT, "messages": two})["messages"]] == ["be brief", "hi"]
-    assert [m["content"] for m in validated(ChatCompletionInput, CHAT)["messages"]] == ["hi"]  # a nested list, answered anew
-
-
-def test_threads_validating_at_once_each_get_their_own_answers() -> None:
-    def validate_many(n: int) -> list[bool]:
-        return [
-            validated(InferInput, {"prompt": f"{n}-{i}", "max_tokens": n + 1}) == {"prompt": f"{n}-{i}", "max_tokens": n + 1, "wait": True, "stream": False}
-            for i in range(300)
-        ]
-
-    with ThreadPoolExecutor(8) as pool:
-        assert all(all(answers) for answers in pool.map(validate_many, range(8)))
+        drf_validated(BatchInput, {"prompts": ["a"], "stop": 7})
+    assert list(refused.value.data["fields"]) == ["stop"]

@@ -124,3 +124,34 @@ def test_a_worker_error_ends_the_prompt_with_its_code(gateway: str, browser: web
     browser.find_element(By.ID, "send").click()
     until(browser, ec.text_to_be_present_in_element((By.ID, "status"), "worker_auth_error"))
     assert browser.find_element(By.ID, "send").get_attribute("disabled") is None  # ready for the next prompt
+
+
+FETCH_STREAM = """
+const [url, key, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
+fetch(url + "/api/v1/infer", {
+  method: "POST",
+  headers: {"Authorization": "Bearer " + key, "Content-Type": "application/json", "Accept": "text/event-stream"},
+  body: JSON.stringify({prompt: "fetched by the browser", stream: true}),
+}).then(async (resp) => {
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let text = "";
+  for (;;) {
+    const {value, done: finished} = await reader.read();
+    if (finished) break;
+    text += decoder.decode(value, {stream: true});
+  }
+  done({status: resp.status, type: resp.headers.get("content-type"), text});
+}).catch((error) => done({error: String(error)}));
+"""
+
+
+def test_the_browsers_fetch_reads_the_stream(gateway: str, browser: webdriver.Chrome, owner: TenantFixture, fakes: Fakes) -> None:
+    """A page's own ``fetch`` with ``Accept: text/event-stream`` reads the events as they come."""
+    browser.get(f"{gateway}/playground")  # same origin: no CORS in the way
+    browser.set_script_timeout(30)
+    got = browser.execute_async_script(FETCH_STREAM, gateway, owner.key)
+    assert got.get("status") == 200, got
+    assert got["type"].startswith("text/event-stream")
+    kinds = [line.removeprefix("event: ") for line in got["text"].splitlines() if line.startswith("event: ")]
+    assert kinds[0] == "start" and kinds[-1] == "done" and "token" in kinds and "fetched" in got["text"]

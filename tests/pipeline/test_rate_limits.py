@@ -12,12 +12,12 @@ import redis
 from django.conf import settings
 
 from orchestrator_site.errors import ServiceUnavailable
-from pipeline import services
 from pipeline.config import PipelineSettings, RateLimitConfig
 from pipeline.models import Tenant
 from pipeline.resilience.ratelimit import RateLimiter, TenantRates
+from pipeline.services import gates, start
 from pipeline.tokenbus import get_bus
-from tests.conftest import TenantFixture
+from tests.conftest import TenantFixture, run_in_process
 
 
 @pytest.fixture
@@ -97,19 +97,19 @@ def test_no_limit_means_no_redis_call_at_all() -> None:
 @pytest.mark.django_db
 def test_tenant_limits_override_the_defaults(owner: TenantFixture) -> None:
     config = PipelineSettings(rate_limits=RateLimitConfig(requests_per_minute=100, tokens_per_minute=5000))
-    assert services.tenant_rates(owner.tenant, config) == TenantRates(100, 5000)
+    assert gates.tenant_rates(owner.tenant, config) == TenantRates(100, 5000)
     Tenant.objects.filter(pk=owner.tenant.pk).update(requests_per_minute=0, tokens_per_minute=42)
     owner.tenant.refresh_from_db()
-    assert services.tenant_rates(owner.tenant, config) == TenantRates(0, 42)
+    assert gates.tenant_rates(owner.tenant, config) == TenantRates(0, 42)
 
 
 @pytest.fixture
 def cleanup() -> Iterator[None]:
     yield
     bus = get_bus()
-    keys = bus.client.keys(f"{bus.prefix}:rate:*") + bus.client.keys(f"{bus.prefix}:inflight*")
+    keys = bus.redis.client.keys(f"{bus.prefix}:rate:*") + bus.redis.client.keys(f"{bus.prefix}:inflight*")
     if keys:
-        bus.client.delete(*keys)
+        bus.redis.client.delete(*keys)
 
 
 @pytest.mark.django_db
@@ -127,7 +127,7 @@ def test_over_the_limit_is_429_with_retry_after_and_the_limit(owner: TenantFixtu
 @pytest.mark.django_db
 def test_token_limit_refuses_once_usage_reaches_it(owner: TenantFixture, cleanup: None) -> None:
     Tenant.objects.filter(pk=owner.tenant.pk).update(tokens_per_minute=50)
-    services.rate_limiter().record_tokens(str(owner.tenant.id), "earlier", 50)
+    gates.rate_limiter().record_tokens(str(owner.tenant.id), "earlier", 50)
     resp = owner.client.post("/api/v1/infer", {"prompt": "p"}, format="json")
     assert resp.status_code == 429 and resp.json()["error"]["data"]["kind"] == "tokens_per_minute"
 
@@ -138,18 +138,17 @@ def test_a_shed_request_is_not_counted_against_the_tenant(owner: TenantFixture, 
 
     pipeline_config(PipelineSettings(limits=LimitsConfig(max_inflight_per_tenant=1)))  # type: ignore[operator]
     Tenant.objects.filter(pk=owner.tenant.pk).update(requests_per_minute=2)
-    services.admission().acquire(str(owner.tenant.id), "holding")
+    gates.admission().acquire(str(owner.tenant.id), "holding")
     for _ in range(3):
         assert owner.client.post("/api/v1/infer", {"prompt": "p"}, format="json").status_code == 503
-    services.admission().release(str(owner.tenant.id), "holding")
+    gates.admission().release(str(owner.tenant.id), "holding")
     assert owner.client.post("/api/v1/infer", {"prompt": "p", "wait": False}, format="json").status_code == 202
 
 
 @pytest.mark.django_db(transaction=True)
 def test_completed_requests_record_their_tokens(owner: TenantFixture, cleanup: None) -> None:
-    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "count my tokens"}, config=PipelineSettings())
-    get_bus().set_status(request.request_id, tenant_id=request.tenant_id, status="queued")
-    services.realtime_execute(request.to_dict())
-    members = get_bus().client.zrange(f"{get_bus().prefix}:rate:tok:{owner.tenant.id}", 0, -1)
+    request = start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "count my tokens"}, config=PipelineSettings())
+    run_in_process(request)
+    members = get_bus().redis.client.zrange(f"{get_bus().prefix}:rate:tok:{owner.tenant.id}", 0, -1)
     used = get_bus().read_all(request.request_id)[-1].data["usage"]["total_tokens"]
     assert used > 0 and members == [f"{request.request_id}:{used}"]

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from pipeline.config import get_config
 from pipeline.tokenbus import get_bus
 from pipeline.types import PipelineResult, Usage
 from tests.conftest import TenantFixture
@@ -14,9 +15,9 @@ from tests.conftest import TenantFixture
 def record(tenant: TenantFixture, status: str, *events: tuple[str, dict]) -> str:
     request_id = uuid.uuid4().hex
     bus = get_bus()
-    bus.set_status(request_id, tenant_id=str(tenant.tenant.id), session_id="sess", status=status, created_at="100.5")
+    bus.set_record(request_id, tenant_id=str(tenant.tenant.id), session_id="sess", status=status, created_at="100.5")
     for kind, data in events:
-        bus.publish(request_id, kind, data)
+        bus.append(request_id, kind, data)
     return request_id
 
 
@@ -84,3 +85,38 @@ def test_outsider_never_sees_any_state(owner: TenantFixture, outsider: TenantFix
 def test_status_needs_a_key(anon: object, owner: TenantFixture) -> None:
     request_id = record(owner, "queued")
     assert anon.get(f"/api/v1/status/{request_id}").status_code == 401  # type: ignore[attr-defined]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_retried_by_its_lease_shows_the_answer_of_its_last_attempt(owner: TenantFixture, outsider: TenantFixture) -> None:
+    """A run that died before its first token is run again as the next attempt: the
+    status and the result are the request's, whatever attempt answered it; and another
+    tenant still finds nothing."""
+    from pipeline.services import execute, leases, start
+    from tests.conftest import queue_request
+
+    request = start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "second time lucky"}, config=get_config())
+    request_id = queue_request(request)
+    get_bus().redis.client.zadd(get_bus().leases_key, {request_id: 0})  # its first run died, say, before it began
+    assert [(d.request_id, d.attempt) for d in leases.sweep() if d.request_id == request_id] == [(request_id, 2)]
+    assert owner.client.get(f"/api/v1/status/{request_id}").json()["status"] == "queued"
+    execute.realtime_execute(request_id, 1)  # the first attempt's message, late: stale
+    execute.realtime_execute(request_id, 2)
+    result = owner.client.get(f"/api/v1/result/{request_id}").json()
+    assert result["text"].startswith("second time lucky") and result["request_id"] == request_id
+    assert [e.attempt for e in get_bus().read_all(request_id)] == [2] * len(get_bus().read_all(request_id))
+    assert outsider.client.get(f"/api/v1/status/{request_id}").status_code == 404
+    assert outsider.client.get(f"/api/v1/result/{request_id}").status_code == 404
+
+
+@pytest.mark.django_db
+def test_a_request_whose_worker_was_lost_reports_worker_lost(owner: TenantFixture) -> None:
+    from pipeline.tokenbus import fencing
+
+    request_id = record(owner, "running")
+    get_bus().set_record(request_id, attempt="1", owner="1:gone", streamed="1")
+    get_bus().redis.client.zadd(get_bus().leases_key, {request_id: 0})
+    assert fencing.lapse(get_bus(), request_id, next_lease_s=5, max_runs=2).outcome is fencing.LapseOutcome.LOST
+    assert owner.client.get(f"/api/v1/status/{request_id}").json()["status"] == "failed"
+    resp = owner.client.get(f"/api/v1/result/{request_id}")
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "worker_lost" and resp["Retry-After"]

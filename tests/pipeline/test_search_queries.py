@@ -6,7 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import selectors, services
+from pipeline import selectors
+from pipeline.services import documents
 from tests.conftest import TenantFixture
 
 
@@ -23,14 +24,14 @@ def test_any_query_text_is_safe(owner: TenantFixture, query: str) -> None:
     "query", ["refund & !policy", "refund | policy", "'refund'", "refund:*", "(refund", "refund <-> policy", "\\refund", "REFUND!!!", "refunds"]
 )
 def test_tsquery_syntax_in_prompts_is_plain_text(owner: TenantFixture, query: str) -> None:
-    services.document_create(tenant=owner.tenant, title="Refund policy", body="Refunds within 30 days")
+    documents.document_create(tenant=owner.tenant, title="Refund policy", body="Refunds within 30 days")
     result = selectors.document_search(tenant_id=str(owner.tenant.id), query=query, top_k=3, timeout_ms=2000, text_search_config="english")
     assert [d.title for d in result.documents] == ["Refund policy"]
 
 
 @pytest.mark.django_db
 def test_other_languages_and_configs(owner: TenantFixture) -> None:
-    services.document_create(tenant=owner.tenant, title="Rückerstattung", body="Erstattungen innerhalb von 30 Tagen")
+    documents.document_create(tenant=owner.tenant, title="Rückerstattung", body="Erstattungen innerhalb von 30 Tagen")
     found = selectors.document_search(tenant_id=str(owner.tenant.id), query="Erstattungen", top_k=3, timeout_ms=2000, text_search_config="english")
     assert [d.title for d in found.documents] == ["Rückerstattung"]
     simple = selectors.document_search(tenant_id=str(owner.tenant.id), query="Erstattungen", top_k=3, timeout_ms=2000, text_search_config="simple")
@@ -39,8 +40,8 @@ def test_other_languages_and_configs(owner: TenantFixture) -> None:
 
 @pytest.mark.django_db
 def test_ranks_are_descending(owner: TenantFixture) -> None:
-    services.document_create(tenant=owner.tenant, title="Refund", body="refund refund refund policy")
-    services.document_create(tenant=owner.tenant, title="Other", body="one refund mention among many other words here")
+    documents.document_create(tenant=owner.tenant, title="Refund", body="refund refund refund policy")
+    documents.document_create(tenant=owner.tenant, title="Other", body="one refund mention among many other words here")
     ranks = [
         d.rank
         for d in selectors.document_search(

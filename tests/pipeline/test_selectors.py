@@ -7,10 +7,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from orchestrator_site.errors import NotFound
-from pipeline import selectors, services
+from pipeline import selectors
 from pipeline.models import Document, SessionTurn
+from pipeline.services import documents, sessions
 from pipeline.types import PromptRequest
-from tests.conftest import TenantFixture, make_tenant
+from tests.conftest import TenantFixture
 
 
 def search(tenant: TenantFixture, query: str, top_k: int = 3, timeout_ms: int = 2000) -> list[str]:
@@ -26,8 +27,8 @@ def library(owner: TenantFixture, outsider: TenantFixture) -> None:
         ("Shipping", "Orders ship within two business days. Refund shipping costs are not covered."),
         ("Careers", "We are hiring engineers in Lisbon."),
     ]:
-        services.document_create(tenant=owner.tenant, title=title, body=body)
-    services.document_create(tenant=outsider.tenant, title="Outsider refund secrets", body="refund refund refund policy purchase")
+        documents.document_create(tenant=owner.tenant, title=title, body=body)
+    documents.document_create(tenant=outsider.tenant, title="Outsider refund secrets", body="refund refund refund policy purchase")
 
 
 @pytest.mark.django_db
@@ -55,7 +56,7 @@ def test_top_k_and_no_match(owner: TenantFixture, library: None) -> None:
 
 @pytest.mark.django_db
 def test_search_vector_is_maintained_by_postgres(owner: TenantFixture) -> None:
-    doc = services.document_create(tenant=owner.tenant, title="Alpha", body="zebra")
+    doc = documents.document_create(tenant=owner.tenant, title="Alpha", body="zebra")
     assert search(owner, "zebra") == ["Alpha"]
     Document.objects.filter(pk=doc.pk).update(body="giraffe")
     assert search(owner, "giraffe") == ["Alpha"] and search(owner, "zebra") == []
@@ -93,7 +94,7 @@ def test_outside_a_transaction_the_timed_search_is_one_round_trip_and_its_timeou
     """A worker's case (autocommit): the timeout and the search are one string, one
     implicit transaction. The timeout still cancels a slow search, and does not stay
     on the connection after it, cancelled or not."""
-    services.document_create(tenant=owner.tenant, title="Refund policy", body="refund within 30 days")
+    documents.document_create(tenant=owner.tenant, title="Refund policy", body="refund within 30 days")
     with CaptureQueriesContext(connection) as queries:
         assert search(owner, "refund", timeout_ms=1500) == ["Refund policy"]
     assert len(queries.captured_queries) == 1 and not connection.in_atomic_block
@@ -104,7 +105,7 @@ def test_outside_a_transaction_the_timed_search_is_one_round_trip_and_its_timeou
 
 @pytest.mark.django_db
 def test_document_get_and_list_are_tenant_scoped(owner: TenantFixture, outsider: TenantFixture) -> None:
-    doc = services.document_create(tenant=owner.tenant, title="Mine", body="x", metadata={"k": 1})
+    doc = documents.document_create(tenant=owner.tenant, title="Mine", body="x", metadata={"k": 1})
     assert selectors.document_get_for_tenant(tenant_id=str(owner.tenant.id), document_id=str(doc.id)) == doc
     with pytest.raises(NotFound):
         selectors.document_get_for_tenant(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
@@ -115,14 +116,16 @@ def test_document_get_and_list_are_tenant_scoped(owner: TenantFixture, outsider:
 
 
 def request(tenant: TenantFixture, session: str, prompt: str, n: int) -> PromptRequest:
-    return PromptRequest(request_id=f"r{n}", tenant_id=str(tenant.tenant.id), session_id=session, prompt=prompt, worker="echo", model="echo-1", max_tokens=5)
+    return PromptRequest(
+        request_id=f"r{n}-{tenant.tenant.name}", tenant_id=str(tenant.tenant.id), session_id=session, prompt=prompt, worker="echo", model="echo-1", max_tokens=5
+    )
 
 
 @pytest.mark.django_db
 def test_session_history_is_chronological_and_bounded(owner: TenantFixture) -> None:
     for n in range(5):
-        services.session_turns_append(request=request(owner, "s1", f"q{n}", n), reply=f"a{n}")
-    services.session_turns_append(request=request(owner, "s2", "other", 9), reply="x")
+        sessions.session_turns_append(request=request(owner, "s1", f"q{n}", n), reply=f"a{n}")
+    sessions.session_turns_append(request=request(owner, "s2", "other", 9), reply="x")
     history = selectors.session_history(tenant_id=str(owner.tenant.id), session_id="s1", turns=2)
     assert [(m.role, m.content) for m in history] == [("user", "q3"), ("assistant", "a3"), ("user", "q4"), ("assistant", "a4")]
     assert selectors.session_history(tenant_id=str(owner.tenant.id), session_id="s1", turns=0) == ()
@@ -132,32 +135,32 @@ def test_session_history_is_chronological_and_bounded(owner: TenantFixture) -> N
 @pytest.mark.django_db(transaction=True)
 def test_a_prompt_and_its_reply_are_stored_by_one_statement_in_order(owner: TenantFixture) -> None:
     with CaptureQueriesContext(connection) as queries:
-        services.session_turns_append(request=request(owner, "one", "question", 1), reply="answer")
+        sessions.session_turns_append(request=request(owner, "one", "question", 1), reply="answer")
     assert len(queries.captured_queries) == 1  # no BEGIN/COMMIT around it: one INSERT is atomic
     turns = list(SessionTurn.objects.filter(session_id="one").order_by("id").values_list("role", "content", "request_id", "tenant_id"))
-    assert turns == [("user", "question", "r1", owner.tenant.id), ("assistant", "answer", "r1", owner.tenant.id)]
+    assert turns == [("user", "question", "r1-owner", owner.tenant.id), ("assistant", "answer", "r1-owner", owner.tenant.id)]
     assert SessionTurn.objects.get(role="user", session_id="one").created_at is not None
 
 
 @pytest.mark.django_db
 def test_session_history_never_crosses_tenants(owner: TenantFixture, outsider: TenantFixture) -> None:
-    services.session_turns_append(request=request(owner, "shared-id", "owner secret", 1), reply="r")
+    sessions.session_turns_append(request=request(owner, "shared-id", "owner secret", 1), reply="r")
     assert selectors.session_history(tenant_id=str(outsider.tenant.id), session_id="shared-id", turns=5) == ()
 
 
 @pytest.mark.django_db
 def test_document_delete_is_tenant_scoped(owner: TenantFixture, outsider: TenantFixture) -> None:
-    doc = services.document_create(tenant=owner.tenant, title="Mine", body="x")
+    doc = documents.document_create(tenant=owner.tenant, title="Mine", body="x")
     with pytest.raises(NotFound):
-        services.document_delete(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
-    services.document_delete(tenant_id=str(owner.tenant.id), document_id=str(doc.id))
+        documents.document_delete(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
+    documents.document_delete(tenant_id=str(owner.tenant.id), document_id=str(doc.id))
     assert not Document.objects.filter(pk=doc.pk).exists()
 
 
 @pytest.mark.django_db
 def test_document_list_pages_newest_first(owner: TenantFixture) -> None:
     for i in range(7):
-        services.document_create(tenant=owner.tenant, title=f"d{i}", body="x")
+        documents.document_create(tenant=owner.tenant, title=f"d{i}", body="x")
     tenant_id = str(owner.tenant.id)
     pages = [[d.title for d in selectors.document_list_for_tenant(tenant_id=tenant_id, limit=3, offset=o)] for o in (0, 3, 6, 9)]
     assert pages == [["d6", "d5", "d4"], ["d3", "d2", "d1"], ["d0"], []]
@@ -165,74 +168,25 @@ def test_document_list_pages_newest_first(owner: TenantFixture) -> None:
 
 @pytest.mark.django_db
 def test_metadata_is_stored_as_json(owner: TenantFixture) -> None:
-    doc = services.document_create(tenant=owner.tenant, title="m", body="b", metadata={"source": "faq", "tags": ["a", "b"], "n": 1})
+    doc = documents.document_create(tenant=owner.tenant, title="m", body="b", metadata={"source": "faq", "tags": ["a", "b"], "n": 1})
     assert Document.objects.get(pk=doc.pk).metadata == {"source": "faq", "tags": ["a", "b"], "n": 1}
-    assert services.document_create(tenant=owner.tenant, title="n", body="b").metadata == {}
-
-
-def search_and_history(tenant: TenantFixture, query: str, session: str, turns: int, timeout_ms: int = 2000) -> tuple[selectors.RetrievalResult, object]:
-    read = selectors.document_search_ahead(
-        tenant_id=str(tenant.tenant.id),
-        query=query,
-        top_k=3,
-        timeout_ms=timeout_ms,
-        text_search_config="english",
-        session_id=session,
-        turns=turns,
-        presence=False,
-    )
-    assert read.has_documents is None  # not asked
-    return read.result, read.history
-
-
-@pytest.mark.django_db(transaction=True)
-def test_the_search_and_the_sessions_turns_are_read_in_one_round_trip_as_each_alone(library: None, owner: TenantFixture, outsider: TenantFixture) -> None:
-    for n in range(5):
-        services.session_turns_append(request=request(owner, "s1", f"q{n}", n), reply=f"a{n}")
-    services.session_turns_append(request=request(outsider, "s1", "outsider's", 9), reply="x")  # the same session id, another tenant
-    tenant = str(owner.tenant.id)
-    for turns in (0, 2, 9):
-        with CaptureQueriesContext(connection) as queries:
-            found, history = search_and_history(owner, "refund", "s1", turns)
-        assert len(queries.captured_queries) == 1 and statement_timeout() == "0"  # one round trip; the timeout ended with it
-        alone = selectors.document_search(tenant_id=tenant, query="refund", top_k=3, timeout_ms=2000, text_search_config="english")
-        assert found == alone and [d.title for d in found.documents] == ["Refund policy", "Shipping"]
-        assert history == selectors.session_history(tenant_id=tenant, session_id="s1", turns=turns)
-    assert [m.content for m in search_and_history(owner, "refund", "s1", 2)[1]] == ["q3", "a3", "q4", "a4"]  # oldest first
-    assert search_and_history(owner, "refund", "no-such-session", 4)[1] == ()
+    assert documents.document_create(tenant=owner.tenant, title="n", body="b").metadata == {}
 
 
 @pytest.mark.django_db
-def test_a_search_that_times_out_reads_no_history(owner: TenantFixture) -> None:
-    services.session_turns_append(request=request(owner, "s1", "q", 1), reply="a")
-    slow_search(owner)  # 20,000 matching documents
-    found, history = search_and_history(owner, "refund policy purchase", "s1", 4, timeout_ms=1)
-    assert found.timed_out and found.documents == () and history is None  # not read: the caller reads it alone
-    assert [m.content for m in search_and_history(owner, "refund", "s1", 4, timeout_ms=60_000)[1]] == ["q", "a"]  # the connection still works
-
-
-def search_ahead(tenant: TenantFixture, query: str, *, session: str | None = None, timeout_ms: int = 2000) -> selectors.SearchAhead:
-    return selectors.document_search_ahead(
-        tenant_id=str(tenant.tenant.id), query=query, top_k=3, timeout_ms=timeout_ms, text_search_config="english", session_id=session, turns=4, presence=True
-    )
+def test_a_request_has_one_pair_of_turns_the_latest_attempts(owner: TenantFixture) -> None:
+    asked = request(owner, "s1", "question", 1)
+    assert sessions.session_turns_append(request=asked, reply="from attempt 2", attempt=2)
+    assert sessions.session_turns_append(request=asked, reply="from attempt 1, late", attempt=1)  # never replaces a later one
+    assert sessions.session_turns_append(request=asked, reply="from attempt 2, again", attempt=2)  # nor an equal one
+    turns = SessionTurn.objects.filter(request_id=asked.request_id)
+    assert sorted(turns.values_list("role", "content", "attempt")) == [("assistant", "from attempt 2", 2), ("user", "question", 2)]
+    assert sessions.session_turns_append(request=asked, reply="from attempt 3", attempt=3)
+    assert turns.get(role="assistant").content == "from attempt 3" and turns.count() == 2
 
 
 @pytest.mark.django_db(transaction=True)
-def test_whether_a_tenant_has_any_document_is_asked_in_the_searchs_round_trip(library: None, owner: TenantFixture, outsider: TenantFixture) -> None:
-    empty = make_tenant("empty")
-    services.session_turns_append(request=request(empty, "s1", "q", 1), reply="a")
-    with CaptureQueriesContext(connection) as queries:
-        none_found = search_ahead(owner, "zebra")  # nothing found, but the tenant has documents
-        found = search_ahead(owner, "refund", session="s1")
-        nothing = search_ahead(empty, "refund", session="s1")  # another tenant's documents are not its own
-    assert len(queries.captured_queries) == 3 and statement_timeout() == "0"  # one round trip each
-    assert none_found.result.documents == () and none_found.has_documents is True and none_found.history is None
-    assert [d.title for d in found.result.documents] == ["Refund policy", "Shipping"] and found.has_documents is True and found.history == ()
-    assert nothing.result.documents == () and nothing.has_documents is False and [m.content for m in nothing.history or ()] == ["q", "a"]
-
-
-@pytest.mark.django_db
-def test_a_search_that_times_out_does_not_say_whether_the_tenant_has_documents(owner: TenantFixture) -> None:
-    slow_search(owner)
-    timed_out = search_ahead(owner, "refund policy purchase", session="s1", timeout_ms=1)
-    assert timed_out.result.timed_out and timed_out.has_documents is None and timed_out.history is None
+def test_turns_postgres_refuses_are_logged_not_raised(owner: TenantFixture) -> None:
+    # A session id longer than the column: Postgres itself refuses the row.
+    assert sessions.session_turns_append(request=request(owner, "s" * 200, "q", 1), reply="a") is False
+    assert SessionTurn.objects.count() == 0

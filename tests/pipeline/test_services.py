@@ -10,21 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestrator_site.errors import InvalidRequest, NotFound, OrchestratorError, UnknownModel, UnknownWorker
-from pipeline import services
+from pipeline import selectors
 from pipeline.config import PipelineSettings, WorkerConfig
 from pipeline.routing import WorkerPool, route_request, worker_pool
+from pipeline.services import execute, sessions, start
 from pipeline.tokenbus import get_bus
 from pipeline.types import AssembledPrompt, Completion, PromptRequest
-from tests.conftest import TenantFixture, free_port
+from tests.conftest import TenantFixture, free_port, queue_request, run_in_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(tenant: TenantFixture, **data: object) -> PromptRequest:
-    return services.infer_build_request(tenant_id=str(tenant.tenant.id), data={"prompt": "hello world", **data}, config=PipelineSettings())
+    return start.infer_build_request(tenant_id=str(tenant.tenant.id), data={"prompt": "hello world", **data}, config=PipelineSettings())
 
 
 def last_event(request_id: str) -> tuple[str, dict]:
@@ -70,33 +70,41 @@ def test_worker_pool_builds_once_per_config() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_execute_publishes_done_and_stores_turns(owner: TenantFixture) -> None:
     request = build(owner, session_id="svc")
-    services.realtime_execute(request.to_dict())
+    run_in_process(request)
     kind, data = last_event(request.request_id)
     assert kind == "done" and data["text"].startswith("hello world")
-    assert get_bus().get_status(request.request_id)["status"] == "completed"
+    assert get_bus().get_record(request.request_id)["status"] == "completed"
     assert owner.tenant.turns.filter(session_id="svc").count() == 2
 
 
-@pytest.mark.django_db
-@pytest.mark.parametrize(
-    "payload",
-    [
-        {},
-        {"request_id": "x"},
-        {"request_id": "x", "tenant_id": "t", "session_id": "s", "prompt": "p", "worker": "w", "model": "m", "max_tokens": "lots"},
-        ["not", "a", "dict"],
-    ],
-)
-def test_invalid_payload_is_dropped_without_crashing(payload: object) -> None:
-    services.realtime_execute(payload)  # type: ignore[arg-type]
+@pytest.mark.parametrize(("request_id", "attempt"), [(None, 1), ({"request_id": "x"}, 1), ("x", "1"), ("x", 0), ("x", True), ("x", 1.5)])
+def test_a_message_that_is_not_ours_is_dropped_without_crashing(request_id: object, attempt: object) -> None:
+    execute.realtime_execute(request_id, attempt)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_record_this_version_cannot_read_is_answered_with_an_error(owner: TenantFixture) -> None:
+    request = build(owner)
+    queue_request(request)
+    get_bus().set_record(request.request_id, payload=json.dumps({"request_id": request.request_id, "max_tokens": "lots"}))
+    execute.realtime_execute(request.request_id, 1)
+    kind, data = last_event(request.request_id)
+    assert kind == "error" and data["code"] == "internal_error" and "unreadable" in data["message"]
 
 
 @pytest.mark.django_db(transaction=True)
 def test_stale_redelivery_is_dropped(owner: TenantFixture) -> None:
     request = build(owner)
-    get_bus().set_status(request.request_id, status="completed", tenant_id=str(owner.tenant.id))
-    services.realtime_execute(request.to_dict())
+    queue_request(request)
+    get_bus().set_record(request.request_id, status="completed")
+    execute.realtime_execute(request.request_id, 1)
     assert get_bus().read_all(request.request_id) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_whose_record_is_gone_is_dropped(owner: TenantFixture) -> None:
+    execute.realtime_execute("never-recorded", 1)
+    assert get_bus().read_all("never-recorded") == []
 
 
 @pytest.mark.django_db(transaction=True)
@@ -104,11 +112,10 @@ def test_a_task_for_a_worker_this_process_does_not_know_is_answered_with_an_erro
     """The gateway routed it on a config this worker does not have (a rollout): no
     breaker to ask at the start, and the pipeline's error is the answer, not a timeout."""
     request = dataclasses.replace(build(owner), worker="retired")
-    get_bus().set_status(request.request_id, status="queued", tenant_id=str(owner.tenant.id))
-    services.realtime_execute(request.to_dict())
+    run_in_process(request)
     kind, data = last_event(request.request_id)
     assert kind == "error" and data["code"] == "unknown_worker"
-    assert get_bus().get_status(request.request_id)["status"] == "failed"
+    assert get_bus().get_record(request.request_id)["status"] == "failed"
 
 
 class Exploding:
@@ -123,24 +130,22 @@ class Exploding:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(
-    ("exc", "code"), [(RuntimeError("bug"), "internal_error"), (SoftTimeLimitExceeded(), "request_timeout"), (OrchestratorError("x"), "internal_error")]
-)
+@pytest.mark.parametrize(("exc", "code"), [(RuntimeError("bug"), "internal_error"), (OrchestratorError("x"), "internal_error")])
 def test_failures_become_error_events(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch, exc: BaseException, code: str) -> None:
     monkeypatch.setattr(worker_pool, "get", lambda config, name: Exploding(exc))
     request = build(owner)
-    services.realtime_execute(request.to_dict())
+    run_in_process(request)
     kind, data = last_event(request.request_id)
     assert kind == "error" and data["code"] == code
-    assert get_bus().get_status(request.request_id)["status"] == "failed"
+    assert get_bus().get_record(request.request_id)["status"] == "failed"
     assert "bug" not in json.dumps(data)  # internals are logged, not sent to the client
 
 
 @pytest.mark.django_db
 def test_result_of_an_expired_stream_is_not_found(owner: TenantFixture) -> None:
-    get_bus().set_status("gone", status="completed", tenant_id=str(owner.tenant.id))
+    get_bus().set_record("gone", status="completed", tenant_id=str(owner.tenant.id))
     with pytest.raises(NotFound):
-        services.request_result_get(tenant_id=str(owner.tenant.id), request_id="gone")
+        selectors.request_result_for_tenant(tenant_id=str(owner.tenant.id), request_id="gone")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -166,7 +171,7 @@ def test_with_the_broker_down_the_gateway_answers_the_request_itself(owner: Tena
     result = json.loads(body)
     assert status == "200" and result["text"].startswith("hi") and list(result["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
     # Redis is up: the request's status says it completed, and who ran it (that process).
-    recorded = get_bus().get_status(result["request_id"])
+    recorded = get_bus().get_record(result["request_id"])
     assert recorded["status"] == "completed" and recorded["executed_by"] and not recorded["executed_by"].endswith(f":{os.getpid()}")
 
 
@@ -178,15 +183,15 @@ def test_a_request_without_a_session_reads_no_history(owner: TenantFixture) -> N
     fresh = build(owner)
     assert fresh.session_id == fresh.request_id
     with CaptureQueriesContext(connection) as queries:
-        assert services.session_history_for(fresh, turns=4) == ()
+        assert sessions.session_history_for(fresh, turns=4) == ()
     assert queries.captured_queries == []  # a session nobody could have named yet
 
 
 @pytest.mark.django_db
 def test_a_session_continued_by_its_returned_id_replays_its_turns(owner: TenantFixture) -> None:
     first = build(owner, prompt="my name is Ada")
-    services.realtime_execute(first.to_dict())
+    run_in_process(first)
     _kind, data = last_event(first.request_id)
     second = build(owner, prompt="what is my name?", session_id=data["session_id"])
-    history = services.session_history_for(second, turns=4)
+    history = sessions.session_history_for(second, turns=4)
     assert len(history) == 2 and (history[0].role, history[0].content) == ("user", "my name is Ada")

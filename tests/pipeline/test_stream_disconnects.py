@@ -20,7 +20,7 @@ import websockets
 from asgiref.sync import async_to_sync
 
 from orchestrator_site.celery import app
-from pipeline.services import admission
+from pipeline.services.gates import admission
 from pipeline.tokenbus import get_bus
 from tests.conftest import Fakes, TenantFixture, WorkerProcess, start_gateway, stop_process
 
@@ -99,7 +99,23 @@ def wait_for(check: Any, timeout_s: float) -> bool:
     return bool(check())
 
 
+def infer_caller_leaves(url: str, key: str) -> str:
+    """A ``POST /api/v1/infer`` caller (no streaming) that gives up while the answer is
+    being written: its client times out and closes the connection."""
+    session = f"leaver-{time.monotonic_ns()}"
+    body = {"prompt": "talk to me", "worker": "openai", "session_id": session}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/api/v1/infer", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(10, read=0.6))
+    bus = get_bus()
+    for record_key in bus.redis.client.scan_iter(f"{bus.prefix}:req:*", count=1000):
+        if bus.redis.client.hget(record_key, "session_id") == session:
+            return str(record_key).rsplit(":", 1)[-1]
+    raise AssertionError("the caller's request was never recorded")
+
+
 def leave(how: str, url: str, key: str) -> str:
+    if how == "infer-caller":
+        return infer_caller_leaves(url, key)
     if how == "websocket":
         return async_to_sync(ws_leave_after)(url, key, 2)
     if how == "websocket-dropped":
@@ -114,25 +130,42 @@ def leave(how: str, url: str, key: str) -> str:
     return openai_leave_after(url, key, 2)
 
 
-@pytest.mark.parametrize("how", ["websocket", "websocket-dropped", "sse", "openai-sdk"])
+@pytest.mark.parametrize("how", ["websocket", "websocket-dropped", "sse", "openai-sdk", "infer-caller"])
 def test_the_upstream_call_stops_within_a_second_of_the_client_leaving(gateway: str, owner: TenantFixture, slow_upstream: Fakes, how: str) -> None:
+    """The provider's answer takes 3 s (60 tokens, 50 ms apart) and the request's deadline
+    is 15 s: only the readers' leaving can stop it within the second."""
     fake = slow_upstream.openai
-    calls_before = len(fake.requests)
+    calls_before, sent_before = len(fake.requests), fake.events_sent
     rid = leave(how, gateway, owner.key)
     left = time.monotonic()
+    sent_when_left = fake.events_sent
     assert wait_for(lambda: fake.client_aborts, 5.0), "the upstream stream was never closed"
     assert fake.client_aborts[0] - left < 1.0, f"upstream closed {fake.client_aborts[0] - left:.2f}s after the client left"
+    assert fake.events_sent - sent_when_left <= 1.0 / fake.token_delay_s  # at most a second's worth of tokens more
+    assert fake.events_sent - sent_before < len(SLOW_REPLY)  # the answer was never written whole
     bus = get_bus()
-    assert wait_for(lambda: bus.get_status(rid).get("status") == "failed", 5.0)
+    assert wait_for(lambda: bus.get_record(rid).get("status") == "failed", 5.0)
     last = bus.read_all(rid)[-1]
     assert (last.type, last.data["code"]) == ("error", "request_cancelled")
     assert len(fake.requests) == calls_before + 1  # one upstream call, never retried
     assert wait_for(lambda: fake.active_streams == 0, 2.0)
 
 
+def test_a_request_nobody_reads_is_never_stopped_this_way(gateway: str, owner: TenantFixture, slow_upstream: Fakes) -> None:
+    """``"wait": false``: the client polls later, nobody reads the stream, and the
+    request runs to its end."""
+    fake = slow_upstream.openai
+    fake.token_delay_s = 0.01
+    sent_before, aborts_before = fake.events_sent, len(fake.client_aborts)
+    resp = httpx.post(f"{gateway}/api/v1/infer", json={"prompt": "later", "worker": "openai", "wait": False}, headers={"Authorization": f"Bearer {owner.key}"})
+    rid = resp.json()["request_id"]
+    assert wait_for(lambda: get_bus().get_record(rid).get("status") == "completed", 10.0), get_bus().get_record(rid)
+    assert len(fake.client_aborts) == aborts_before and fake.events_sent - sent_before >= len(SLOW_REPLY)  # written whole
+
+
 def test_a_client_that_resumes_a_cancelled_request_is_told_so(gateway: str, owner: TenantFixture, slow_upstream: Fakes) -> None:
     rid = leave("websocket", gateway, owner.key)
-    assert wait_for(lambda: get_bus().get_status(rid).get("status") == "failed", 5.0)
+    assert wait_for(lambda: get_bus().get_record(rid).get("status") == "failed", 5.0)
 
     async def resume() -> list[dict[str, Any]]:
         async with websockets.connect(ws_url(gateway), additional_headers={"Authorization": f"Bearer {owner.key}"}) as ws:
@@ -192,7 +225,7 @@ def test_a_thousand_mid_stream_disconnects_leave_nothing_behind(
     # Upstream: no stream left open; idle keep-alive connections at most one per worker thread.
     assert fake.active_streams == 0 and fake.open_connections <= max(connections_before, 8)
     bus = get_bus()
-    completed = [(i % 3, bus.get_status(rid)) for i, rid in enumerate(rids) if bus.get_status(rid).get("status") != "failed"]
+    completed = [(i % 3, bus.get_record(rid)) for i, rid in enumerate(rids) if bus.get_record(rid).get("status") != "failed"]
     assert not completed, completed
     assert len(fake.client_aborts) >= 1000 and fake.streams_written == written_before, (
         len(fake.client_aborts),
@@ -205,11 +238,11 @@ def test_a_thousand_mid_stream_disconnects_leave_nothing_behind(
     assert wait_for(lambda: gateway_tasks(gateway) <= tasks_before + 2, 10.0), (tasks_before, gateway_tasks(gateway))
     # Redis: every key of these requests expires (stream, status and reader set: three each).
     bus = get_bus()
-    pipe = bus.client.pipeline(transaction=False)
+    pipe = bus.redis.client.pipeline(transaction=False)
     for rid in rids:
-        for key in (bus.stream_key(rid), bus.status_key(rid), bus.readers_key(rid)):
+        for key in (bus.stream_key(rid), bus.record_key(rid), bus.readers_key(rid)):
             pipe.ttl(key)
     ttls = pipe.execute()
     assert all(0 < ttl <= bus.ttl_s for ttl in ttls), sorted(set(ttls))[:5]
-    statuses = {bus.get_status(rid).get("status") for rid in rids}
+    statuses = {bus.get_record(rid).get("status") for rid in rids}
     assert statuses == {"failed"}, statuses  # each one cancelled, none left running or queued

@@ -105,6 +105,6 @@ def test_when_the_last_of_several_clients_leaves_the_upstream_stops(owner: Tenan
     assert fakes.openai.client_aborts and fakes.openai.client_aborts[0] - left < 1.0
     rid = clients[0][0][1]["request_id"]
     deadline = time.monotonic() + 5
-    while get_bus().get_status(rid).get("status") != "failed" and time.monotonic() < deadline:
+    while get_bus().get_record(rid).get("status") != "failed" and time.monotonic() < deadline:
         time.sleep(0.02)
     assert get_bus().read_all(rid)[-1].data["code"] == "request_cancelled"

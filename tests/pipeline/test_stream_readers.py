@@ -17,9 +17,11 @@ from pipeline.config import PipelineSettings, PostprocessConfig
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.stages import streamed
 from pipeline.stages.rag import RetrievalResult
-from pipeline.tokenbus import KEEP, READER_LEASE_S, TokenBus
+from pipeline.tokenbus import RequestStatus, TokenBus, reader
+from pipeline.tokenbus.producer import Producer
+from pipeline.tokenbus.reader import KEEP, READER_LEASE_S, read_events
 from pipeline.types import AssembledPrompt, Completion, PromptRequest, TokenChunk, Usage
-from tests.conftest import scratch_bus
+from tests.conftest import begun_run, scratch_bus
 
 
 @pytest.fixture
@@ -28,13 +30,28 @@ def bus() -> Iterator[TokenBus]:
         yield bus
 
 
+_producers: dict[tuple[str, str], Producer] = {}
+
+
+def producer_of(bus: TokenBus, rid: str) -> Producer:
+    """The producer of a run that has begun the request ``rid`` (begun on first use)."""
+    key = (bus.prefix, rid)
+    if key not in _producers:
+        _producers[key] = begun_run(bus, rid)
+    return _producers[key]
+
+
 def token(bus: TokenBus, seq: int, rid: str = "r") -> bool:
-    return bus.publish_token(rid, {"seq": seq, "text": f"t{seq}"})
+    return producer_of(bus, rid).publish_token(seq, f"t{seq}")
+
+
+def wanted(bus: TokenBus, rid: str = "r") -> bool:
+    return producer_of(bus, rid).wanted()
 
 
 async def read_first(bus: TokenBus, rid: str = "r", *, timeout_s: float = 5) -> AsyncIterator[None]:
     """A reader that has read one event and holds on (its lease stays signed in)."""
-    events = bus.events(rid, timeout_s=timeout_s)
+    events = read_events(bus, rid, timeout_s=timeout_s)
     await anext(events)
     try:
         yield None
@@ -44,8 +61,8 @@ async def read_first(bus: TokenBus, rid: str = "r", *, timeout_s: float = 5) -> 
 
 def test_a_stream_nobody_ever_read_is_wanted_to_the_end(bus: TokenBus) -> None:
     # "wait": false: the client polls for the result later; nobody reads the stream.
-    assert all(token(bus, i) for i in range(3)) and bus.wanted("r")
-    assert bus.client.zcard(bus.readers_key("r")) == 0
+    assert all(token(bus, i) for i in range(3)) and wanted(bus)
+    assert bus.redis.client.zcard(bus.readers_key("r")) == 0
 
 
 def test_the_last_reader_leaving_makes_the_stream_unwanted(bus: TokenBus) -> None:
@@ -63,24 +80,24 @@ def test_the_last_reader_leaving_makes_the_stream_unwanted(bus: TokenBus) -> Non
         return both, one_left, token(bus, 3)
 
     both, one_left, none_left = async_to_sync(scenario)()
-    assert both and one_left and not none_left and not bus.wanted("r")
-    assert [score for _, score in bus.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)] == [float("-inf")] * 2  # signed out
-    assert 0 < bus.client.ttl(bus.readers_key("r")) <= 30  # the reader set expires with the stream
+    assert both and one_left and not none_left and not wanted(bus)
+    assert [score for _, score in bus.redis.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)] == [float("-inf")] * 2  # signed out
+    assert 0 < bus.redis.client.ttl(bus.readers_key("r")) <= 30  # the reader set expires with the stream
 
 
 def test_a_reader_cancelled_while_it_waits_signs_out(bus: TokenBus) -> None:
     async def scenario() -> tuple[bool, bool]:
         async def reader() -> None:
-            async for _ in bus.events("r", timeout_s=10):
+            async for _ in read_events(bus, "r", timeout_s=10):
                 pass
 
         task = asyncio.ensure_future(reader())
         await asyncio.sleep(0.3)  # blocked in XREAD: nothing published yet
-        wanted_while_reading = bus.wanted("r")
+        wanted_while_reading = wanted(bus)
         task.cancel()  # what the consumer does when its client leaves
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return wanted_while_reading, bus.wanted("r")
+        return wanted_while_reading, wanted(bus)
 
     assert async_to_sync(scenario)() == (True, False)
 
@@ -91,11 +108,11 @@ def test_a_reader_that_reaches_the_end_does_not_sign_out(bus: TokenBus, closed_a
     on signing out (a client that leaves as the last event arrives neither). The lease
     is left to run out with the key."""
     token(bus, 0)
-    bus.publish("r", "done", {})
+    producer_of(bus, "r").finish("done", {}, status=RequestStatus.COMPLETED)
 
     async def scenario() -> list[str]:
         seen = []
-        async with contextlib.aclosing(bus.events("r", timeout_s=5)) as events:
+        async with contextlib.aclosing(read_events(bus, "r", timeout_s=5)) as events:
             async for event in events:
                 seen.append(event.type)
                 if closed_at_the_end and event.type == "done":
@@ -103,28 +120,28 @@ def test_a_reader_that_reaches_the_end_does_not_sign_out(bus: TokenBus, closed_a
         return seen
 
     assert async_to_sync(scenario)() == ["token", "done"]
-    leases = [score for _, score in bus.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)]
+    leases = [score for _, score in bus.redis.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)]
     assert len(leases) == 1 and time.time() < -leases[0] <= time.time() + READER_LEASE_S  # the lease, not a sign-out (-inf)
-    assert 0 < bus.client.ttl(bus.readers_key("r")) <= bus.ttl_s
+    assert 0 < bus.redis.client.ttl(bus.readers_key("r")) <= bus.ttl_s
 
 
 def test_a_reader_that_times_out_keeps_the_request(bus: TokenBus) -> None:
     # Its client was told to poll for the result: the request must finish.
     async def scenario() -> list[str]:
-        return [event.type async for event in bus.events("r", timeout_s=0.2)]
+        return [event.type async for event in read_events(bus, "r", timeout_s=0.2)]
 
     assert async_to_sync(scenario)() == []
-    assert bus.client.zscore(bus.readers_key("r"), KEEP) == float("inf")
-    assert token(bus, 0) and bus.wanted("r")
+    assert bus.redis.client.zscore(bus.readers_key("r"), KEEP) == float("inf")
+    assert token(bus, 0) and wanted(bus)
 
 
 def test_a_vanished_reader_stops_counting_when_its_lease_runs_out(bus: TokenBus) -> None:
     # A killed gateway never signs out: its lease (renewed at every read) runs out.
     readers = bus.readers_key("r")
-    bus.client.zadd(readers, {"gone": -(time.time() - 1), "alive": -(time.time() + READER_LEASE_S)})
-    assert bus.wanted("r")
-    bus.client.zadd(readers, {"alive": float("-inf")})
-    assert not bus.wanted("r")
+    bus.redis.client.zadd(readers, {"gone": -(time.time() - 1), "alive": -(time.time() + READER_LEASE_S)})
+    assert wanted(bus)
+    bus.redis.client.zadd(readers, {"alive": float("-inf")})
+    assert not wanted(bus)
 
 
 def test_a_late_renewal_never_brings_a_reader_back(bus: TokenBus) -> None:
@@ -134,21 +151,21 @@ def test_a_late_renewal_never_brings_a_reader_back(bus: TokenBus) -> None:
     token(bus, 0)
 
     async def scenario() -> None:
-        async with contextlib.aclosing(bus.events("r", timeout_s=5)) as events:
+        async with contextlib.aclosing(read_events(bus, "r", timeout_s=5)) as events:
             await anext(events)
 
     async_to_sync(scenario)()
-    ((me, _),) = bus.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)
-    bus.client.zadd(bus.readers_key("r"), {me: -(time.time() + READER_LEASE_S)}, lt=True)  # the late renewal, as the reader sends it
-    assert not bus.wanted("r") and not token(bus, 1)
+    ((me, _),) = bus.redis.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)
+    bus.redis.client.zadd(bus.readers_key("r"), {me: -(time.time() + READER_LEASE_S)}, lt=True)  # the late renewal, as the reader sends it
+    assert not wanted(bus) and not token(bus, 1)
 
 
 def test_a_reader_renews_its_lease_while_it_reads(bus: TokenBus) -> None:
     async def scenario() -> float:
-        async with contextlib.aclosing(bus.events("r", timeout_s=5)) as events:
+        async with contextlib.aclosing(read_events(bus, "r", timeout_s=5)) as events:
             token(bus, 0)
             await anext(events)
-            ((_member, score),) = bus.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)
+            ((_member, score),) = bus.redis.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)
             return -score - time.time()
 
     assert READER_LEASE_S - 2 < async_to_sync(scenario)() <= READER_LEASE_S
@@ -296,7 +313,7 @@ def test_a_cancellation_swallowed_underneath_still_stops_the_reader(bus: TokenBu
             me.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(0)  # swallowed, as it was underneath
-            async for _ in bus.events("r", timeout_s=5):
+            async for _ in read_events(bus, "r", timeout_s=5):
                 read += 1
 
         with contextlib.suppress(asyncio.CancelledError):
@@ -304,7 +321,7 @@ def test_a_cancellation_swallowed_underneath_still_stops_the_reader(bus: TokenBu
         return read
 
     assert async_to_sync(scenario)() == 0
-    assert [score for _, score in bus.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)] == [float("-inf")]
+    assert [score for _, score in bus.redis.client.zrange(bus.readers_key("r"), 0, -1, withscores=True)] == [float("-inf")]
 
 
 def test_a_sign_out_cancelled_half_way_still_completes(bus: TokenBus) -> None:
@@ -313,9 +330,9 @@ def test_a_sign_out_cancelled_half_way_still_completes(bus: TokenBus) -> None:
     readers = bus.readers_key("r")
 
     async def scenario() -> float | None:
-        client = bus.aclient()
+        client = bus.redis.aclient()
         await client.zadd(readers, {"me": -(time.time() + READER_LEASE_S)})
-        task = asyncio.ensure_future(bus._sign_out(readers, "me"))
+        task = asyncio.ensure_future(reader._sign_out(bus, readers, "me"))
         await asyncio.sleep(0)  # under way
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -325,4 +342,4 @@ def test_a_sign_out_cancelled_half_way_still_completes(bus: TokenBus) -> None:
         return score
 
     assert async_to_sync(scenario)() == float("-inf")
-    assert not bus.wanted("r")
+    assert not wanted(bus)

@@ -211,10 +211,10 @@ def test_the_whole_reply_path_cuts_at_a_stop_and_redacts() -> None:
 
 
 def test_time_moves_between_stages_only_for_a_streamed_inference() -> None:
-    from pipeline.engine import _carried
-    from pipeline.stages.context import Carried, StageContext
+    from pipeline.engine import _time_moved_to
+    from pipeline.stages.context import StageContext, StreamedTimings
 
     plain = StageContext(REQUEST)
-    assert [_carried(plain, stage) for stage in STAGES] == [0, 0, 0, 0, 0]
-    streamed = StageContext(REQUEST, streamed=True, carried=Carried(post_ns=7, stream_ns=5))
-    assert [_carried(streamed, stage) for stage in STAGES] == [0, 0, -12, 7, 5]
+    assert [_time_moved_to(plain, stage) for stage in STAGES] == [0, 0, 0, 0, 0]
+    streamed = StageContext(REQUEST, streamed=True, streamed_timings=StreamedTimings(post_ns=7, stream_ns=5))
+    assert [_time_moved_to(streamed, stage) for stage in STAGES] == [0, 0, -12, 7, 5]

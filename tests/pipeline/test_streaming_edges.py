@@ -16,8 +16,9 @@ from django.test import AsyncClient
 
 from orchestrator_site.asgi import application
 from orchestrator_site.errors import Overloaded
-from pipeline import consumers, services, streaming
+from pipeline import consumers, streaming
 from pipeline.models import Tenant
+from pipeline.services import gates, start
 from pipeline.tokenbus import get_bus
 from tests.conftest import TenantFixture
 from tests.pipeline.test_streaming_ws import STREAM, connect, receive, until_end
@@ -50,7 +51,7 @@ def test_a_refused_prompt_names_its_request(owner: TenantFixture) -> None:
 
     Tenant.objects.filter(pk=owner.tenant.pk).update(requests_per_minute=1)
     bus = get_bus()
-    assert services.rate_limiter().check(str(owner.tenant.id), "earlier", TenantRates(requests_per_minute=1)).allowed  # the minute's one request
+    assert gates.rate_limiter().check(str(owner.tenant.id), "earlier", TenantRates(requests_per_minute=1)).allowed  # the minute's one request
 
     async def scenario() -> dict[str, Any]:
         ws = await connect(owner.key)
@@ -62,46 +63,10 @@ def test_a_refused_prompt_names_its_request(owner: TenantFixture) -> None:
     try:
         refused = run(scenario)
     finally:
-        keys = bus.client.keys(f"{bus.prefix}:rate:*")
+        keys = bus.redis.client.keys(f"{bus.prefix}:rate:*")
         if keys:
-            bus.client.delete(*keys)
+            bus.redis.client.delete(*keys)
     assert refused["type"] == "error" and refused["code"] == "rate_limited" and refused["request_id"] and refused["data"]["limit"] == 1
-
-
-def test_messages_hop_to_no_thread_and_authentication_closes_stale_connections(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Channels' dispatch closes old database connections before every message, in the
-    one thread-sensitive thread; the consumer does it only where it uses the database."""
-    import channels.consumer
-
-    by_channels: list[int] = []
-    by_consumer: list[int] = []
-
-    async def hop() -> None:  # Channels' dispatch: before each message, in a thread
-        by_channels.append(1)
-
-    monkeypatch.setattr(channels.consumer, "aclose_old_connections", hop)
-    real = consumers.close_old_connections
-    monkeypatch.setattr(consumers, "close_old_connections", lambda: (by_consumer.append(1), real()))
-
-    async def scenario() -> list[dict[str, Any]]:
-        ws = await connect(owner.key)  # the header's key: authenticated
-        answers = []
-        for _ in range(3):
-            await ws.send_to(text_data=json.dumps({"type": "nope"}))
-            answers.append(await receive(ws))
-        await ws.send_to(text_data=json.dumps({"type": "auth", "api_key": owner.key}))  # again, by message
-        answers.append(await receive(ws))
-        await ws.disconnect()
-        return answers
-
-    answers = run(scenario)
-    assert [a.get("code", a["type"]) for a in answers] == ["invalid_request"] * 3 + ["authenticated"]
-    assert by_channels == [] and len(by_consumer) == 2  # once per authentication, never per message
-
-
-def test_a_message_of_no_known_type_is_refused_as_channels_does() -> None:
-    with pytest.raises(ValueError, match=r"No handler for message type websocket\.nope"):
-        async_to_sync(consumers.StreamConsumer().dispatch)({"type": "websocket.nope"})
 
 
 def test_a_connection_holds_at_most_its_cap_of_streams() -> None:
@@ -126,7 +91,7 @@ def test_a_connection_holds_at_most_its_cap_of_streams() -> None:
 
 
 def test_a_crash_in_the_consumer_or_a_stream_stays_inside(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = services.infer_build_request
+    real = start.infer_build_request
 
     def broken_build(**kwargs: Any) -> Any:
         if kwargs["data"]["prompt"] == "crash":
@@ -137,7 +102,7 @@ def test_a_crash_in_the_consumer_or_a_stream_stays_inside(owner: TenantFixture, 
         yield {"type": "start", "request_id": "r-broken"}
         raise RuntimeError("bug in a stream")
 
-    monkeypatch.setattr(services, "infer_build_request", broken_build)
+    monkeypatch.setattr(start, "infer_build_request", broken_build)
 
     async def scenario() -> list[dict[str, Any]]:
         ws = await connect(owner.key)
@@ -149,9 +114,9 @@ def test_a_crash_in_the_consumer_or_a_stream_stays_inside(owner: TenantFixture, 
         await ws.disconnect()
         return out
 
-    crashed, start, ended = run(scenario)
+    crashed, began, ended = run(scenario)
     assert crashed == {"type": "error", "request_id": None, "code": "internal_error", "message": "internal error", "data": {}}
-    assert start["type"] == "start" and ended["type"] == "error" and ended["code"] == "internal_error"
+    assert began["type"] == "start" and ended["type"] == "error" and ended["code"] == "internal_error"
     assert ended["request_id"] and ended["request_id"] != "r-broken"  # the stream's own request, as the consumer knows it
 
 
@@ -174,7 +139,7 @@ def test_leaving_mid_stream_cancels_the_reader(owner: TenantFixture) -> None:
 
 async def _queued_request(owner: TenantFixture) -> str:
     rid = "queued-" + owner.tenant.id.hex
-    get_bus().set_status(rid, tenant_id=str(owner.tenant.id), session_id=rid, status="queued")
+    get_bus().set_record(rid, tenant_id=str(owner.tenant.id), session_id=rid, status="queued")
     return rid
 
 
@@ -203,8 +168,8 @@ def test_a_stream_ended_by_timeout_or_done_is_complete(owner: TenantFixture) -> 
         ws = await connect(owner.key)
         rid = await _queued_request(owner)
         bus = get_bus()
-        bus.publish(rid, "token", {"seq": 0, "text": "a"})
-        bus.publish(rid, "done", {"request_id": rid, "session_id": rid, "text": "a", "worker": "echo", "model": "echo-1"})
+        bus.append(rid, "token", {"seq": 0, "text": "a"})
+        bus.append(rid, "done", {"request_id": rid, "session_id": rid, "text": "a", "worker": "echo", "model": "echo-1"})
         await ws.send_to(text_data=json.dumps({"type": "resume", "request_id": rid, "after_seq": -1}))
         events = await until_end(ws, {rid})
         await ws.disconnect()
@@ -226,17 +191,13 @@ def test_an_authorization_header_of_another_scheme_is_refused() -> None:
 
 
 def test_a_request_run_here_that_fails_streams_start_then_its_error(owner: TenantFixture, fakes: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import tokenbus
     from pipeline.config import get_config
-    from pipeline.tokenbus import TokenBus
-    from tests.conftest import free_port
 
-    request = services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p", "worker": "openai"}, config=get_config())
-    monkeypatch.setattr(tokenbus, "_bus", TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5))
+    request = start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p", "worker": "openai"}, config=get_config())
     fakes.openai.mode = "401"
 
     async def drain() -> list[dict[str, Any]]:
-        return [e async for e in streaming.prompt_events(request, services.Started("inline", request.request_id), timeout_s=1)]
+        return [e async for e in streaming.prompt_events(request, start.Started(start.StartKind.LOCAL, request.request_id), timeout_s=1)]
 
     events = run(drain)
     assert [e["type"] for e in events] == ["start", "error"] and events[1]["code"] == "worker_auth_error"

@@ -14,9 +14,11 @@ import pytest
 from asgiref.sync import async_to_sync
 
 from orchestrator_site.errors import ApiKeyMissing
-from pipeline import services, streaming
+from pipeline import streaming
 from pipeline.config import PipelineSettings
-from pipeline.tokenbus import TokenBus, get_bus
+from pipeline.services import start
+from pipeline.shared_redis import SharedRedis
+from pipeline.tokenbus import TokenBus, get_bus, reader, set_bus
 from pipeline.types import PipelineResult, Usage
 from tests.conftest import Fakes, TenantFixture, WorkerProcess, free_port, start_gateway, stop_process
 
@@ -93,7 +95,7 @@ def collect(events: Any) -> list[dict[str, Any]]:
 
 
 def request_for(owner: TenantFixture, prompt: str = "p") -> Any:
-    return services.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": prompt}, config=PipelineSettings())
+    return start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": prompt}, config=PipelineSettings())
 
 
 @pytest.mark.django_db
@@ -102,35 +104,38 @@ def test_an_answer_from_the_window_is_one_token_and_done(owner: TenantFixture) -
     result = PipelineResult(
         request_id="earlier", session_id="s", text="cached text", worker="echo", model="echo-1", finish_reason="stop", usage=Usage(1, 2), timings_us={}
     )
-    events = collect(streaming.prompt_events(request, services.Started("cached", "earlier", result), timeout_s=1))
+    events = collect(streaming.prompt_events(request, start.Started(start.StartKind.CACHED, "earlier", result), timeout_s=1))
     assert [e["type"] for e in events] == ["start", "token", "done"]
     assert events[1] == {"type": "token", "request_id": request.request_id, "seq": 0, "text": "cached text"}
 
 
 @pytest.mark.django_db(transaction=True)
 def test_with_redis_down_the_answer_is_run_here_and_streamed_whole(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import tokenbus
-
     request = request_for(owner, "inline stream")
-    monkeypatch.setattr(tokenbus, "_bus", TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5))
-    events = collect(streaming.prompt_events(request, services.Started("inline", request.request_id), timeout_s=1))
+    events = collect(streaming.prompt_events(request, start.Started(start.StartKind.LOCAL, request.request_id), timeout_s=1))
     assert [e["type"] for e in events] == ["start", "token", "done"] and events[1]["text"].startswith("inline stream")
-    # A stream lost before any token is rerun here; without a request to rerun (a resume), it is an error.
-    lost = collect(streaming.stream_events("gone", client_request_id="gone", timeout_s=1))
-    assert lost[-1]["type"] == "error" and lost[-1]["code"] == "service_unavailable"
-    rerun = collect(streaming.stream_events("gone", client_request_id=request.request_id, timeout_s=1, rerun=request))
-    assert [e["type"] for e in rerun] == ["token", "done"]
+
+
+def test_a_stream_lost_to_redis_is_an_error_never_a_second_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = SharedRedis(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", socket_timeout_s=0.5)
+    monkeypatch.setattr(reader, "OUTAGE_S", 0.3)
+    set_bus(TokenBus(redis=dead, maxlen=10, ttl_s=10))
+    try:
+        lost = collect(streaming.stream_events("gone", client_request_id="gone", timeout_s=5))
+    finally:
+        set_bus(None)
+    assert [e["type"] for e in lost] == ["error"] and lost[0]["code"] == "service_unavailable" and lost[0]["data"]["retry_after"] == 1.0
 
 
 def test_positions_timeouts_and_errors_from_the_bus() -> None:
     bus = get_bus()
     rid = "sse-unit-" + str(free_port())
     for seq, text in enumerate(["a", "b", "c"]):
-        bus.publish(rid, "token", {"seq": seq, "text": text})
+        bus.append(rid, "token", {"seq": seq, "text": text})
     after = collect(streaming.stream_events(rid, client_request_id="mine", timeout_s=0.3, after_seq=0))
     assert [(e["type"], e.get("seq")) for e in after] == [("token", 1), ("token", 2), ("error", None)]
     assert after[-1]["code"] == "request_timeout" and all(e["request_id"] == "mine" for e in after)
-    bus.publish(rid, "error", ApiKeyMissing().to_dict())
+    bus.append(rid, "error", ApiKeyMissing().to_dict())
     ended = collect(streaming.stream_events(rid, client_request_id="mine", timeout_s=1, after_seq=2))
     assert ended == [{"type": "error", "request_id": "mine", **ApiKeyMissing().to_dict()}]
 

@@ -12,8 +12,12 @@ import pytest
 from django.conf import settings
 
 from orchestrator_site.errors import ServiceUnavailable
-from pipeline.tokenbus import BusEvent, TokenBus, get_bus
-from tests.conftest import free_port, scratch_bus
+from pipeline.shared_redis import SharedRedis
+from pipeline.tokenbus import BusEvent, RequestStatus, TokenBus, fencing, get_bus, reader, set_bus
+from pipeline.tokenbus.fencing import Run
+from pipeline.tokenbus.producer import Producer
+from pipeline.tokenbus.reader import read_events
+from tests.conftest import begun_run, free_port, scratch_bus
 
 
 @pytest.fixture
@@ -22,34 +26,27 @@ def bus() -> Iterator[TokenBus]:
         yield bus
 
 
-def read(bus: TokenBus, request_id: str, after: str = "0-0", timeout_s: float = 2.0) -> list[BusEvent]:
+def read(bus: TokenBus, request_id: str, timeout_s: float = 2.0) -> list[BusEvent]:
     async def run() -> list[BusEvent]:
-        return [e async for e in bus.events(request_id, after=after, timeout_s=timeout_s)]
+        return [e async for e in read_events(bus, request_id, timeout_s=timeout_s)]
 
     return asyncio.run(run())
 
 
 def test_events_are_read_in_order_up_to_the_terminal_one(bus: TokenBus) -> None:
     for i in range(3):
-        bus.publish("r", "token", {"seq": i, "text": f"t{i}"})
-    bus.publish("r", "done", {"ok": True})
-    bus.publish("r", "token", {"seq": 99})  # after done: never read
+        bus.append("r", "token", {"seq": i, "text": f"t{i}"}, attempt=1)
+    bus.append("r", "done", {"ok": True}, attempt=1)
+    bus.append("r", "token", {"seq": 99}, attempt=1)  # after done: never read
     events = read(bus, "r")
     assert [e.type for e in events] == ["token", "token", "token", "done"]
-    assert [e.data.get("seq") for e in events[:3]] == [0, 1, 2]
-
-
-def test_a_reader_resumes_after_an_id(bus: TokenBus) -> None:
-    first = bus.publish("r", "token", {"seq": 0})
-    bus.publish("r", "error", {"code": "worker_timeout"})
-    events = read(bus, "r", after=first)
-    assert [e.type for e in events] == ["error"]
+    assert [e.data.get("seq") for e in events[:3]] == [0, 1, 2] and {e.attempt for e in events} == {1}
 
 
 def test_a_reader_waits_for_a_producer(bus: TokenBus) -> None:
     def produce() -> None:
         time.sleep(0.3)
-        bus.publish("late", "done", {"n": 1})
+        bus.append("late", "done", {"n": 1}, attempt=1)
 
     thread = threading.Thread(target=produce)
     thread.start()
@@ -66,48 +63,61 @@ def test_reading_stops_quietly_at_the_timeout(bus: TokenBus) -> None:
 
 
 def test_streams_and_status_expire(bus: TokenBus) -> None:
-    bus.publish("r", "token", {})
-    bus.set_status("r", status="queued", tenant_id="t")
-    assert 0 < bus.client.ttl(bus.stream_key("r")) <= 30
-    assert 0 < bus.client.ttl(bus.status_key("r")) <= 30
+    bus.append("r", "token", {})
+    bus.set_record("r", status="queued", tenant_id="t")
+    assert 0 < bus.redis.client.ttl(bus.stream_key("r")) <= 30
+    assert 0 < bus.redis.client.ttl(bus.record_key("r")) <= 30
 
 
 def test_stream_length_is_bounded(bus: TokenBus) -> None:
     for i in range(500):
-        bus.publish("big", "token", {"seq": i})
-    assert bus.client.xlen(bus.stream_key("big")) < 200  # approximate trimming keeps it near maxlen (50)
+        bus.append("big", "token", {"seq": i})
+    assert bus.redis.client.xlen(bus.stream_key("big")) < 200  # approximate trimming keeps it near maxlen (50)
 
 
 def test_status_hash_round_trip(bus: TokenBus) -> None:
-    assert bus.get_status("missing") == {}
-    bus.set_status("r", status="queued", tenant_id="t1")
-    bus.set_status("r", status="running")
-    status = bus.get_status("r")
+    assert bus.get_record("missing") == {}
+    bus.set_record("r", status="queued", tenant_id="t1")
+    bus.set_record("r", status="running")
+    status = bus.get_record("r")
     assert status["status"] == "running" and status["tenant_id"] == "t1" and float(status["updated_at"]) > 0
 
 
 def test_read_all_returns_everything(bus: TokenBus) -> None:
-    bus.publish("r", "token", {"seq": 0})
-    bus.publish("r", "done", {})
+    bus.append("r", "token", {"seq": 0})
+    bus.append("r", "done", {})
     assert [e.type for e in bus.read_all("r")] == ["token", "done"]
 
 
 def test_keys_live_under_the_prefix(bus: TokenBus) -> None:
-    assert bus.stream_key("x") == f"{bus.prefix}:stream:x" and bus.status_key("x") == f"{bus.prefix}:req:x"
+    assert bus.stream_key("x") == f"{bus.prefix}:stream:x" and bus.record_key("x") == f"{bus.prefix}:req:x"
 
 
-def test_redis_down_is_service_unavailable() -> None:
-    down = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
+def dead_bus() -> TokenBus:
+    return TokenBus(redis=SharedRedis(url=f"redis://127.0.0.1:{free_port()}/0", prefix="x", socket_timeout_s=0.5), maxlen=10, ttl_s=10)
+
+
+def test_redis_down_is_service_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    down = dead_bus()
     with pytest.raises(ServiceUnavailable) as info:
-        down.publish("r", "token", {})
+        down.append("r", "token", {})
     assert info.value.data == {"service": "redis"}
+    monkeypatch.setattr(reader, "OUTAGE_S", 0.2)
+    producer = Producer(down, Run.new("r", 1))
     calls = (
-        lambda: down.set_status("r", status="x"),
-        lambda: down.get_status("r"),
+        lambda: down.set_record("r", status="x"),
+        lambda: down.get_record("r"),
         lambda: down.read_all("r"),
         lambda: read(down, "r", timeout_s=1),
-        lambda: down.begin("r", executed_by="w"),
-        lambda: down.finish("r", "done", {}, status="completed"),
+        lambda: fencing.begin(down, producer.run, lease_s=1, executed_by="w"),
+        lambda: fencing.renew(down, [producer.run], lease_s=1),
+        lambda: fencing.lapsed(down, now=0),
+        lambda: fencing.lapse(down, "r", next_lease_s=1, max_runs=1),
+        lambda: fencing.fail(down, "r", ServiceUnavailable()),
+        lambda: fencing.lease_published(down, "r", lease_s=1),
+        lambda: producer.publish_token(0, "t"),
+        lambda: producer.finish("done", {}, status=RequestStatus.COMPLETED),
+        lambda: producer.wanted(),
     )
     for call in calls:
         with pytest.raises(ServiceUnavailable):
@@ -116,7 +126,7 @@ def test_redis_down_is_service_unavailable() -> None:
 
 def test_one_async_client_per_event_loop(bus: TokenBus) -> None:
     async def twice() -> tuple[int, int]:
-        return id(bus.aclient()), id(bus.aclient())
+        return id(bus.redis.aclient()), id(bus.redis.aclient())
 
     a, b = asyncio.run(twice())
     assert a == b
@@ -125,7 +135,7 @@ def test_one_async_client_per_event_loop(bus: TokenBus) -> None:
 def test_both_clients_parse_replies_with_hiredis(bus: TokenBus) -> None:
     """redis-py's C parser (requirements: hiredis): without it, redis-py falls back to
     its Python parser silently, at about a tenth more CPU per request in a worker."""
-    pool = bus.client.connection_pool
+    pool = bus.redis.client.connection_pool
     connection = pool.get_connection()
     try:
         assert type(connection._parser).__name__ == "_HiredisParser"
@@ -133,7 +143,7 @@ def test_both_clients_parse_replies_with_hiredis(bus: TokenBus) -> None:
         pool.release(connection)
 
     async def parser() -> str:
-        client = bus.aclient()
+        client = bus.redis.aclient()
         await client.ping()
         connection = await client.connection_pool.get_connection()
         try:
@@ -148,14 +158,14 @@ def test_both_clients_parse_replies_with_hiredis(bus: TokenBus) -> None:
 def test_process_bus_uses_settings() -> None:
     bus = get_bus()
     assert bus is get_bus()
-    assert bus.prefix == settings.REDIS_KEY_PREFIX and bus.url == settings.REDIS_URL
+    assert bus.prefix == settings.REDIS_KEY_PREFIX and bus.redis.url == settings.REDIS_URL
 
 
 def test_a_stopped_redis_fails_fast_not_after_redis_pys_retries() -> None:
-    bus = TokenBus(url=f"redis://127.0.0.1:{free_port()}/0", prefix="p", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
+    bus = dead_bus()
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable):
-        bus.publish("r", "token", {"seq": 0})
+        bus.append("r", "token", {"seq": 0})
     # redis-py's default retries (ten, with backoff) kept this waiting about 4 s.
     assert time.monotonic() - started < 1.5
 
@@ -166,47 +176,41 @@ def test_pooled_connections_survive_a_redis_restart(tmp_path: Path) -> None:
     own = OwnRedis(tmp_path)
     own.start()
     try:
-        bus = TokenBus(url=f"redis://127.0.0.1:{own.port}/0", prefix="p", maxlen=10, ttl_s=10, socket_timeout_s=0.5)
-        bus.publish("r", "token", {"seq": 0})
+        bus = TokenBus(redis=SharedRedis(url=f"redis://127.0.0.1:{own.port}/0", prefix="p", socket_timeout_s=0.5), maxlen=10, ttl_s=10)
+        bus.append("r", "token", {"seq": 0}, attempt=1)
         own.stop()
         own.start()  # the pooled connection was closed by a server that is gone
-        bus.publish("r", "done", {})  # reconnects: no error reaches the caller
+        bus.append("r", "done", {}, attempt=1)  # reconnects: no error reaches the caller
         assert [e.type for e in bus.read_all("r")] == ["done"]  # the new server kept nothing
 
         async def read_after_restart() -> list[str]:
-            seen = [e.type async for e in bus.events("r", timeout_s=1)]
+            seen = [e.type async for e in read_events(bus, "r", timeout_s=1)]
             own.stop()
             own.start()
-            bus.publish("r2", "done", {})
-            return seen + [e.type async for e in bus.events("r2", timeout_s=1)]
+            bus.append("r2", "done", {}, attempt=1)
+            return seen + [e.type async for e in read_events(bus, "r2", timeout_s=1)]
 
         assert asyncio.run(read_after_restart()) == ["done", "done"]
     finally:
         own.stop()
 
 
-def test_begin_marks_a_queued_request_running_in_one_round_trip(bus: TokenBus) -> None:
-    bus.set_status("r", status="queued", created_at="1700000000.5", tenant_id="t")
-    assert bus.begin("r", executed_by="host:1") == "1700000000.5"
-    status = bus.get_status("r")
-    assert status["status"] == "running" and status["executed_by"] == "host:1" and status["tenant_id"] == "t"
-    assert 0 < bus.client.ttl(bus.status_key("r")) <= 30
+def test_the_record_is_the_requests_and_expires_with_it(bus: TokenBus) -> None:
+    producer = begun_run(bus, "r")
+    producer.finish("done", {"text": "hi"}, status=RequestStatus.COMPLETED)
+    assert [(e.type, e.data, e.attempt) for e in bus.read_all("r")] == [("done", {"text": "hi"}, 1)]
+    assert bus.get_record("r")["status"] == "completed" and 0 < bus.redis.client.ttl(bus.stream_key("r")) <= 30
+    assert 0 < bus.redis.client.ttl(bus.record_key("r")) <= 30
 
 
-def test_begin_leaves_a_finished_request_alone(bus: TokenBus) -> None:
-    for final in ("completed", "failed"):
-        bus.set_status(f"r-{final}", status=final)
-        assert bus.begin(f"r-{final}", executed_by="host:2") is None
-        assert bus.get_status(f"r-{final}")["status"] == final and "executed_by" not in bus.get_status(f"r-{final}")
+def test_the_status_enum_knows_which_are_final() -> None:
+    assert [s.value for s in RequestStatus if s.finished] == ["completed", "failed"]
 
 
-def test_begin_on_an_unknown_request_runs_it_without_a_creation_time(bus: TokenBus) -> None:
-    assert bus.begin("never-queued", executed_by="host:3") == ""
-    assert bus.get_status("never-queued")["status"] == "running"
-
-
-def test_finish_appends_the_terminal_event_and_the_status_together(bus: TokenBus) -> None:
-    bus.set_status("r", status="running")
-    bus.finish("r", "done", {"text": "hi"}, status="completed")
-    assert [(e.type, e.data) for e in bus.read_all("r")] == [("done", {"text": "hi"})]
-    assert bus.get_status("r")["status"] == "completed" and 0 < bus.client.ttl(bus.stream_key("r")) <= 30
+def test_a_set_bus_replaces_the_process_bus(bus: TokenBus) -> None:
+    set_bus(bus)
+    try:
+        assert get_bus() is bus
+    finally:
+        set_bus(None)
+    assert get_bus() is not bus and get_bus().prefix == settings.REDIS_KEY_PREFIX

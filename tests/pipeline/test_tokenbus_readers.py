@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline.tokenbus import BusEvent, TokenBus
-from tests.conftest import scratch_bus
+from pipeline.tokenbus import BusEvent, RequestStatus, TokenBus
+from pipeline.tokenbus.reader import read_events
+from tests.conftest import begun_run, scratch_bus
 
 
 @pytest.fixture
@@ -20,10 +21,11 @@ def bus() -> Iterator[TokenBus]:
 
 
 def produce(bus: TokenBus, n: int, delay_s: float) -> None:
+    producer = begun_run(bus, "r")
     for i in range(n):
-        bus.publish("r", "token", {"seq": i})
+        producer.publish_token(i, f"t{i}")
         time.sleep(delay_s)
-    bus.publish("r", "done", {})
+    producer.finish("done", {}, status=RequestStatus.COMPLETED)
 
 
 def test_slow_and_fast_readers_each_get_the_whole_sequence(bus: TokenBus) -> None:
@@ -31,7 +33,7 @@ def test_slow_and_fast_readers_each_get_the_whole_sequence(bus: TokenBus) -> Non
 
     async def reader(pause_s: float) -> list[BusEvent]:
         seen = []
-        async for event in bus.events("r", timeout_s=20):
+        async for event in read_events(bus, "r", timeout_s=20):
             seen.append(event)
             if pause_s:
                 await asyncio.sleep(pause_s)
@@ -59,6 +61,6 @@ def test_a_late_reader_replays_from_the_start(bus: TokenBus) -> None:
     produce(bus, 5, 0)
 
     async def late() -> list[BusEvent]:
-        return [e async for e in bus.events("r", timeout_s=2)]
+        return [e async for e in read_events(bus, "r", timeout_s=2)]
 
     assert [e.type for e in asyncio.run(late())] == ["token"] * 5 + ["done"]

@@ -16,8 +16,11 @@ import bench_batch
 
 
 def run_sh_batch_worker() -> list[str]:
-    line = next(line for line in (ROOT / "scripts" / "run.sh").read_text().splitlines() if line.startswith("start worker-batch "))
-    words = shlex.split(line)[2:]
+    """The batch worker's command in ``scripts/run.sh`` (its supervisord program: line
+    continuations joined, supervisord's ``%%`` read as ``%``)."""
+    text = (ROOT / "scripts" / "run.sh").read_text().replace("\\\n", " ")
+    line = next(line.strip() for line in text.splitlines() if line.strip().startswith("program worker-batch "))
+    words = shlex.split(line.replace("%%", "%"))[2:]
     return [w for w in words if not w.startswith("$")]
 
 

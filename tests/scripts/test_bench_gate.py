@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -145,9 +146,32 @@ def test_an_unchanged_tree_passes(tmp_path: Path, attempt: int) -> None:
     assert "bench gate: ok" in proc.stdout
 
 
-def test_a_missing_base_ref_is_not_a_failure() -> None:
+def test_a_base_ref_that_cannot_be_exported_fails_the_gate() -> None:
     proc = subprocess.run([sys.executable, "scripts/bench_gate.py", "--base-ref", "no-such-ref"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and "no base tree" in proc.stdout
+    assert proc.returncode == 1 and "FAILED: cannot export the base tree no-such-ref" in proc.stdout
+
+
+def test_a_base_tree_the_benchmark_cannot_run_on_fails_the_gate(tmp_path: Path) -> None:
+    base = copy_tree(tmp_path / "base")
+    (base / "pipeline" / "stages" / "context.py").write_text("raise RuntimeError('a broken tree')\n")
+    proc = gate(base, ROOT)
+    assert proc.returncode == 1 and "FAILED: the benchmark could not run" in proc.stdout
+
+
+def test_a_case_the_base_cannot_build_yet_is_reported_and_skipped(tmp_path: Path) -> None:
+    """A case whose module the base has not got (new, or moved since) is left out of
+    the base's run and shown as new; the other cases are compared as ever."""
+    base = copy_tree(tmp_path / "base")
+    (base / "pipeline" / "stages" / "postprocess.py").unlink()
+    run = subprocess.run(
+        [sys.executable, "scripts/bench_stages.py", "--tree", str(base), "--rounds", "1", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(out["cases"]) == ["assemble", "rag.limit_context (50 docs)"]  # the engine imports the post stage too
+    assert [line.split(":", 1)[0] for line in out["unavailable"]] == ["post (2 KiB reply)", "post on a stream (7-char chunks)", "engine (5 stages, in memory)"]
+    compared = bench_gate.table(out["cases"], {**out["cases"], "post (2 KiB reply)": [100.0]}, threshold=0.1)
+    assert any("post (2 KiB reply)" in line and "(new)" in line for line in compared.lines) and not compared.regressed
 
 
 def comparisons(*results: tuple[set[str], float]) -> tuple[bench_gate.Compare, list[int]]:

@@ -1,0 +1,206 @@
+"""The real-time endpoints' input, validated with pydantic (its models also describe
+the bodies in the OpenAPI schema): ``POST /api/v1/infer``, a WebSocket ``prompt``
+message, and ``POST /v1/chat/completions``.
+
+Field errors become the API's errors (``input_errors``): a missing or blank prompt
+is ``prompt_missing``, one over ``limits.max_prompt_chars`` is ``prompt_too_large``,
+anything else ``invalid_request`` naming each field and what is wrong with it.
+Unknown fields are ignored. Text may hold no NUL character and no lone surrogate,
+which neither Postgres nor Redis could store.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptMissing, PromptTooLarge
+from pipeline.config import get_config
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+Input = TypeVar("Input", bound=BaseModel)
+
+
+def _storable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must not contain lone surrogates") from exc
+    return value
+
+
+def _prompt(value: Any) -> Any:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise PydanticCustomError("prompt_blank", "prompt must not be empty")
+    if isinstance(value, str):
+        limit = get_config().limits.max_prompt_chars
+        if len(value) > limit:
+            raise PydanticCustomError("prompt_too_large", "prompt is longer than {limit} characters", {"limit": limit})
+    return value
+
+
+def _stops(value: list[str]) -> list[str]:
+    limit = get_config().limits.max_stop_sequences
+    if len(value) > limit:
+        raise ValueError(f"at most {limit} stop sequences")
+    return value
+
+
+def _metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(repr(value)) > 4096:
+        raise ValueError("metadata is larger than 4 KiB")
+    return value
+
+
+Text = Annotated[str, BeforeValidator(lambda v: _storable(v) if isinstance(v, str) else v)]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class InferInput(_Input):
+    """A prompt and what shapes its answer."""
+
+    prompt: Annotated[Text, BeforeValidator(_prompt)]
+    session_id: str | None = Field(None, description="1-128 of A-Z a-z 0-9 _ . : @ -; the session's earlier turns are replayed")
+    worker: Annotated[Text, Field(max_length=100)] | None = None
+    model: Annotated[Text, Field(max_length=200)] | None = None
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stop: list[Annotated[Text, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=16)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    wait: bool = True
+    stream: bool = False
+
+    @field_validator("session_id", mode="before")
+    @classmethod
+    def _session(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if not SESSION_ID.match(value):
+                raise ValueError("use 1-128 of A-Z a-z 0-9 _ . : @ -")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limit(cls, value: list[str]) -> list[str]:
+        return _stops(value)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _metadata(value)
+
+    def fields(self) -> dict[str, Any]:
+        """What ``services.start.infer_build_request`` reads."""
+        return self.model_dump(exclude={"wait", "stream"})
+
+
+def _content(value: Any) -> Any:
+    """A string, or a list of text parts (``{"type": "text", "text": …}``)."""
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    if not isinstance(value, str):
+        raise ValueError("content must be a string or a list of text parts")
+    return value
+
+
+class ChatMessageInput(_Input):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[Text, BeforeValidator(_content)]
+
+
+class StreamOptionsInput(_Input):
+    include_usage: bool = False
+
+
+def _stop_list(value: Any) -> Any:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise ValueError("stop must be a string or a list of at most 4 strings")
+    return stops
+
+
+class ChatCompletionInput(_Input):
+    """OpenAI's chat completion request, as far as this gateway honours it."""
+
+    model: Text = Field(max_length=300)
+    messages: list[ChatMessageInput] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stop: Annotated[list[Text], BeforeValidator(_stop_list)] = Field(default_factory=list)
+    stream: bool = False
+    stream_options: StreamOptionsInput | None = None
+    n: int | None = Field(None, ge=1, le=1)
+    user: Annotated[Text, Field(max_length=256)] | None = None
+
+
+def validated(model: type[Input], data: Any) -> Input:
+    """``data`` as ``model``, or the API error that says what is wrong with it."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object", data={"fields": {"non_field_errors": ["expected a JSON object"]}})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise input_errors(exc) from None
+
+
+# pydantic's error types, worded as the API words them everywhere else (DRF's words).
+_MESSAGES = {
+    "missing": "This field is required.",
+    "string_type": "Not a valid string.",
+    "int_type": "A valid integer is required.",
+    "int_parsing": "A valid integer is required.",
+    "int_from_float": "A valid integer is required.",
+    "float_type": "A valid number is required.",
+    "float_parsing": "A valid number is required.",
+    "bool_type": "Must be a valid boolean.",
+    "bool_parsing": "Must be a valid boolean.",
+    "dict_type": "Expected a dictionary of items.",
+    "list_type": "Expected a list of items.",
+    "model_type": "Expected a JSON object.",
+    "greater_than_equal": "Ensure this value is greater than or equal to {ge}.",
+    "less_than_equal": "Ensure this value is less than or equal to {le}.",
+    "string_too_long": "Ensure this field has no more than {max_length} characters.",
+    "string_too_short": "Ensure this field has at least {min_length} characters.",
+    "too_long": "Ensure this field has no more than {max_length} elements.",
+    "too_short": "Ensure this field has at least {min_length} elements.",
+    "literal_error": "Must be one of {expected}.",
+}
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    if kind in ("too_long", "too_short") and isinstance(error.get("input"), str):
+        kind = f"string_{kind}"  # a constrained text whose checks run as a function's
+    template = _MESSAGES.get(kind)
+    if template is None:
+        return str(error["msg"])
+    return template.format(**{key: str(value) for key, value in (error.get("ctx") or {}).items()})
+
+
+def input_errors(exc: ValidationError) -> OrchestratorError:
+    """The most specific error for a model's field errors."""
+    fields: dict[str, list[str]] = {}
+    for error in exc.errors(include_url=False):
+        loc = error["loc"]
+        if loc and loc[0] == "prompt":
+            if error["type"] == "prompt_too_large":
+                return PromptTooLarge(str(error["msg"]))
+            if error["type"] in ("prompt_blank", "missing"):
+                return PromptMissing()
+        name = str(loc[0]) if loc else "non_field_errors"
+        where = ".".join(str(part) for part in loc[1:])
+        fields.setdefault(name, []).append(f"{where}: {_message(error)}" if where else _message(error))
+    return InvalidRequest("some fields are invalid: " + ", ".join(sorted(fields)), data={"fields": fields})
