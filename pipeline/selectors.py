@@ -13,7 +13,7 @@ from orchestrator_site.errors import NotFound, OrchestratorError
 from pipeline.models import Document, SessionTurn
 from pipeline.stages.context import RetrievedDocument
 from pipeline.stages.rag import RetrievalResult
-from pipeline.tokenbus import get_bus
+from pipeline.tokenbus import RequestStatus, get_bus
 from pipeline.types import ChatMessage, PipelineResult
 
 # OR semantics over the prompt's lexemes: a natural-language question rarely has
@@ -88,8 +88,8 @@ def request_status_for_tenant(*, tenant_id: str, request_id: str) -> dict[str, s
 def request_result_for_tenant(*, tenant_id: str, request_id: str) -> tuple[str, PipelineResult | None]:
     """The status, with the result when completed (None while pending); the recorded
     error when it failed."""
-    status = request_status_for_tenant(tenant_id=tenant_id, request_id=request_id).get("status", "queued")
-    if status not in ("completed", "failed"):
+    status = request_status_for_tenant(tenant_id=tenant_id, request_id=request_id).get("status", RequestStatus.QUEUED.value)
+    if status not in (RequestStatus.COMPLETED, RequestStatus.FAILED):
         return status, None
     for event in reversed(get_bus().read_all(request_id)):
         if event.type == "done":

@@ -29,7 +29,7 @@ ENV = {
     **os.environ,
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/orchestrator_bench",
     "REDIS_URL": "redis://127.0.0.1:6379/8",
-    "CELERY_BROKER_URL": "redis://127.0.0.1:6379/9",
+    "CELERY_BROKER_URL": os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/9"),  # bench_ttft's --broker
     "REDIS_KEY_PREFIX": "bench",
     "LOG_LEVEL": "WARNING",
     "DJANGO_DEBUG": "0",
@@ -60,12 +60,10 @@ def setup() -> str:
     code = (
         "import django; django.setup()\n"
         "from pipeline.models import Document, Tenant\n"
-        "from pipeline.presence import documents_changed\n"
         "t = Tenant.objects.get(name='bench')\n"
         "if not Document.objects.filter(tenant=t).exists():\n"
         "    words = 'refund shipping warranty invoice account password delivery return exchange policy'.split()\n"
         "    Document.objects.bulk_create([Document(tenant=t, title=f'{words[i % 10]} guide {i}', body=' '.join(words[(i + j) % 10] for j in range(120))) for i in range(1000)])\n"
-        "    documents_changed(str(t.id))  # bulk_create sends no post_save (pipeline.presence)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
     return key

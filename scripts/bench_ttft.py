@@ -832,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", help="the Celery broker's URL (default: a database of the suite's Redis; amqp://… for RabbitMQ)")
     args = parser.parse_args(argv)
     if args.broker:
-        ENV["CELERY_BROKER_URL"] = args.broker
+        ENV["CELERY_BROKER_URL"] = args.broker  # the gateway's and the workers' (bench_path's ENV)
     if args.upstream:
         asyncio.run(serve_upstream(args.upstream, args.first_token_ms / 1000, args.tokens, args.token_interval_ms / 1000))
         return 0

@@ -14,6 +14,7 @@ from rest_framework import serializers
 
 from pipeline.api.errors import validation_error
 from pipeline.config import get_config
+from pipeline.tokenbus import RequestStatus
 
 
 class RequestOptions(serializers.Serializer):
@@ -81,7 +82,7 @@ class InferResult(serializers.Serializer):
 class RequestStatusOut(serializers.Serializer):
     request_id = serializers.CharField()
     session_id = serializers.CharField()
-    status = serializers.ChoiceField(choices=["queued", "running", "completed", "failed"])
+    status = serializers.ChoiceField(choices=[status.value for status in RequestStatus])
     created_at = serializers.FloatField()
     updated_at = serializers.FloatField()
 

@@ -24,6 +24,7 @@ from pipeline.api.parsers import LimitedJSONParser
 from pipeline.auth import TenantPrincipal, aresolve_api_key
 from pipeline.config import get_config
 from pipeline.services import documents, gates, start
+from pipeline.tokenbus import RequestStatus
 
 log = structlog.get_logger("pipeline.api")
 
@@ -129,7 +130,8 @@ class InferApi(TenantAsyncAPIView):
         if data.wait or started.kind is start.StartKind.LOCAL:
             result = await streaming.answer_of(prompt_request, started, timeout_s=wait_s)
             return Response(result.to_dict())
-        return Response({"request_id": started.request_id, "status": "completed" if started.result else "queued"}, status=202)
+        status = RequestStatus.COMPLETED if started.result else RequestStatus.QUEUED
+        return Response({"request_id": started.request_id, "status": status.value}, status=202)
 
 
 class RequestStatusApi(APIView):
@@ -140,7 +142,7 @@ class RequestStatusApi(APIView):
             {
                 "request_id": request_id,
                 "session_id": record.get("session_id", ""),
-                "status": record.get("status", "queued"),
+                "status": record.get("status", RequestStatus.QUEUED.value),
                 "created_at": float(record.get("created_at", 0)),
                 "updated_at": float(record.get("updated_at", 0)),
             }

@@ -88,7 +88,7 @@ def test_status_needs_a_key(anon: object, owner: TenantFixture) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_request_retried_by_its_lease_shows_the_answer_of_its_last_attempt(owner: TenantFixture, outsider: TenantFixture) -> None:
+def test_a_request_retried_by_its_lease_shows_the_answer_of_its_last_attempt(owner: TenantFixture, outsider: TenantFixture, unpublished: list) -> None:
     """A run that died before its first token is run again as the next attempt: the
     status and the result are the request's, whatever attempt answered it; and another
     tenant still finds nothing."""
@@ -99,6 +99,7 @@ def test_a_request_retried_by_its_lease_shows_the_answer_of_its_last_attempt(own
     request_id = queue_request(request)
     get_bus().redis.client.zadd(get_bus().leases_key, {request_id: 0})  # its first run died, say, before it began
     assert [(d.request_id, d.attempt) for d in leases.sweep() if d.request_id == request_id] == [(request_id, 2)]
+    assert (request_id, 2) in unpublished
     assert owner.client.get(f"/api/v1/status/{request_id}").json()["status"] == "queued"
     execute.realtime_execute(request_id, 1)  # the first attempt's message, late: stale
     execute.realtime_execute(request_id, 2)

@@ -56,6 +56,10 @@ def test_any_difference_that_changes_the_answer_changes_the_key(request: PromptR
         new = data.draw((st.none() | st.floats(0, 2)).filter(lambda v: v != current))
     elif field == "stop":
         new = data.draw(st.lists(st.text(min_size=1, max_size=5), max_size=3).map(tuple).filter(lambda v: set(v) != set(current)))
+    elif field == "session_id":
+        # A session named by the client: one equal to the request's id is no session at all.
+        new = data.draw(text.filter(lambda v: v not in (current, request.request_id)))
+        assume(current != request.request_id)
     else:
         new = data.draw(text.filter(lambda v: v != current))
     assert dedup_key(dataclasses.replace(request, **{field: new})) != dedup_key(request)
