@@ -121,7 +121,9 @@ class StreamConsumer(AsyncWebsocketConsumer):
         self._room_for_one_more()
         data = validated(InferInput, {k: v for k, v in message.items() if k != "type"})
         config = get_config()
-        request = start.infer_build_request(tenant_id=principal.tenant_id, data=data.fields(), config=config)
+        request = start.infer_build_request(
+            tenant_id=principal.tenant_id, data=data.fields(), config=config, tenant_has_documents=principal.tenant.has_documents
+        )
         try:
             started = await start.ainfer_start(request=request, rates=gates.tenant_rates(principal.tenant, config))
         except OrchestratorError as exc:

@@ -16,6 +16,9 @@ class Tenant(models.Model):
     # Empty: the default of pipeline.toml's [rate_limits]; 0: no limit.
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    # Kept by services.documents; read with the cached key, so that a request of a tenant
+    # with no documents skips the RAG search (which would find nothing).
+    has_documents = models.BooleanField(default=False, db_default=False, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

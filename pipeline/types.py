@@ -33,6 +33,8 @@ class PromptRequest:
     # The conversation before ``prompt`` when the client sends it (the OpenAI-style
     # API); empty: the session's stored turns are used instead.
     history: tuple[ChatMessage, ...] = ()
+    # False: the tenant had no documents when the request started; its search is skipped.
+    tenant_has_documents: bool = True
 
     @property
     def names_session(self) -> bool:
@@ -53,6 +55,7 @@ class PromptRequest:
             "stop": list(self.stop),
             "metadata": dict(self.metadata),
             "history": [[m.role, m.content] for m in self.history],
+            "tenant_has_documents": self.tenant_has_documents,
         }
 
     @classmethod
@@ -70,6 +73,7 @@ class PromptRequest:
             stop=tuple(str(s) for s in data.get("stop") or ()),
             metadata=dict(data.get("metadata") or {}),
             history=tuple(ChatMessage(str(role), str(content)) for role, content in data.get("history") or ()),
+            tenant_has_documents=bool(data.get("tenant_has_documents", True)),
         )
 
 

@@ -64,6 +64,8 @@ def setup() -> str:
         "if not Document.objects.filter(tenant=t).exists():\n"
         "    words = 'refund shipping warranty invoice account password delivery return exchange policy'.split()\n"
         "    Document.objects.bulk_create([Document(tenant=t, title=f'{words[i % 10]} guide {i}', body=' '.join(words[(i + j) % 10] for j in range(120))) for i in range(1000)])\n"
+        "from pipeline.services.documents import tenant_documents_changed\n"
+        "tenant_documents_changed(tenant_id=str(t.id))  # bulk_create sends no signal\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, check=True)
     return key

@@ -511,9 +511,10 @@ def unpublished(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
     kept: list[tuple[str, int]] = []
 
-    def keep(request_id: str, attempt: int, *, queue_lease_s: float) -> None:
+    def keep(request_id: str, attempt: int, *, queue_lease_s: float, lease: bool = True) -> None:
         kept.append((request_id, attempt))
-        fencing.lease_published(get_bus(), request_id, lease_s=queue_lease_s)
+        if lease:
+            fencing.lease_published(get_bus(), request_id, lease_s=queue_lease_s)
 
     monkeypatch.setattr(start, "realtime_publish", keep)
     return kept

@@ -87,7 +87,9 @@ class ChatCompletionsApi(TenantAsyncAPIView):
             "stop": data.stop,
             "history": [(m.role if m.role != "developer" else "system", m.content) for m in messages[:-1]],
         }
-        prompt_request = start.infer_build_request(tenant_id=principal.tenant_id, data=fields, config=config)
+        prompt_request = start.infer_build_request(
+            tenant_id=principal.tenant_id, data=fields, config=config, tenant_has_documents=principal.tenant.has_documents
+        )
         started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         name = f"{worker}/{model}"
         wait_s = streaming.wait_s(config.limits.request_timeout_s)

@@ -121,7 +121,9 @@ class InferApi(TenantAsyncAPIView):
         if not data.stream:
             refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
-        prompt_request = start.infer_build_request(tenant_id=principal.tenant_id, data=data.fields(), config=config)
+        prompt_request = start.infer_build_request(
+            tenant_id=principal.tenant_id, data=data.fields(), config=config, tenant_has_documents=principal.tenant.has_documents
+        )
         started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         wait_s = streaming.wait_s(config.limits.request_timeout_s)
         if data.stream:

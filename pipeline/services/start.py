@@ -11,7 +11,8 @@ record and changes nothing, so a lost reply never starts a request twice.
 
 Then Celery's own publish (``apply_async``, from a small pool of threads: kombu's
 publish blocks) puts ``run_realtime(request_id, attempt)`` on the ``realtime``
-queue, and the request's lease starts (``tokenbus.fencing``).
+queue, and the request's lease starts (``tokenbus.fencing``), in that pool too,
+while the client already reads.
 
 What the gateway does when a service is down, so that an accepted request is
 answered and never run twice:
@@ -78,7 +79,7 @@ class Started:
         return self.kind in (StartKind.SUBMITTED, StartKind.ATTACHED, StartKind.RUN_HERE)
 
 
-def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings) -> PromptRequest:
+def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings, tenant_has_documents: bool = True) -> PromptRequest:
     """A routed ``PromptRequest`` from validated input."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     request_id = uuid.uuid4().hex
@@ -94,6 +95,7 @@ def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: Pipe
         stop=tuple(data.get("stop") or ()),
         metadata=dict(data.get("metadata") or {}),
         history=tuple(ChatMessage(role, content) for role, content in data.get("history") or ()),
+        tenant_has_documents=tenant_has_documents,
     )
 
 
@@ -190,13 +192,15 @@ async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSet
     max_global, max_per_tenant, _ = gates.admission_bounds(config)
     if kind == "shed":
         raise gates.shed("tenant" if int(reply[1]) == -1 else "global", max_global=max_global, max_per_tenant=max_per_tenant)
-    publish = functools.partial(realtime_publish, request.request_id, 1, queue_lease_s=config.limits.queue_lease_s)
+    publish = functools.partial(realtime_publish, request.request_id, 1, queue_lease_s=config.limits.queue_lease_s, lease=False)
     try:
         # In this request's context: its trace goes with the message.
         await asyncio.get_running_loop().run_in_executor(_publisher, contextvars.copy_context().run, publish)
     except ServiceUnavailable:
         _run_here(request.request_id)
         return Started(StartKind.RUN_HERE, request.request_id)
+    # The lease's round trip is not the client's to wait for: the message is on its way.
+    _publisher.submit(start_lease, request.request_id, queue_lease_s=config.limits.queue_lease_s)
     return Started(StartKind.SUBMITTED, request.request_id)
 
 
@@ -246,9 +250,10 @@ def _deduplicated(kind: str, value: str, key: str) -> Started | None:
     return None
 
 
-def realtime_publish(request_id: str, attempt: int, *, queue_lease_s: float) -> None:
-    """Celery's publish of ``run_realtime(request_id, attempt)``, then the request's lease
-    (``ServiceUnavailable`` when the broker is down: the message did not leave)."""
+def realtime_publish(request_id: str, attempt: int, *, queue_lease_s: float, lease: bool = True) -> None:
+    """Celery's publish of ``run_realtime(request_id, attempt)``, then (unless ``lease``
+    is False: the caller starts it) the request's lease. ``ServiceUnavailable`` when
+    the broker is down: the message did not leave."""
     from pipeline.tasks import run_realtime
 
     try:
@@ -257,6 +262,12 @@ def realtime_publish(request_id: str, attempt: int, *, queue_lease_s: float) -> 
     except KombuOperationalError as exc:
         log.warning("broker_unavailable", request_id=request_id, outcome="degraded", error_type=type(exc).__name__)
         raise ServiceUnavailable("the broker is unavailable", data={"service": "broker"}) from exc
+    if lease:
+        start_lease(request_id, queue_lease_s=queue_lease_s)
+
+
+def start_lease(request_id: str, *, queue_lease_s: float) -> None:
+    """A published request's lease (``tokenbus.fencing``); Redis refusing is only logged."""
     try:
         fencing.lease_published(get_bus(), request_id, lease_s=queue_lease_s)
     except ServiceUnavailable as exc:

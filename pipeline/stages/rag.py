@@ -51,6 +51,8 @@ def search_args(request: PromptRequest, config: RagConfig) -> dict[str, Any]:
 def rag(ctx: StageContext, *, retrieve: Retriever, config: RagConfig) -> StageContext:
     if not config.enabled:
         return replace(ctx, rag_outcome="disabled")
+    if not ctx.request.tenant_has_documents:
+        return replace(ctx, rag_outcome="no_documents")  # its search would find nothing
     result = retrieve(**search_args(ctx.request, config))
     documents = limit_context(result.documents, config.max_context_chars)
     # A slow search degrades the answer (no context), never the request.
