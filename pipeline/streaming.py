@@ -84,6 +84,7 @@ async def stream_events(stream_id: str, *, client_request_id: str, timeout_s: fl
     ``after_seq``, labelled with the client's request id (an attached request reads
     the stream of the identical request it shares)."""
     events = read_events(get_bus(), stream_id, timeout_s=timeout_s, on_outage=_redis_failed)
+    tokens = 0
     async with contextlib.aclosing(events):
         while True:
             try:
@@ -96,10 +97,15 @@ async def stream_events(stream_id: str, *, client_request_id: str, timeout_s: fl
                 return
             if event.type == "token":
                 seq = int(event.data.get("seq", 0))
+                tokens += 1
                 if seq > after_seq:
                     yield {"type": "token", "request_id": client_request_id, "seq": seq, "text": str(event.data.get("text", ""))}
             elif event.type == "done":
-                yield done_event(client_request_id, PipelineResult.from_dict(event.data))
+                result = PipelineResult.from_dict(event.data)
+                if not tokens and after_seq < 0 and result.text:
+                    # A whole answer (its first client did not stream): one token, as from the window.
+                    yield {"type": "token", "request_id": client_request_id, "seq": 0, "text": result.text}
+                yield done_event(client_request_id, result)
                 return
             elif event.type == "error":
                 yield error_event(client_request_id, OrchestratorError.from_dict(event.data))

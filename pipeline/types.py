@@ -35,6 +35,9 @@ class PromptRequest:
     history: tuple[ChatMessage, ...] = ()
     # False: the tenant had no documents when the request started; its search is skipped.
     tenant_has_documents: bool = True
+    # False: its client waits for the whole answer; the run publishes the answer once,
+    # not token by token.
+    stream: bool = True
 
     @property
     def names_session(self) -> bool:
@@ -56,6 +59,7 @@ class PromptRequest:
             "metadata": dict(self.metadata),
             "history": [[m.role, m.content] for m in self.history],
             "tenant_has_documents": self.tenant_has_documents,
+            "stream": self.stream,
         }
 
     @classmethod
@@ -74,6 +78,7 @@ class PromptRequest:
             metadata=dict(data.get("metadata") or {}),
             history=tuple(ChatMessage(str(role), str(content)) for role, content in data.get("history") or ()),
             tenant_has_documents=bool(data.get("tenant_has_documents", True)),
+            stream=bool(data.get("stream", True)),
         )
 
 

@@ -88,7 +88,11 @@ class ChatCompletionsApi(TenantAsyncAPIView):
             "history": [(m.role if m.role != "developer" else "system", m.content) for m in messages[:-1]],
         }
         prompt_request = start.infer_build_request(
-            tenant_id=principal.tenant_id, data=fields, config=config, tenant_has_documents=principal.tenant.has_documents
+            tenant_id=principal.tenant_id,
+            data=fields,
+            config=config,
+            tenant_has_documents=principal.tenant.has_documents,
+            stream=data.stream,
         )
         started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         name = f"{worker}/{model}"

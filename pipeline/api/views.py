@@ -122,7 +122,11 @@ class InferApi(TenantAsyncAPIView):
             refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
         prompt_request = start.infer_build_request(
-            tenant_id=principal.tenant_id, data=data.fields(), config=config, tenant_has_documents=principal.tenant.has_documents
+            tenant_id=principal.tenant_id,
+            data=data.fields(),
+            config=config,
+            tenant_has_documents=principal.tenant.has_documents,
+            stream=data.stream,
         )
         started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         wait_s = streaming.wait_s(config.limits.request_timeout_s)

@@ -45,6 +45,8 @@ from pipeline.types import PipelineResult, PromptRequest, TokenChunk
 
 log = structlog.get_logger("pipeline.services")
 
+WANTED_EVERY_S = 0.25  # how often a run of a whole answer asks whether anyone still waits
+
 
 def executed_by() -> str:
     """Which process ran it: for operators, and the proof that no eager mode is involved."""
@@ -149,7 +151,25 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
             raise RequestCancelled(data={"after_tokens": clock.tokens + 1})  # every reader left: stop the upstream call
         clock.token()
 
-    return run_stages(request, config, clock, publish=publish, deadline_at=deadline_at, still_wanted=producer.wanted)
+    publish_or_count = publish if request.stream else _counting(producer, clock)
+    return run_stages(request, config, clock, publish=publish_or_count, deadline_at=deadline_at, still_wanted=producer.wanted)
+
+
+def _counting(producer: Producer, clock: metrics.StreamClock) -> Publisher:
+    """For a client that waits for the whole answer: the tokens are counted, not
+    published (the done event carries the text: one write, one wake-up of the reader,
+    not one per burst), and whether anyone still waits is asked every ``WANTED_EVERY_S``
+    of a busy stream (a silent one is asked by the streamed stage)."""
+    asked = [time.monotonic()]
+
+    def count(chunk: TokenChunk) -> None:
+        clock.token()
+        if time.monotonic() - asked[0] >= WANTED_EVERY_S:
+            asked[0] = time.monotonic()
+            if not producer.wanted():
+                raise RequestCancelled(data={"after_tokens": clock.tokens})
+
+    return count
 
 
 def _settle_success(

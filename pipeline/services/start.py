@@ -79,8 +79,11 @@ class Started:
         return self.kind in (StartKind.SUBMITTED, StartKind.ATTACHED, StartKind.RUN_HERE)
 
 
-def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings, tenant_has_documents: bool = True) -> PromptRequest:
-    """A routed ``PromptRequest`` from validated input."""
+def infer_build_request(
+    *, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings, tenant_has_documents: bool = True, stream: bool = True
+) -> PromptRequest:
+    """A routed ``PromptRequest`` from validated input. ``stream`` False: its client waits
+    for the whole answer (the run then publishes it once, not token by token)."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     request_id = uuid.uuid4().hex
     return PromptRequest(
@@ -96,6 +99,7 @@ def infer_build_request(*, tenant_id: str, data: Mapping[str, Any], config: Pipe
         metadata=dict(data.get("metadata") or {}),
         history=tuple(ChatMessage(role, content) for role, content in data.get("history") or ()),
         tenant_has_documents=tenant_has_documents,
+        stream=stream,
     )
 
 
