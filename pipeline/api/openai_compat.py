@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
@@ -29,7 +29,7 @@ from orchestrator_site.errors import InvalidRequest, UnknownModel
 from pipeline import streaming
 from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.api.views import EventStreamRenderer, TenantAsyncAPIView, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
+from pipeline.api.views import EventStreamRenderer, TenantAsyncAPIView, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 from pipeline.services import gates, start
 from pipeline.types import PipelineResult
@@ -66,7 +66,7 @@ class ChatCompletionsApi(TenantAsyncAPIView):
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 
     @extend_schema(operation_id="openai_chat_completions", request=ChatCompletionInput, responses={200: dict})
-    async def post(self, request: Request) -> Response | StreamingHttpResponse:
+    async def post(self, request: Request) -> HttpResponse | StreamingHttpResponse:
         principal = tenant_of(request)
         data = validated(ChatCompletionInput, request.data)
         if not data.stream:
@@ -101,7 +101,7 @@ class ChatCompletionsApi(TenantAsyncAPIView):
             events = streaming.prompt_events(prompt_request, started, timeout_s=wait_s)
             return _chunk_stream(events, name, bool(data.stream_options and data.stream_options.include_usage))
         result = await streaming.answer_of(prompt_request, started, timeout_s=wait_s)
-        return Response(_completion(prompt_request.request_id, result, name))
+        return json_answer(_completion(prompt_request.request_id, result, name))
 
 
 def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import structlog
 from adrf.views import APIView as AsyncAPIView
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, StreamingHttpResponse
+from django.http import Http404, HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.exceptions import APIException
 from rest_framework.renderers import BaseRenderer, JSONRenderer
@@ -68,6 +68,14 @@ def sse_response(events: AsyncGenerator[Any, None], *, frame: Callable[[Any], by
     return response
 
 
+def json_answer(data: Any, *, status: int = 200) -> HttpResponse:
+    """``data`` as JSON, rendered here, on the event loop. Django renders a DRF
+    ``Response`` after the view, through ``sync_to_async``: a hop into the request's
+    own thread, started for it, between the answer and the client. A plain
+    ``HttpResponse`` has nothing left to render."""
+    return HttpResponse(JSONRenderer().render(data), content_type="application/json", status=status)
+
+
 def refuse_event_stream_for_a_whole_answer(request: Request) -> None:
     """A client that accepts only ``text/event-stream`` asked for a whole (JSON) answer."""
     renderer = getattr(request, "accepted_renderer", None)
@@ -115,7 +123,7 @@ class InferApi(TenantAsyncAPIView):
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 
     @extend_schema(request=InferInput, responses={200: s.InferResult, 202: s.InferQueued, **_ERRORS}, operation_id="infer")
-    async def post(self, request: Request) -> Response | StreamingHttpResponse:
+    async def post(self, request: Request) -> HttpResponse | StreamingHttpResponse:
         principal = tenant_of(request)
         data = validated(InferInput, request.data)
         if not data.stream:
@@ -135,9 +143,9 @@ class InferApi(TenantAsyncAPIView):
         # Redis down: answered here and now, even with "wait": false (no status to poll).
         if data.wait or started.kind is start.StartKind.LOCAL:
             result = await streaming.answer_of(prompt_request, started, timeout_s=wait_s)
-            return Response(result.to_dict())
+            return json_answer(result.to_dict())
         status = RequestStatus.COMPLETED if started.result else RequestStatus.QUEUED
-        return Response({"request_id": started.request_id, "status": status.value}, status=202)
+        return json_answer({"request_id": started.request_id, "status": status.value}, status=202)
 
 
 class RequestStatusApi(APIView):

@@ -103,3 +103,23 @@ def test_over_http_a_whole_answer_writes_no_tokens_and_a_streaming_twin_gets_it_
     assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == len(REPLY)
     owner_events = get_bus().read_all(queued.json()["request_id"])
     assert [e.type for e in owner_events if e.type in ("token", "done")] == ["done"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/api/v1/infer", {"prompt": "rendered here"}, 200),
+        ("/api/v1/infer", {"prompt": "rendered here, later", "wait": False}, 202),
+        ("/v1/chat/completions", {"model": "echo", "messages": [{"role": "user", "content": "rendered here"}]}, 200),
+    ],
+)
+def test_a_whole_answer_leaves_nothing_for_djangos_handler_to_render(
+    owner: TenantFixture, realtime_worker: WorkerProcess, path: str, body: dict[str, Any], status: int
+) -> None:
+    # Django renders a response that has ``render`` (a DRF Response) in a thread of
+    # the request's own, after the view: a hop on the way to the answer.
+    resp = owner.client.post(path, body, format="json")
+    assert resp.status_code == status, resp.content
+    assert not hasattr(resp, "render") and resp["Content-Type"] == "application/json"
+    assert json.loads(resp.content) == resp.json() and ("request_id" in resp.json() or "choices" in resp.json())
