@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -73,9 +74,12 @@ def setup() -> str:
 
 def realtime_worker_command(name: str, *, threads: int, pool: str = "threads") -> list[str]:
     """A real-time Celery worker as ``make run`` starts one (a thread pool; ``pool``
-    "prefork" for the side-by-side measure: ``threads`` processes instead)."""
+    "prefork" for the side-by-side measure: ``threads`` processes instead).
+    ``BENCH_WORKER_ARGS`` adds options of ``celery worker`` to measure, such as
+    ``--without-heartbeat`` or ``--prefetch-multiplier 1``."""
     celery = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "realtime", "-P", pool]
-    return [*celery, "-c", str(threads), "-n", name, "--without-gossip", "--without-mingle"]
+    extra = shlex.split(os.environ.get("BENCH_WORKER_ARGS", ""))
+    return [*celery, "-c", str(threads), "-n", name, "--without-gossip", "--without-mingle", *extra]
 
 
 def wait_for_gateway(url: str, timeout_s: float = 60) -> None:

@@ -274,6 +274,16 @@ def test_the_real_time_workers_pool_is_chosen_on_the_command_line() -> None:
     assert "realtime" in prefork and "--without-mingle" in prefork
 
 
+def test_options_of_celery_worker_to_measure_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench_path import realtime_worker_command
+
+    monkeypatch.setenv("BENCH_WORKER_ARGS", "--without-heartbeat --prefetch-multiplier 1")
+    command = realtime_worker_command("rt@%h", threads=16)
+    assert command[-3:] == ["--without-heartbeat", "--prefetch-multiplier", "1"]
+    monkeypatch.delenv("BENCH_WORKER_ARGS")
+    assert realtime_worker_command("rt@%h", threads=16)[-1] == "--without-mingle"
+
+
 def test_open_loop_websocket_prompts_never_share_a_connection_at_once() -> None:
     async def run() -> tuple[list[object], list[object], object]:
         made: list[object] = []
