@@ -9,10 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, transaction
-from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.permissions import BasePermission
@@ -119,24 +117,6 @@ def api_key_authenticate_cached(raw: str) -> ApiKey:
     return key
 
 
-# Set on a Django request by ``aresolve_api_key``: the key, or why it was refused.
-RESOLVED = "_orchestrator_api_key"
-
-
-async def aresolve_api_key(request: HttpRequest) -> None:
-    """Resolve the request's bearer key before DRF's checks run: from the cache with no
-    I/O, else from Postgres in the request's sync thread. ``ApiKeyAuthentication``
-    then reads the outcome, so the checks need no thread of their own."""
-    try:
-        token = bearer_token(request.headers.get("Authorization", ""))
-        if token is None:
-            return
-        key = key_cache.get(token) or await sync_to_async(api_key_authenticate_cached)(token)
-        setattr(request, RESOLVED, key)
-    except (ApiKeyInvalid, ApiKeyRevoked, ServiceUnavailable) as exc:
-        setattr(request, RESOLVED, exc)  # raised by the authentication, inside DRF's error handling
-
-
 def bearer_token(header: bytes | str) -> str | None:
     raw = header.decode("latin-1") if isinstance(header, bytes) else header
     scheme, _, token = raw.strip().partition(" ")
@@ -162,16 +142,10 @@ class TenantPrincipal:
 
 class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[TenantPrincipal, ApiKey] | None:
-        resolved = getattr(getattr(request, "_request", request), RESOLVED, None)
-        if isinstance(resolved, Exception):
-            raise resolved
-        if isinstance(resolved, ApiKey):
-            key = resolved
-        else:
-            token = bearer_token(get_authorization_header(request))
-            if token is None:
-                return None
-            key = api_key_authenticate_cached(token)
+        token = bearer_token(get_authorization_header(request))
+        if token is None:
+            return None
+        key = api_key_authenticate_cached(token)
         return TenantPrincipal(tenant=key.tenant, api_key=key), key
 
     def authenticate_header(self, request: Request) -> str:

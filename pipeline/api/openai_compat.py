@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from adrf.views import APIView as AsyncAPIView
 from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework.renderers import JSONRenderer
@@ -29,7 +30,7 @@ from orchestrator_site.errors import InvalidRequest, UnknownModel
 from pipeline import streaming
 from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.api.views import EventStreamRenderer, TenantAsyncAPIView, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
+from pipeline.api.views import EventStreamRenderer, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 from pipeline.services import gates, start
 from pipeline.types import PipelineResult
@@ -61,7 +62,7 @@ class ModelsApi(APIView):
         return Response({"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": m.split("/")[0]} for m in model_ids(get_config())]})
 
 
-class ChatCompletionsApi(TenantAsyncAPIView):
+class ChatCompletionsApi(AsyncAPIView):
     parser_classes = [LimitedJSONParser]
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 

@@ -7,10 +7,8 @@ from typing import Any
 
 import structlog
 from adrf.views import APIView as AsyncAPIView
-from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework.exceptions import APIException
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -21,7 +19,7 @@ from pipeline import selectors, streaming
 from pipeline.api import serializers as s
 from pipeline.api.inputs import InferInput, validated
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.auth import TenantPrincipal, aresolve_api_key
+from pipeline.auth import TenantPrincipal
 from pipeline.config import get_config
 from pipeline.services import documents, gates, start
 from pipeline.tokenbus import RequestStatus
@@ -93,32 +91,7 @@ def tenant_of(request: Request) -> TenantPrincipal:
 _ERRORS = {code: OpenApiResponse(s.ErrorOut) for code in (400, 401, 404, 406, 413, 415, 429, 503, 504)}
 
 
-class TenantAsyncAPIView(AsyncAPIView):
-    """An async view whose checks run on the event loop. adrf runs DRF's ``initial``
-    (authentication, permissions, content negotiation) in a thread, a hop every
-    request waits for; here the key is resolved first (from the gateway's cache, with
-    no I/O, or from Postgres in a thread), and ``initial`` has no I/O left to do."""
-
-    async def async_dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        await aresolve_api_key(request)
-        self.args, self.kwargs = args, kwargs
-        request = self.initialize_request(request, *args, **kwargs)
-        self.request = request
-        self.headers = self.default_response_headers
-        try:
-            self.initial(request, *args, **kwargs)
-            method = request.method.lower()
-            handler: Any = getattr(self, method, self.http_method_not_allowed) if method in self.http_method_names else self.http_method_not_allowed
-            response = await handler(request, *args, **kwargs)
-        except (OrchestratorError, APIException, Http404, PermissionDenied) as exc:
-            # What DRF's handle_exception answers (the API's error shape); anything else is
-            # a bug, which it would raise again, as it does here (handler500 renders it).
-            response = self.handle_exception(exc)
-        self.response = self.finalize_response(request, response, *args, **kwargs)
-        return self.response
-
-
-class InferApi(TenantAsyncAPIView):
+class InferApi(AsyncAPIView):
     parser_classes = [LimitedJSONParser]
     renderer_classes = [JSONRenderer, EventStreamRenderer]
 
