@@ -123,14 +123,16 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     assert all(s.attributes["worker"] == "openai" and s.attributes["model"] == "gpt-fake" for s in stages)
     inference = stages[STAGES.index("inference")]
     assert inference.attributes["tokens"] == resp.json()["usage"]["total_tokens"]
-    # Under the inference: the provider call, and the tokens published as they came (Redis).
+    # Under the inference: the provider call.
     under = [s for s in spans if s.kind == CLIENT and s.parent_id == inference.span_id]
     call = one([s for s in under if s.attributes.get("http.request.method", s.attributes.get("http.method")) == "POST"])
     assert call.service == "orchestrator-worker" and call.attributes.get("url.full", call.attributes.get("http.url", "")).endswith("/chat/completions")
     # The provider was sent the trace context: its own spans would join this trace.
     sent = [h["traceparent"].split("-")[1:3] for h in session_fakes.openai.headers_seen if "traceparent" in h]
     assert [root.trace_id, call.span_id] in sent
-    assert any(s.name.startswith("EVALSHA") for s in under)  # the fenced publish: one script per token write
+    # A whole answer publishes no token under the inference: it is written once, with done.
+    assert not any(s.name.startswith("EVALSHA") for s in under)
+    assert any(s.name.startswith("EVALSHA") and task in ancestors(s, by_id) for s in spans)  # the fenced begin and finish
     # No span of another trace belongs to this request.
     others = [s for s in platform.collector.spans if s.attributes.get("request_id") == request_id and s.trace_id != root.trace_id]
     assert others == []
