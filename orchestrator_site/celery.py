@@ -141,3 +141,21 @@ def _realtime_is_at_most_once(conf: Any = None, options: dict[str, Any] | None =
 
     if conf is not None and worker_queues(options or {}) == {Queue.REALTIME.value}:
         conf.broker_transport_options = {**conf.broker_transport_options, "ack_emulation": False}
+
+
+@celeryd_init.connect
+def _bounds_from_the_config(conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    """A worker's concurrency comes from ``[queues]`` in pipeline.toml, by the queues it
+    consumes: Celery's documented way to configure one worker. Its setting applies
+    where the command line gives no ``-c``."""
+    from pipeline.config import get_config
+    from pipeline.queues import Queue
+
+    if conf is None:
+        return
+    queues = worker_queues(options or {})
+    bounds = get_config().queues
+    if queues == {Queue.REALTIME.value}:
+        conf.worker_concurrency = bounds.realtime_concurrency
+    elif queues and Queue.REALTIME.value not in queues:
+        conf.worker_concurrency = bounds.batch_concurrency

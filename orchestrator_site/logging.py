@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -78,3 +79,22 @@ def configure_logging(*, level: str, fmt: str) -> None:
     # httpx logs every request at INFO with the full URL; keep it for debugging only.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+# Loggers whose level the pipeline config set, so that a config without them puts
+# them back (NOTSET: their parent's level again).
+_configured: set[str] = set()
+_configured_lock = threading.Lock()
+
+
+def set_levels(*, root: str, loggers: Mapping[str, str]) -> None:
+    """The root logger's level and single loggers' levels, as a config gives them;
+    applied at once in this process (a reloaded config changes them live)."""
+    with _configured_lock:
+        logging.getLogger().setLevel(root.upper())
+        for name in _configured - set(loggers):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        for name, level in loggers.items():
+            logging.getLogger(name).setLevel(level.upper())
+        _configured.clear()
+        _configured.update(loggers)

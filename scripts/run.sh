@@ -88,11 +88,11 @@ CONF
     # The gateway: uvicorn (orchestrator_site/gateway.py has the same command for Python callers).
     program gateway "$BIN/uvicorn" orchestrator_site.asgi:application --host 127.0.0.1 --port "$GATEWAY_PORT" \
         --loop uvloop --http httptools --ws websockets-sansio --lifespan off --no-access-log --log-level warning --timeout-graceful-shutdown 5
-    # Revokes kept in a state file, so a restarted worker still drops a revoked task.
-    program worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -c 32 -n "realtime@%%h" \
+    # Concurrency: [queues] in pipeline.toml. Revokes kept in a state file, so a restarted worker still drops a revoked task.
+    program worker-realtime "$BIN/celery" -A orchestrator_site worker -Q realtime -P threads -n "realtime@%%h" \
         --without-gossip --without-mingle --statedb "$RUN_DIR/worker-realtime.state"
     # Niced: when both have work, real-time requests get the CPU first (BENCHMARKS.md, bench_batch.py).
-    program worker-batch nice -n 10 "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -c 2 -n "batch@%%h" \
+    program worker-batch nice -n 10 "$BIN/celery" -A orchestrator_site worker -Q batch.high,batch.default,batch.low -P prefork -n "batch@%%h" \
         --without-gossip --without-mingle
     program beat "$BIN/celery" -A orchestrator_site beat -s "$RUN_DIR/celerybeat-schedule"
     program flower "$BIN/celery" -A orchestrator_site flower --address=127.0.0.1 --port="$FLOWER_PORT"

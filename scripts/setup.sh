@@ -29,3 +29,7 @@ if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements/llama.txt
     echo "$want" > "$STAMP"
 fi
+# The project itself, editable: its console script `orchestrator` (pyproject.toml).
+if [[ ! -x "$VENV/bin/orchestrator" ]]; then
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -e .
+fi

@@ -396,12 +396,14 @@ def _control_app(env: dict[str, str]) -> Any:
 
 
 def start_celery_worker(
-    queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int = 8, extra_args: tuple[str, ...] = ()
+    queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int | None = 8, extra_args: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
-    """A real Celery worker process, returned once it answers a ping on its broker."""
+    """A real Celery worker process, returned once it answers a ping on its broker
+    (``concurrency=None``: no ``-c``, the config's ``[queues]`` decides)."""
     env = {**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})}
     control = _control_app(env)
-    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "worker", "-Q", queues, "-P", "threads", "-c", str(concurrency)]
+    cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "worker", "-Q", queues, "-P", "threads"]
+    cmd += ["-c", str(concurrency)] if concurrency is not None else []
     cmd += ["-n", name, "--without-gossip", "--without-mingle", "--loglevel", env.get("LOG_LEVEL", "WARNING"), *extra_args]
     log = log_path.open("ab")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -158,8 +158,18 @@ return {'queued', request_id}
 
 # The start script, registered on each event loop's client.
 _start_scripts: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-# Celery's publish blocks on the broker's socket: it runs here, off the event loop.
-_publisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="publish")
+# Celery's publish blocks on the broker's socket: it runs in a pool of this process's
+# threads, off the event loop, sized by [queues] publish_threads when first used.
+_publisher: ThreadPoolExecutor | None = None
+
+
+def publisher() -> ThreadPoolExecutor:
+    global _publisher
+    if _publisher is None:
+        _publisher = ThreadPoolExecutor(max_workers=get_config().queues.publish_threads, thread_name_prefix="publish")
+    return _publisher
+
+
 # Runs this gateway makes itself while the broker is down (kept referenced while they run).
 _runs_here: set[asyncio.Future[None]] = set()
 
@@ -199,12 +209,12 @@ async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSet
     publish = functools.partial(realtime_publish, request.request_id, 1, queue_lease_s=config.limits.queue_lease_s, lease=False)
     try:
         # In this request's context: its trace goes with the message.
-        await asyncio.get_running_loop().run_in_executor(_publisher, contextvars.copy_context().run, publish)
+        await asyncio.get_running_loop().run_in_executor(publisher(), contextvars.copy_context().run, publish)
     except ServiceUnavailable:
         _run_here(request.request_id)
         return Started(StartKind.RUN_HERE, request.request_id)
     # The lease's round trip is not the client's to wait for: the message is on its way.
-    _publisher.submit(start_lease, request.request_id, queue_lease_s=config.limits.queue_lease_s)
+    publisher().submit(start_lease, request.request_id, queue_lease_s=config.limits.queue_lease_s)
     return Started(StartKind.SUBMITTED, request.request_id)
 
 

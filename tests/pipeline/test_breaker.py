@@ -103,9 +103,9 @@ def test_a_stale_message_asks_the_breaker_nothing(owner: TenantFixture, clean_br
 
 
 def test_fallback_must_name_another_worker(tmp_path: object) -> None:
-    with pytest.raises(ValueError, match="fallback must name another worker"):
+    with pytest.raises(ValueError, match="is this worker itself"):
         PipelineSettings(workers={"echo": WorkerConfig(kind="echo", fallback="echo")})
-    with pytest.raises(ValueError, match="fallback must name another worker"):
+    with pytest.raises(ValueError, match="is not a worker"):
         PipelineSettings(workers={"echo": WorkerConfig(kind="echo", fallback="ghost")})
     path = tmp_path / "pipeline.toml"  # type: ignore[operator]
     path.write_text('[workers.echo]\nkind = "echo"\nfallback = "nope"\n')

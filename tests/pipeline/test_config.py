@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from django.test import override_settings
 
-from orchestrator_site.errors import ConfigInvalid
 from pipeline.config import PipelineSettings, get_config, load_config, set_config
 
 
@@ -72,36 +71,6 @@ def test_worker_settings_conversion() -> None:
     settings = PipelineSettings().workers["echo"].settings("echo")
     assert settings.name == "echo" and settings.kind == "echo" and settings.models == ("echo-1",)
     assert settings.token_delay_s == 0.0
-
-
-@pytest.mark.parametrize(
-    ("text", "fragment"),
-    [
-        ("default_worker = ", "not valid TOML"),
-        ("unknown_key = 1", "unknown_key: Extra inputs are not permitted"),
-        ("[rag]\ntop_k = 0", "rag.top_k"),
-        ('default_worker = "nope"', "default_worker 'nope' is not among workers"),
-        ('[workers.x]\nkind = "openai"', "needs base_url"),
-        ('[workers.x]\nkind = "bard"', "workers.x.kind"),
-        ('[workers.echo]\nkind = "echo"\nmodels = ["a"]\ndefault_model = "b"', "default_model must be one of models"),
-        ('[assemble]\ncontext_template = "{ctx}"', "unknown placeholders ['ctx']"),
-        ('[assemble]\ndocument_template = "{title"', "bad template"),
-        ('[postprocess]\npatterns = [{name = "x", pattern = "("}]', "invalid regular expression"),
-        ("[limits]\ndefault_max_tokens = 10\nmax_tokens_limit = 5", "default_max_tokens exceeds"),
-    ],
-)
-def test_invalid_files_are_rejected_with_a_clear_message(tmp_path: Path, text: str, fragment: str) -> None:
-    with pytest.raises(ConfigInvalid) as info:
-        load_config(write(tmp_path, text))
-    assert fragment in info.value.message
-    assert info.value.data["path"].endswith("pipeline.toml")
-
-
-def test_non_utf8_file_is_rejected(tmp_path: Path) -> None:
-    path = tmp_path / "pipeline.toml"
-    path.write_bytes(b"\xff\xfe")
-    with pytest.raises(ConfigInvalid):
-        load_config(path)
 
 
 def test_config_is_frozen() -> None:

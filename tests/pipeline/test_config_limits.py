@@ -36,7 +36,7 @@ def test_bounds(model: type, field: str, ok: list[object], bad: list[object]) ->
 @pytest.mark.parametrize("kind", ["openai", "anthropic", "llamacpp", "vllm"])
 def test_http_workers_need_a_base_url(kind: str) -> None:
     with pytest.raises(ValidationError, match="needs base_url"):
-        WorkerConfig(kind=kind)  # type: ignore[arg-type]
+        PipelineSettings(default_worker="w", workers={"w": WorkerConfig(kind=kind)})  # type: ignore[arg-type]
     assert WorkerConfig(kind=kind, base_url="http://x").model_default == kind  # type: ignore[arg-type]
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from django.test import override_settings
 
-from pipeline import config as config_module
+from pipeline.config import loading as config_module
 from pipeline.queues import TASK_ROUTES, Queue
 
 
