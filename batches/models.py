@@ -31,6 +31,8 @@ class BatchJob(models.Model):
     # Routed once, at submission: every item of a job runs on the same worker and model
     # (or the worker's fallback while its circuit is open).
     worker = models.CharField(max_length=100)
+    # The stored config version at submission: every item runs on it (pipeline.config.config_at).
+    config_version = models.BigIntegerField(default=0, db_default=0)
     model = models.CharField(max_length=200)
     max_tokens = models.PositiveIntegerField()
     temperature = models.FloatField(null=True, blank=True)

@@ -28,7 +28,7 @@ from batches import metrics
 from batches.models import BatchItem, BatchJob
 from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, ServiceUnavailable, TransientWorkerError
 from pipeline import selectors
-from pipeline.config import PipelineSettings, get_config
+from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.metrics import record_stages
 from pipeline.models import Tenant
@@ -65,6 +65,7 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
             stop=list(data.get("stop") or ()),
             metadata=dict(data.get("metadata") or {}),
             items_total=len(prompts),
+            config_version=config_version(),
         )
         items = (BatchItem(job=job, index=i, prompt=p.text, custom_id=p.custom_id) for i, p in enumerate(prompts))
         BatchItem.objects.bulk_create(items, batch_size=2000)
@@ -129,10 +130,10 @@ def batch_run_chunk(*, job_id: str, first: int, last: int) -> None:
 def _run_chunk(job_id: str, first: int, last: int) -> None:
     """Run the pending items of ``first``..``last``. When their provider is down, the
     chunk is queued again to run after ``retry_delay_s``."""
-    config = get_config()
     job = BatchJob.objects.filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
     if job is None:
         return  # finished, cancelled or deleted: a late or duplicate message
+    config = config_at(job.config_version)  # the version the job was submitted on
     BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.QUEUED).update(status=BatchJob.Status.RUNNING, started_at=timezone.now())
     try:
         while (item := _claim_next(job, first, last, config)) is not None:
@@ -307,3 +308,8 @@ def batch_results(*, job: BatchJob, after: int, limit: int) -> list[dict[str, An
         }
         for row in items
     ]
+
+
+def batch_workers_in_use() -> set[str]:
+    """The workers of jobs still running or queued: a config version may not remove them live."""
+    return set(BatchJob.objects.filter(status__in=BatchJob.ACTIVE).values_list("worker", flat=True))

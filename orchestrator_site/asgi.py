@@ -26,7 +26,9 @@ def _settle() -> None:
     from django.urls import get_resolver
 
     from orchestrator_site import gctune
+    from pipeline.config.reload import config_start
 
+    config_start("gateway")  # the active config version, followed from now on
     get_resolver().url_patterns  # noqa: B018  (imports every view now, not on the first request)
     gctune.settle()
 

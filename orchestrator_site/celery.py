@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 from celery import Celery, bootsteps
-from celery.signals import celeryd_init, task_received, task_revoked, worker_process_init, worker_process_shutdown, worker_ready
+from celery.signals import beat_init, celeryd_init, task_received, task_revoked, worker_process_init, worker_process_shutdown, worker_ready
 from kombu import Exchange
 from kombu import Queue as KombuQueue
 
@@ -144,18 +144,41 @@ def _realtime_is_at_most_once(conf: Any = None, options: dict[str, Any] | None =
 
 
 @celeryd_init.connect
-def _bounds_from_the_config(conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
-    """A worker's concurrency comes from ``[queues]`` in pipeline.toml, by the queues it
-    consumes: Celery's documented way to configure one worker. Its setting applies
-    where the command line gives no ``-c``."""
+def _config_at_start(conf: Any = None, options: dict[str, Any] | None = None, **_: Any) -> None:
+    """A worker runs the active config version (``pipeline.config.reload``), and its
+    concurrency comes from ``[queues]``, by the queues it consumes: Celery's documented
+    way to configure one worker. Its setting applies where the command line gives no ``-c``."""
     from pipeline.config import get_config
+    from pipeline.config.reload import config_start
     from pipeline.queues import Queue
 
+    queues = worker_queues(options or {})
+    realtime = queues == {Queue.REALTIME.value}
+    config_start("worker-realtime" if realtime else "worker-batch" if queues else "worker")
     if conf is None:
         return
-    queues = worker_queues(options or {})
     bounds = get_config().queues
-    if queues == {Queue.REALTIME.value}:
+    if realtime:
         conf.worker_concurrency = bounds.realtime_concurrency
     elif queues and Queue.REALTIME.value not in queues:
         conf.worker_concurrency = bounds.batch_concurrency
+
+
+@worker_process_init.connect
+def _follow_config_in_child(**_: Any) -> None:
+    """A prefork child follows the config itself: the parent's thread stayed behind."""
+    from pipeline.config.reload import start_following
+
+    start_following()
+
+
+@beat_init.connect
+def _config_in_scheduler(**_: Any) -> None:
+    """The scheduler runs the active config, and imports the file whenever it is saved."""
+    from django.conf import settings
+
+    from pipeline.config.reload import FileWatcher, config_start
+
+    config_start("beat")
+    if settings.PIPELINE_CONFIG_FOLLOW:
+        FileWatcher(settings.PIPELINE_CONFIG_PATH).start()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -69,6 +71,102 @@ def explain(file: FileArg) -> None:
         typer.echo("\n".join(p.render(str(file)) for p in problems))
         raise typer.Exit(1)
     typer.echo(explain_config(parse_config(text, source=str(file))).text(), nl=False)
+
+
+config_app = typer.Typer(help="The config versions kept in Postgres (as the admin shows them).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.callback()
+def _django() -> None:
+    """Set Django up: these commands read and write the database."""
+    import os
+
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
+    os.environ.setdefault("LOG_LEVEL", "ERROR")  # a command's output, not the libraries' chatter
+    django.setup()
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _refusals() -> Iterator[None]:
+    """The errors a config command can meet, as a message and exit status 1."""
+    from django.db import DatabaseError
+
+    from orchestrator_site.errors import OrchestratorError
+
+    try:
+        yield
+    except ConfigInvalid as exc:
+        problems = tuple(Problem(**p) for p in exc.data.get("problems", []))
+        _fail("\n".join(p.render(exc.data.get("file", "pipeline.toml")) for p in problems) or exc.message)
+    except OrchestratorError as exc:  # refused (needs a restart, not found) or a service down
+        _fail(exc.message)
+    except DatabaseError as exc:
+        _fail(f"cannot reach the config versions in Postgres: {exc}")
+
+
+@config_app.command("push")
+def config_push(
+    file: FileArg,
+    comment: Annotated[str, typer.Option(help="Why this version.")] = "",
+    author: Annotated[str, typer.Option(help="Who made it (default: $USER).")] = "",
+    activate: Annotated[bool, typer.Option("--activate", help="Activate it at once, live.")] = False,
+) -> None:
+    """Store a file as a new version (validated: nothing is stored when invalid)."""
+    import getpass
+
+    from pipeline.config.versions import version_activate, version_create
+    from pipeline.models import ConfigSource
+
+    with _refusals():
+        text = read_text(file) if file.exists() else _fail(f"{file}: no such file")
+        who = author or getpass.getuser()
+        version = version_create(text=text, source=ConfigSource.CLI, author=who, comment=comment or str(file))
+        typer.echo(f"stored version {version.id}")
+        if activate:
+            version_activate(version_id=version.id, by=who)
+            typer.echo(f"version {version.id} is active")
+
+
+@config_app.command("activate")
+def config_activate(
+    version: Annotated[int, typer.Argument(help="The version to activate (also a rollback).")],
+    at_restart: Annotated[bool, typer.Option("--at-restart", help="For changes that need a restart: processes take it up when they start.")] = False,
+) -> None:
+    """Make a version the active one, in every process within a second."""
+    import getpass
+
+    from pipeline.config.versions import version_activate
+
+    with _refusals():
+        version_activate(version_id=version, by=getpass.getuser(), at_restart=at_restart)
+    typer.echo(f"version {version} is active" + (" (at restart)" if at_restart else ""))
+
+
+@config_app.command("history")
+def config_history(limit: Annotated[int, typer.Option(help="Versions shown, newest first.")] = 20) -> None:
+    """The latest versions: which is active, how it applies, who made it and why."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.config.versions import history
+
+    with _refusals():
+        versions = history(limit=limit)
+    table = Table("version", "active", "applies", "valid", "source", "author", "comment", "created")
+    for v in versions:
+        created = v.created_at.strftime("%Y-%m-%d %H:%M:%S") if v.created_at else ""
+        table.add_row(
+            str(v.id), "*" if v.is_active else "", v.applies if v.is_active else "", "yes" if v.valid else "no", v.source, v.author, v.comment, created
+        )
+    Console(width=160).print(table)
 
 
 def main() -> None:

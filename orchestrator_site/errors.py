@@ -8,6 +8,7 @@ per integration with ``raise ... from exc``.
 
     OrchestratorError ............................ 500 internal_error
     ├── ConfigInvalid ............................ 500 config_invalid
+    ├── ConfigNeedsRestart ....................... 409 config_needs_restart (a config version that cannot apply live)
     ├── StageOrderError .......................... 500 stage_order (a bug: stages ran out of order)
     ├── InvalidRequest ........................... 400 invalid_request
     │   ├── MalformedJson ........................ 400 malformed_json
@@ -93,6 +94,15 @@ class OrchestratorError(Exception):
 class ConfigInvalid(OrchestratorError):
     code = "config_invalid"
     default_message = "configuration is invalid"
+
+
+class ConfigNeedsRestart(OrchestratorError):
+    """A config version whose changes running processes cannot take (``data["changes"]``)."""
+
+    code = "config_needs_restart"
+    http_status = 409
+    ws_close_code = 4409
+    default_message = "this config version needs a restart of every process"
 
 
 class StageOrderError(OrchestratorError):

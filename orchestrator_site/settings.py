@@ -54,7 +54,7 @@ ADMIN_MIDDLEWARE = (
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 )
-ADMIN_PATHS = ("/admin/",)
+ADMIN_PATHS = ("/admin/", "/api/v1/config")  # the config API is read with a staff session, as the admin
 # Django looks for the admin's middleware in MIDDLEWARE; orchestrator_site.E001 checks
 # ADMIN_MIDDLEWARE for it instead (orchestrator_site.middleware.check_admin_middleware).
 SILENCED_SYSTEM_CHECKS = ["admin.E408", "admin.E409", "admin.E410", "security.W002", "security.W003"]
@@ -145,6 +145,15 @@ WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
 WORKER_METRICS_ADDR = env_str("WORKER_METRICS_ADDR", "127.0.0.1")
 
 PIPELINE_CONFIG_PATH = env_str("PIPELINE_CONFIG", str(BASE_DIR / "pipeline.toml"))
+# The config versions this process follows (pipeline.config.versions): deployments that
+# share one database keep theirs apart.
+PIPELINE_CONFIG_SCOPE = env_str("PIPELINE_CONFIG_SCOPE", "default")
+# How often a process checks the active config version even without a signal: a
+# process that missed one catches up within this.
+PIPELINE_CONFIG_CHECK_S = float(env_str("PIPELINE_CONFIG_CHECK_S", "5"))
+# Whether the gateway, workers and scheduler follow the stored versions (off: each
+# process reads the file once, as a test process does).
+PIPELINE_CONFIG_FOLLOW = env_bool("PIPELINE_CONFIG_FOLLOW", default=True)
 
 # --- Celery (read by orchestrator_site.celery through the CELERY_ namespace) ---
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")

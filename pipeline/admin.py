@@ -2,12 +2,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
 
+from orchestrator_site.errors import OrchestratorError
 from pipeline.auth import api_key_issue, api_key_revoke
-from pipeline.models import ApiKey, Document, SessionTurn, Tenant
+from pipeline.config import Problem, check_text
+from pipeline.config.versions import current_scope, diff_against_active, version_activate, version_active, version_build
+from pipeline.models import ApiKey, ConfigSource, Document, PipelineConfigVersion, SessionTurn, Tenant
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -68,3 +73,96 @@ class SessionTurnAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "role")
     search_fields = ("session_id", "request_id")
     readonly_fields = ("tenant", "session_id", "request_id", "role", "content", "created_at")
+
+
+class ConfigVersionForm(forms.ModelForm):
+    """A new version: validated as the CLI and the file are; nothing is saved when invalid."""
+
+    class Meta:
+        model = PipelineConfigVersion
+        fields = ("text", "comment")
+        widgets = {"text": forms.Textarea(attrs={"rows": 30, "cols": 100, "style": "font-family: monospace"})}
+
+    def clean_text(self) -> str:
+        text = str(self.cleaned_data["text"]).replace("\r\n", "\n")
+        problems = check_text(text).problems
+        if problems:
+            raise forms.ValidationError([p.render("pipeline.toml") for p in problems])
+        return text
+
+
+@admin.register(PipelineConfigVersion)
+class PipelineConfigVersionAdmin(admin.ModelAdmin):
+    """Versions are never edited: "add" makes a new one (from the active version's
+    text, or ``?copy_from=N``'s), and an action activates one, which is also how a
+    rollback is made."""
+
+    form = ConfigVersionForm
+    list_display = ("id", "pipeline_name", "is_active", "applies", "valid", "source", "author", "comment", "created_at", "activated_at")
+    list_filter = ("is_active", "valid", "source")
+    actions = ["activate_live", "activate_at_restart"]
+    readonly_fields = ("scope", "source", "author", "valid", "problems_text", "is_active", "applies", "activated_at", "activated_by", "created_at", "diff")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[PipelineConfigVersion]:
+        return super().get_queryset(request).filter(scope=current_scope())
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        if obj is None:
+            return ("text", "comment")
+        return ("text", "comment", *self.readonly_fields)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        return ("text", "comment", *self.readonly_fields) if obj is not None else ()
+
+    def get_changeform_initial_data(self, request: HttpRequest) -> dict[str, Any]:
+        source = request.GET.get("copy_from")
+        version = PipelineConfigVersion.objects.filter(scope=current_scope(), id=int(source)).first() if source and source.isdigit() else version_active()
+        return {"text": version.text} if version is not None else {}
+
+    def save_model(self, request: HttpRequest, obj: PipelineConfigVersion, form: Any, change: bool) -> None:
+        built = version_build(text=obj.text, source=ConfigSource.ADMIN, author=getattr(request.user, "username", ""), comment=obj.comment)
+        for field in ("scope", "digest", "source", "author", "valid", "problems"):
+            setattr(obj, field, getattr(built, field))
+        obj.save()
+        self.message_user(request, f"Saved as version {obj.id}. Activate it with the action on the list to apply it.", messages.INFO)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # history is kept: a rollback activates an older version
+
+    @admin.display(description="pipeline")
+    def pipeline_name(self, obj: PipelineConfigVersion) -> str:
+        return obj.text and _pipeline_name(obj.text)
+
+    @admin.display(description="problems")
+    def problems_text(self, obj: PipelineConfigVersion) -> str:
+        return "\n".join(Problem(**p).render("pipeline.toml") for p in obj.problems) or "none"
+
+    @admin.display(description="diff against the active version")
+    def diff(self, obj: PipelineConfigVersion) -> str:
+        return format_html("<pre>{}</pre>", diff_against_active(obj) or "(this is the active version, or there is none)")
+
+    def _activate(self, request: HttpRequest, queryset: QuerySet[PipelineConfigVersion], *, at_restart: bool) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version to activate.", messages.ERROR)
+            return
+        version = queryset.get()
+        try:
+            version_activate(version_id=version.id, by=getattr(request.user, "username", ""), at_restart=at_restart)
+        except OrchestratorError as exc:  # refused (needs a restart, invalid) or Redis down: said, nothing changed
+            self.message_user(request, exc.message, messages.ERROR)
+            return
+        when = "when each process restarts" if at_restart else "in every process within a second"
+        self.message_user(request, f"Version {version.id} is active: it applies {when}.", messages.SUCCESS)
+
+    @admin.action(description="Activate the selected version (live; also a rollback)")
+    def activate_live(self, request: HttpRequest, queryset: QuerySet[PipelineConfigVersion]) -> None:
+        self._activate(request, queryset, at_restart=False)
+
+    @admin.action(description="Activate the selected version at restart (changes that need one)")
+    def activate_at_restart(self, request: HttpRequest, queryset: QuerySet[PipelineConfigVersion]) -> None:
+        self._activate(request, queryset, at_restart=True)
+
+
+def _pipeline_name(text: str) -> str:
+    checked = check_text(text)
+    return checked.settings.pipeline.name if checked.settings is not None else "(invalid)"

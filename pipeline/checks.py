@@ -17,5 +17,11 @@ def pipeline_config_check(app_configs: Any = None, **kwargs: Any) -> list[CheckM
     try:
         load_config(settings.PIPELINE_CONFIG_PATH)
     except ConfigInvalid as exc:
-        return [Error(exc.message, hint="See pipeline.example.toml for every key and its default.", id="pipeline.E001")]
+        return [
+            Error(
+                exc.message,
+                hint="`orchestrator validate FILE` shows the same; pipeline.example.toml sets every key, docs/configuration.md says what each means.",
+                id="pipeline.E001",
+            )
+        ]
     return []

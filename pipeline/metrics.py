@@ -82,6 +82,13 @@ DEGRADED = Gauge(
     multiprocess_mode="livemax",  # any live process degraded: the host is
 )
 
+CONFIG_VERSION = Gauge(
+    "orchestrator_config_version",
+    "The stored pipeline config version each process runs (0: the file's, not a stored one).",
+    ["process"],
+    multiprocess_mode="liveall",  # one series per live process (its pid a label)
+)
+
 _children: dict[tuple[object, ...], Any] = {}
 
 

@@ -99,3 +99,49 @@ class SessionTurn(models.Model):
 
     def __str__(self) -> str:
         return f"{self.session_id}:{self.role}"
+
+
+class ConfigSource(models.TextChoices):
+    FILE = "file", "the PIPELINE_CONFIG file"
+    ADMIN = "admin", "the admin"
+    CLI = "cli", "the orchestrator command"
+
+
+class ConfigApplies(models.TextChoices):
+    LIVE = "live", "live, in every process"
+    AT_RESTART = "at_restart", "when each process starts"
+
+
+class PipelineConfigVersion(models.Model):
+    """One version of ``pipeline.toml``, as text. Versions are never edited: a change is
+    a new version, and a rollback activates an older one. ``scope`` keeps apart the
+    versions of deployments that share a database (``PIPELINE_CONFIG_SCOPE``)."""
+
+    id = models.BigAutoField(primary_key=True)
+    scope = models.CharField(max_length=100, default="default")
+    text = models.TextField()
+    digest = models.CharField(max_length=64)  # SHA-256 of the text: a file imported again is not a new version
+    source = models.CharField(max_length=8, choices=ConfigSource.choices)
+    author = models.CharField(max_length=150, blank=True, default="")
+    comment = models.CharField(max_length=500, blank=True, default="")
+    valid = models.BooleanField()
+    problems = models.JSONField(default=list, blank=True)  # each {"path", "message", "line"}
+    is_active = models.BooleanField(default=False)
+    applies = models.CharField(max_length=16, choices=ConfigApplies.choices, default=ConfigApplies.LIVE)
+    activated_at = models.DateTimeField(null=True, blank=True)
+    activated_by = models.CharField(max_length=150, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name = "pipeline config version"
+        indexes = [models.Index(fields=["scope", "source", "-id"], name="config_scope_source_recent")]
+        constraints = [
+            # One active version per scope: activation clears the old one in the same transaction.
+            models.UniqueConstraint(fields=["scope"], condition=models.Q(is_active=True), name="config_one_active_per_scope"),
+            # Only a valid version can be active.
+            models.CheckConstraint(condition=models.Q(is_active=False) | models.Q(valid=True), name="config_active_is_valid"),
+        ]
+
+    def __str__(self) -> str:
+        return f"version {self.id}"

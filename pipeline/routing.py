@@ -48,23 +48,27 @@ def route_request(config: PipelineSettings, *, worker: str | None, model: str | 
 
 
 class WorkerPool:
-    """Built workers, one per name, rebuilt when the config object changes."""
+    """Built workers, one per name and worker settings: a reloaded config whose worker
+    did not change keeps it (and its connections); a request pinned to an older
+    version gets the worker that version describes."""
+
+    MAX_BUILT = 64  # old versions' workers are dropped beyond this
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._config: PipelineSettings | None = None
-        self._workers: dict[str, StreamingModelWorker] = {}
+        self._workers: dict[tuple[str, WorkerConfig], StreamingModelWorker] = {}
 
     def get(self, config: PipelineSettings, name: str) -> StreamingModelWorker:
+        worker_cfg = config.workers.get(name)
+        if worker_cfg is None:
+            raise UnknownWorker(f"no worker named {name!r}", data={"worker": name})
+        key = (name, worker_cfg)
         with self._lock:
-            if self._config is not config:
-                self._config, self._workers = config, {}
-            worker = self._workers.get(name)
+            worker = self._workers.get(key)
             if worker is None:
-                worker_cfg = config.workers.get(name)
-                if worker_cfg is None:
-                    raise UnknownWorker(f"no worker named {name!r}", data={"worker": name})
-                worker = self._workers[name] = with_retries(build_worker(worker_cfg.settings(name)), worker_cfg)
+                if len(self._workers) >= self.MAX_BUILT:
+                    self._workers.clear()
+                worker = self._workers[key] = with_retries(build_worker(worker_cfg.settings(name)), worker_cfg)
             return worker
 
 

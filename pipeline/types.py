@@ -38,6 +38,9 @@ class PromptRequest:
     # False: its client waits for the whole answer; the run publishes the answer once,
     # not token by token.
     stream: bool = True
+    # The stored config version the gateway ran when the request started: the run
+    # finishes on it, though the worker may have moved on (pipeline.config.config_at).
+    config_version: int = 0
 
     @property
     def names_session(self) -> bool:
@@ -59,6 +62,7 @@ class PromptRequest:
             "metadata": dict(self.metadata),
             "history": [[m.role, m.content] for m in self.history],
             "tenant_has_documents": self.tenant_has_documents,
+            "config_version": self.config_version,
             "stream": self.stream,
         }
 
@@ -79,6 +83,7 @@ class PromptRequest:
             history=tuple(ChatMessage(str(role), str(content)) for role, content in data.get("history") or ()),
             tenant_has_documents=bool(data.get("tenant_has_documents", True)),
             stream=bool(data.get("stream", True)),
+            config_version=int(data.get("config_version") or 0),
         )
 
 

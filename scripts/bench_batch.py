@@ -26,7 +26,18 @@ from orchestrator_site.gateway import gateway_command
 
 
 def batch_worker_command(name: str, *, nice: int) -> list[str]:
-    celery = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "worker", "-Q", "batch.high,batch.default,batch.low", "-P", "prefork", "-c", "2"]
+    celery = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "orchestrator_site",
+        "worker",
+        "-Q",
+        "batch.high,batch.default,batch.low",
+        "-P",
+        "prefork",
+    ]  # concurrency: [queues] batch_concurrency, as under make run
     return ["nice", "-n", str(nice), *celery, "-n", name, "--without-gossip", "--without-mingle"]
 
 

@@ -849,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     # Shared state of its own (breaker, deduplication window, limits): a circuit opened by
     # an earlier run's shutdown (its upstream stops first) must not fail this run fast.
     ENV["REDIS_KEY_PREFIX"] = f"ttft-{uuid.uuid4().hex[:8]}"
+    ENV["PIPELINE_CONFIG_SCOPE"] = ENV["REDIS_KEY_PREFIX"]  # its config versions too
     procs = [
         start(
             [

@@ -242,6 +242,7 @@ def pipeline_config() -> Iterator[callable]:
 
 # --- a real Celery worker consuming `realtime`, and provider fakes it can reach ------------
 
+import hashlib  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -395,12 +396,23 @@ def _control_app(env: dict[str, str]) -> Any:
     return probe
 
 
+def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a process the suite starts: the test database, and the stored
+    config versions followed as in production, in a scope of the process's config file
+    (processes started on one file share its versions; another file, another scope)."""
+    env = {**os.environ, "DATABASE_URL": _database_url(), "PIPELINE_CONFIG_FOLLOW": "1", **(extra_env or {})}
+    if "PIPELINE_CONFIG_SCOPE" not in (extra_env or {}):
+        config = str(Path(env["PIPELINE_CONFIG"]).resolve())
+        env["PIPELINE_CONFIG_SCOPE"] = "test-" + hashlib.sha1(config.encode()).hexdigest()[:12]
+    return env
+
+
 def start_celery_worker(
     queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int | None = 8, extra_args: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
     """A real Celery worker process, returned once it answers a ping on its broker
     (``concurrency=None``: no ``-c``, the config's ``[queues]`` decides)."""
-    env = {**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})}
+    env = process_env(extra_env)
     control = _control_app(env)
     cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "worker", "-Q", queues, "-P", "threads"]
     cmd += ["-c", str(concurrency)] if concurrency is not None else []
@@ -464,7 +476,7 @@ def start_gateway(log: Path, extra_env: dict[str, str] | None = None) -> tuple[s
         proc = subprocess.Popen(
             gateway_command("127.0.0.1", port, executable=(sys.executable, "-m", "uvicorn")),
             cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": _database_url(), **(extra_env or {})},
+            env=process_env(extra_env),
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -15,6 +15,9 @@ os.environ.setdefault("CELERY_BROKER_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("REDIS_KEY_PREFIX", f"orchtest{os.getpid()}")
 os.environ.setdefault("PIPELINE_CONFIG", os.path.join(os.path.dirname(__file__), "pipeline.test.toml"))
 os.environ.setdefault("LOG_LEVEL", "WARNING")
+# The test process reads its config file; the processes it starts follow the stored
+# versions (tests.conftest.process_env).
+os.environ.setdefault("PIPELINE_CONFIG_FOLLOW", "0")
 # The suite's own process keeps CPython's collector (orchestrator_site.gctune); the
 # processes it starts set GC_FREEZE themselves where a test needs it.
 os.environ.setdefault("GC_FREEZE", "0")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.urls import path
 
 from pipeline.api import views
+from pipeline.api.config import ConfigApi
 
 urlpatterns = [
     path("infer", views.InferApi.as_view(), name="infer"),
@@ -10,4 +11,5 @@ urlpatterns = [
     path("result/<str:request_id>", views.RequestResultApi.as_view(), name="request-result"),
     path("documents", views.DocumentListCreateApi.as_view(), name="documents"),
     path("documents/<str:document_id>", views.DocumentDetailApi.as_view(), name="document-detail"),
+    path("config", ConfigApi.as_view(), name="config"),
 ]

@@ -1,7 +1,7 @@
 """The pipeline config: its schema (``schema``), how a text becomes settings or a
 list of problems (``loading``, ``problems``), and the process-wide config."""
 
-from pipeline.config.loading import Checked, check_text, get_config, load_config, parse_config, set_config
+from pipeline.config.loading import Checked, check_text, config_at, config_version, get_config, load_config, parse_config, set_config
 from pipeline.config.problems import Problem
 from pipeline.config.schema import (
     AssembleConfig,
@@ -44,6 +44,8 @@ __all__ = [
     "WorkerConfig",
     "WorkerKind",
     "check_text",
+    "config_at",
+    "config_version",
     "get_config",
     "load_config",
     "parse_config",

@@ -102,10 +102,12 @@ def load_config(path: str | Path) -> PipelineSettings:
 
 _lock = threading.Lock()
 _cached: PipelineSettings | None = None
+_version = 0  # the stored version the process runs (pipeline.config.versions); 0: none, the file's
 
 
 def get_config() -> PipelineSettings:
-    """The process-wide config, loaded once from ``settings.PIPELINE_CONFIG_PATH``."""
+    """The process-wide config: the active stored version once the process follows
+    them (``pipeline.config.reload``), else loaded once from ``settings.PIPELINE_CONFIG_PATH``."""
     global _cached
     if _cached is None:
         from django.conf import settings
@@ -116,11 +118,28 @@ def get_config() -> PipelineSettings:
     return _cached
 
 
-def set_config(config: PipelineSettings | None) -> None:
+def config_version() -> int:
+    """The stored version this process runs (0: not a stored one)."""
+    return _version
+
+
+def set_config(config: PipelineSettings | None, *, version: int = 0) -> None:
     """Replace (or with None, forget) the process-wide config. The hot-reload seam."""
-    global _cached
+    global _cached, _version
     with _lock:
         _cached = None if config is None else _applied(config)
+        _version = version if config is not None else 0
+
+
+def config_at(version: int) -> PipelineSettings:
+    """The config of stored ``version``: what a request started on runs on to its end,
+    though the process may have moved on. The process's own when it is that version,
+    or when the version is 0 or no longer stored."""
+    if version in (0, _version):
+        return get_config()
+    from pipeline.config.versions import stored_settings
+
+    return stored_settings(version) or get_config()
 
 
 def _applied(config: PipelineSettings) -> PipelineSettings:

@@ -30,7 +30,7 @@ from django.db import close_old_connections
 from orchestrator_site import telemetry
 from orchestrator_site.errors import OrchestratorError, RequestCancelled, ServiceUnavailable
 from pipeline import metrics, selectors
-from pipeline.config import PipelineSettings, get_config
+from pipeline.config import PipelineSettings, config_at, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
@@ -103,6 +103,7 @@ def _answer(run: Run, begun: Begun, config: PipelineSettings, bus: TokenBus) -> 
         )
         producer.finish("error", OrchestratorError("the request's record is unreadable").to_dict(), status=RequestStatus.FAILED)
         return
+    config = config_at(request.config_version)  # the version it started on, to its end
     key = dedup_key(request) if config.dedup.enabled else None
     telemetry.annotate(request_id=request.request_id, attempt=run.attempt, dedup_key=key, cache_hit=False)
     clock = metrics.StreamClock(request.worker, accepted_at=begun.created_at)

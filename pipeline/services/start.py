@@ -46,7 +46,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from orchestrator_site import telemetry
 from orchestrator_site.errors import InvalidRequest, ServiceUnavailable
 from pipeline import metrics
-from pipeline.config import PipelineSettings, get_config
+from pipeline.config import PipelineSettings, config_version, get_config
 from pipeline.resilience import admission, dedup, ratelimit
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
@@ -100,6 +100,7 @@ def infer_build_request(
         history=tuple(ChatMessage(role, content) for role, content in data.get("history") or ()),
         tenant_has_documents=tenant_has_documents,
         stream=stream,
+        config_version=config_version(),
     )
 
 

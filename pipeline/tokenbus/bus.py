@@ -70,7 +70,7 @@ class TokenBus:
         return self.redis.key("stream", request_id)
 
     def record_key(self, request_id: str) -> str:
-        return self.redis.key("req", request_id)
+        return record_key(self.redis, request_id)
 
     def readers_key(self, request_id: str) -> str:
         return self.redis.key("subs", request_id)
@@ -123,6 +123,11 @@ class TokenBus:
 
 _bus: TokenBus | None = None
 _bus_lock = threading.Lock()
+
+
+def record_key(redis: SharedRedis, request_id: str) -> str:
+    """Where a request's record lives (its status, owner and payload)."""
+    return redis.key("req", request_id)
 
 
 def get_bus() -> TokenBus:

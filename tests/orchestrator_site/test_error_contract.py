@@ -12,6 +12,7 @@ from orchestrator_site.errors import all_error_classes
 CONTRACT = {
     "internal_error": (500, 4500),
     "config_invalid": (500, 4500),
+    "config_needs_restart": (409, 4409),
     "stage_order": (500, 4500),
     "invalid_request": (400, 4400),
     "malformed_json": (400, 4400),

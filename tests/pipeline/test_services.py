@@ -57,14 +57,23 @@ def test_route_request_accepts_any_model_when_none_are_listed() -> None:
     assert route_request(config, worker=None, model=None).model == "echo"
 
 
-def test_worker_pool_builds_once_per_config() -> None:
+def test_worker_pool_builds_once_per_worker_settings() -> None:
     pool = WorkerPool()
     config = PipelineSettings()
     first = pool.get(config, "echo")
     assert pool.get(config, "echo") is first
-    assert pool.get(PipelineSettings(), "echo") is not first  # a new config object rebuilds
+    assert pool.get(PipelineSettings(), "echo") is first  # a reloaded config, the same worker: kept
+    changed = PipelineSettings(workers={"echo": WorkerConfig(kind="echo", token_count=3)})
+    assert pool.get(changed, "echo") is not first and pool.get(changed, "echo").settings.token_count == 3  # type: ignore[attr-defined]
+    assert pool.get(config, "echo") is first  # the older version's, still there for its requests
     with pytest.raises(UnknownWorker):
         pool.get(config, "missing")
+
+
+def test_worker_pool_forgets_old_workers_beyond_its_bound() -> None:
+    pool = WorkerPool()
+    built = [pool.get(PipelineSettings(workers={"echo": WorkerConfig(kind="echo", token_count=n)}), "echo") for n in range(WorkerPool.MAX_BUILT + 1)]
+    assert len(pool._workers) == 1 and pool.get(PipelineSettings(workers={"echo": WorkerConfig(kind="echo", token_count=0)}), "echo") is not built[0]
 
 
 @pytest.mark.django_db(transaction=True)
