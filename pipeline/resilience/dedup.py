@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.shared_redis import redis_errors
 from pipeline.types import PromptRequest
 
-KEY_VERSION = 2  # 2: the client's conversation
+KEY_VERSION = 3  # 2: the client's conversation; 3: the config version
 
 
 def normalised(request: PromptRequest) -> dict[str, object]:
@@ -35,6 +35,8 @@ def normalised(request: PromptRequest) -> dict[str, object]:
         "temperature": None if request.temperature is None else float(request.temperature),
         "stop": sorted(set(request.stop)),
         "history": [[m.role, m.content] for m in request.history],
+        # Another config version may answer otherwise (its prompts, its stop sequences).
+        "config": request.config_version,
     }
 
 

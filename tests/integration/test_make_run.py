@@ -88,6 +88,14 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert niceness == {10}, niceness  # the batch worker and its pool yield the CPU to real-time work
         assert re.search(r'^orchestrator_batch_items_total\{outcome="ok",priority="default"\} 2', httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE)
 
+        # The config file edited while it runs: the scheduler imports it and every process runs it.
+        config = tmp_path / "pipeline.toml"
+        config.write_text(config.read_text().replace("token_count = 16", "token_count = 3"))
+        deadline = time.monotonic() + 15
+        while len(httpx.post(f"{base}/api/v1/infer", json={"prompt": "one two three four five"}, headers=auth, timeout=60).json()["text"].split()) != 3:
+            assert time.monotonic() < deadline, "the edited pipeline.toml never applied"
+            time.sleep(0.2)
+
         if "local" in text.split("workers", 1)[1].splitlines()[0]:
             local = httpx.post(
                 f"{base}/api/v1/infer", json={"prompt": "Say hi.", "worker": "local", "max_tokens": 8}, headers={"Authorization": f"Bearer {key}"}, timeout=120

@@ -44,13 +44,13 @@ def test_equal_requests_give_equal_keys(request: PromptRequest, other_id: str, o
     assert dedup_key(twin) == dedup_key(request)
 
 
-ANSWER_FIELDS = ["tenant_id", "session_id", "prompt", "worker", "model", "max_tokens", "temperature", "stop"]
+ANSWER_FIELDS = ["tenant_id", "session_id", "prompt", "worker", "model", "max_tokens", "temperature", "stop", "config_version"]
 
 
 @given(requests, st.sampled_from(ANSWER_FIELDS), st.data())
 def test_any_difference_that_changes_the_answer_changes_the_key(request: PromptRequest, field: str, data: st.DataObject) -> None:
     current = getattr(request, field)
-    if field == "max_tokens":
+    if field in ("max_tokens", "config_version"):
         new = data.draw(st.integers(1, 4096).filter(lambda v: v != current))
     elif field == "temperature":
         new = data.draw((st.none() | st.floats(0, 2)).filter(lambda v: v != current))
@@ -79,7 +79,7 @@ def test_keys_are_stable_across_processes_and_releases() -> None:
     assert dedup_key(request) == GOLDEN
 
 
-GOLDEN = "b6980bdfb092f101bbfceca27f4cf3f656a85c3adbb285040e7d2fce57808e76"  # KEY_VERSION 2
+GOLDEN = "37168c454aeac07c040d59603b397dd30baac4272473acefd400d6fd5036d1db"  # KEY_VERSION 3
 
 
 policies = st.builds(BackoffPolicy, base_s=st.floats(0.001, 5), max_s=st.floats(0.01, 60), attempts=st.integers(1, 10), retry_after_cap_s=st.floats(0, 120))
