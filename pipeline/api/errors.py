@@ -1,4 +1,7 @@
-"""The one exception handler: every API error is ``{"error": {"code", "message", "data"}}``."""
+"""The one exception handler. Every API error is ``{"error": {"code", "message", "data"}}``,
+except under ``/v1/`` (the OpenAI-compatible API), where it is OpenAI's body,
+``{"error": {"message", "type", "param", "code"}}``, so that the OpenAI SDKs raise their
+usual exception classes and read the fields they know."""
 
 from __future__ import annotations
 
@@ -75,13 +78,40 @@ def to_orchestrator_error(exc: Exception) -> OrchestratorError | None:
     return None
 
 
-def error_response(error: OrchestratorError) -> Response:
+OPENAI_PREFIX = "/v1/"
+# OpenAI's error types, by HTTP status (the rest of 4xx: invalid_request_error; 5xx: server_error).
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+# Where OpenAI has its own code for the same error, clients match on that one.
+_OPENAI_CODES = {
+    "api_key_invalid": "invalid_api_key",
+    "api_key_revoked": "invalid_api_key",
+    "rate_limited": "rate_limit_exceeded",
+    "unknown_model": "model_not_found",
+}
+
+
+def openai_body(error: OrchestratorError) -> dict[str, Any]:
+    """``error`` in OpenAI's shape: its type from the status, the field at fault as ``param``."""
+    kind = _OPENAI_TYPES.get(error.http_status) or ("server_error" if error.http_status >= 500 else "invalid_request_error")
+    fields = error.data.get("fields")
+    param = error.data.get("field") or (next(iter(fields)) if isinstance(fields, dict) and fields else None)
+    if param is None and error.code in ("unknown_model", "unknown_worker"):
+        param = "model"
+    return {"error": {"message": error.message, "type": kind, "param": param, "code": _OPENAI_CODES.get(error.code, error.code)}}
+
+
+def is_openai_path(request: Any) -> bool:
+    return str(getattr(request, "path", "")).startswith(OPENAI_PREFIX)
+
+
+def error_response(error: OrchestratorError, *, openai: bool = False) -> Response:
     headers: dict[str, str] = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     if error.http_status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="api"'
-    return Response({"error": error.to_dict()}, status=error.http_status, headers=headers)
+    body = openai_body(error) if openai else {"error": error.to_dict()}
+    return Response(body, status=error.http_status, headers=headers)
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
@@ -90,12 +120,16 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return None  # a bug: Django logs it and handler500 renders internal_error
     if error.http_status >= 500:
         log.warning("api_error", code=error.code, status=error.http_status, outcome="error")
-    return error_response(error)
+    return error_response(error, openai=is_openai_path(context.get("request")))
+
+
+def _json_error(request: HttpRequest, error: OrchestratorError) -> JsonResponse:
+    return JsonResponse(openai_body(error) if is_openai_path(request) else {"error": error.to_dict()}, status=error.http_status)
 
 
 def not_found_view(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
-    return JsonResponse({"error": NotFound("no such endpoint").to_dict()}, status=404)
+    return _json_error(request, NotFound("no such endpoint"))
 
 
 def server_error_view(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"error": OrchestratorError().to_dict()}, status=500)
+    return _json_error(request, OrchestratorError())

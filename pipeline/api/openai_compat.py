@@ -6,8 +6,8 @@ with ``base_url=<gateway>/v1``.
 Models are named ``<worker>/<model>`` (``openai/gpt-4o-mini``); a bare worker
 name means its default model, and a bare model name the one worker serving it.
 Requests run through the same pipeline as ``/api/v1/infer`` (limits,
-deduplication, the five stages); errors keep this API's JSON shape, which the
-SDK reads (``error.message``, ``error.code``, the HTTP status).
+deduplication, the five stages); errors are OpenAI's shape (``pipeline.api.errors``),
+which the SDK raises as its own exception classes.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orchestrator_site.errors import InvalidRequest, UnknownModel
+from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownModel
 from pipeline import streaming
+from pipeline.api.errors import openai_body
 from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.api.views import EventStreamRenderer, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
@@ -143,10 +144,10 @@ def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, inc
                     yield {"done": True}
                 elif event["type"] == "error":
                     # What OpenAI sends when a stream fails: the SDK raises it as an APIError.
-                    yield {"data": {"error": {"message": event["message"], "type": event["code"], "code": event["code"], "param": None}}}
+                    yield {"data": openai_body(OrchestratorError.from_dict(event))}
                     return
 
-    crashed = {"data": {"error": {"message": "internal error", "type": "internal_error", "code": "internal_error", "param": None}}}
+    crashed = {"data": openai_body(OrchestratorError("internal error"))}
     return sse_response(openai_events(), frame=_openai_frame, crashed=crashed)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from rest_framework.views import APIView
 from orchestrator_site.errors import ApiKeyMissing, InvalidRequest, NotAcceptable, OrchestratorError
 from pipeline import selectors, streaming
 from pipeline.api import serializers as s
+from pipeline.api.errors import is_openai_path
 from pipeline.api.inputs import InferInput, validated
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.auth import TenantPrincipal
@@ -41,6 +43,8 @@ class EventStreamRenderer(BaseRenderer):
 
     def render(self, data: Any, accepted_media_type: str | None = None, renderer_context: Mapping[str, Any] | None = None) -> bytes:
         error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, dict) and is_openai_path((renderer_context or {}).get("request")):
+            return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"  # as OpenAI frames a failed stream
         if not isinstance(error, dict):
             error = OrchestratorError("only a stream is served as text/event-stream").to_dict()
         return streaming.sse_frame(streaming.error_event(None, OrchestratorError.from_dict(error)))

@@ -31,7 +31,9 @@ def scope() -> str:
 
 @pytest.mark.parametrize("command", ["push", "activate", "history", "--help"])
 def test_every_config_command_has_help(command: str) -> None:
-    done = subprocess.run([str(SCRIPT), "config", *([command] if command != "--help" else []), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [str(SCRIPT), "config", *([command] if command != "--help" else []), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0 and "Usage: orchestrator config" in done.stdout
 
 

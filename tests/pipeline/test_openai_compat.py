@@ -81,7 +81,7 @@ def test_errors_reach_the_sdk_as_its_exceptions(gateway: str, owner: TenantFixtu
         client(gateway, "po_00000000_not-a-key").chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as bad:
         client(gateway, owner.key).chat.completions.create(model="nope/none", messages=[{"role": "user", "content": "x"}])
-    assert bad.value.code == "unknown_model" and bad.value.status_code == 400
+    assert bad.value.code == "model_not_found" and bad.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
         client(gateway, owner.key).chat.completions.create(model="echo", messages=[{"role": "assistant", "content": "last is not the user's"}])
     fakes.openai.mode = "401"  # the provider refuses: a 502 for us
@@ -95,14 +95,45 @@ def test_errors_reach_the_sdk_as_its_exceptions(gateway: str, owner: TenantFixtu
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
+def test_each_error_has_openais_shape_and_the_sdks_class(gateway: str, owner: TenantFixture, fakes: Fakes) -> None:
+    """message, type, param, code: what the SDK reads into its exceptions."""
+    sdk = client(gateway, owner.key)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        client(gateway, "po_00000000_not-a-key").models.list()
+    assert (denied.value.code, denied.value.type, denied.value.param) == ("invalid_api_key", "authentication_error", None)
+    with pytest.raises(openai.BadRequestError) as unknown:
+        sdk.chat.completions.create(model="nope/none", messages=[{"role": "user", "content": "x"}])
+    assert (unknown.value.code, unknown.value.type, unknown.value.param) == ("model_not_found", "invalid_request_error", "model")
+    with pytest.raises(openai.BadRequestError) as invalid:
+        sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}], temperature=3)
+    assert (invalid.value.code, invalid.value.param) == ("invalid_request", "temperature") and "temperature" in invalid.value.message
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("no-such-model")
+    assert (missing.value.code, missing.value.type) == ("not_found", "not_found_error")
+    fakes.openai.mode = "503"
+    with pytest.raises(openai.InternalServerError) as down:
+        sdk.chat.completions.create(model="openai/gpt-fake", messages=[{"role": "user", "content": "x"}])
+    assert (down.value.status_code, down.value.type) == (503, "server_error") and down.value.code in ("worker_unavailable", "circuit_open")
+    assert set(down.value.body) == {"message", "type", "param", "code"}  # type: ignore[arg-type]
+    fakes.openai.mode = "401"
+    stream = sdk.chat.completions.create(model="openai/gpt-fake", messages=[{"role": "user", "content": "y"}], stream=True)
+    with pytest.raises(openai.APIError) as broken:
+        list(stream)
+    assert (broken.value.code, broken.value.type) == ("worker_auth_error", "server_error")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
 def test_rate_limits_are_the_sdks_rate_limit_error(gateway: str, owner: TenantFixture) -> None:
     Tenant.objects.filter(pk=owner.tenant.pk).update(requests_per_minute=1)
     bus = get_bus()
     try:
         sdk = client(gateway, owner.key)
         sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "one"}])
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as limited:
             sdk.chat.completions.create(model="echo", messages=[{"role": "user", "content": "two"}])
+        assert (limited.value.code, limited.value.type) == ("rate_limit_exceeded", "rate_limit_error")
+        assert int(limited.value.response.headers["retry-after"]) >= 1
     finally:
         keys = bus.redis.client.keys(f"{bus.prefix}:rate:*")
         if keys:

@@ -46,8 +46,9 @@ def post(owner: TenantFixture, body: dict[str, Any]) -> Any:
 )
 def test_invalid_bodies_name_their_field(owner: TenantFixture, body: dict[str, Any], field: str) -> None:
     resp = post(owner, body)
-    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request"
-    assert field in resp.json()["error"]["data"]["fields"]
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and set(error) == {"message", "type", "param", "code"}  # OpenAI's shape
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", "invalid_request", field)
 
 
 @pytest.mark.django_db
@@ -56,7 +57,7 @@ def test_messages_longer_than_the_limit_are_refused(owner: TenantFixture, pipeli
 
     pipeline_config(PipelineSettings(limits=LimitsConfig(max_prompt_chars=10)))
     resp = post(owner, {"model": "echo", "messages": [{"role": "system", "content": "x" * 8}, {"role": "user", "content": "yyyy"}]})
-    assert resp.status_code == 400 and resp.json()["error"]["data"] == {"field": "messages"}
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
 
 
 @pytest.mark.django_db
