@@ -1,4 +1,5 @@
-"""Tenant API keys: generation, hashing, and DRF authentication by ``Authorization: Bearer``."""
+"""Tenant API keys: generation, hashing, and DRF authentication by ``Authorization: Bearer``
+(or ``x-api-key``)."""
 
 from __future__ import annotations
 
@@ -140,9 +141,21 @@ class TenantPrincipal:
         return str(self.tenant.id)
 
 
+def request_token(authorization: bytes | str, x_api_key: bytes | str | None) -> str | None:
+    """The key of a request: ``Authorization: Bearer <key>``, or ``x-api-key: <key>`` as
+    Anthropic-style clients send it (when both are sent, the bearer token)."""
+    token = bearer_token(authorization)
+    if token is not None or not x_api_key:
+        return token
+    raw = (x_api_key.decode("latin-1") if isinstance(x_api_key, bytes) else x_api_key).strip()
+    if not raw:
+        raise ApiKeyInvalid("x-api-key is empty")
+    return raw
+
+
 class ApiKeyAuthentication(BaseAuthentication):
     def authenticate(self, request: Request) -> tuple[TenantPrincipal, ApiKey] | None:
-        token = bearer_token(get_authorization_header(request))
+        token = request_token(get_authorization_header(request), request.META.get("HTTP_X_API_KEY"))
         if token is None:
             return None
         key = api_key_authenticate_cached(token)

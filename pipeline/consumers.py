@@ -28,7 +28,7 @@ from orchestrator_site.errors import (
 )
 from pipeline import selectors, streaming
 from pipeline.api.inputs import InferInput, validated
-from pipeline.auth import TenantPrincipal, api_key_authenticate_cached, bearer_token
+from pipeline.auth import TenantPrincipal, api_key_authenticate_cached, request_token
 from pipeline.config import get_config
 from pipeline.services import gates, start
 
@@ -55,10 +55,11 @@ class StreamConsumer(AsyncWebsocketConsumer):
         self.principal = None
         self.streams = {}
         await self.accept()
-        header = dict(self.scope.get("headers") or []).get(b"authorization")
-        if header:
+        headers = dict(self.scope.get("headers") or [])
+        header, x_api_key = headers.get(b"authorization", b""), headers.get(b"x-api-key")
+        if header or x_api_key:
             try:
-                token = bearer_token(header)
+                token = request_token(header, x_api_key)
                 if token is None:
                     raise ApiKeyMissing()
                 self.principal = await sync_to_async(_authenticate)(token)

@@ -97,7 +97,10 @@ def openai_body(error: OrchestratorError) -> dict[str, Any]:
     param = error.data.get("field") or (next(iter(fields)) if isinstance(fields, dict) and fields else None)
     if param is None and error.code in ("unknown_model", "unknown_worker"):
         param = "model"
-    return {"error": {"message": error.message, "type": kind, "param": param, "code": _OPENAI_CODES.get(error.code, error.code)}}
+    message = error.message
+    if isinstance(fields, dict) and fields:  # OpenAI's body has no room for the field list: the message says it all
+        message = "; ".join(f"{name}: {', '.join(map(str, problems)) if isinstance(problems, list) else problems}" for name, problems in fields.items())
+    return {"error": {"message": message, "type": kind, "param": param, "code": _OPENAI_CODES.get(error.code, error.code)}}
 
 
 def is_openai_path(request: Any) -> bool:

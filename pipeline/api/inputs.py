@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
 from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptMissing, PromptTooLarge
@@ -44,6 +44,17 @@ def _prompt(value: Any) -> Any:
     return value
 
 
+def _max_tokens(value: Any) -> Any:
+    """The configured limit, not a schema bound: a larger value is refused naming it."""
+    limit = get_config().limits.max_tokens_limit
+    if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+        raise PydanticCustomError("max_tokens_too_large", "may be at most {limit} (limits.max_tokens_limit)", {"limit": limit})
+    return value
+
+
+MaxTokens = Annotated[StrictInt | None, BeforeValidator(_max_tokens), Field(None, ge=1)]
+
+
 def _stops(value: list[str]) -> list[str]:
     limit = get_config().limits.max_stop_sequences
     if len(value) > limit:
@@ -71,7 +82,7 @@ class InferInput(_Input):
     session_id: str | None = Field(None, description="1-128 of A-Z a-z 0-9 _ . : @ -; the session's earlier turns are replayed")
     worker: Annotated[Text, Field(max_length=100)] | None = None
     model: Annotated[Text, Field(max_length=200)] | None = None
-    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    max_tokens: MaxTokens = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     stop: list[Annotated[Text, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=16)
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -134,8 +145,8 @@ class ChatCompletionInput(_Input):
 
     model: Text = Field(max_length=300)
     messages: list[ChatMessageInput] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens = None
+    max_completion_tokens: MaxTokens = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     stop: Annotated[list[Text], BeforeValidator(_stop_list)] = Field(default_factory=list)
     stream: bool = False

@@ -26,7 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orchestrator_site.errors import InvalidRequest, OrchestratorError, UnknownModel
+from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptTooLarge, UnknownModel
 from pipeline import streaming
 from pipeline.api.errors import openai_body
 from pipeline.api.inputs import ChatCompletionInput, validated
@@ -79,7 +79,7 @@ class ChatCompletionsApi(AsyncAPIView):
         if messages[-1].role != "user":
             raise InvalidRequest("the last message must be the user's", data={"field": "messages"})
         if sum(len(m.content) for m in messages) > config.limits.max_prompt_chars:
-            raise InvalidRequest(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
+            raise PromptTooLarge(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
         fields = {
             "prompt": messages[-1].content,
             "worker": worker,

@@ -22,10 +22,16 @@ class RequestOptions(serializers.Serializer):
 
     worker = serializers.CharField(required=False, max_length=100)
     model = serializers.CharField(required=False, max_length=200)
-    max_tokens = serializers.IntegerField(required=False, min_value=1, max_value=1_000_000)
+    max_tokens = serializers.IntegerField(required=False, min_value=1)
     temperature = serializers.FloatField(required=False, min_value=0.0, max_value=2.0, allow_null=True)
     stop = serializers.ListField(child=serializers.CharField(max_length=64, trim_whitespace=False), required=False, max_length=16)
     metadata = serializers.DictField(required=False)
+
+    def validate_max_tokens(self, value: int) -> int:
+        limit = get_config().limits.max_tokens_limit  # the configured limit, the same words as the other endpoints
+        if value > limit:
+            raise serializers.ValidationError(f"may be at most {limit} (limits.max_tokens_limit)", code="max_value")
+        return value
 
     def validate_stop(self, value: list[str]) -> list[str]:
         limit = get_config().limits.max_stop_sequences
@@ -83,8 +89,8 @@ class RequestStatusOut(serializers.Serializer):
     request_id = serializers.CharField()
     session_id = serializers.CharField()
     status = serializers.ChoiceField(choices=[status.value for status in RequestStatus])
-    created_at = serializers.FloatField()
-    updated_at = serializers.FloatField()
+    created_at = serializers.DateTimeField(allow_null=True)
+    updated_at = serializers.DateTimeField(allow_null=True)
 
 
 class DocumentInput(serializers.Serializer):

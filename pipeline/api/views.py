@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
@@ -125,6 +126,13 @@ class InferApi(AsyncAPIView):
         return json_answer({"request_id": started.request_id, "status": status.value}, status=202)
 
 
+def iso_utc(epoch: str | None) -> str | None:
+    """An epoch-seconds field of a request's record as ISO 8601 UTC, as every time on this API."""
+    if not epoch:
+        return None
+    return dt.datetime.fromtimestamp(float(epoch), tz=dt.UTC).isoformat()
+
+
 class RequestStatusApi(APIView):
     @extend_schema(responses={200: s.RequestStatusOut, 401: s.ErrorOut, 404: s.ErrorOut}, operation_id="request_status")
     def get(self, request: Request, request_id: str) -> Response:
@@ -134,8 +142,8 @@ class RequestStatusApi(APIView):
                 "request_id": request_id,
                 "session_id": record.get("session_id", ""),
                 "status": record.get("status", RequestStatus.QUEUED.value),
-                "created_at": float(record.get("created_at", 0)),
-                "updated_at": float(record.get("updated_at", 0)),
+                "created_at": iso_utc(record.get("created_at")),
+                "updated_at": iso_utc(record.get("updated_at")),
             }
         )
 

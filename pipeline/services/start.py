@@ -108,7 +108,7 @@ def max_tokens_for(config: PipelineSettings, requested: int | None) -> int:
     """The request's ``max_tokens``: the configured default when absent, refused above the limit."""
     max_tokens = requested or config.limits.default_max_tokens
     if max_tokens > config.limits.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens may be at most {config.limits.max_tokens_limit}", data={"field": "max_tokens"})
+        raise InvalidRequest(f"max_tokens may be at most {config.limits.max_tokens_limit} (limits.max_tokens_limit)", data={"field": "max_tokens"})
     return max_tokens
 
 

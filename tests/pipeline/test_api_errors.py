@@ -142,7 +142,7 @@ def test_body_must_be_an_object(owner: TenantFixture, body: str) -> None:
 @pytest.mark.django_db
 def test_max_tokens_over_the_limit(owner: TenantFixture, fakes: object) -> None:
     resp = owner.client.post(INFER, {"prompt": "hi", "max_tokens": 5000}, format="json")
-    assert resp.status_code == 400 and error_of(resp)["data"] == {"field": "max_tokens"}
+    assert resp.status_code == 400 and error_of(resp)["data"] == {"fields": {"max_tokens": ["may be at most 4096 (limits.max_tokens_limit)"]}}
 
 
 @pytest.mark.django_db

@@ -57,7 +57,7 @@ def test_messages_longer_than_the_limit_are_refused(owner: TenantFixture, pipeli
 
     pipeline_config(PipelineSettings(limits=LimitsConfig(max_prompt_chars=10)))
     resp = post(owner, {"model": "echo", "messages": [{"role": "system", "content": "x" * 8}, {"role": "user", "content": "yyyy"}]})
-    assert resp.status_code == 400 and resp.json()["error"]["param"] == "messages"
+    assert resp.status_code == 413 and resp.json()["error"]["param"] == "messages" and resp.json()["error"]["code"] == "prompt_too_large"
 
 
 @pytest.mark.django_db

@@ -38,7 +38,8 @@ RESULT = PipelineResult(
 def test_status_reports_each_state(owner: TenantFixture, status: str) -> None:
     request_id = record(owner, status)
     body = owner.client.get(f"/api/v1/status/{request_id}").json()
-    assert body["status"] == status and body["session_id"] == "sess" and body["created_at"] == 100.5 and body["updated_at"] > 100.5
+    assert body["status"] == status and body["session_id"] == "sess" and body["created_at"] == "1970-01-01T00:01:40.500000+00:00"
+    assert body["updated_at"] > body["created_at"] and body["updated_at"].endswith("+00:00")  # ISO 8601 UTC, as every time here
 
 
 @pytest.mark.django_db
