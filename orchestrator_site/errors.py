@@ -16,6 +16,7 @@ per integration with ``raise ... from exc``.
     │   ├── NotAcceptable ........................ 406 not_acceptable (no answer in a type the Accept header allows)
     │   ├── PromptMissing ........................ 400 prompt_missing
     │   ├── PromptTooLarge ....................... 413 prompt_too_large
+    │   ├── ContextLengthExceeded ................ 400 context_length_exceeded (longer than the model's window)
     │   ├── UnknownWorker ........................ 400 unknown_worker
     │   └── UnknownModel ......................... 400 unknown_model
     ├── AuthenticationFailed ..................... 401 authentication_failed
@@ -146,6 +147,14 @@ class PromptTooLarge(InvalidRequest):
     http_status = 413
     ws_close_code = 4413
     default_message = "prompt is larger than the configured limit"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The provider refused the request as longer than the model's context window: the
+    client's to shorten (``data``: the window and what the provider counted)."""
+
+    code = "context_length_exceeded"
+    default_message = "the request is longer than the model's context window"
 
 
 class UnknownWorker(InvalidRequest):

@@ -280,6 +280,7 @@ class Fakes:
         for fake in self.all():
             fake.mode, fake.token_delay_s, fake.tokens = "ok", 0.0, ["Hello", ",", " world", "!"]
             fake.fail_times, fake.fail_mode = 0, "503"
+            fake.context_window = None
             fake.client_aborts.clear()
 
 
@@ -359,7 +360,9 @@ def session_fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fakes]:
 
     from pipeline.config import load_config
 
-    fakes = Fakes(FakeOpenAI().start(), FakeAnthropic().start(), FakeLlamaCpp().start(), FakeOpenAI().start())
+    vllm = FakeOpenAI()
+    vllm.dialect = "vllm"
+    fakes = Fakes(FakeOpenAI().start(), FakeAnthropic().start(), FakeLlamaCpp().start(), vllm.start())
     path = tmp_path_factory.mktemp("config") / "pipeline.toml"
     path.write_text(_pipeline_toml(fakes))
     settings.PIPELINE_CONFIG_PATH = str(path)

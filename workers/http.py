@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import ssl
 import threading
 import urllib.request
@@ -28,6 +29,7 @@ import httpx
 
 from orchestrator_site import telemetry
 from orchestrator_site.errors import (
+    ContextLengthExceeded,
     OrchestratorError,
     PermanentWorkerError,
     TransientWorkerError,
@@ -77,8 +79,52 @@ def _provider_message(body: bytes) -> str:
     return str(payload)[:200]
 
 
+# Each provider's words for a request longer than the model's context window, with the
+# window and the tokens it counted: llama.cpp; OpenAI and vLLM; Anthropic.
+_CONTEXT_WORDS = (
+    re.compile(r"request \((?P<requested>\d+) tokens\) exceeds the available context size \((?P<window>\d+) tokens\)"),
+    re.compile(r"maximum context length is (?P<window>\d+) tokens\. However, (?:your messages resulted in|you requested) (?P<requested>\d+) tokens"),
+    re.compile(r"prompt is too long: (?P<requested>\d+) tokens > (?P<window>\d+) maximum"),
+)
+
+
+def context_length_error(worker: str, status: int, body: bytes) -> ContextLengthExceeded | None:
+    """A provider's refusal of a request longer than the model's window, as the client's
+    error (400 ``context_length_exceeded``), or None for any other answer."""
+    if status not in (400, 413):
+        return None
+    message = _provider_message(body)
+    found = next((m for m in (words.search(message) for words in _CONTEXT_WORDS) if m is not None), None)
+    error = _error_object(body)
+    marked = error.get("code") == "context_length_exceeded" or error.get("type") == "exceed_context_size_error"
+    if found is None and not marked:
+        return None
+    window = error.get("n_ctx", found["window"] if found else None)
+    requested = error.get("n_prompt_tokens", found["requested"] if found else None)
+    data = {
+        "worker": worker,
+        "context_tokens": int(window) if window is not None else None,
+        "requested_tokens": int(requested) if requested is not None else None,
+        "upstream_status": status,
+        "upstream_message": message,
+    }
+    return ContextLengthExceeded(f"{worker}: the request is longer than the model's context window", data=data)
+
+
+def _error_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return {}
+    error = payload.get("error") if isinstance(payload, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
 def error_for_status(worker: str, status: int, headers: Mapping[str, str], body: bytes) -> OrchestratorError:
     """The error for a provider's 4xx/5xx answer (``headers``: case-insensitive)."""
+    too_long = context_length_error(worker, status, body)
+    if too_long is not None:
+        return too_long
     data: dict[str, Any] = {"worker": worker, "upstream_status": status, "upstream_message": _provider_message(body)}
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status == 429:

@@ -12,7 +12,7 @@ from typing import cast
 
 import structlog
 
-from orchestrator_site.errors import CircuitOpen, Overloaded, PermanentWorkerError, RateLimited, TransientWorkerError
+from orchestrator_site.errors import CircuitOpen, ContextLengthExceeded, Overloaded, PermanentWorkerError, RateLimited, TransientWorkerError
 from pipeline import metrics
 from pipeline.config import PipelineSettings, get_config
 from pipeline.models import Tenant
@@ -141,7 +141,7 @@ def run_guarded(request: PromptRequest, config: PipelineSettings, run: Callable[
     except TransientWorkerError:
         breaker.record(success=False)
         raise
-    except PermanentWorkerError:
+    except (PermanentWorkerError, ContextLengthExceeded):
         breaker.record(success=True)  # the provider is up: it answered, if only to refuse
         raise
     breaker.record(success=True)

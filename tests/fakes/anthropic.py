@@ -22,6 +22,9 @@ class FakeAnthropic(FakeProvider):
         tokens = self.tokens[: int(body["max_tokens"])]
         stop_reason = "max_tokens" if len(self.tokens) > len(tokens) else "end_turn"
         input_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        if self.context_window is not None and input_tokens > self.context_window:
+            message = f"prompt is too long: {input_tokens} tokens > {self.context_window} maximum"
+            return json_reply(400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
         if not body.get("stream"):
             if self.mode == "malformed":
                 return Reply(body=b"<html>bad gateway</html>", content_type="text/html")

@@ -22,6 +22,11 @@ class FakeLlamaCpp(FakeProvider):
         tokens = self.tokens if limit < 0 else self.tokens[:limit]
         stop_type = "limit" if len(tokens) < len(self.tokens) else "eos"
         evaluated = len(str(body.get("prompt", "")).split())
+        if self.context_window is not None and evaluated > self.context_window:
+            # As llama-server answers (seen from the real one, with -c set small).
+            message = f"request ({evaluated} tokens) exceeds the available context size ({self.context_window} tokens), try increasing it"
+            error = {"code": 400, "message": message, "type": "exceed_context_size_error", "n_prompt_tokens": evaluated, "n_ctx": self.context_window}
+            return json_reply(400, {"error": error})
         final = {"content": "", "stop": True, "tokens_predicted": len(tokens), "tokens_evaluated": evaluated, "stop_type": stop_type, "model": "fake.gguf"}
         if not body.get("stream"):
             if self.mode == "malformed":

@@ -10,6 +10,23 @@ from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, sse_ev
 
 
 class FakeOpenAI(FakeProvider):
+    dialect = "openai"  # "vllm": vLLM's server, which words some errors its own way
+
+    def context_error(self, prompt_tokens: int, max_tokens: int) -> Reply:
+        """What each server answers for a request longer than the model's context window."""
+        window = self.context_window or 0
+        if self.dialect == "vllm":
+            message = (
+                f"This model's maximum context length is {window} tokens. However, you requested {prompt_tokens + max_tokens} tokens "
+                f"({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion."
+            )
+            return json_reply(400, {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400})
+        message = (
+            f"This model's maximum context length is {window} tokens. However, your messages resulted in {prompt_tokens} tokens. "
+            "Please reduce the length of the messages."
+        )
+        return json_reply(400, {"error": {"message": message, "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"}})
+
     def error_body(self, status: int) -> dict[str, Any]:
         kinds = {
             429: ("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
@@ -28,6 +45,8 @@ class FakeOpenAI(FakeProvider):
         tokens = self.tokens[:limit]
         finish = "length" if len(self.tokens) > limit else "stop"
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        if self.context_window is not None and prompt_tokens + (limit if self.dialect == "vllm" and limit < 1_000_000 else 0) > self.context_window:
+            return self.context_error(prompt_tokens, limit)
         if not body.get("stream"):
             if self.mode == "malformed":
                 return Reply(body=b'{"id": "chatcmpl-1", "choices": [')

@@ -67,6 +67,9 @@ class FakeProvider:
         self.token_delay_s = 0.0
         self.reply_delay_s = 0.0  # before a whole (not streamed) reply
         self.hang_s = 3.0
+        # The model's context window, in the fake's tokens (words): a longer request is
+        # refused in the provider's own words (its ``context_error``). None: no window.
+        self.context_window: int | None = None
         self.requests: list[dict[str, Any]] = []
         self.headers_seen: list[dict[str, str]] = []
         self.open_connections = 0

@@ -120,6 +120,7 @@ def test_categories_group_their_members() -> None:
         "not_acceptable",
         "prompt_missing",
         "prompt_too_large",
+        "context_length_exceeded",
         "unknown_worker",
         "unknown_model",
     }

@@ -113,3 +113,19 @@ def test_real_model_hits_the_length_limit(worker: LlamaCppWorker) -> None:
     long = AssembledPrompt(messages=(ChatMessage("user", "Write a long story about a dragon."),), model="m", max_tokens=3, temperature=0.0)
     completion = worker.infer(long)
     assert completion.finish_reason == "length" and completion.usage.completion_tokens == 3
+
+
+def test_real_model_refuses_a_prompt_longer_than_its_context(worker: LlamaCppWorker) -> None:
+    from orchestrator_site.errors import ContextLengthExceeded
+
+    too_long = AssembledPrompt(messages=(ChatMessage("user", "word " * 3000),), model="m", max_tokens=4, temperature=0.0)
+    with pytest.raises(ContextLengthExceeded) as info:
+        worker.infer(too_long)
+    assert info.value.data["context_tokens"] == 2048 and info.value.data["requested_tokens"] > 2048
+
+    async def streamed() -> None:
+        async for _ in worker.infer_stream(too_long):
+            pass
+
+    with pytest.raises(ContextLengthExceeded):
+        asyncio.run(streamed())
