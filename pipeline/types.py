@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
@@ -16,6 +17,14 @@ from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, 
 __all__ = ["AssembledPrompt", "ChatMessage", "Completion", "PipelineResult", "PromptRequest", "TokenChunk", "Usage"]
 
 STAGES = ("rag", "assemble", "inference", "post", "stream")
+
+
+class DedupMode(StrEnum):
+    """How a request shares answers with identical ones (docs/api.md, "Deduplication")."""
+
+    FULL = "full"  # joins one in flight, and is served a finished answer from the window
+    IN_FLIGHT = "in_flight"  # joins one in flight only: a sampled answer is not served twice
+    OFF = "off"  # neither: the client asked for a fresh answer
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class PromptRequest:
     # The stored config version the gateway ran when the request started: the run
     # finishes on it, though the worker may have moved on (pipeline.config.config_at).
     config_version: int = 0
+    dedup: DedupMode = DedupMode.FULL
 
     @property
     def names_session(self) -> bool:
@@ -63,6 +73,7 @@ class PromptRequest:
             "history": [[m.role, m.content] for m in self.history],
             "tenant_has_documents": self.tenant_has_documents,
             "config_version": self.config_version,
+            "dedup": self.dedup.value,
             "stream": self.stream,
         }
 
@@ -84,6 +95,7 @@ class PromptRequest:
             tenant_has_documents=bool(data.get("tenant_has_documents", True)),
             stream=bool(data.get("stream", True)),
             config_version=int(data.get("config_version") or 0),
+            dedup=DedupMode(data.get("dedup") or DedupMode.FULL),
         )
 
 

@@ -88,6 +88,7 @@ class InferInput(_Input):
     metadata: dict[str, Any] = Field(default_factory=dict)
     wait: bool = True
     stream: bool = False
+    dedup: bool = Field(True, description="false: a fresh answer, never shared with an identical request")
 
     @field_validator("session_id", mode="before")
     @classmethod
@@ -153,6 +154,7 @@ class ChatCompletionInput(_Input):
     stream_options: StreamOptionsInput | None = None
     n: int | None = Field(None, ge=1, le=1)
     user: Annotated[Text, Field(max_length=256)] | None = None
+    dedup: bool = Field(True, description="an extension (the SDK's extra_body): false asks for a fresh answer")
 
 
 def validated(model: type[Input], data: Any) -> Input:

@@ -31,7 +31,7 @@ from pipeline import streaming
 from pipeline.api.errors import openai_body
 from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.api.parsers import LimitedJSONParser
-from pipeline.api.views import EventStreamRenderer, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
+from pipeline.api.views import EventStreamRenderer, asks_for_a_fresh_answer, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 from pipeline.services import gates, start
 from pipeline.types import PipelineResult
@@ -88,6 +88,7 @@ class ChatCompletionsApi(AsyncAPIView):
             "temperature": data.temperature,
             "stop": data.stop,
             "history": [(m.role if m.role != "developer" else "system", m.content) for m in messages[:-1]],
+            "dedup": data.dedup,
         }
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
@@ -95,6 +96,7 @@ class ChatCompletionsApi(AsyncAPIView):
             config=config,
             tenant_has_documents=principal.tenant.has_documents,
             stream=data.stream,
+            fresh=asks_for_a_fresh_answer(request),
         )
         started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         name = f"{worker}/{model}"

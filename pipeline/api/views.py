@@ -86,6 +86,12 @@ def refuse_event_stream_for_a_whole_answer(request: Request) -> None:
         raise NotAcceptable('this request is answered as application/json; send "stream": true for text/event-stream')
 
 
+def asks_for_a_fresh_answer(request: Request) -> bool:
+    """``Cache-Control: no-cache`` (or ``no-store``): share no answer with an identical request."""
+    directives = {d.strip().split("=", 1)[0].lower() for d in request.headers.get("Cache-Control", "").split(",")}
+    return bool(directives & {"no-cache", "no-store"})
+
+
 def tenant_of(request: Request) -> TenantPrincipal:
     principal = request.user
     if not isinstance(principal, TenantPrincipal):  # IsTenant has run; this keeps the types honest
@@ -113,6 +119,7 @@ class InferApi(AsyncAPIView):
             config=config,
             tenant_has_documents=principal.tenant.has_documents,
             stream=data.stream,
+            fresh=asks_for_a_fresh_answer(request),
         )
         started = await start.ainfer_start(request=prompt_request, rates=gates.tenant_rates(principal.tenant, config))
         wait_s = streaming.wait_s(config.limits.request_timeout_s)

@@ -51,9 +51,11 @@ def dedup_key(request: PromptRequest) -> str:
 # finished result {"done", result}, the owner in flight {"inflight", request_id}, or
 # {"claimed", request_id} (this request is now the owner, for window_s at most).
 CLAIM_FUNCTION = """
-local function dedup_claim(inflight_key, done_key, request_id, window_s)
-  local done = redis.call('GET', done_key)
-  if done then return {'done', done} end
+local function dedup_claim(inflight_key, done_key, request_id, window_s, serve_done)
+  if serve_done == '1' then
+    local done = redis.call('GET', done_key)
+    if done then return {'done', done} end
+  end
   local owner = redis.call('GET', inflight_key)
   if owner then return {'inflight', owner} end
   redis.call('SET', inflight_key, request_id, 'EX', window_s)
@@ -61,9 +63,9 @@ local function dedup_claim(inflight_key, done_key, request_id, window_s)
 end
 """
 
-# KEYS: inflight key, done key. ARGV: request_id, window_s. One script, so two gateways
-# never both become the producer of the same answer.
-_CLAIM = CLAIM_FUNCTION + "return dedup_claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n"
+# KEYS: inflight key, done key. ARGV: request_id, window_s, serve a finished answer (1/0).
+# One script, so two gateways never both become the producer of the same answer.
+_CLAIM = CLAIM_FUNCTION + "return dedup_claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])\n"
 
 # KEYS: inflight key, done key, index. ARGV: result json, window_s, now, max_entries, key.
 _COMPLETE = """
@@ -103,12 +105,12 @@ class DedupStore:
     def _keys(self, key: str) -> tuple[str, str, str]:
         return keys(self._prefix, key)
 
-    def claim(self, key: str, request_id: str) -> tuple[str, str]:
+    def claim(self, key: str, request_id: str, *, serve_done: bool = True) -> tuple[str, str]:
         """("claimed", request_id): run it; ("inflight", owner): wait for the owner's
-        stream; ("done", result json): answer from the window."""
+        stream; ("done", result json): answer from the window (only if ``serve_done``)."""
         inflight, done, _ = self._keys(key)
         with redis_errors("look up the deduplication window"):
-            kind, value = self._claim(keys=[inflight, done], args=[request_id, self.window_s])
+            kind, value = self._claim(keys=[inflight, done], args=[request_id, self.window_s, "1" if serve_done else "0"])
         return _text(kind), _text(value)
 
     def complete(self, key: str, result_json: str) -> None:
@@ -120,6 +122,11 @@ class DedupStore:
         source, not its hash: a pipeline holding a script by hash asks first whether
         the server has it, a round trip of its own."""
         pipe.eval(_COMPLETE, 3, *self._keys(key), *self._complete_args(key, result_json))
+
+    def queue_release(self, pipe: Any, key: str) -> None:
+        """The owner finished an answer that is not to be served again: identical
+        requests from now on run on their own."""
+        pipe.delete(self._keys(key)[0])
 
     def _complete_args(self, key: str, result_json: str) -> list[Any]:
         return [result_json, self.window_s, time.time(), self.max_entries, key]

@@ -41,7 +41,7 @@ from pipeline.stages.stream import Publisher
 from pipeline.tokenbus import RequestStatus, TokenBus, fencing, get_bus
 from pipeline.tokenbus.fencing import BeginOutcome, Begun, Run
 from pipeline.tokenbus.producer import Fenced, Producer
-from pipeline.types import PipelineResult, PromptRequest, TokenChunk
+from pipeline.types import DedupMode, PipelineResult, PromptRequest, TokenChunk
 
 log = structlog.get_logger("pipeline.services")
 
@@ -104,7 +104,7 @@ def _answer(run: Run, begun: Begun, config: PipelineSettings, bus: TokenBus) -> 
         producer.finish("error", OrchestratorError("the request's record is unreadable").to_dict(), status=RequestStatus.FAILED)
         return
     config = config_at(request.config_version)  # the version it started on, to its end
-    key = dedup_key(request) if config.dedup.enabled else None
+    key = dedup_key(request) if config.dedup.enabled and request.dedup is not DedupMode.OFF else None
     telemetry.annotate(request_id=request.request_id, attempt=run.attempt, dedup_key=key, cache_hit=False)
     clock = metrics.StreamClock(request.worker, accepted_at=begun.created_at)
     deadline_at = begun.deadline_at or time.time() + config.limits.request_timeout_s
@@ -193,8 +193,10 @@ def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str |
     try:
         with redis_errors("settle the request"):
             pipe: Any = client.pipeline(transaction=False)
-            if key:
+            if key and request.dedup is DedupMode.FULL:
                 gates.shared_dedup(config).queue_complete(pipe, key, result_json)
+            elif key:
+                gates.shared_dedup(config).queue_release(pipe, key)  # a sampled answer: joined in flight, never served again
             gates.shared_limiter().queue_record_tokens(pipe, request.tenant_id, request.request_id, tokens)
             gates.shared_admission(config).queue_release(pipe, request.tenant_id, request.request_id)
             pipe.execute()

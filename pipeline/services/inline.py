@@ -19,7 +19,7 @@ from pipeline import metrics
 from pipeline.config import PipelineSettings, get_config
 from pipeline.resilience.dedup import dedup_key
 from pipeline.services import execute, gates, sessions
-from pipeline.types import PipelineResult, PromptRequest, TokenChunk
+from pipeline.types import DedupMode, PipelineResult, PromptRequest, TokenChunk
 
 log = structlog.get_logger("pipeline.services")
 
@@ -27,7 +27,7 @@ log = structlog.get_logger("pipeline.services")
 def infer_local(*, request: PromptRequest) -> PipelineResult:
     """Run ``request`` here and return its answer (or raise its error)."""
     config = get_config()
-    key = dedup_key(request) if config.dedup.enabled else None
+    key = dedup_key(request) if config.dedup.enabled and request.dedup is DedupMode.FULL else None  # only the local window: nothing joins here
     clock = metrics.StreamClock(request.worker, accepted_at=time.time())
     log.warning("request_run_inline", request_id=request.request_id, session_id=request.session_id, outcome="degraded", reason="redis unavailable")
     try:

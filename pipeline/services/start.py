@@ -55,7 +55,7 @@ from pipeline.routing import route_request
 from pipeline.services import gates
 from pipeline.shared_redis import redis_errors
 from pipeline.tokenbus import fencing, get_bus
-from pipeline.types import ChatMessage, PipelineResult, PromptRequest
+from pipeline.types import ChatMessage, DedupMode, PipelineResult, PromptRequest
 
 log = structlog.get_logger("pipeline.services")
 
@@ -80,10 +80,17 @@ class Started:
 
 
 def infer_build_request(
-    *, tenant_id: str, data: Mapping[str, Any], config: PipelineSettings, tenant_has_documents: bool = True, stream: bool = True
+    *,
+    tenant_id: str,
+    data: Mapping[str, Any],
+    config: PipelineSettings,
+    tenant_has_documents: bool = True,
+    stream: bool = True,
+    fresh: bool = False,
 ) -> PromptRequest:
     """A routed ``PromptRequest`` from validated input. ``stream`` False: its client waits
-    for the whole answer (the run then publishes it once, not token by token)."""
+    for the whole answer (the run then publishes it once, not token by token). ``fresh``
+    (``Cache-Control: no-cache``), like ``"dedup": false``, shares no answer."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     request_id = uuid.uuid4().hex
     return PromptRequest(
@@ -101,7 +108,17 @@ def infer_build_request(
         tenant_has_documents=tenant_has_documents,
         stream=stream,
         config_version=config_version(),
+        dedup=dedup_mode(wanted=bool(data.get("dedup", True)) and not fresh, temperature=data.get("temperature"), kind=config.workers[route.worker].kind),
     )
+
+
+def dedup_mode(*, wanted: bool, temperature: float | None, kind: str) -> DedupMode:
+    """A finished answer is served again only where the same request gives the same
+    answer: at temperature 0, or from echo. A sampled one would repeat itself to a user
+    who pressed "regenerate"; identical requests in flight still share one run."""
+    if not wanted:
+        return DedupMode.OFF
+    return DedupMode.FULL if kind == "echo" or temperature == 0 else DedupMode.IN_FLIGHT
 
 
 def max_tokens_for(config: PipelineSettings, requested: int | None) -> int:
@@ -117,7 +134,7 @@ def max_tokens_for(config: PipelineSettings, requested: int | None) -> int:
 # ARGV: 1 request_id, 2 dedup window_s (0: none), 3 now, 4 rate window_s, 5 rpm,
 #       6 tpm (both 0: no limit, not even counted), 7 slot lease_s, 8 global max,
 #       9 tenant max, 10 tenant_id, 11 session_id, 12 record ttl_s, 13 now as recorded,
-#       14 the request (JSON), 15 deadline_at, 16 dedup key.
+#       14 the request (JSON), 15 deadline_at, 16 dedup key, 17 serve a finished answer (1/0).
 # Returns {"done", result} | {"inflight", owner} | {"rate", kind, retry_after_ms} |
 # {"shed", 0 (global) or -1 (tenant)} | {"queued", request_id}.
 START_SCRIPT = (
@@ -129,7 +146,7 @@ local request_id, window_s, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 -- The same start, again: its first reply was lost on the way back.
 if redis.call('EXISTS', KEYS[7]) == 1 then return {'queued', request_id} end
 if window_s > 0 then
-  local claim = dedup_claim(KEYS[1], KEYS[2], request_id, window_s)
+  local claim = dedup_claim(KEYS[1], KEYS[2], request_id, window_s, ARGV[17])
   if claim[1] ~= 'claimed' then return claim end
 end
 local rpm, tpm = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -190,7 +207,7 @@ async def ainfer_start(*, request: PromptRequest, rates: TenantRates | None = No
 async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSettings) -> Started:
     if not shared_state.available():
         return _start_here(request, rates, config)
-    key = dedup_key(request) if config.dedup.enabled else None
+    key = dedup_key(request) if config.dedup.enabled and request.dedup is not DedupMode.OFF else None
     try:
         reply = await _run_start_script(request, rates, config, key)
     except ServiceUnavailable as exc:
@@ -243,6 +260,7 @@ async def _run_start_script(request: PromptRequest, rates: TenantRates, config: 
         json.dumps(request.to_dict()),
         f"{now + config.limits.request_timeout_s:.6f}",
         key or "",
+        "1" if request.dedup is DedupMode.FULL else "0",
     ]
     script = _start_scripts.get(client)
     if script is None:
@@ -303,7 +321,7 @@ def _run_here(request_id: str) -> None:
 
 def _start_here(request: PromptRequest, rates: TenantRates, config: PipelineSettings) -> Started:
     """Redis is down: this process's own gates, and the request runs here (``services.inline``)."""
-    if config.dedup.enabled:
+    if config.dedup.enabled and request.dedup is DedupMode.FULL:
         kind, value = gates.local_dedup(config).claim(dedup_key(request), request.request_id)
         if kind == "done":
             result = PipelineResult.from_dict(json.loads(value))
