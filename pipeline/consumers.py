@@ -47,6 +47,24 @@ def _authenticate(raw: str) -> TenantPrincipal:
     return TenantPrincipal(tenant=key.tenant, api_key=key)
 
 
+MAX_ID_CHARS = 128
+
+
+def client_id(message: dict[str, Any]) -> str | int | None:
+    """The message's ``id``, the client's own name for it (a string or an integer)."""
+    value = message.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int) or (isinstance(value, str) and not 0 < len(value) <= MAX_ID_CHARS):
+        raise InvalidRequest(f"id must be a string of 1-{MAX_ID_CHARS} characters or an integer", data={"field": "id"})
+    return value
+
+
+def tagged(event: dict[str, Any], message_id: str | int | None) -> dict[str, Any]:
+    """``event`` with the client's id of the message it answers, when it gave one."""
+    return event if message_id is None else {**event, "id": message_id}
+
+
 class StreamConsumer(AsyncWebsocketConsumer):
     principal: TenantPrincipal | None
     streams: dict[str, asyncio.Task[None]]
@@ -76,13 +94,16 @@ class StreamConsumer(AsyncWebsocketConsumer):
         await asyncio.gather(*self.streams.values(), return_exceptions=True)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # The client's id of the message being handled: echoed in every event about it.
+        # Messages are handled one at a time, so one attribute holds it.
+        self.message_id: str | int | None = None
         try:
             await self.handle(text_data, bytes_data)
         except OrchestratorError as exc:
-            await self.send_event(streaming.error_event(None, exc))
+            await self.send_event(tagged(streaming.error_event(None, exc), self.message_id))
         except Exception as exc:  # consumer boundary: logged, answered as internal_error, the connection lives on
             log.exception("consumer_crashed", outcome="error", error_type=type(exc).__name__)
-            await self.send_event(streaming.error_event(None, OrchestratorError("internal error")))
+            await self.send_event(tagged(streaming.error_event(None, OrchestratorError("internal error")), self.message_id))
 
     async def handle(self, text_data: str | None, bytes_data: bytes | None) -> None:
         raw = text_data if text_data is not None else (bytes_data or b"").decode("utf-8", errors="replace")
@@ -94,6 +115,7 @@ class StreamConsumer(AsyncWebsocketConsumer):
             raise InvalidRequest("a message must be a JSON object") from exc
         if not isinstance(message, dict):
             raise InvalidRequest("a message must be a JSON object")
+        self.message_id = client_id(message)
         kind = message.get("type")
         if kind == "auth":
             await self.on_auth(message)
@@ -128,10 +150,10 @@ class StreamConsumer(AsyncWebsocketConsumer):
         try:
             started = await start.ainfer_start(request=request, rates=gates.tenant_rates(principal.tenant, config))
         except OrchestratorError as exc:
-            await self.send_event(streaming.error_event(request.request_id, exc))
+            await self.send_event(tagged(streaming.error_event(request.request_id, exc), self.message_id))
             return
         events = streaming.prompt_events(request, started, timeout_s=streaming.wait_s(config.limits.request_timeout_s))
-        self._forward(request.request_id, events)
+        self._forward(request.request_id, events, self.message_id)
 
     async def on_resume(self, message: dict[str, Any]) -> None:
         principal = self._principal()
@@ -145,7 +167,7 @@ class StreamConsumer(AsyncWebsocketConsumer):
         await sync_to_async(selectors.request_status_for_tenant, thread_sensitive=False)(tenant_id=principal.tenant_id, request_id=request_id)
         timeout_s = streaming.wait_s(get_config().limits.request_timeout_s)
         events = streaming.stream_events(request_id, client_request_id=request_id, timeout_s=timeout_s, after_seq=after_seq)
-        self._forward(request_id, events)
+        self._forward(request_id, events, self.message_id)
 
     def _principal(self) -> TenantPrincipal:
         if self.principal is None:  # handle() refuses first; this keeps the types honest
@@ -157,19 +179,19 @@ class StreamConsumer(AsyncWebsocketConsumer):
         if len(self.streams) >= MAX_STREAMS_PER_CONNECTION:
             raise Overloaded(f"at most {MAX_STREAMS_PER_CONNECTION} streams at once on one connection", data={"limit": MAX_STREAMS_PER_CONNECTION})
 
-    def _forward(self, request_id: str, events: Any) -> None:
+    def _forward(self, request_id: str, events: Any, message_id: str | int | None) -> None:
         async def pump() -> None:
             try:
                 async with contextlib.aclosing(events):  # a cancelled pump signs out of the stream at once
                     async for event in events:
-                        await self.send_event(event)
+                        await self.send_event(tagged(event, message_id))
             except asyncio.CancelledError:
                 raise  # the client left: stop reading
             except ClientGone:
                 log.info("stream_client_gone", request_id=request_id, outcome="cancelled")  # signed out above
             except Exception as exc:  # stream boundary: this stream ends with an error, the others go on
                 log.exception("stream_crashed", request_id=request_id, outcome="error", error_type=type(exc).__name__)
-                await self.send_event(streaming.error_event(request_id, OrchestratorError("internal error")))
+                await self.send_event(tagged(streaming.error_event(request_id, OrchestratorError("internal error")), message_id))
 
         self.streams[request_id] = asyncio.ensure_future(pump())
 

@@ -8,6 +8,7 @@ import uuid
 
 import psycopg.errors
 from django.db import OperationalError, connection, transaction
+from django.db.models import QuerySet
 
 from orchestrator_site.errors import NotFound, OrchestratorError
 from pipeline.models import Document, SessionTurn
@@ -65,8 +66,9 @@ def document_get_for_tenant(*, tenant_id: str, document_id: str) -> Document:
         raise NotFound("document not found") from exc
 
 
-def document_list_for_tenant(*, tenant_id: str, limit: int, offset: int) -> list[Document]:
-    return list(Document.objects.filter(tenant_id=tenant_id).order_by("-created_at")[offset : offset + limit])
+def documents_of_tenant(*, tenant_id: str) -> QuerySet[Document]:
+    """The tenant's documents, newest first (a page of them is the caller's to take)."""
+    return Document.objects.filter(tenant_id=tenant_id).order_by("-created_at", "-id")
 
 
 def session_history(*, tenant_id: str, session_id: str, turns: int) -> tuple[ChatMessage, ...]:

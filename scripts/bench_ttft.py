@@ -800,7 +800,7 @@ def one_document(gateway: str, key: str) -> None:
     """The tenant's one document (through the API), unless an earlier run added it. No
     benchmark prompt matches it: its search finds nothing, as the other tenant's would."""
     headers = {"Authorization": f"Bearer {key}"}
-    if not httpx.get(f"{gateway}/api/v1/documents?limit=1", headers=headers, timeout=10).raise_for_status().json():
+    if not httpx.get(f"{gateway}/api/v1/documents?limit=1", headers=headers, timeout=10).raise_for_status().json()["results"]:
         body = {"title": "Kettles", "body": "A kettle boils water for tea."}
         httpx.post(f"{gateway}/api/v1/documents", json=body, headers=headers, timeout=10).raise_for_status()
 

@@ -18,6 +18,7 @@ from batches import services
 from batches.api import serializers as s
 from batches.models import BatchJob
 from orchestrator_site.errors import InvalidRequest
+from pipeline.api.pagination import paginated
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.api.serializers import ErrorOut, validated
 from pipeline.api.views import tenant_of
@@ -51,10 +52,7 @@ class BatchListCreateApi(APIView):
 
     @extend_schema(responses={200: s.BatchJobOut(many=True), 401: ErrorOut}, operation_id="batch_list")
     def get(self, request: Request) -> Response:
-        limit = _int_param(request, "limit", 50, low=1, high=500)
-        offset = _int_param(request, "offset", 0, low=0, high=10**9)
-        jobs = BatchJob.objects.filter(tenant_id=tenant_of(request).tenant_id).order_by("-created_at")[offset : offset + limit]
-        return Response([s.job_out(job) for job in jobs])
+        return paginated(request, BatchJob.objects.filter(tenant_id=tenant_of(request).tenant_id).order_by("-created_at", "-id"), s.job_out)
 
 
 class BatchDetailApi(APIView):

@@ -16,11 +16,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orchestrator_site.errors import ApiKeyMissing, InvalidRequest, NotAcceptable, OrchestratorError
+from orchestrator_site.errors import ApiKeyMissing, NotAcceptable, OrchestratorError
 from pipeline import selectors, streaming
 from pipeline.api import serializers as s
 from pipeline.api.errors import is_openai_path
 from pipeline.api.inputs import InferInput, validated
+from pipeline.api.pagination import paginated
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.auth import TenantPrincipal
 from pipeline.config import get_config
@@ -169,15 +170,9 @@ def _document_out(doc: Any) -> dict[str, Any]:
 
 
 class DocumentListCreateApi(APIView):
-    @extend_schema(responses={200: s.DocumentOut(many=True), 401: s.ErrorOut}, operation_id="documents_list")
+    @extend_schema(responses={200: s.DocumentOut(many=True), 400: s.ErrorOut, 401: s.ErrorOut}, operation_id="documents_list")
     def get(self, request: Request) -> Response:
-        try:
-            limit = min(max(int(request.query_params.get("limit", 50)), 1), 500)
-            offset = max(int(request.query_params.get("offset", 0)), 0)
-        except ValueError as exc:
-            raise InvalidRequest("limit and offset must be integers") from exc
-        docs = selectors.document_list_for_tenant(tenant_id=tenant_of(request).tenant_id, limit=limit, offset=offset)
-        return Response([_document_out(d) for d in docs])
+        return paginated(request, selectors.documents_of_tenant(tenant_id=tenant_of(request).tenant_id), _document_out)
 
     @extend_schema(request=s.DocumentInput, responses={201: s.DocumentOut, 400: s.ErrorOut, 401: s.ErrorOut}, operation_id="documents_create")
     def post(self, request: Request) -> Response:

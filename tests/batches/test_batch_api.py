@@ -154,10 +154,10 @@ def test_status_list_and_another_tenants_jobs(owner: TenantFixture, outsider: Te
     first = submit(owner, {"prompts": ["a"]})
     second = submit(owner, {"prompts": ["b", "c"], "priority": "low"})
     assert owner.client.get(f"{BATCH}/{first['id']}").json() == first
-    assert [j["id"] for j in owner.client.get(BATCH).json()] == [second["id"], first["id"]]
-    assert [j["id"] for j in owner.client.get(BATCH, {"limit": 1, "offset": 1}).json()] == [first["id"]]
+    assert [j["id"] for j in owner.client.get(BATCH).json()["results"]] == [second["id"], first["id"]]
+    assert [j["id"] for j in owner.client.get(BATCH, {"limit": 1, "offset": 1}).json()["results"]] == [first["id"]]
     assert owner.client.get(BATCH, {"limit": "x"}).json()["error"]["data"] == {"field": "limit"}
-    assert outsider.client.get(BATCH).json() == []
+    assert outsider.client.get(BATCH).json() == {"count": 0, "next": None, "previous": None, "results": []}
     for resp in (
         outsider.client.get(f"{BATCH}/{first['id']}"),
         outsider.client.post(f"{BATCH}/{first['id']}/cancel"),

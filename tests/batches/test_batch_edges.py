@@ -43,13 +43,22 @@ def test_unicode_prompts_and_ids_come_back_as_they_went_in(owner: TenantFixture)
 
 
 @pytest.mark.django_db
-def test_listing_clamps_its_page_and_ends_empty(owner: TenantFixture) -> None:
+def test_listing_caps_its_page_refuses_bad_numbers_and_ends_empty(owner: TenantFixture) -> None:
     for n in range(3):
         submit(owner, {"prompts": [f"job {n}"]})
-    assert len(owner.client.get(BATCH, {"limit": 0}).json()) == 1  # at least one
-    assert len(owner.client.get(BATCH, {"limit": 10_000}).json()) == 3  # at most 500: all three here
-    assert owner.client.get(BATCH, {"offset": 3}).json() == []
-    assert len(owner.client.get(BATCH, {"offset": -5}).json()) == 3
+    assert owner.client.get(BATCH, {"limit": 0}).json()["error"] == {
+        "code": "invalid_request",
+        "message": "limit must be a positive integer",
+        "data": {"field": "limit"},
+    }
+    assert len(owner.client.get(BATCH, {"limit": 10_000}).json()["results"]) == 3  # at most 500: all three here
+    assert owner.client.get(BATCH, {"offset": 3}).json() == {
+        "count": 3,
+        "next": None,
+        "previous": owner.client.get(BATCH, {"offset": 3}).json()["previous"],
+        "results": [],
+    }
+    assert owner.client.get(BATCH, {"offset": -5}).json()["error"]["data"] == {"field": "offset"}
 
 
 @pytest.mark.django_db

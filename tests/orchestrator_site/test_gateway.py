@@ -119,7 +119,7 @@ def test_async_form_and_documents_through_daphne(gateway: str, owner: TenantFixt
     headers = {"Authorization": f"Bearer {owner.key}"}
     created = httpx.post(f"{gateway}/api/v1/documents", json={"title": "Gateway doc", "body": "served by daphne"}, headers=headers)
     assert created.status_code == 201
-    assert [d["title"] for d in httpx.get(f"{gateway}/api/v1/documents", headers=headers).json()] == ["Gateway doc"]
+    assert [d["title"] for d in httpx.get(f"{gateway}/api/v1/documents", headers=headers).json()["results"]] == ["Gateway doc"]
     queued = httpx.post(f"{gateway}/api/v1/infer", json={"prompt": "later", "wait": False}, headers=headers)
     assert queued.status_code == 202
     request_id = queued.json()["request_id"]

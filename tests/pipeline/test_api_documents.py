@@ -27,8 +27,8 @@ def test_create_returns_the_document(owner: TenantFixture) -> None:
 def test_list_get_delete(owner: TenantFixture) -> None:
     first, second = create(owner, "A"), create(owner, "B")
     listed = owner.client.get(DOCS).json()
-    assert [d["title"] for d in listed] == ["B", "A"]
-    assert [d["title"] for d in owner.client.get(DOCS, {"limit": 1, "offset": 1}).json()] == ["A"]
+    assert [d["title"] for d in listed["results"]] == ["B", "A"] and listed["count"] == 2 and listed["next"] is None
+    assert [d["title"] for d in owner.client.get(DOCS, {"limit": 1, "offset": 1}).json()["results"]] == ["A"]
     assert owner.client.get(f"{DOCS}/{first['id']}").json()["title"] == "A"
     assert owner.client.delete(f"{DOCS}/{second['id']}").status_code == 204
     assert owner.client.get(f"{DOCS}/{second['id']}").status_code == 404
@@ -39,7 +39,7 @@ def test_outsider_gets_404_on_every_document_operation(owner: TenantFixture, out
     doc = create(owner)
     for resp in (outsider.client.get(f"{DOCS}/{doc['id']}"), outsider.client.delete(f"{DOCS}/{doc['id']}")):
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
-    assert outsider.client.get(DOCS).json() == []
+    assert outsider.client.get(DOCS).json() == {"count": 0, "next": None, "previous": None, "results": []}
     assert owner.client.get(f"{DOCS}/{doc['id']}").status_code == 200  # still there
 
 
@@ -66,16 +66,18 @@ def test_invalid_documents(owner: TenantFixture, body: dict, field: str) -> None
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("query", [{"limit": "x"}, {"offset": "1.5"}])
+@pytest.mark.parametrize("query", [{"limit": "x"}, {"offset": "1.5"}, {"limit": 0}, {"offset": -5}, {"limit": "-1"}])
 def test_bad_paging(owner: TenantFixture, query: dict) -> None:
     resp = owner.client.get(DOCS, query)
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_request"
+    assert resp.json()["error"]["data"] == {"field": next(iter(query))}
 
 
 @pytest.mark.django_db
-def test_paging_is_clamped(owner: TenantFixture) -> None:
+def test_a_page_is_at_most_500(owner: TenantFixture) -> None:
     create(owner)
-    assert len(owner.client.get(DOCS, {"limit": 0, "offset": -5}).json()) == 1
+    page = owner.client.get(DOCS, {"limit": 100_000}).json()
+    assert page["count"] == 1 and len(page["results"]) == 1 and page["next"] is None
 
 
 @pytest.mark.django_db

@@ -62,6 +62,7 @@ def test_defaults() -> None:
         "temperature": None,
         "stop": [],
         "metadata": {},
+        "dedup": True,
     }
 
 

@@ -111,8 +111,8 @@ def test_document_get_and_list_are_tenant_scoped(owner: TenantFixture, outsider:
         selectors.document_get_for_tenant(tenant_id=str(outsider.tenant.id), document_id=str(doc.id))
     with pytest.raises(NotFound):
         selectors.document_get_for_tenant(tenant_id=str(owner.tenant.id), document_id="not-a-uuid")
-    assert selectors.document_list_for_tenant(tenant_id=str(outsider.tenant.id), limit=10, offset=0) == []
-    assert [d.title for d in selectors.document_list_for_tenant(tenant_id=str(owner.tenant.id), limit=10, offset=0)] == ["Mine"]
+    assert list(selectors.documents_of_tenant(tenant_id=str(outsider.tenant.id))) == []
+    assert [d.title for d in selectors.documents_of_tenant(tenant_id=str(owner.tenant.id))] == ["Mine"]
 
 
 def request(tenant: TenantFixture, session: str, prompt: str, n: int) -> PromptRequest:
@@ -162,8 +162,13 @@ def test_document_list_pages_newest_first(owner: TenantFixture) -> None:
     for i in range(7):
         documents.document_create(tenant=owner.tenant, title=f"d{i}", body="x")
     tenant_id = str(owner.tenant.id)
-    pages = [[d.title for d in selectors.document_list_for_tenant(tenant_id=tenant_id, limit=3, offset=o)] for o in (0, 3, 6, 9)]
+    pages = [[d.title for d in selectors.documents_of_tenant(tenant_id=tenant_id)[o : o + 3]] for o in (0, 3, 6, 9)]
     assert pages == [["d6", "d5", "d4"], ["d3", "d2", "d1"], ["d0"], []]
+    envelope = owner.client.get("/api/v1/documents?limit=3&offset=3").json()
+    assert envelope["count"] == 7 and [d["title"] for d in envelope["results"]] == ["d3", "d2", "d1"]
+    assert envelope["next"].endswith("/api/v1/documents?limit=3&offset=6") and envelope["previous"].endswith("/api/v1/documents?limit=3")
+    last = owner.client.get("/api/v1/documents?limit=3&offset=6").json()
+    assert last["next"] is None and [d["title"] for d in last["results"]] == ["d0"]
 
 
 @pytest.mark.django_db
