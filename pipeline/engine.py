@@ -18,7 +18,7 @@ from pipeline.stages.postprocess import postprocess
 from pipeline.stages.rag import Retriever, rag
 from pipeline.stages.stream import Publisher, stream
 from pipeline.stages.streamed import inference_streamed
-from pipeline.types import ChatMessage, PipelineResult, PromptRequest, Usage
+from pipeline.types import ChatMessage, PipelineResult, PromptRequest, Source, Usage
 from workers.base import ModelWorker, StreamingModelWorker
 
 log = structlog.get_logger("pipeline")
@@ -117,5 +117,6 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[Stag
         finish_reason=ctx.finish_reason,
         usage=completion.usage if completion else Usage(),
         timings_us=timings,
+        sources=tuple(Source(id=d.id, title=d.title, rank=place, score=d.rank) for place, d in enumerate(ctx.documents, start=1)),
     )
     return ctx, result

@@ -55,6 +55,7 @@ def done_event(request_id: str, result: PipelineResult) -> Event:
         "usage": body["usage"],
         "cost": cost_usd(get_config(), result.worker, result.usage),
         "timings_us": body["timings_us"],
+        "sources": body["sources"],
     }
 
 

@@ -100,6 +100,23 @@ class PromptRequest:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A document a RAG answer used: its id, title, place (1: the best match) and search score."""
+
+    id: str
+    title: str
+    rank: int
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "rank": self.rank, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Source:
+        return cls(id=str(data["id"]), title=str(data["title"]), rank=int(data["rank"]), score=float(data.get("score", 0.0)))
+
+
+@dataclass(frozen=True)
 class PipelineResult:
     """What ``POST /api/v1/infer`` returns when a request completes."""
 
@@ -112,6 +129,7 @@ class PipelineResult:
     usage: Usage
     timings_us: Mapping[str, int]
     status: str = "completed"
+    sources: tuple[Source, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +142,7 @@ class PipelineResult:
             "finish_reason": self.finish_reason,
             "usage": self.usage.to_dict(),
             "timings_us": dict(self.timings_us),
+            "sources": [source.to_dict() for source in self.sources],
         }
 
     @classmethod
@@ -138,4 +157,5 @@ class PipelineResult:
             usage=Usage.from_dict(data.get("usage") or {}),
             timings_us={str(k): int(v) for k, v in (data.get("timings_us") or {}).items()},
             status=str(data.get("status", "completed")),
+            sources=tuple(Source.from_dict(d) for d in data.get("sources") or ()),
         )

@@ -116,6 +116,8 @@ def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
         "usage": result.usage.to_dict(),
+        # An extension, as OpenAI-compatible servers add fields: the documents a RAG answer used.
+        "sources": [source.to_dict() for source in result.sources],
     }
 
 
@@ -140,7 +142,7 @@ def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, inc
                 elif event["type"] == "token":
                     yield {"data": chunk(rid, {"content": event["text"]})}
                 elif event["type"] == "done":
-                    yield {"data": chunk(rid, {}, event["finish_reason"])}
+                    yield {"data": {**chunk(rid, {}, event["finish_reason"]), "sources": event.get("sources", [])}}
                     if include_usage:
                         yield {"data": {**chunk(rid, {}), "choices": [], "usage": event["usage"]}}
                     yield {"done": True}

@@ -35,7 +35,9 @@ def pids_of(marker: str) -> set[int]:
 
 def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
     gateway, flower, llama = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("PIPELINE_CONFIG", "DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR")}
+    # As on a fresh machine: none of the suite's own settings of the config (its file, not following versions).
+    suite_only = ("PIPELINE_CONFIG", "PIPELINE_CONFIG_FOLLOW", "PIPELINE_CONFIG_SCOPE", "DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in suite_only}
     env.update(
         GATEWAY_PORT=str(gateway),
         FLOWER_PORT=str(flower),

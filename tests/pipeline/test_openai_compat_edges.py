@@ -114,6 +114,7 @@ def test_chunks_without_usage_end_with_done() -> None:
     chunks = [json.loads(f.removeprefix("data: ")) for f in out[:-1]]
     assert [c["choices"][0]["delta"] for c in chunks] == [{"role": "assistant", "content": ""}, {"content": "hi"}, {}]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length" and all("usage" not in c for c in chunks)
+    assert chunks[-1]["sources"] == [] and all("sources" not in c for c in chunks[:-1])  # a done of an older worker has none
 
 
 def test_a_crash_inside_the_chunk_stream_ends_it_with_an_error_chunk() -> None:

@@ -110,7 +110,8 @@ def test_the_tokens_appear_before_the_answer_is_complete(gateway: str, browser: 
 
 def test_a_wrong_key_is_shown_as_an_error(gateway: str, browser: webdriver.Chrome) -> None:
     connect(browser, gateway, "po_00000000_not-a-real-key")
-    until(browser, ec.text_to_be_present_in_element((By.ID, "status"), "api_key_invalid"))
+    # Its models come from GET /v1/models: the OpenAI API's code for a wrong key.
+    until(browser, ec.text_to_be_present_in_element((By.ID, "status"), "invalid_api_key"))
     assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
     assert browser.find_element(By.ID, "send").get_attribute("disabled") is not None
 

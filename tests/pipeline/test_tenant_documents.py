@@ -70,5 +70,6 @@ def test_a_request_carries_the_flag_to_the_worker(owner: TenantFixture) -> None:
         assert type(request).from_dict(request.to_dict()).tenant_has_documents is has
         run_in_process(request)
         done = get_bus().read_all(request.request_id)[-1]
-        assert done.type == "done" and ("Refund policy" in str(done.data)) is False  # the answer, not the context
+        assert done.type == "done" and "Refund policy" not in done.data["text"]  # the answer, not the context
+        assert [s["title"] for s in done.data["sources"]] == (["Refund policy"] if has else [])  # searched only when it has documents
     assert owner.client.post("/api/v1/documents", {"title": "t", "body": "b"}, format="json").status_code == 201

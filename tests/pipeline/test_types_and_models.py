@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.models import ApiKey, Document, SessionTurn, Tenant
-from pipeline.types import STAGES, PipelineResult, PromptRequest, Usage
+from pipeline.types import STAGES, PipelineResult, PromptRequest, Source, Usage
 from tests.conftest import TenantFixture
 
 text = st.text(max_size=30)
@@ -38,6 +38,7 @@ results = st.builds(
     usage=st.builds(Usage, st.integers(0, 10**6), st.integers(0, 10**6)),
     timings_us=st.fixed_dictionaries({s: st.integers(0, 10**9) for s in STAGES}),
     status=st.just("completed"),
+    sources=st.lists(st.builds(Source, id=text, title=text, rank=st.integers(1, 50), score=st.floats(0, 1)), max_size=3).map(tuple),
 )
 
 
@@ -50,7 +51,7 @@ def test_prompt_request_round_trips(request: PromptRequest) -> None:
 def test_pipeline_result_round_trips(result: PipelineResult) -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert PipelineResult.from_dict(data) == result
-    assert list(data) == ["request_id", "session_id", "status", "text", "worker", "model", "finish_reason", "usage", "timings_us"]
+    assert list(data) == ["request_id", "session_id", "status", "text", "worker", "model", "finish_reason", "usage", "timings_us", "sources"]
 
 
 def test_prompt_request_from_partial_dict_fills_optionals() -> None:
