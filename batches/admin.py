@@ -5,6 +5,8 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from batches.models import BatchItem, BatchJob
 from batches.services import batch_cancel
@@ -18,12 +20,28 @@ class BatchJobAdmin(admin.ModelAdmin):
     list_filter = ("status", "priority", "tenant")
     search_fields = ("id",)
     actions = ["cancel"]
+    readonly_fields = ("items_shown",)
+    ITEMS_SHOWN = 100  # a job may have 50,000: the rest are on the batch items page, filtered by job
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        return (*(f.name for f in BatchJob._meta.fields), "items_shown")
+
+    @admin.display(description="items and their results")
+    def items_shown(self, obj: BatchJob) -> str:
+        items = obj.items.order_by("index")[: self.ITEMS_SHOWN]
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((i.index, i.custom_id, i.status, i.attempts, i.output or (i.error or {}).get("code", "")) for i in items),
+        )
+        more = format_html('<p><a href="{}?job__id__exact={}">all {} items</a></p>', reverse("admin:batches_batchitem_changelist"), obj.pk, obj.items_total)
+        return format_html("<table><tr><th>index</th><th>custom_id</th><th>status</th><th>attempts</th><th>result</th></tr>{}</table>{}", rows, more)
 
     @admin.action(description="Cancel the selected jobs (items not run yet are never run)")
     def cancel(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:

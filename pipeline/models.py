@@ -14,8 +14,12 @@ class Tenant(models.Model):
     name = models.CharField(max_length=100, unique=True)
     is_active = models.BooleanField(default=True)
     # Empty: the default of pipeline.toml's [rate_limits]; 0: no limit.
-    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
-    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Blank: the default of pipeline.toml's [rate_limits]. 0: no limit for this tenant."
+    )
+    tokens_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Blank: the default of pipeline.toml's [rate_limits]. 0: no limit for this tenant."
+    )
     # Kept by services.documents; read with the cached key, so that a request of a tenant
     # with no documents skips the RAG search (which would find nothing).
     has_documents = models.BooleanField(default=False, db_default=False, editable=False)

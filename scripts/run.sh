@@ -38,6 +38,16 @@ if [[ -z "${PIPELINE_CONFIG:-}" && ! -f pipeline.toml ]]; then
     } >"$PIPELINE_CONFIG"
 fi
 
+# Flower's login (its basic auth, read from FLOWER_BASIC_AUTH): yours if set, else one made
+# once for this checkout and kept in .run/flower.auth.
+if [[ -z "${FLOWER_BASIC_AUTH:-}" ]]; then
+    if [[ ! -s "$RUN_DIR/flower.auth" ]]; then
+        (umask 077 && "$PY" -c 'import secrets; print("ops:" + secrets.token_urlsafe(12))' >"$RUN_DIR/flower.auth")
+    fi
+    FLOWER_BASIC_AUTH="$(cat "$RUN_DIR/flower.auth")"
+fi
+export FLOWER_BASIC_AUTH
+
 # Every process of this host keeps its metrics here; the gateway's /metrics shows them
 # all. Emptied at each start, as prometheus_client's multiprocess mode requires.
 export PROMETHEUS_MULTIPROC_DIR="$RUN_DIR/metrics"
@@ -45,7 +55,8 @@ rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 
 "$PY" scripts/ensure_database.py
 "$PY" manage.py migrate --no-input -v 0
-KEY="$("$PY" manage.py create_tenant demo --reuse --key-name make-run)"
+# A new demo key each run, the last run's revoked: runs do not pile up active keys.
+KEY="$("$PY" manage.py create_tenant demo --reuse --rotate --key-name make-run)"
 
 # Every process runs under supervisord, as a process manager would run it: one that
 # dies (a worker killed with SIGKILL, say) is logged in .run/supervisord.log and
@@ -123,7 +134,7 @@ prompt-orchestrator is running (logs in .run/*.log; Ctrl-C stops everything)
   gateway   http://127.0.0.1:$GATEWAY_PORT          health: /health   metrics: /metrics (every process)
   API docs  http://127.0.0.1:$GATEWAY_PORT/api/v1/docs/
   admin     http://127.0.0.1:$GATEWAY_PORT/admin/   (manage.py createsuperuser)
-  Flower    http://127.0.0.1:$FLOWER_PORT
+  Flower    http://127.0.0.1:$FLOWER_PORT          login: ${FLOWER_BASIC_AUTH%%:*} / ${FLOWER_BASIC_AUTH#*:}  (FLOWER_BASIC_AUTH)
   workers   $(grep -o '^\[workers\.[a-z0-9_-]*\]' "${PIPELINE_CONFIG:-pipeline.toml}" | tr -d '[]' | sed 's/workers\.//' | tr '\n' ' ')
 
 demo tenant API key (shown once):

@@ -108,6 +108,15 @@ class BatchJobOut(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
 
+def counts(job: BatchJob, settled: int) -> dict[str, int]:
+    """The job's items by state; the ones a cancelled job never ran are ``cancelled``, not ``pending``."""
+    left = job.items_total - settled
+    base = {"total": job.items_total, "done": job.items_done, "failed": job.items_failed}
+    if job.status == BatchJob.Status.CANCELLED:
+        return {**base, "pending": 0, "cancelled": left}
+    return {**base, "pending": left, "cancelled": 0}
+
+
 def job_out(job: BatchJob) -> dict[str, Any]:
     settled = job.items_done + job.items_failed
     return {
@@ -116,7 +125,7 @@ def job_out(job: BatchJob) -> dict[str, Any]:
         "priority": job.priority,
         "worker": job.worker,
         "model": job.model,
-        "counts": {"total": job.items_total, "done": job.items_done, "failed": job.items_failed, "pending": job.items_total - settled},
+        "counts": counts(job, settled),
         "progress": round(settled / job.items_total, 6) if job.items_total else 1.0,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,

@@ -57,7 +57,7 @@ def test_a_job_is_stored_with_its_items_and_its_chunks_queued(
     job = resp.json()
     assert resp["Location"] == f"/api/v1/batch/{job['id']}"
     assert job["status"] == "queued" and job["priority"] == "high" and job["worker"] == "echo" and job["model"] == "echo-1"
-    assert job["counts"] == {"total": 3, "done": 0, "failed": 0, "pending": 3} and job["progress"] == 0.0
+    assert job["counts"] == {"total": 3, "done": 0, "failed": 0, "pending": 3, "cancelled": 0} and job["progress"] == 0.0
     assert job["started_at"] is None and job["finished_at"] is None
     items = list(BatchItem.objects.filter(job_id=job["id"]).values_list("index", "prompt", "custom_id", "status"))
     assert items == [(0, "one", "", "pending"), (1, "two", "b", "pending"), (2, "three", "", "pending")]
@@ -174,6 +174,9 @@ def test_cancel_stops_a_job_and_leaves_a_finished_one_alone(owner: TenantFixture
     job = submit(owner, {"prompts": ["a", "b"]})
     cancelled = owner.client.post(f"{BATCH}/{job['id']}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
+    # What it never ran is counted as cancelled, not as pending forever.
+    assert cancelled["counts"]["cancelled"] == cancelled["counts"]["total"] - cancelled["counts"]["done"] - cancelled["counts"]["failed"] > 0
+    assert cancelled["counts"]["pending"] == 0
     batch_run_chunk(job_id=job["id"], first=0, last=9)  # a message that was already queued
     assert set(BatchItem.objects.filter(job_id=job["id"]).values_list("status", flat=True)) == {"pending"}
     assert owner.client.post(f"{BATCH}/{job['id']}/cancel").json() == cancelled  # again: unchanged
@@ -209,7 +212,9 @@ def test_a_failed_item_shows_its_error_in_the_results(owner: TenantFixture, fake
     (row,) = ndjson(owner.client.get(f"{BATCH}/{job['id']}/results"))
     assert row["status"] == "failed" and row["error"]["code"] == "worker_rejected" and "text" not in row
     status = owner.client.get(f"{BATCH}/{job['id']}").json()
-    assert status["status"] == "completed" and status["counts"] == {"total": 1, "done": 0, "failed": 1, "pending": 0} and status["progress"] == 1.0
+    assert (
+        status["status"] == "completed" and status["counts"] == {"total": 1, "done": 0, "failed": 1, "pending": 0, "cancelled": 0} and status["progress"] == 1.0
+    )
 
 
 @pytest.mark.django_db

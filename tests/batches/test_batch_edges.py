@@ -75,7 +75,7 @@ def test_results_list_only_finished_items_and_skip_the_pending(owner: TenantFixt
 def test_progress_is_rounded_and_counts_add_up(owner: TenantFixture) -> None:
     job = BatchJob(tenant=owner.tenant, worker="echo", model="echo-1", max_tokens=1, items_total=3, items_done=1, created_at=timezone.now())
     out = job_out(job)
-    assert out["progress"] == 0.333333 and out["counts"] == {"total": 3, "done": 1, "failed": 0, "pending": 2}
+    assert out["progress"] == 0.333333 and out["counts"] == {"total": 3, "done": 1, "failed": 0, "pending": 2, "cancelled": 0}
 
 
 @pytest.mark.django_db

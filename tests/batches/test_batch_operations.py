@@ -148,3 +148,18 @@ def test_batch_settings_out_of_range_are_refused(field: str, bad: float) -> None
 
     with pytest.raises(ValidationError, match=field):
         BatchConfig(**{field: bad})
+
+
+@pytest.mark.django_db
+def test_a_jobs_admin_page_lists_its_items_and_results(staff: Any, owner: TenantFixture) -> None:
+    from batches.services import Prompt, batch_create, batch_run_chunk
+    from pipeline.config import get_config
+
+    job = batch_create(tenant=owner.tenant, data={"prompts": [Prompt("first words", "a"), Prompt("second words", "b")]}, config=get_config())
+    batch_run_chunk(job_id=str(job.id), first=0, last=0)
+    page = staff.get(f"/admin/batches/batchjob/{job.id}/change/").content.decode()
+    assert "<td>0</td><td>a</td><td>done</td><td>1</td><td>first words" in page
+    assert "<td>1</td><td>b</td><td>pending</td><td>0</td><td></td>" in page
+    assert f"/admin/batches/batchitem/?job__id__exact={job.id}" in page and "all 2 items" in page
+    listed = staff.get(f"/admin/batches/batchitem/?job__id__exact={job.id}")
+    assert listed.status_code == 200 and listed.context["cl"].result_count == 2  # the link filters the items to this job

@@ -36,7 +36,14 @@ def pids_of(marker: str) -> set[int]:
 def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
     gateway, flower, llama = free_port(), free_port(), free_port()
     # As on a fresh machine: none of the suite's own settings of the config (its file, not following versions).
-    suite_only = ("PIPELINE_CONFIG", "PIPELINE_CONFIG_FOLLOW", "PIPELINE_CONFIG_SCOPE", "DJANGO_SETTINGS_MODULE", "PROMETHEUS_MULTIPROC_DIR")
+    suite_only = (
+        "PIPELINE_CONFIG",
+        "PIPELINE_CONFIG_FOLLOW",
+        "PIPELINE_CONFIG_SCOPE",
+        "DJANGO_SETTINGS_MODULE",
+        "PROMETHEUS_MULTIPROC_DIR",
+        "FLOWER_BASIC_AUTH",
+    )
     env = {k: v for k, v in os.environ.items() if k not in suite_only}
     env.update(
         GATEWAY_PORT=str(gateway),
@@ -80,7 +87,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         while (status := httpx.get(f"{base}/api/v1/batch/{job['id']}", headers=auth, timeout=10).json())["status"] != "completed":
             assert time.monotonic() < deadline, status
             time.sleep(0.3)
-        assert status["counts"] == {"total": 2, "done": 2, "failed": 0, "pending": 0}
+        assert status["counts"] == {"total": 2, "done": 2, "failed": 0, "pending": 0, "cancelled": 0}
         with httpx.stream("GET", f"{base}/api/v1/batch/{job['id']}/results", headers=auth, timeout=10) as results:
             assert results.headers["content-type"] == "application/x-ndjson"
             rows = [json.loads(line) for line in results.iter_lines() if line]
@@ -117,15 +124,27 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         again = httpx.post(f"{base}/api/v1/infer", json={"prompt": "after a kill"}, headers=auth, timeout=60)
         assert again.status_code == 200 and again.json()["text"].startswith("after a kill"), again.text
 
+        login = re.search(r"login: (\S+) / (\S+)", text)
+        assert login is not None and (tmp_path / "flower.auth").read_text().strip() == f"{login[1]}:{login[2]}"
+        assert (tmp_path / "flower.auth").stat().st_mode & 0o077 == 0  # the operator's alone
         deadline = time.monotonic() + 30
         while True:  # Flower takes a moment longer than the gateway
             try:
-                if httpx.get(f"http://127.0.0.1:{flower}/", timeout=2).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{flower}/", auth=(login[1], login[2]), timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "flower did not answer"
             time.sleep(0.3)
+        assert httpx.get(f"http://127.0.0.1:{flower}/api/workers", timeout=5).status_code == 401  # no login, no API
+        deadline = time.monotonic() + 30
+        while True:  # the operator's login reaches its API, which lists the workers
+            seen = httpx.get(f"http://127.0.0.1:{flower}/api/workers?refresh=1", auth=(login[1], login[2]), timeout=10)
+            assert seen.status_code == 200, seen.text
+            if any(name.startswith("realtime@") for name in seen.json()):
+                break
+            assert time.monotonic() < deadline, seen.text
+            time.sleep(0.5)
         platform = pids_of(str(tmp_path)) | pids_of(f"--port {gateway}")
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group

@@ -8,8 +8,9 @@ import pytest
 from django.core.management import call_command
 from django.test import Client
 
+from orchestrator_site.errors import ApiKeyRevoked
 from pipeline.auth import api_key_authenticate
-from pipeline.models import Document, SessionTurn
+from pipeline.models import ApiKey, Document, SessionTurn
 from pipeline.services import sessions
 from pipeline.types import PromptRequest
 from tests.conftest import TenantFixture
@@ -62,3 +63,22 @@ def test_create_tenant_key_name_is_recorded() -> None:
     out = StringIO()
     call_command("create_tenant", "acme", "--key-name", "ci-pipeline", stdout=out)
     assert api_key_authenticate(out.getvalue().strip()).name == "ci-pipeline"
+
+
+@pytest.mark.django_db
+def test_create_tenant_rotate_revokes_the_earlier_key_of_that_name() -> None:
+    first, second, other = StringIO(), StringIO(), StringIO()
+    call_command("create_tenant", "rotating", "--key-name", "make-run", stdout=first)
+    call_command("create_tenant", "rotating", "--reuse", "--key-name", "ops", stdout=other)
+    call_command("create_tenant", "rotating", "--reuse", "--rotate", "--key-name", "make-run", stdout=second)
+    with pytest.raises(ApiKeyRevoked):
+        api_key_authenticate(first.getvalue().strip())
+    assert api_key_authenticate(second.getvalue().strip()).name == "make-run"
+    assert api_key_authenticate(other.getvalue().strip()).name == "ops"  # another name's key is left alone
+    assert ApiKey.objects.filter(tenant__name="rotating", revoked_at__isnull=True).count() == 2
+
+
+@pytest.mark.django_db
+def test_the_tenant_form_says_what_a_blank_limit_means(staff: Client) -> None:
+    page = staff.get("/admin/pipeline/tenant/add/").content.decode()
+    assert "Blank: the default of pipeline.toml's [rate_limits]. 0: no limit for this tenant." in page

@@ -94,6 +94,31 @@ def test_a_prompt_streams_into_the_page_with_ttft_tokens_and_cost(gateway: str, 
     assert fakes.openai.requests[-1]["body"]["model"] == "gpt-other"  # the page's choice reached the provider
 
 
+def test_max_tokens_temperature_and_session_reach_the_provider(gateway: str, browser: webdriver.Chrome, owner: TenantFixture, fakes: Fakes) -> None:
+    connect(browser, gateway, owner.key)
+    until(browser, ec.text_to_be_present_in_element((By.ID, "status"), "connected"))
+    Select(browser.find_element(By.ID, "worker")).select_by_visible_text("openai")
+    browser.find_element(By.ID, "max-tokens").send_keys("3")
+    browser.find_element(By.ID, "temperature").send_keys("0.4")
+    browser.find_element(By.ID, "session").send_keys("play-1")
+    browser.find_element(By.ID, "prompt").send_keys("with controls")
+    browser.find_element(By.ID, "send").click()
+    until(browser, ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+    body = fakes.openai.requests[-1]["body"]
+    assert (body["max_completion_tokens"], body["temperature"]) == (3, 0.4)
+    assert browser.find_element(By.ID, "output").text == "Hello, world"  # three of the fake's four tokens
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "prompt").send_keys("and again")
+    browser.find_element(By.ID, "send").click()
+    until(browser, ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+    sent = [m["content"] for m in fakes.openai.requests[-1]["body"]["messages"]]
+    assert "with controls" in sent and "Hello, world" in sent  # the session's earlier turn came along
+
+
+def test_the_page_has_a_favicon_of_its_own(gateway: str) -> None:
+    assert '<link rel="icon" href="data:image/svg+xml,' in httpx.get(f"{gateway}/playground", timeout=10).text
+
+
 def test_the_tokens_appear_before_the_answer_is_complete(gateway: str, browser: webdriver.Chrome, owner: TenantFixture, fakes: Fakes) -> None:
     fakes.openai.tokens, fakes.openai.token_delay_s = [f"w{i} " for i in range(30)], 0.1
     connect(browser, gateway, owner.key)
