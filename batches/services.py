@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 
 from batches import metrics
 from batches.models import BatchItem, BatchJob
-from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, ServiceUnavailable, TransientWorkerError
+from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, PromptTooLarge, ServiceUnavailable, TransientWorkerError
 from pipeline import selectors
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
@@ -47,6 +47,9 @@ TRANSIENT = (TransientWorkerError, CircuitOpen, ServiceUnavailable)
 class Prompt:
     text: str
     custom_id: str = ""
+    # Set when the prompt is over limits.max_prompt_chars: the item is stored failed with it,
+    # and the rest of the job runs (its text is not kept).
+    too_large: str = ""
 
 
 def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSettings) -> BatchJob:
@@ -54,6 +57,8 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
     must find what it is told about). Validated input: ``api.serializers.BatchInput``."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     prompts: Sequence[Prompt] = data["prompts"]
+    refused = sum(1 for p in prompts if p.too_large)
+    now = timezone.now()
     with transaction.atomic():
         job = BatchJob.objects.create(
             tenant=tenant,
@@ -65,14 +70,23 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
             stop=list(data.get("stop") or ()),
             metadata=dict(data.get("metadata") or {}),
             items_total=len(prompts),
+            items_failed=refused,
             config_version=config_version(),
+            # Nothing left to run when every prompt was over the limit.
+            **({"status": BatchJob.Status.COMPLETED, "finished_at": now} if refused == len(prompts) else {}),
         )
-        items = (BatchItem(job=job, index=i, prompt=p.text, custom_id=p.custom_id) for i, p in enumerate(prompts))
-        BatchItem.objects.bulk_create(items, batch_size=2000)
-        chunks = chunk_ranges(range(len(prompts)), config.batch.chunk_size)
+        BatchItem.objects.bulk_create((_item(job, i, p, now) for i, p in enumerate(prompts)), batch_size=2000)
+        chunks = chunk_ranges((i for i, p in enumerate(prompts) if not p.too_large), config.batch.chunk_size)
         transaction.on_commit(lambda: _enqueue(job, chunks))
     log.info("batch_created", job_id=str(job.id), tenant_id=str(tenant.id), items=len(prompts), priority=job.priority, worker=job.worker, outcome="ok")
     return job
+
+
+def _item(job: BatchJob, index: int, prompt: Prompt, now: dt.datetime) -> BatchItem:
+    if not prompt.too_large:
+        return BatchItem(job=job, index=index, prompt=prompt.text, custom_id=prompt.custom_id)
+    error = PromptTooLarge(prompt.too_large).to_dict()
+    return BatchItem(job=job, index=index, prompt="", custom_id=prompt.custom_id, status=BatchItem.Status.FAILED, error=error, finished_at=now)
 
 
 def chunk_ranges(indexes: Iterable[int], size: int) -> list[tuple[int, int]]:

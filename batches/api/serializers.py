@@ -28,16 +28,15 @@ def _prompt_problem(raw: object, seen: set[str]) -> tuple[Prompt | None, str]:
     if not isinstance(text, str) or not text.strip():
         return None, "prompt must be a non-empty string"
     limit = get_config().limits.max_prompt_chars
-    if len(text) > limit:
-        return None, f"prompt is longer than {limit} characters"
+    too_large = f"prompt is longer than {limit} characters" if len(text) > limit else ""
     if not isinstance(custom_id, str) or len(custom_id) > 64:
         return None, "custom_id must be a string of at most 64 characters"
-    if "\x00" in text or "\x00" in custom_id:
+    if "\x00" in custom_id or (not too_large and "\x00" in text):
         return None, "must not contain NUL characters"
     if custom_id and custom_id in seen:
         return None, f"custom_id {custom_id!r} is used twice"
     seen.add(custom_id)
-    return Prompt(text, custom_id), ""
+    return Prompt("" if too_large else text, custom_id, too_large=too_large), ""
 
 
 @extend_schema_field(

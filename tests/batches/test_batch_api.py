@@ -86,7 +86,6 @@ def test_nothing_is_queued_when_the_submission_rolls_back(owner: TenantFixture, 
         ({"prompts": [{"prompt": "a", "custom_id": 3}]}, "prompts", "custom_id must be a string"),
         ({"prompts": [{"prompt": "a", "custom_id": "k"}, {"prompt": "b", "custom_id": "k"}]}, "prompts", "item 1: custom_id 'k' is used twice"),
         ({"prompts": ["a\x00b"]}, "prompts", "NUL"),
-        ({"prompts": ["x" * 2001]}, "prompts", "longer than 2000 characters"),
         ({"prompts": ["a"], "priority": "urgent"}, "priority", "not a valid choice"),
         ({"prompts": ["a"], "stop": ["1", "2", "3", "4", "5"]}, "stop", "at most 4 stop sequences"),
         ({"prompts": ["a"], "metadata": {"k": "v" * 5000}}, "metadata", "larger than 4 KiB"),
@@ -236,3 +235,25 @@ def test_a_batch_refuses_the_same_options_as_a_single_request(owner: TenantFixtu
     batch = owner.client.post(BATCH, {"prompts": ["p"], **options}, format="json")
     assert single.status_code == batch.status_code == 400
     assert batch.json()["error"] == single.json()["error"]
+
+
+@pytest.mark.django_db
+def test_a_prompt_over_the_limit_fails_its_own_item_and_the_rest_run(owner: TenantFixture, fakes: Any) -> None:
+    job = submit(owner, {"prompts": ["fine", {"prompt": "x" * 2001, "custom_id": "big"}, "also fine"]})
+    assert job["status"] == "queued" and job["counts"] == {"total": 3, "done": 0, "failed": 1, "pending": 2, "cancelled": 0}
+    big = BatchItem.objects.get(job_id=job["id"], index=1)
+    assert big.status == "failed" and big.error["code"] == "prompt_too_large" and big.error["message"] == "prompt is longer than 2000 characters"
+    assert big.prompt == "" and big.custom_id == "big"  # the oversized text is not kept
+    batch_run_chunk(job_id=job["id"], first=0, last=2)
+    status = owner.client.get(f"{BATCH}/{job['id']}").json()
+    assert status["status"] == "completed" and status["counts"] == {"total": 3, "done": 2, "failed": 1, "pending": 0, "cancelled": 0}
+    rows = ndjson(owner.client.get(f"{BATCH}/{job['id']}/results"))
+    assert [(r["index"], r["status"]) for r in rows] == [(0, "done"), (1, "failed"), (2, "done")]
+    assert rows[1]["error"]["code"] == "prompt_too_large" and rows[1]["custom_id"] == "big"
+
+
+@pytest.mark.django_db
+def test_a_job_whose_every_prompt_is_over_the_limit_is_complete_at_once(owner: TenantFixture, fakes: Any) -> None:
+    job = submit(owner, {"prompts": ["x" * 2001, "y" * 2500]})
+    assert job["status"] == "completed" and job["finished_at"] is not None and job["progress"] == 1.0
+    assert job["counts"] == {"total": 2, "done": 0, "failed": 2, "pending": 0, "cancelled": 0}
