@@ -1,5 +1,5 @@
-"""Hot reload under traffic, through a real gateway, a real real-time worker and the
-real scheduler, all following one config scope: a change made with the CLI or by
+"""Hot reload under traffic, through a real gateway, a real real-time worker, a real
+prefork batch worker and the real scheduler, all following one config scope: a change made with the CLI or by
 saving the watched file reaches every process within a second; an invalid edit and a
 breaking edit are refused while traffic goes on; a process that was down during a
 change runs it when it starts; and no request fails or is dropped meanwhile.
@@ -28,6 +28,7 @@ from tests.orchestrator_site.test_cli import SCRIPT
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
+EVERY = {"gateway", "worker-realtime", "worker-batch", "beat"}
 VERSION = re.compile(r"^orchestrator_config_version\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$", re.MULTILINE)
 
 
@@ -70,6 +71,12 @@ def versions_by_process(url: str) -> dict[tuple[str, str], int]:
     return found
 
 
+def everyone_on(url: str, version: int) -> bool:
+    """Every process reports ``version``: each of the four kinds, and every pid of them."""
+    reported = versions_by_process(url)
+    return {p for p, _ in reported} >= EVERY and set(reported.values()) == {version}
+
+
 def seconds_until(predicate: Callable[[], bool], timeout_s: float) -> float:
     start = time.monotonic()
     while not predicate():
@@ -109,6 +116,7 @@ def test_hot_reload_reaches_every_process_under_traffic(tmp_path: Path, session_
     scope = full_env["PIPELINE_CONFIG_SCOPE"]
     Tenant.objects.filter(id=owner.tenant.id).update(requests_per_minute=0)  # the traffic's tenant: never rate-limited
     worker = start_celery_worker("realtime", f"{name}@localhost", tmp_path / "worker.log", env, concurrency=8)
+    batch = start_celery_worker("batch.low", f"{name}-batch@localhost", tmp_path / "batch.log", env, concurrency=1, extra_args=("-P", "prefork"))
     gateway, url = start_gateway(tmp_path / "gateway.log", env)
     beat = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "orchestrator_site", "beat", "-s", str(tmp_path / "schedule"), "--loglevel", "WARNING"],
@@ -120,7 +128,7 @@ def test_hot_reload_reaches_every_process_under_traffic(tmp_path: Path, session_
     traffic = Traffic(url, owner.key)
     try:
         first = PipelineConfigVersion.objects.get(scope=scope, is_active=True)
-        seconds_until(lambda: {p for (p, _), v in versions_by_process(url).items() if v == first.id} == {"gateway", "worker-realtime", "beat"}, timeout_s=30)
+        seconds_until(lambda: {p for (p, _), v in versions_by_process(url).items() if v == first.id} == EVERY, timeout_s=30)
         traffic.start()
         seconds_until(lambda: len(traffic.statuses) >= 3, timeout_s=30)
 
@@ -129,9 +137,7 @@ def test_hot_reload_reaches_every_process_under_traffic(tmp_path: Path, session_
         pushed = cli(full_env, "push", str(config.with_name("limited.toml")), "--activate")
         assert pushed.returncode == 0, pushed.stderr
         limited = latest_version(scope)
-        took = seconds_until(
-            lambda: {p for (p, _), v in versions_by_process(url).items() if v == limited.id} >= {"gateway", "worker-realtime", "beat"}, timeout_s=5
-        )
+        took = seconds_until(lambda: everyone_on(url, limited.id), timeout_s=5)
         assert took < 1.0, f"the rate limit reached every process after {took:.2f} s"
         probe = [
             httpx.post(f"{url}/api/v1/infer", json={"prompt": f"probe {n}", "stream": False}, headers={"Authorization": f"Bearer {outsider.key}"}, timeout=30)
@@ -144,7 +150,7 @@ def test_hot_reload_reaches_every_process_under_traffic(tmp_path: Path, session_
         saved_at = time.monotonic()
         seconds_until(lambda: latest_version(scope).id > limited.id and latest_version(scope).is_active, timeout_s=5)
         pirate = latest_version(scope)
-        seconds_until(lambda: {p for (p, _), v in versions_by_process(url).items() if v == pirate.id} >= {"gateway", "worker-realtime", "beat"}, timeout_s=5)
+        seconds_until(lambda: everyone_on(url, pirate.id), timeout_s=5)
         took = time.monotonic() - saved_at
         assert took < 1.0, f"the saved file reached every process after {took:.2f} s"
         fakes.openai.requests.clear()
@@ -188,6 +194,6 @@ def test_hot_reload_reaches_every_process_under_traffic(tmp_path: Path, session_
         seconds_until(lambda: len(traffic.statuses) > served + 3, timeout_s=30)
     finally:
         traffic.stop()
-        for proc in (beat, gateway, worker):
+        for proc in (beat, gateway, worker, batch):
             stop_process(proc)
     assert traffic.errors == [] and set(traffic.statuses) == {200} and len(traffic.statuses) >= 10
