@@ -11,6 +11,7 @@ Commands that read files only need no database; ``config`` sets Django up.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,8 +86,13 @@ def _django() -> None:
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestrator_site.settings")
+    quiet = "LOG_LEVEL" not in os.environ
     os.environ.setdefault("LOG_LEVEL", "ERROR")  # a command's output, not the libraries' chatter
     django.setup()
+    if quiet:
+        # psycopg gives its logger a level of its own (WARNING): its pool's retries would
+        # print before the command says in one line that Postgres cannot be reached.
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
 
 
 def _fail(message: str) -> NoReturn:

@@ -100,7 +100,7 @@ def ancestors(span: Span, by_id: dict[str, Span]) -> list[Span]:
 def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provider_call(platform: Platform, session_fakes: Fakes) -> None:
     session_fakes.reset()
     issued = tenant_create(name="traced")
-    resp = post(platform, issued.raw, prompt="trace me", worker="openai")
+    resp = post(platform, issued.raw, prompt="trace me", worker="openai", temperature=0)
     assert resp.status_code == 200, resp.text
     request_id = resp.json()["request_id"]
     spans = trace_of(platform, request_id)
@@ -137,7 +137,7 @@ def test_one_trace_from_the_gateway_through_celery_to_the_stages_and_the_provide
     others = [s for s in platform.collector.spans if s.attributes.get("request_id") == request_id and s.trace_id != root.trace_id]
     assert others == []
     # The same request again is answered from the window: its trace says so, and runs no task.
-    again = post(platform, issued.raw, prompt="trace me", worker="openai")
+    again = post(platform, issued.raw, prompt="trace me", worker="openai", temperature=0)
     assert again.status_code == 200 and again.json()["request_id"] == request_id
 
     def hit(spans: list[Span]) -> bool:
