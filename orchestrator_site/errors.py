@@ -17,6 +17,7 @@ per integration with ``raise ... from exc``.
     │   ├── PromptMissing ........................ 400 prompt_missing
     │   ├── PromptTooLarge ....................... 413 prompt_too_large
     │   ├── ContextLengthExceeded ................ 400 context_length_exceeded (longer than the model's window)
+    │   ├── UnsupportedParameter ................. 400 unsupported_parameter (a field the worker cannot honour)
     │   ├── UnknownWorker ........................ 400 unknown_worker
     │   └── UnknownModel ......................... 400 unknown_model
     ├── AuthenticationFailed ..................... 401 authentication_failed
@@ -155,6 +156,14 @@ class ContextLengthExceeded(InvalidRequest):
 
     code = "context_length_exceeded"
     default_message = "the request is longer than the model's context window"
+
+
+class UnsupportedParameter(InvalidRequest):
+    """A request field the chosen worker's provider cannot honour (``data``: the field,
+    the worker): refused rather than dropped without a word."""
+
+    code = "unsupported_parameter"
+    default_message = "the worker cannot honour this field"
 
 
 class UnknownWorker(InvalidRequest):

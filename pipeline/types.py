@@ -51,6 +51,7 @@ class PromptRequest:
     # finishes on it, though the worker may have moved on (pipeline.config.config_at).
     config_version: int = 0
     dedup: DedupMode = DedupMode.FULL
+    seed: int | None = None
 
     @property
     def names_session(self) -> bool:
@@ -74,6 +75,7 @@ class PromptRequest:
             "tenant_has_documents": self.tenant_has_documents,
             "config_version": self.config_version,
             "dedup": self.dedup.value,
+            "seed": self.seed,
             "stream": self.stream,
         }
 
@@ -96,6 +98,7 @@ class PromptRequest:
             stream=bool(data.get("stream", True)),
             config_version=int(data.get("config_version") or 0),
             dedup=DedupMode(data.get("dedup") or DedupMode.FULL),
+            seed=None if data.get("seed") is None else int(data["seed"]),
         )
 
 

@@ -43,6 +43,8 @@ class LlamaCppWorker:
         }
         if prompt.temperature is not None:
             body["temperature"] = prompt.temperature
+        if prompt.seed is not None:
+            body["seed"] = prompt.seed
         return body
 
     def infer(self, prompt: AssembledPrompt) -> Completion:

@@ -33,6 +33,8 @@ class OpenAIWorker:
         }
         if prompt.temperature is not None:
             body["temperature"] = prompt.temperature
+        if prompt.seed is not None:
+            body["seed"] = prompt.seed
         if prompt.stop:
             body["stop"] = list(prompt.stop)
         if stream:

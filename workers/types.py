@@ -46,6 +46,7 @@ class AssembledPrompt:
     temperature: float | None = None
     stop: tuple[str, ...] = ()
     request_id: str = ""
+    seed: int | None = None  # sampled the same way each time, where the provider honours it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +56,7 @@ class AssembledPrompt:
             "temperature": self.temperature,
             "stop": list(self.stop),
             "request_id": self.request_id,
+            "seed": self.seed,
         }
 
     @classmethod
@@ -67,6 +69,7 @@ class AssembledPrompt:
             temperature=None if temperature is None else float(temperature),
             stop=tuple(str(s) for s in data.get("stop", ())),
             request_id=str(data.get("request_id", "")),
+            seed=None if data.get("seed") is None else int(data["seed"]),
         )
 
 

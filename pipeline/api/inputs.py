@@ -89,6 +89,7 @@ class InferInput(_Input):
     wait: bool = True
     stream: bool = False
     dedup: bool = Field(True, description="false: a fresh answer, never shared with an identical request")
+    seed: StrictInt | None = Field(None, description="the provider samples the same way for the same seed (openai, vllm, llamacpp)")
 
     @field_validator("session_id", mode="before")
     @classmethod
@@ -155,6 +156,7 @@ class ChatCompletionInput(_Input):
     n: int | None = Field(None, ge=1, le=1)
     user: Annotated[Text, Field(max_length=256)] | None = None
     dedup: bool = Field(True, description="an extension (the SDK's extra_body): false asks for a fresh answer")
+    seed: StrictInt | None = None
 
 
 def validated(model: type[Input], data: Any) -> Input:

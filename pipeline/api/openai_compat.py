@@ -89,6 +89,7 @@ class ChatCompletionsApi(AsyncAPIView):
             "stop": data.stop,
             "history": [(m.role if m.role != "developer" else "system", m.content) for m in messages[:-1]],
             "dedup": data.dedup,
+            "seed": data.seed,
         }
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,

@@ -132,16 +132,16 @@ class ConfigFollower(threading.Thread):
     def _follow(self) -> None:
         with psycopg.connect(self.dsn or _dsn(), autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
-            self.check(conn)  # what changed while this connection was not listening
+            self.catch_up(conn)  # what changed while this connection was not listening
             next_check = time.monotonic() + self.check_s
             while not self._stopped.is_set():
                 wait_s = min(self.WAKE_S, max(0.0, next_check - time.monotonic()))
                 signalled = any(True for _ in conn.notifies(timeout=wait_s, stop_after=1))
                 if signalled or time.monotonic() >= next_check:
-                    self.check(conn)
+                    self.catch_up(conn)
                     next_check = time.monotonic() + self.check_s
 
-    def check(self, conn: psycopg.Connection) -> None:
+    def catch_up(self, conn: psycopg.Connection) -> None:
         """Apply the active version if it is not the one this process runs and may apply live."""
         table = PipelineConfigVersion._meta.db_table
         row = conn.execute(f"SELECT id, text, applies FROM {table} WHERE scope = %s AND is_active", [self.scope]).fetchone()

@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.shared_redis import redis_errors
 from pipeline.types import PromptRequest
 
-KEY_VERSION = 3  # 2: the client's conversation; 3: the config version
+KEY_VERSION = 4  # 2: the client's conversation; 3: the config version; 4: the seed
 
 
 def normalised(request: PromptRequest) -> dict[str, object]:
@@ -37,6 +37,7 @@ def normalised(request: PromptRequest) -> dict[str, object]:
         "history": [[m.role, m.content] for m in request.history],
         # Another config version may answer otherwise (its prompts, its stop sequences).
         "config": request.config_version,
+        "seed": request.seed,
     }
 
 

@@ -44,7 +44,7 @@ import structlog
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator_site import telemetry
-from orchestrator_site.errors import InvalidRequest, ServiceUnavailable
+from orchestrator_site.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from pipeline import metrics
 from pipeline.config import PipelineSettings, config_version, get_config
 from pipeline.resilience import admission, dedup, ratelimit
@@ -79,6 +79,10 @@ class Started:
         return self.kind in (StartKind.SUBMITTED, StartKind.ATTACHED, StartKind.RUN_HERE)
 
 
+# The kinds of worker whose provider takes a seed; echo ignores one (it never samples).
+SEEDED_KINDS = frozenset({"openai", "vllm", "llamacpp", "echo"})
+
+
 def infer_build_request(
     *,
     tenant_id: str,
@@ -92,6 +96,10 @@ def infer_build_request(
     for the whole answer (the run then publishes it once, not token by token). ``fresh``
     (``Cache-Control: no-cache``), like ``"dedup": false``, shares no answer."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
+    kind = config.workers[route.worker].kind
+    seed = data.get("seed")
+    if seed is not None and kind not in SEEDED_KINDS:
+        raise UnsupportedParameter(f"worker {route.worker!r} ({kind}) cannot honour seed", data={"field": "seed", "worker": route.worker})
     request_id = uuid.uuid4().hex
     return PromptRequest(
         request_id=request_id,
@@ -108,17 +116,19 @@ def infer_build_request(
         tenant_has_documents=tenant_has_documents,
         stream=stream,
         config_version=config_version(),
-        dedup=dedup_mode(wanted=bool(data.get("dedup", True)) and not fresh, temperature=data.get("temperature"), kind=config.workers[route.worker].kind),
+        dedup=dedup_mode(wanted=bool(data.get("dedup", True)) and not fresh, temperature=data.get("temperature"), kind=kind, seed=seed),
+        seed=seed,
     )
 
 
-def dedup_mode(*, wanted: bool, temperature: float | None, kind: str) -> DedupMode:
+def dedup_mode(*, wanted: bool, temperature: float | None, kind: str, seed: int | None = None) -> DedupMode:
     """A finished answer is served again only where the same request gives the same
-    answer: at temperature 0, or from echo. A sampled one would repeat itself to a user
-    who pressed "regenerate"; identical requests in flight still share one run."""
+    answer: at temperature 0, with a seed, or from echo. A sampled one would repeat
+    itself to a user who pressed "regenerate"; identical requests in flight still share
+    one run."""
     if not wanted:
         return DedupMode.OFF
-    return DedupMode.FULL if kind == "echo" or temperature == 0 else DedupMode.IN_FLIGHT
+    return DedupMode.FULL if kind == "echo" or temperature == 0 or seed is not None else DedupMode.IN_FLIGHT
 
 
 def max_tokens_for(config: PipelineSettings, requested: int | None) -> int:

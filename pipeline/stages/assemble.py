@@ -32,5 +32,6 @@ def assemble(ctx: StageContext, *, config: AssembleConfig) -> StageContext:
         temperature=request.temperature,
         stop=request.stop,
         request_id=request.request_id,
+        seed=request.seed,
     )
     return replace(ctx, prompt=prompt)

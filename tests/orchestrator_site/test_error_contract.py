@@ -21,6 +21,7 @@ CONTRACT = {
     "prompt_missing": (400, 4400),
     "prompt_too_large": (413, 4413),
     "context_length_exceeded": (400, 4400),
+    "unsupported_parameter": (400, 4400),
     "unknown_worker": (400, 4400),
     "unknown_model": (400, 4400),
     "authentication_failed": (401, 4401),

@@ -121,6 +121,7 @@ def test_categories_group_their_members() -> None:
         "prompt_missing",
         "prompt_too_large",
         "context_length_exceeded",
+        "unsupported_parameter",
         "unknown_worker",
         "unknown_model",
     }

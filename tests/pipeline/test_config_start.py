@@ -94,21 +94,21 @@ def test_the_follower_connects_with_the_database_settings() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_follower_check_applies_only_a_live_version_it_does_not_run(scope: str) -> None:
+def test_the_follower_catches_up_only_with_a_live_version_it_does_not_run(scope: str) -> None:
     follower = ConfigFollower(scope=scope, check_s=60)
     live = version_activate(version_id=version_create(text=BASE + "[rag]\ntop_k = 4\n", source=ConfigSource.CLI).id, by="t")
     with listener() as conn:
-        follower.check(conn)
+        follower.catch_up(conn)
         assert config_version() == live.id and get_config().rag.top_k == 4
         set_config(get_config(), version=live.id)
-        follower.check(conn)  # the version it runs: nothing to do
+        follower.catch_up(conn)  # the version it runs: nothing to do
         assert config_version() == live.id
         later = version_activate(
             version_id=version_create(text=BASE + "[queues]\nbatch_concurrency = 7\n", source=ConfigSource.CLI).id, by="t", at_restart=True
         )
         with capture_logs() as logs:
-            follower.check(conn)
-            follower.check(conn)
+            follower.catch_up(conn)
+            follower.catch_up(conn)
         assert config_version() == live.id and later.applies == ConfigApplies.AT_RESTART
         assert [e["event"] for e in logs] == ["config_waits_for_restart"]
 
@@ -123,7 +123,7 @@ def test_a_stored_version_this_release_cannot_read_is_refused_and_the_config_kep
     PipelineConfigVersion.objects.filter(scope=scope, is_active=True).update(is_active=False)
     PipelineConfigVersion.objects.filter(id=newer.id).update(is_active=True)
     with listener() as conn, capture_logs() as logs:
-        ConfigFollower(scope=scope, check_s=60).check(conn)
+        ConfigFollower(scope=scope, check_s=60).catch_up(conn)
     assert config_version() == running.id
     rejected = next(e for e in logs if e["event"] == "config_rejected")
     assert rejected["version"] == newer.id and rejected["problems"][0]["path"] == "tokenbus.backend"
@@ -133,5 +133,5 @@ def test_a_stored_version_this_release_cannot_read_is_refused_and_the_config_kep
 def test_no_active_version_leaves_the_process_as_it_is(scope: str) -> None:
     set_config(None)
     with listener() as conn:
-        ConfigFollower(scope=scope, check_s=60).check(conn)
+        ConfigFollower(scope=scope, check_s=60).catch_up(conn)
     assert config_version() == 0

@@ -63,6 +63,7 @@ def test_defaults() -> None:
         "stop": [],
         "metadata": {},
         "dedup": True,
+        "seed": None,
     }
 
 

@@ -44,13 +44,13 @@ def test_equal_requests_give_equal_keys(request: PromptRequest, other_id: str, o
     assert dedup_key(twin) == dedup_key(request)
 
 
-ANSWER_FIELDS = ["tenant_id", "session_id", "prompt", "worker", "model", "max_tokens", "temperature", "stop", "config_version"]
+ANSWER_FIELDS = ["tenant_id", "session_id", "prompt", "worker", "model", "max_tokens", "temperature", "stop", "config_version", "seed"]
 
 
 @given(requests, st.sampled_from(ANSWER_FIELDS), st.data())
 def test_any_difference_that_changes_the_answer_changes_the_key(request: PromptRequest, field: str, data: st.DataObject) -> None:
     current = getattr(request, field)
-    if field in ("max_tokens", "config_version"):
+    if field in ("max_tokens", "config_version", "seed"):
         new = data.draw(st.integers(1, 4096).filter(lambda v: v != current))
     elif field == "temperature":
         new = data.draw((st.none() | st.floats(0, 2)).filter(lambda v: v != current))
@@ -79,7 +79,7 @@ def test_keys_are_stable_across_processes_and_releases() -> None:
     assert dedup_key(request) == GOLDEN
 
 
-GOLDEN = "37168c454aeac07c040d59603b397dd30baac4272473acefd400d6fd5036d1db"  # KEY_VERSION 3
+GOLDEN = "76be736166baff13b4b6e6fa1864e35c4e8ed6f4d56de4d230344f0fc87f397a"  # KEY_VERSION 4
 
 
 policies = st.builds(BackoffPolicy, base_s=st.floats(0.001, 5), max_s=st.floats(0.01, 60), attempts=st.integers(1, 10), retry_after_cap_s=st.floats(0, 120))
