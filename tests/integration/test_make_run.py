@@ -97,6 +97,10 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         assert niceness == {10}, niceness  # the batch worker and its pool yield the CPU to real-time work
         assert re.search(r'^orchestrator_batch_items_total\{outcome="ok",priority="default"\} 2', httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE)
 
+        # The default make run wrote runs, though an earlier run on this database may have left
+        # an edited file's version active: a file that changed is imported at start.
+        words = httpx.post(f"{base}/api/v1/infer", json={"prompt": "the default config"}, headers=auth, timeout=60).json()["text"].split()
+        assert len(words) == 16, words  # the echo worker's token_count in the default file
         # The config file edited while it runs: the scheduler imports it and every process runs it.
         config = tmp_path / "pipeline.toml"
         config.write_text(config.read_text().replace("token_count = 16", "token_count = 3"))

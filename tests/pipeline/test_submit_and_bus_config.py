@@ -31,7 +31,11 @@ def test_the_start_records_the_request_then_publishes_its_ids(owner: TenantFixtu
     assert float(record["deadline_at"]) == pytest.approx(float(record["created_at"]) + get_config().limits.request_timeout_s, abs=0.01)
     # Ids only in the message, no publish retries, and the request's id as the task's.
     assert sent == [{"args": (request.request_id, 1), "task_id": request.request_id, "retry": False}]
-    lease = tokenbus.get_bus().redis.client.zscore(tokenbus.get_bus().leases_key, request.request_id)
+    # The lease is written in the publishing pool after the start has answered (the client
+    # does not wait for it): it appears within a moment.
+    deadline = time.monotonic() + 2
+    while (lease := tokenbus.get_bus().redis.client.zscore(tokenbus.get_bus().leases_key, request.request_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert lease is not None and time.time() < lease <= time.time() + get_config().limits.queue_lease_s
 
 
