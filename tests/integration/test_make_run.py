@@ -75,9 +75,15 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         )
         assert resp.status_code == 200, resp.text
         assert list(resp.json()["timings_us"]) == ["rag", "assemble", "inference", "post", "stream"]
-        # The gateway's /metrics shows what the realtime worker (another process) recorded.
-        metrics = httpx.get(f"{base}/metrics", timeout=10).text
-        assert re.search(r'^orchestrator_pipeline_requests_total\{outcome="ok",worker="echo"\} [1-9]', metrics, re.MULTILINE), metrics[-3000:]
+        # The gateway's /metrics shows what the realtime worker (another process) recorded:
+        # after the answer, which the client may already have (BENCHMARKS.md: metrics are
+        # recorded once the answer is out).
+        deadline = time.monotonic() + 10
+        while not re.search(
+            r'^orchestrator_pipeline_requests_total\{outcome="ok",worker="echo"\} [1-9]', metrics := httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE
+        ):
+            assert time.monotonic() < deadline, metrics[-3000:]
+            time.sleep(0.1)
         assert (tmp_path / "metrics").is_dir()
 
         # A batch job through the batch worker (prefork), its answers streamed back by the gateway.
@@ -95,7 +101,12 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         processes = subprocess.run(["ps", "-ww", "-eo", "ni=,args="], capture_output=True, text=True).stdout.splitlines()
         niceness = {int(ni) for ni, args in (line.split(None, 1) for line in processes) if "celery" in args and "-n batch@%h" in args}
         assert niceness == {10}, niceness  # the batch worker and its pool yield the CPU to real-time work
-        assert re.search(r'^orchestrator_batch_items_total\{outcome="ok",priority="default"\} 2', httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE)
+        deadline = time.monotonic() + 10
+        while not re.search(
+            r'^orchestrator_batch_items_total\{outcome="ok",priority="default"\} 2', httpx.get(f"{base}/metrics", timeout=10).text, re.MULTILINE
+        ):
+            assert time.monotonic() < deadline, "the batch worker's item metrics never showed"
+            time.sleep(0.1)
 
         # The default make run wrote runs, though an earlier run on this database may have left
         # an edited file's version active: a file that changed is imported at start.
