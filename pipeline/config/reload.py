@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 import structlog
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, close_old_connections, connections
 
 from orchestrator_site.errors import ConfigInvalid
 from pipeline import metrics
@@ -91,17 +91,10 @@ def _apply(config: PipelineSettings, version: int) -> None:
     log.info("config_applied", version=version, process=_process, pipeline=config.pipeline.name)
 
 
-def _dsn(db: Mapping[str, Any] | None = None) -> str:
-    """libpq's connection string for the database (``settings.DATABASES["default"]``)."""
-    db = db if db is not None else settings.DATABASES["default"]
-    parts = {
-        "host": db.get("HOST") or "",
-        "port": str(db.get("PORT") or ""),
-        "dbname": db["NAME"],
-        "user": db.get("USER") or "",
-        "password": db.get("PASSWORD") or "",
-    }
-    return " ".join(f"{key}='{value}'" for key, value in parts.items() if value)
+def connection_params() -> dict[str, Any]:
+    """What Django connects to the database with (its ``OPTIONS`` included: sslmode and
+    the rest), for a connection of the follower's own."""
+    return dict(connections["default"].get_connection_params())
 
 
 class ConfigFollower(threading.Thread):
@@ -110,9 +103,9 @@ class ConfigFollower(threading.Thread):
 
     WAKE_S = 0.5  # how soon a stopped follower notices, at most
 
-    def __init__(self, *, scope: str, check_s: float, dsn: str | None = None) -> None:
+    def __init__(self, *, scope: str, check_s: float, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(name="config-follower", daemon=True)
-        self.scope, self.check_s, self.dsn = scope, check_s, dsn
+        self.scope, self.check_s, self.params = scope, check_s, params
         self._stopped = threading.Event()
         self._announced_restart = 0
 
@@ -130,7 +123,7 @@ class ConfigFollower(threading.Thread):
                 self._stopped.wait(RETRY_S)
 
     def _follow(self) -> None:
-        with psycopg.connect(self.dsn or _dsn(), autocommit=True, connect_timeout=5) as conn:
+        with psycopg.connect(**{**(self.params or connection_params()), "autocommit": True}) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
             self.catch_up(conn)  # what changed while this connection was not listening
             next_check = time.monotonic() + self.check_s

@@ -137,7 +137,7 @@ def test_postgres_unreachable_at_start_runs_the_file(scope: str, tmp_path: Path)
 
 
 def test_a_follower_that_cannot_reach_postgres_retries_until_stopped() -> None:
-    follower = ConfigFollower(scope="x", check_s=1.0, dsn="host=127.0.0.1 port=1 dbname=x user=postgres connect_timeout=1")
+    follower = ConfigFollower(scope="x", check_s=1.0, params={"host": "127.0.0.1", "port": 1, "dbname": "x", "user": "postgres", "connect_timeout": 1})
     with capture_logs() as logs:
         follower.start()
         wait_until(lambda: any(e["event"] == "config_follow_interrupted" for e in logs), timeout_s=5)

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from django.db import connection
 from django.test import override_settings
 from structlog.testing import capture_logs
 
 from orchestrator_site.errors import ConfigInvalid, ConfigNeedsRestart, NotFound
 from pipeline.config import PipelineSettings, config_at, config_version, parse_config, set_config
+from pipeline.config.reload import connection_params
 from pipeline.config.versions import (
     CHANNEL,
     breaking_changes,
@@ -284,8 +284,7 @@ def test_a_request_is_stamped_with_the_process_version() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_activation_notifies_on_commit(scope: str) -> None:
     version = create()
-    params = connection.get_connection_params()
-    with psycopg.connect(**{k: v for k, v in params.items() if k in ("host", "port", "dbname", "user", "password")}, autocommit=True) as listener:
+    with psycopg.connect(**connection_params(), autocommit=True) as listener:
         listener.execute(f"LISTEN {CHANNEL}")
         version_activate(version_id=version.id, by="ada")
         ready, _, _ = select.select([listener.fileno()], [], [], 2)
