@@ -16,6 +16,7 @@ API_VERSION = "2023-06-01"
 
 class AnthropicWorker:
     supports_streaming = True
+    accepts_seed = False  # the Messages API has no seed
     path = "/v1/messages"
 
     def __init__(self, settings: WorkerSettings) -> None:

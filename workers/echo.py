@@ -31,6 +31,7 @@ def _prompt_tokens(prompt: AssembledPrompt) -> int:
 
 class EchoWorker:
     supports_streaming = True
+    accepts_seed = True  # and ignored: echo never samples
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.name = settings.name

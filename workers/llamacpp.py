@@ -22,6 +22,7 @@ def render_prompt(messages: tuple[ChatMessage, ...], fmt: str) -> str:
 
 class LlamaCppWorker:
     supports_streaming = True
+    accepts_seed = True
     path = "/completion"
 
     def __init__(self, settings: WorkerSettings) -> None:

@@ -14,6 +14,7 @@ from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
 
 class OpenAIWorker:
     supports_streaming = True
+    accepts_seed = True  # sent on as ``seed`` (vLLM's server takes it too)
     # OpenAI renamed max_tokens; OpenAI-compatible servers (vLLM) still take the old name.
     max_tokens_field = "max_completion_tokens"
     path = "/chat/completions"

@@ -21,6 +21,11 @@ WORKER_KINDS: dict[str, Callable[[WorkerSettings], StreamingModelWorker]] = {
 }
 
 
+def accepts_seed(kind: str) -> bool:
+    """Whether a worker of ``kind`` can honour a request's seed (each class says so)."""
+    return bool(getattr(WORKER_KINDS.get(kind), "accepts_seed", False))
+
+
 def build_worker(settings: WorkerSettings) -> StreamingModelWorker:
     factory = WORKER_KINDS.get(settings.kind)
     if factory is None:

@@ -56,6 +56,7 @@ from pipeline.services import gates
 from pipeline.shared_redis import redis_errors
 from pipeline.tokenbus import fencing, get_bus
 from pipeline.types import ChatMessage, DedupMode, PipelineResult, PromptRequest
+from workers.registry import accepts_seed
 
 log = structlog.get_logger("pipeline.services")
 
@@ -79,10 +80,6 @@ class Started:
         return self.kind in (StartKind.SUBMITTED, StartKind.ATTACHED, StartKind.RUN_HERE)
 
 
-# The kinds of worker whose provider takes a seed; echo ignores one (it never samples).
-SEEDED_KINDS = frozenset({"openai", "vllm", "llamacpp", "echo"})
-
-
 def infer_build_request(
     *,
     tenant_id: str,
@@ -98,7 +95,7 @@ def infer_build_request(
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     kind = config.workers[route.worker].kind
     seed = data.get("seed")
-    if seed is not None and kind not in SEEDED_KINDS:
+    if seed is not None and not accepts_seed(kind):
         raise UnsupportedParameter(f"worker {route.worker!r} ({kind}) cannot honour seed", data={"field": "seed", "worker": route.worker})
     request_id = uuid.uuid4().hex
     return PromptRequest(

@@ -41,3 +41,10 @@ def test_anthropic_temperature_is_capped_at_one() -> None:
     worker = AnthropicWorker(WorkerSettings(name="a", kind="anthropic", base_url="http://x"))
     body = worker.body(AssembledPrompt(messages=(ChatMessage("user", "u"),), model="m", max_tokens=5, temperature=1.7), stream=False)
     assert body["temperature"] == 1.0 and "system" not in body
+
+
+def test_each_kind_says_whether_it_honours_a_seed() -> None:
+    from workers.registry import WORKER_KINDS, accepts_seed
+
+    assert {kind: accepts_seed(kind) for kind in WORKER_KINDS} == {"echo": True, "openai": True, "anthropic": False, "llamacpp": True, "vllm": True}
+    assert accepts_seed("no-such-kind") is False
