@@ -5,7 +5,6 @@ own (threads do not survive the fork)."""
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from pathlib import Path
@@ -16,20 +15,16 @@ from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from pipeline.config.versions import version_activate, version_create
 from pipeline.models import ConfigSource, PipelineConfigVersion
 from tests.conftest import process_env, start_celery_worker, stop_process
+from tests.pipeline.test_config_hot_reload import config_versions
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-SERIES = re.compile(r"^orchestrator_config_version\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$", re.MULTILINE)
 
 
 def reported(metrics_dir: Path) -> dict[str, tuple[str, int]]:
     """pid → (process, version), from the worker's multiprocess metric files."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(metrics_dir))
-    found = {}
-    for match in SERIES.finditer(generate_latest(registry).decode()):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
-        found[labels["pid"]] = (labels["process"], int(float(match["value"])))
-    return found
+    return {pid: (process, version) for (process, pid), version in config_versions(generate_latest(registry).decode()).items()}
 
 
 def test_a_prefork_worker_and_each_child_follow_activations(tmp_path: Path) -> None:

@@ -62,13 +62,18 @@ class Traffic(threading.Thread):
         self.join(timeout=60)
 
 
-def versions_by_process(url: str) -> dict[tuple[str, str], int]:
-    """(process, pid) → the config version it reports, from the gateway's /metrics (every process's)."""
+def config_versions(exposition: str) -> dict[tuple[str, str], int]:
+    """(process, pid) → the config version it reports, from a Prometheus exposition."""
     found = {}
-    for match in VERSION.finditer(httpx.get(f"{url}/metrics", timeout=5).text):
+    for match in VERSION.finditer(exposition):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
         found[(labels["process"], labels.get("pid", ""))] = int(float(match["value"]))
     return found
+
+
+def versions_by_process(url: str) -> dict[tuple[str, str], int]:
+    """Every process's version, from the gateway's /metrics (every process's)."""
+    return config_versions(httpx.get(f"{url}/metrics", timeout=5).text)
 
 
 def everyone_on(url: str, version: int) -> bool:

@@ -4,6 +4,7 @@ Here the follower runs in the test process, on the test database."""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from pipeline.config import reload as reload_module
 from pipeline.config.reload import ConfigFollower, FileWatcher, config_start, following, start_following, stop_following
 from pipeline.config.versions import version_activate, version_active, version_create
 from pipeline.models import ConfigApplies, ConfigSource, PipelineConfigVersion
+from pipeline.routing import route_request
 
 BASE = '[workers.echo]\nkind = "echo"\n'
 
@@ -178,3 +180,37 @@ def test_a_watcher_that_cannot_read_the_file_logs_and_keeps_the_config(scope: st
 def test_a_follower_thread_is_a_daemon_named_for_what_it_does() -> None:
     follower = ConfigFollower(scope="x", check_s=1.0)
     assert follower.daemon and follower.name == "config-follower"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_log_levels_and_new_workers_apply_live(scope: str) -> None:
+    config_start("gateway")
+    text = BASE + '[workers.extra]\nkind = "echo"\nmodels = ["x-1"]\n[logging]\nloggers = { "pipeline.routing" = "ERROR" }\n'
+    version = version_activate(version_id=version_create(text=text, source=ConfigSource.CLI).id, by="t")
+    assert version.applies == ConfigApplies.LIVE
+    try:
+        wait_until(lambda: config_version() == version.id, timeout_s=2.0)
+        assert logging.getLogger("pipeline.routing").level == logging.ERROR
+        assert route_request(get_config(), worker="extra", model=None).model == "x-1"
+    finally:
+        logging.getLogger("pipeline.routing").setLevel(logging.NOTSET)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_watcher_imports_its_file_and_not_a_neighbour(scope: str, tmp_path: Path) -> None:
+    config_start("beat")
+    watcher = FileWatcher(tmp_path / "pipeline.toml")
+    watcher.start()
+    try:
+        time.sleep(0.3)
+        (tmp_path / "other.toml").write_text(BASE + "# not the config\n", encoding="utf-8")
+        time.sleep(0.6)
+        assert PipelineConfigVersion.objects.filter(scope=scope).count() == 1
+        (tmp_path / "pipeline.toml").write_text(BASE + "# the config\n", encoding="utf-8")
+        deadline = time.monotonic() + 2
+        while PipelineConfigVersion.objects.filter(scope=scope).count() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        watcher.stop()
+        watcher.join(timeout=3)
+    assert PipelineConfigVersion.objects.filter(scope=scope).count() == 2
