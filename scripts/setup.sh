@@ -25,11 +25,11 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r requirements/dev.txt
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements/llama.txt
+    scripts/quiet-pip "$VENV/bin/pip" install -r requirements/dev.txt
+    scripts/quiet-pip "$VENV/bin/pip" install --no-deps --require-hashes -r requirements/llama.txt
     echo "$want" > "$STAMP"
 fi
 # The project itself, editable: its console script `orchestrator` (pyproject.toml).
 if [[ ! -x "$VENV/bin/orchestrator" ]]; then
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -e .
+    scripts/quiet-pip "$VENV/bin/pip" install --no-deps -e .
 fi
