@@ -118,5 +118,7 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[Stag
         usage=completion.usage if completion else Usage(),
         timings_us=timings,
         sources=tuple(Source(id=d.id, title=d.title, rank=place, score=d.rank) for place, d in enumerate(ctx.documents, start=1)),
+        tool_calls=completion.tool_calls if completion else (),
+        logprobs=completion.logprobs if completion else None,
     )
     return ctx, result

@@ -56,7 +56,25 @@ def done_event(request_id: str, result: PipelineResult) -> Event:
         "cost": cost_usd(get_config(), result.worker, result.usage),
         "timings_us": body["timings_us"],
         "sources": body["sources"],
+        "tool_calls": body["tool_calls"],
     }
+
+
+def token_event(request_id: str, seq: int, data: dict[str, Any]) -> Event:
+    """A token event: the piece's text, and its tool-call deltas and logprobs when it has them."""
+    event: Event = {"type": "token", "request_id": request_id, "seq": seq, "text": str(data.get("text", ""))}
+    for extra in ("tool_calls", "logprobs"):
+        if data.get(extra):
+            event[extra] = data[extra]
+    return event
+
+
+def whole_token(request_id: str, result: PipelineResult) -> Event | None:
+    """A whole answer as one token event (None when it has neither text nor tool calls)."""
+    if not result.text and not result.tool_calls:
+        return None
+    data = {"text": result.text, "tool_calls": [call.delta(place) for place, call in enumerate(result.tool_calls)], "logprobs": result.logprobs}
+    return token_event(request_id, 0, data)
 
 
 def error_event(request_id: str | None, error: OrchestratorError) -> Event:
@@ -100,12 +118,13 @@ async def stream_events(stream_id: str, *, client_request_id: str, timeout_s: fl
                 seq = int(event.data.get("seq", 0))
                 tokens += 1
                 if seq > after_seq:
-                    yield {"type": "token", "request_id": client_request_id, "seq": seq, "text": str(event.data.get("text", ""))}
+                    yield token_event(client_request_id, seq, event.data)
             elif event.type == "done":
                 result = PipelineResult.from_dict(event.data)
-                if not tokens and after_seq < 0 and result.text:
+                whole = whole_token(client_request_id, result) if not tokens and after_seq < 0 else None
+                if whole is not None:
                     # A whole answer (its first client did not stream): one token, as from the window.
-                    yield {"type": "token", "request_id": client_request_id, "seq": 0, "text": result.text}
+                    yield whole
                 yield done_event(client_request_id, result)
                 return
             elif event.type == "error":
@@ -146,8 +165,9 @@ def _redis_failed(cause: BaseException) -> None:
 
 
 async def _whole(request_id: str, result: PipelineResult) -> AsyncIterator[Event]:
-    if result.text:
-        yield {"type": "token", "request_id": request_id, "seq": 0, "text": result.text}
+    whole = whole_token(request_id, result)
+    if whole is not None:
+        yield whole
     yield done_event(request_id, result)
 
 

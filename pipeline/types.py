@@ -12,9 +12,19 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
+from workers.types import AssembledPrompt, ChatMessage, Completion, GenerationOptions, TokenChunk, ToolCall, Usage
 
-__all__ = ["AssembledPrompt", "ChatMessage", "Completion", "PipelineResult", "PromptRequest", "TokenChunk", "Usage"]
+__all__ = [
+    "AssembledPrompt",
+    "ChatMessage",
+    "Completion",
+    "GenerationOptions",
+    "PipelineResult",
+    "PromptRequest",
+    "TokenChunk",
+    "ToolCall",
+    "Usage",
+]
 
 STAGES = ("rag", "assemble", "inference", "post", "stream")
 
@@ -52,6 +62,10 @@ class PromptRequest:
     config_version: int = 0
     dedup: DedupMode = DedupMode.FULL
     seed: int | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    # What came after ``prompt`` in the client's conversation: the assistant's tool
+    # calls and their results, which the model continues from.
+    tool_turns: tuple[ChatMessage, ...] = ()
 
     @property
     def names_session(self) -> bool:
@@ -71,11 +85,13 @@ class PromptRequest:
             "temperature": self.temperature,
             "stop": list(self.stop),
             "metadata": dict(self.metadata),
-            "history": [[m.role, m.content] for m in self.history],
+            "history": [m.to_dict() for m in self.history],
+            "tool_turns": [m.to_dict() for m in self.tool_turns],
             "tenant_has_documents": self.tenant_has_documents,
             "config_version": self.config_version,
             "dedup": self.dedup.value,
             "seed": self.seed,
+            "options": self.options.to_dict(),
             "stream": self.stream,
         }
 
@@ -93,12 +109,14 @@ class PromptRequest:
             temperature=None if temperature is None else float(temperature),
             stop=tuple(str(s) for s in data.get("stop") or ()),
             metadata=dict(data.get("metadata") or {}),
-            history=tuple(ChatMessage(str(role), str(content)) for role, content in data.get("history") or ()),
+            history=tuple(ChatMessage.from_dict(m) for m in data.get("history") or ()),
+            tool_turns=tuple(ChatMessage.from_dict(m) for m in data.get("tool_turns") or ()),
             tenant_has_documents=bool(data.get("tenant_has_documents", True)),
             stream=bool(data.get("stream", True)),
             config_version=int(data.get("config_version") or 0),
             dedup=DedupMode(data.get("dedup") or DedupMode.FULL),
             seed=None if data.get("seed") is None else int(data["seed"]),
+            options=GenerationOptions.from_dict(data.get("options") or {}),
         )
 
 
@@ -133,6 +151,8 @@ class PipelineResult:
     timings_us: Mapping[str, int]
     status: str = "completed"
     sources: tuple[Source, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[Mapping[str, Any], ...] | None = None  # OpenAI's ``logprobs.content``, when asked for
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +166,8 @@ class PipelineResult:
             "usage": self.usage.to_dict(),
             "timings_us": dict(self.timings_us),
             "sources": [source.to_dict() for source in self.sources],
+            "tool_calls": [call.to_dict() for call in self.tool_calls],
+            "logprobs": None if self.logprobs is None else list(self.logprobs),
         }
 
     @classmethod
@@ -161,4 +183,6 @@ class PipelineResult:
             timings_us={str(k): int(v) for k, v in (data.get("timings_us") or {}).items()},
             status=str(data.get("status", "completed")),
             sources=tuple(Source.from_dict(d) for d in data.get("sources") or ()),
+            tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
+            logprobs=None if data.get("logprobs") is None else tuple(data["logprobs"]),
         )

@@ -29,6 +29,16 @@ class WorkerSettings:
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
+# The optional request fields (``GenerationOptions``, and ``seed``) by what they need
+# of a provider. A worker class's ``accepts`` names those it can honour (read by
+# ``workers.registry.refused``; a class without it honours none); "tools" also admits
+# tool calls and tool results in the conversation.
+SAMPLING = frozenset({"seed", "top_p", "presence_penalty", "frequency_penalty", "logit_bias", "user"})
+TOOLS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
+LOGPROBS = frozenset({"logprobs", "top_logprobs"})
+JSON_OUTPUT = frozenset({"response_format"})
+
+
 @runtime_checkable
 class ModelWorker(Protocol):
     name: str

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from workers.base import WorkerSettings
+from workers.base import SAMPLING, WorkerSettings
 from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
 
 
@@ -31,7 +31,7 @@ def _prompt_tokens(prompt: AssembledPrompt) -> int:
 
 class EchoWorker:
     supports_streaming = True
-    accepts_seed = True  # and ignored: echo never samples
+    accepts = SAMPLING  # and ignores them: echo never samples
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.name = settings.name

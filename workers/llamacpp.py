@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
-from workers.base import WorkerSettings
+from workers.base import JSON_OUTPUT, SAMPLING, WorkerSettings
 from workers.http import HttpClients, check_response, json_object, translate_errors
 from workers.sse import aiter_sse, read_to_end
-from workers.types import AssembledPrompt, ChatMessage, Completion, TokenChunk, Usage
+from workers.types import AssembledPrompt, ChatMessage, Completion, GenerationOptions, TokenChunk, Usage
 
 
 def render_prompt(messages: tuple[ChatMessage, ...], fmt: str) -> str:
@@ -20,9 +20,29 @@ def render_prompt(messages: tuple[ChatMessage, ...], fmt: str) -> str:
     return "\n\n".join(f"{m.role}: {m.content}" for m in messages) + "\n\nassistant:"
 
 
+def native_options(options: GenerationOptions) -> dict[str, Any]:
+    """OpenAI's sampling fields and ``response_format`` as ``/completion`` takes them: a
+    JSON schema (or, for ``json_object``, any object) constrains the grammar; a logit
+    bias is a list of [token id, bias] pairs. ``user`` has no counterpart: it is dropped."""
+    body: dict[str, Any] = {}
+    for name in ("top_p", "presence_penalty", "frequency_penalty"):
+        value = getattr(options, name)
+        if value is not None:
+            body[name] = value
+    if options.logit_bias:
+        body["logit_bias"] = [[int(token) if token.isdigit() else token, bias] for token, bias in options.logit_bias.items()]
+    wanted = options.response_format or {}
+    if wanted.get("type") == "json_schema":
+        body["json_schema"] = wanted["json_schema"].get("schema") or {}
+    elif wanted.get("type") == "json_object":
+        body["json_schema"] = {"type": "object"}
+    return body
+
+
 class LlamaCppWorker:
     supports_streaming = True
-    accepts_seed = True
+    # The native endpoint has no tool calling and no logprobs in OpenAI's shape.
+    accepts = SAMPLING | JSON_OUTPUT
     path = "/completion"
 
     def __init__(self, settings: WorkerSettings) -> None:
@@ -46,6 +66,7 @@ class LlamaCppWorker:
             body["temperature"] = prompt.temperature
         if prompt.seed is not None:
             body["seed"] = prompt.seed
+        body.update(native_options(prompt.options))
         return body
 
     def infer(self, prompt: AssembledPrompt) -> Completion:

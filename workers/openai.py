@@ -6,15 +6,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from orchestrator_site.errors import WorkerConnectionError, WorkerProtocolError
-from workers.base import WorkerSettings
+from workers.base import JSON_OUTPUT, LOGPROBS, SAMPLING, TOOLS, WorkerSettings
 from workers.http import HttpClients, check_response, json_object, translate_errors
 from workers.sse import aiter_sse, read_to_end
-from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
+from workers.types import AssembledPrompt, Completion, TokenChunk, ToolCall, Usage
 
 
 class OpenAIWorker:
     supports_streaming = True
-    accepts_seed = True  # sent on as ``seed`` (vLLM's server takes it too)
+    # Every optional field goes on unchanged (vLLM's server takes them too).
+    accepts = SAMPLING | TOOLS | LOGPROBS | JSON_OUTPUT
     # OpenAI renamed max_tokens; OpenAI-compatible servers (vLLM) still take the old name.
     max_tokens_field = "max_completion_tokens"
     path = "/chat/completions"
@@ -40,6 +41,7 @@ class OpenAIWorker:
             body["stop"] = list(prompt.stop)
         if stream:
             body["stream_options"] = {"include_usage": True}
+        body.update(prompt.options.to_dict())
         return body
 
     def infer(self, prompt: AssembledPrompt) -> Completion:
@@ -49,12 +51,15 @@ class OpenAIWorker:
             payload = json_object(self.name, response.content)
             choice = payload["choices"][0]
             usage = payload.get("usage") or {}
+            logprobs = choice.get("logprobs")
             return Completion(
                 text=str(choice["message"].get("content") or ""),
                 model=str(payload.get("model") or prompt.model),
                 worker=self.name,
                 finish_reason=_finish(choice.get("finish_reason")),
                 usage=Usage(int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))),
+                tool_calls=tuple(ToolCall.from_dict(call) for call in choice["message"].get("tool_calls") or ()),
+                logprobs=None if not logprobs else tuple(logprobs.get("content") or ()),
             )
 
     async def infer_stream(self, prompt: AssembledPrompt) -> AsyncIterator[TokenChunk]:
@@ -76,11 +81,14 @@ class OpenAIWorker:
                         u = payload["usage"]
                         usage = Usage(int(u.get("prompt_tokens", 0)), int(u.get("completion_tokens", 0)))
                     for choice in payload.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") or ""
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content") or ""
+                        calls = tuple(delta.get("tool_calls") or ())
+                        logprobs = tuple((choice.get("logprobs") or {}).get("content") or ())
                         if choice.get("finish_reason"):
                             finish = _finish(choice["finish_reason"])
-                        if text:
-                            yield TokenChunk(index=index, text=str(text))
+                        if text or calls or logprobs:
+                            yield TokenChunk(index=index, text=str(text), tool_calls=calls, logprobs=logprobs)
                             index += 1
         # The body ended cleanly but without "data: [DONE]": the stream was cut.
         raise WorkerConnectionError(f"{self.name}: stream ended before [DONE]", data={"worker": self.name})
@@ -89,4 +97,6 @@ class OpenAIWorker:
 def _finish(reason: object) -> str:
     if reason in ("length", "max_tokens"):
         return "length"
+    if reason in ("tool_calls", "function_call"):
+        return "tool_calls"
     return "stop"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from orchestrator_site.errors import ConfigInvalid
 from workers.anthropic import AnthropicWorker
@@ -21,9 +21,11 @@ WORKER_KINDS: dict[str, Callable[[WorkerSettings], StreamingModelWorker]] = {
 }
 
 
-def accepts_seed(kind: str) -> bool:
-    """Whether a worker of ``kind`` can honour a request's seed (each class says so)."""
-    return bool(getattr(WORKER_KINDS.get(kind), "accepts_seed", False))
+def refused(kind: str, asked: Iterable[str]) -> list[str]:
+    """The optional fields among ``asked`` that a worker of ``kind`` cannot honour (each
+    class's ``accepts`` says what it can), sorted."""
+    accepts: frozenset[str] = getattr(WORKER_KINDS.get(kind), "accepts", frozenset())
+    return sorted(set(asked) - accepts)
 
 
 def build_worker(settings: WorkerSettings) -> StreamingModelWorker:

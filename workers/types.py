@@ -2,21 +2,100 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
 @dataclass(frozen=True)
-class ChatMessage:
-    role: str  # "system" | "user" | "assistant"
-    content: str
+class ToolCall:
+    """A function the model asks its caller to run, in OpenAI's terms whatever the provider."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "content": self.content}
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def delta(self, index: int) -> dict[str, Any]:
+        """The whole call as one stream delta, at ``index`` among the reply's calls."""
+        return {"index": index, **self.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ChatMessage:
-        return cls(role=str(data["role"]), content=str(data["content"]))
+    def from_dict(cls, data: Mapping[str, Any]) -> ToolCall:
+        function = data["function"]
+        return cls(id=str(data["id"]), name=str(function["name"]), arguments=str(function.get("arguments") or ""))
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's: the functions it asked for
+    tool_call_id: str = ""  # a tool's: the call whose result it carries
+
+    @property
+    def is_tool_turn(self) -> bool:
+        return bool(self.tool_calls) or self.role == "tool"
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's message shape (an assistant's content is null when it only called tools)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["content"] = self.content or None
+            message["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | Iterable[Any]) -> ChatMessage:
+        """From ``to_dict``, or a ``[role, content]`` pair (records of earlier versions)."""
+        if not isinstance(data, Mapping):
+            role, content = data
+            return cls(role=str(role), content=str(content))
+        return cls(
+            role=str(data["role"]),
+            content=str(data.get("content") or ""),
+            tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
+            tool_call_id=str(data.get("tool_call_id") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """OpenAI's optional request fields, in OpenAI's shapes. A worker sends on the ones
+    its provider honours (translated where its API differs); the gateway refuses a
+    request that sets one its worker cannot honour (each worker class's ``accepts``)."""
+
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[str, float] | None = None  # token id (as text) -> bias
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    user: str | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()  # {"type": "function", "function": {name, description, parameters}}
+    tool_choice: str | Mapping[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+    response_format: Mapping[str, Any] | None = None  # {"type": "json_object"} | {"type": "json_schema", ...}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, by OpenAI's names (what the request asked for)."""
+        given = {f.name: getattr(self, f.name) for f in fields(self)}
+        given["tools"] = list(self.tools)
+        if self.response_format is not None and self.response_format.get("type") == "text":
+            given["response_format"] = None  # the default: asks for nothing
+        return {name: value for name, value in given.items() if value is not None and value != []}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationOptions:
+        known = {f.name for f in fields(cls)}
+        given = {name: value for name, value in data.items() if name in known and value is not None}
+        if "tools" in given:
+            given["tools"] = tuple(given["tools"])
+        return cls(**given)
 
 
 @dataclass(frozen=True)
@@ -47,6 +126,7 @@ class AssembledPrompt:
     stop: tuple[str, ...] = ()
     request_id: str = ""
     seed: int | None = None  # sampled the same way each time, where the provider honours it
+    options: GenerationOptions = field(default_factory=GenerationOptions)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +137,7 @@ class AssembledPrompt:
             "stop": list(self.stop),
             "request_id": self.request_id,
             "seed": self.seed,
+            "options": self.options.to_dict(),
         }
 
     @classmethod
@@ -70,6 +151,7 @@ class AssembledPrompt:
             stop=tuple(str(s) for s in data.get("stop", ())),
             request_id=str(data.get("request_id", "")),
             seed=None if data.get("seed") is None else int(data["seed"]),
+            options=GenerationOptions.from_dict(data.get("options") or {}),
         )
 
 
@@ -78,33 +160,50 @@ class Completion:
     text: str
     model: str
     worker: str
-    finish_reason: str = "stop"  # "stop" | "length" | "error"
+    finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
     usage: Usage = field(default_factory=Usage)
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[Mapping[str, Any], ...] | None = None  # OpenAI's ``logprobs.content``, when asked for
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["usage"] = self.usage.to_dict()
-        return data
+        return {
+            "text": self.text,
+            "model": self.model,
+            "worker": self.worker,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage.to_dict(),
+            "tool_calls": [call.to_dict() for call in self.tool_calls],
+            "logprobs": None if self.logprobs is None else list(self.logprobs),
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Completion:
+        logprobs = data.get("logprobs")
         return cls(
             text=str(data["text"]),
             model=str(data["model"]),
             worker=str(data["worker"]),
             finish_reason=str(data.get("finish_reason", "stop")),
             usage=Usage.from_dict(data.get("usage") or {}),
+            tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
+            logprobs=None if logprobs is None else tuple(logprobs),
         )
 
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """One piece of a streamed completion. The last chunk has ``finish_reason`` and ``usage``."""
+    """One piece of a streamed completion. The last chunk has ``finish_reason`` and ``usage``.
+
+    ``tool_calls`` are OpenAI's deltas of the calls being written (``index``, then
+    ``id``, ``type`` and the function's ``name`` once, its ``arguments`` in pieces);
+    ``logprobs`` OpenAI's entries for this piece's tokens."""
 
     index: int
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    logprobs: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def is_final(self) -> bool:
@@ -116,6 +215,8 @@ class TokenChunk:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "usage": None if self.usage is None else self.usage.to_dict(),
+            "tool_calls": list(self.tool_calls),
+            "logprobs": list(self.logprobs),
         }
 
     @classmethod
@@ -127,4 +228,24 @@ class TokenChunk:
             text=str(data["text"]),
             finish_reason=None if finish is None else str(finish),
             usage=None if usage is None else Usage.from_dict(usage),
+            tool_calls=tuple(data.get("tool_calls") or ()),
+            logprobs=tuple(data.get("logprobs") or ()),
         )
+
+
+class ToolCallBuilder:
+    """Whole tool calls from a stream's deltas (``TokenChunk.tool_calls``), by index."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: Iterable[Mapping[str, Any]]) -> None:
+        for delta in deltas:
+            call = self._calls.setdefault(int(delta.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+            function = delta.get("function") or {}
+            call["id"] = str(delta.get("id") or call["id"])
+            call["name"] = str(function.get("name") or call["name"])
+            call["arguments"] += str(function.get("arguments") or "")
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        return tuple(ToolCall(**self._calls[index]) for index in sorted(self._calls))

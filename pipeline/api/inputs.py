@@ -11,14 +11,16 @@ which neither Postgres nor Redis could store.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptMissing, PromptTooLarge
+from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptMissing, PromptTooLarge, UnsupportedParameter
 from pipeline.config import get_config
+from pipeline.types import ChatMessage, ToolCall
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 Input = TypeVar("Input", bound=BaseModel)
@@ -75,8 +77,116 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class InferInput(_Input):
+class SamplingInput(_Input):
+    """OpenAI's sampling fields; each worker honours them or refuses them by name."""
+
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=300, description="token id -> bias, -100..100"
+    )
+    user: Annotated[Text, Field(max_length=256)] | None = Field(None, description="the end user, for the provider's abuse monitoring")
+
+    def options(self) -> dict[str, Any]:
+        """The fields of ``workers.types.GenerationOptions`` that are set."""
+        return self.model_dump(include=set(_OPTION_FIELDS), exclude_none=True, by_alias=True)
+
+
+_OPTION_FIELDS = (
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+)
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class JsonSchemaInput(_Input):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatInput(_Input):
+    """``text`` (the default), ``json_object`` (JSON mode) or ``json_schema`` (structured output)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaInput | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> Self:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response format needs json_schema: {name, schema}")
+        return self
+
+
+class FunctionInput(_Input):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolInput(_Input):
+    type: Literal["function"]
+    function: FunctionInput
+
+
+class NamedFunction(_Input):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class ToolChoiceInput(_Input):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _json_object_text(value: str) -> str:
+    try:
+        parsed = json.loads(value or "{}")
+    except ValueError:
+        raise ValueError("arguments must be a JSON object, as text") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("arguments must be a JSON object, as text")
+    return value
+
+
+class FunctionCallInput(_Input):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: Annotated[Text, AfterValidator(_json_object_text)]
+
+
+class ToolCallInput(_Input):
+    id: Text = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallInput
+
+
+# Fields of OpenAI's API whose answers the platform's own endpoints have no place for:
+# refused by name there, never dropped without a word.
+CHAT_COMPLETIONS_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs")
+
+
+class InferInput(SamplingInput):
     """A prompt and what shapes its answer."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tools_here(cls, data: Any) -> Any:
+        given = sorted(name for name in CHAT_COMPLETIONS_ONLY if isinstance(data, dict) and data.get(name) is not None)
+        if given:
+            raise PydanticCustomError("unsupported_parameter", "{fields}: only on POST /v1/chat/completions", {"fields": ", ".join(given)})
+        return data
 
     prompt: Annotated[Text, BeforeValidator(_prompt)]
     session_id: str | None = Field(None, description="1-128 of A-Z a-z 0-9 _ . : @ -; the session's earlier turns are replayed")
@@ -110,9 +220,11 @@ class InferInput(_Input):
     def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _metadata(value)
 
+    response_format: ResponseFormatInput | None = None
+
     def fields(self) -> dict[str, Any]:
         """What ``services.start.infer_build_request`` reads."""
-        return self.model_dump(exclude={"wait", "stream"})
+        return {**self.model_dump(exclude={"wait", "stream", *_OPTION_FIELDS}), "options": self.options()}
 
 
 def _content(value: Any) -> Any:
@@ -125,8 +237,28 @@ def _content(value: Any) -> Any:
 
 
 class ChatMessageInput(_Input):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[Text, BeforeValidator(_content)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[Text, BeforeValidator(_content)] | None = None
+    tool_calls: list[ToolCallInput] = Field(default_factory=list, max_length=128)
+    tool_call_id: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Self:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (an assistant message may have tool_calls instead)")
+        return self
+
+    def message(self) -> ChatMessage:
+        return ChatMessage(
+            role="system" if self.role == "developer" else self.role,
+            content=self.content or "",
+            tool_calls=tuple(ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in self.tool_calls),
+            tool_call_id=self.tool_call_id or "",
+        )
 
 
 class StreamOptionsInput(_Input):
@@ -142,7 +274,7 @@ def _stop_list(value: Any) -> Any:
     return stops
 
 
-class ChatCompletionInput(_Input):
+class ChatCompletionInput(SamplingInput):
     """OpenAI's chat completion request, as far as this gateway honours it."""
 
     model: Text = Field(max_length=300)
@@ -154,9 +286,31 @@ class ChatCompletionInput(_Input):
     stream: bool = False
     stream_options: StreamOptionsInput | None = None
     n: int | None = Field(None, ge=1, le=1)
-    user: Annotated[Text, Field(max_length=256)] | None = None
     dedup: bool = Field(True, description="an extension (the SDK's extra_body): false asks for a fresh answer")
     seed: StrictInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolInput] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceInput | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormatInput | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _among_tools(cls, value: str | ToolChoiceInput | None, info: ValidationInfo) -> str | ToolChoiceInput | None:
+        tools = info.data.get("tools") or []
+        if value is not None and not tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, ToolChoiceInput) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not among the tools")
+        return value
 
 
 def validated(model: type[Input], data: Any) -> Input:
@@ -210,6 +364,9 @@ def input_errors(exc: ValidationError) -> OrchestratorError:
     fields: dict[str, list[str]] = {}
     for error in exc.errors(include_url=False):
         loc = error["loc"]
+        if error["type"] == "unsupported_parameter":
+            names = str(error["ctx"]["fields"]).split(", ")
+            return UnsupportedParameter(str(error["msg"]), data={"field": names[0], "fields": names})
         if loc and loc[0] == "prompt":
             if error["type"] == "prompt_too_large":
                 return PromptTooLarge(str(error["msg"]))

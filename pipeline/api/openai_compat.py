@@ -34,7 +34,7 @@ from pipeline.api.parsers import LimitedJSONParser
 from pipeline.api.views import EventStreamRenderer, asks_for_a_fresh_answer, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
 from pipeline.services import gates, start
-from pipeline.types import PipelineResult
+from pipeline.types import ChatMessage, PipelineResult
 
 
 def resolve_model(config: PipelineSettings, name: str) -> tuple[str, str]:
@@ -75,21 +75,21 @@ class ChatCompletionsApi(AsyncAPIView):
             refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
         worker, model = resolve_model(config, data.model)
-        messages = data.messages
-        if messages[-1].role != "user":
-            raise InvalidRequest("the last message must be the user's", data={"field": "messages"})
-        if sum(len(m.content) for m in messages) > config.limits.max_prompt_chars:
+        history, prompt, tool_turns = conversation(data)
+        if sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in (*history, prompt, *tool_turns)) > config.limits.max_prompt_chars:
             raise PromptTooLarge(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
         fields = {
-            "prompt": messages[-1].content,
+            "prompt": prompt.content,
             "worker": worker,
             "model": model,
             "max_tokens": data.max_completion_tokens or data.max_tokens,
             "temperature": data.temperature,
             "stop": data.stop,
-            "history": [(m.role if m.role != "developer" else "system", m.content) for m in messages[:-1]],
+            "history": history,
+            "tool_turns": tool_turns,
             "dedup": data.dedup,
             "seed": data.seed,
+            "options": data.options(),
         }
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
@@ -109,13 +109,34 @@ class ChatCompletionsApi(AsyncAPIView):
         return json_answer(_completion(prompt_request.request_id, result, name))
 
 
+def conversation(data: ChatCompletionInput) -> tuple[list[ChatMessage], ChatMessage, list[ChatMessage]]:
+    """The messages before the last user message, that message (the prompt: what the
+    RAG stage searches with), and the tool calls and results after it. Only those may
+    follow it: the model answers a user, or continues after its tools ran."""
+    messages = [m.message() for m in data.messages]
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    after = messages[last_user + 1 :]
+    if last_user < 0 or any(not m.is_tool_turn for m in after) or (after and after[-1].role != "tool"):
+        raise InvalidRequest("the last message must be the user's, or a tool's result after the assistant's tool calls", data={"field": "messages"})
+    return messages[:last_user], messages[last_user], after
+
+
+def _message(result: PipelineResult) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    if result.tool_calls:
+        message["content"] = result.text or None
+        message["tool_calls"] = [call.to_dict() for call in result.tool_calls]
+    return message
+
+
 def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str, Any]:
+    logprobs = None if result.logprobs is None else {"content": list(result.logprobs)}
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}],
+        "choices": [{"index": 0, "message": _message(result), "logprobs": logprobs, "finish_reason": result.finish_reason}],
         "usage": result.usage.to_dict(),
         # An extension, as OpenAI-compatible servers add fields: the documents a RAG answer used.
         "sources": [source.to_dict() for source in result.sources],
@@ -141,7 +162,7 @@ def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, inc
                 if event["type"] == "start":
                     yield {"data": chunk(rid, {"role": "assistant", "content": ""})}
                 elif event["type"] == "token":
-                    yield {"data": chunk(rid, {"content": event["text"]})}
+                    yield {"data": _token_chunk(chunk(rid, {"content": event["text"]}), event)}
                 elif event["type"] == "done":
                     yield {"data": {**chunk(rid, {}, event["finish_reason"]), "sources": event.get("sources", [])}}
                     if include_usage:
@@ -154,6 +175,16 @@ def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, inc
 
     crashed = {"data": openai_body(OrchestratorError("internal error"))}
     return sse_response(openai_events(), frame=_openai_frame, crashed=crashed)
+
+
+def _token_chunk(chunk: dict[str, Any], event: streaming.Event) -> dict[str, Any]:
+    """A token event as a chunk: its text, tool-call deltas and logprobs."""
+    choice = chunk["choices"][0]
+    if event.get("tool_calls"):
+        choice["delta"] = {"content": event["text"] or None, "tool_calls": event["tool_calls"]}
+    if event.get("logprobs"):
+        choice["logprobs"] = {"content": event["logprobs"]}
+    return chunk
 
 
 def _openai_frame(item: dict[str, Any]) -> bytes:

@@ -83,6 +83,9 @@ class InferResult(serializers.Serializer):
     finish_reason = serializers.CharField()
     usage = UsageOut()
     timings_us = TimingsOut()
+    sources = serializers.ListField(child=serializers.DictField(), help_text="the documents the answer used: id, title, rank, score")
+    tool_calls = serializers.ListField(child=serializers.DictField(), help_text="OpenAI's shape; [] on this endpoint, which takes no tools")
+    logprobs = serializers.ListField(child=serializers.DictField(), allow_null=True)
 
 
 class RequestStatusOut(serializers.Serializer):

@@ -6,7 +6,8 @@ folding): the prompt, since a model may answer "Hi" and "hi " differently.
 The session id is in, since the session's history is part of the prompt —
 unless the client named none (the session is then the request's own, with no
 history, and identical stateless requests must meet) — and so is a
-conversation the client sent with the request.
+conversation the client sent with the request, with its tool calls and results,
+and every optional generation field (tools, response format, sampling).
 The version prefix changes when this definition does.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from pipeline.shared_redis import redis_errors
 from pipeline.types import PromptRequest
 
-KEY_VERSION = 4  # 2: the client's conversation; 3: the config version; 4: the seed
+KEY_VERSION = 5  # 2: the client's conversation; 3: the config version; 4: the seed; 5: options, tools
 
 
 def normalised(request: PromptRequest) -> dict[str, object]:
@@ -34,7 +35,9 @@ def normalised(request: PromptRequest) -> dict[str, object]:
         "max_tokens": request.max_tokens,
         "temperature": None if request.temperature is None else float(request.temperature),
         "stop": sorted(set(request.stop)),
-        "history": [[m.role, m.content] for m in request.history],
+        "history": [m.to_dict() for m in request.history],
+        "tool_turns": [m.to_dict() for m in request.tool_turns],
+        "options": request.options.to_dict(),
         # Another config version may answer otherwise (its prompts, its stop sequences).
         "config": request.config_version,
         "seed": request.seed,

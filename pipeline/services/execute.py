@@ -148,7 +148,10 @@ def run_stages(
 
 def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, producer: Producer, deadline_at: float) -> PipelineResult:
     def publish(chunk: TokenChunk) -> None:
-        if not producer.publish_token(clock.tokens, chunk.text):
+        extras = {"tool_calls": list(chunk.tool_calls)} if chunk.tool_calls else {}
+        if chunk.logprobs:
+            extras["logprobs"] = list(chunk.logprobs)
+        if not producer.publish_token(clock.tokens, chunk.text, extras):
             raise RequestCancelled(data={"after_tokens": clock.tokens + 1})  # every reader left: stop the upstream call
         clock.token()
 

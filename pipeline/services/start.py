@@ -55,8 +55,8 @@ from pipeline.routing import route_request
 from pipeline.services import gates
 from pipeline.shared_redis import redis_errors
 from pipeline.tokenbus import fencing, get_bus
-from pipeline.types import ChatMessage, DedupMode, PipelineResult, PromptRequest
-from workers.registry import accepts_seed
+from pipeline.types import ChatMessage, DedupMode, GenerationOptions, PipelineResult, PromptRequest
+from workers.registry import refused
 
 log = structlog.get_logger("pipeline.services")
 
@@ -95,8 +95,10 @@ def infer_build_request(
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     kind = config.workers[route.worker].kind
     seed = data.get("seed")
-    if seed is not None and not accepts_seed(kind):
-        raise UnsupportedParameter(f"worker {route.worker!r} ({kind}) cannot honour seed", data={"field": "seed", "worker": route.worker})
+    options = GenerationOptions.from_dict(data.get("options") or {})
+    history = tuple(_message(m) for m in data.get("history") or ())
+    tool_turns = tuple(_message(m) for m in data.get("tool_turns") or ())
+    refuse_what_the_worker_cannot_honour(route.worker, kind, options=options, seed=seed, messages=history + tool_turns)
     request_id = uuid.uuid4().hex
     return PromptRequest(
         request_id=request_id,
@@ -109,13 +111,34 @@ def infer_build_request(
         temperature=data.get("temperature"),
         stop=tuple(data.get("stop") or ()),
         metadata=dict(data.get("metadata") or {}),
-        history=tuple(ChatMessage(role, content) for role, content in data.get("history") or ()),
+        history=history,
+        tool_turns=tool_turns,
         tenant_has_documents=tenant_has_documents,
         stream=stream,
         config_version=config_version(),
         dedup=dedup_mode(wanted=bool(data.get("dedup", True)) and not fresh, temperature=data.get("temperature"), kind=kind, seed=seed),
         seed=seed,
+        options=options,
     )
+
+
+def _message(message: ChatMessage | tuple[str, str]) -> ChatMessage:
+    return message if isinstance(message, ChatMessage) else ChatMessage(*message)
+
+
+def refuse_what_the_worker_cannot_honour(
+    worker: str, kind: str, *, options: GenerationOptions, seed: int | None = None, messages: tuple[ChatMessage, ...] = ()
+) -> None:
+    """400 ``unsupported_parameter`` naming the optional fields the worker cannot honour
+    (its class's ``accepts``); tool calls in the conversation need a worker with tools."""
+    asked = set(options.to_dict()) | ({"seed"} if seed is not None else set())
+    fields = refused(kind, asked)
+    if any(m.is_tool_turn for m in messages) and refused(kind, ["tools"]) and "tools" not in fields:
+        fields.append("messages")  # tool calls and results in the conversation
+    if fields:
+        raise UnsupportedParameter(
+            f"worker {worker!r} ({kind}) cannot honour {', '.join(fields)}", data={"field": fields[0], "fields": fields, "worker": worker}
+        )
 
 
 def dedup_mode(*, wanted: bool, temperature: float | None, kind: str, seed: int | None = None) -> DedupMode:

@@ -1,4 +1,5 @@
-"""Assemble: system prompt + retrieved context + the session's earlier turns + the user prompt."""
+"""Assemble: system prompt + retrieved context + the session's earlier turns + the user
+prompt + the tool calls and results that followed it (a client continuing after its tools ran)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def assemble(ctx: StageContext, *, config: AssembleConfig) -> StageContext:
     elif config.history_turns:
         messages.extend(ctx.history[-2 * config.history_turns :])
     messages.append(ChatMessage("user", ctx.request.prompt))
+    messages.extend(ctx.request.tool_turns)
     request = ctx.request
     prompt = AssembledPrompt(
         messages=tuple(messages),
@@ -33,5 +35,6 @@ def assemble(ctx: StageContext, *, config: AssembleConfig) -> StageContext:
         stop=request.stop,
         request_id=request.request_id,
         seed=request.seed,
+        options=request.options,
     )
     return replace(ctx, prompt=prompt)

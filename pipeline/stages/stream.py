@@ -13,6 +13,7 @@ class Publisher(Protocol):
 
 
 def stream(ctx: StageContext, *, publish: Publisher) -> StageContext:
-    if ctx.output:
-        publish(TokenChunk(index=0, text=ctx.output))
+    calls = tuple(call.delta(place) for place, call in enumerate(ctx.completion.tool_calls)) if ctx.completion else ()
+    if ctx.output or calls:
+        publish(TokenChunk(index=0, text=ctx.output, tool_calls=calls))
     return ctx

@@ -20,7 +20,9 @@ closed, and the request fails with ``WorkerTimeout``.
 
 The output equals the whole-text post-process of the same reply (the filter's
 property), so the ``post`` and ``stream`` stages have nothing left to do; their
-per-chunk time is carried here and reported as theirs.
+per-chunk time is carried here and reported as theirs. Tool-call deltas and
+logprobs are not text: they pass the filter by, published with the text that
+arrived with them.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from orchestrator_site.errors import RequestCancelled, WorkerTimeout
 from pipeline.config import PostprocessConfig
@@ -38,6 +41,7 @@ from pipeline.stages.postprocess import build_filter
 from pipeline.stages.stream import Publisher
 from pipeline.types import Completion, TokenChunk, Usage
 from workers.base import StreamingModelWorker
+from workers.types import ToolCallBuilder
 
 _loops = threading.local()
 WATCH_S = 0.25  # how long the upstream may be silent before the producer asks who still reads
@@ -62,6 +66,9 @@ class StreamedPass:
     stream_ns: int = 0
     raw: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    pieces: int = 0  # published, text or not
+    tool_calls: ToolCallBuilder = field(default_factory=ToolCallBuilder)
+    logprobs: list[Mapping[str, Any]] | None = None
     last_heard: float = field(default_factory=time.monotonic)
     abandoned: bool = False
     closing: bool = False  # the upstream stream is being closed: nothing may interrupt that
@@ -80,12 +87,13 @@ def inference_streamed(
     text_filter = build_filter(config, ctx.request.stop)
     state = StreamedPass()
 
-    def emit(text: str) -> None:
-        if text:
+    def emit(text: str, calls: tuple[Mapping[str, Any], ...] = (), logprobs: tuple[Mapping[str, Any], ...] = ()) -> None:
+        if text or calls or logprobs:
             started = time.perf_counter_ns()
-            publish(TokenChunk(index=len(state.released), text=text))
+            publish(TokenChunk(index=state.pieces, text=text, tool_calls=calls, logprobs=logprobs))
             state.stream_ns += time.perf_counter_ns() - started
             state.released.append(text)
+            state.pieces += 1
 
     def post(text: str | None) -> str:
         started = time.perf_counter_ns()
@@ -122,15 +130,22 @@ def inference_streamed(
                     await asyncio.sleep(0)
                 batch, arrived[:] = arrived[:], []
                 text = ""
+                calls: list[Mapping[str, Any]] = []
+                logprobs: list[Mapping[str, Any]] = []
                 for chunk in batch:
                     state.raw.append(chunk.text)
                     state.finish = chunk.finish_reason or state.finish
                     state.usage = chunk.usage or state.usage
+                    calls += chunk.tool_calls
+                    logprobs += chunk.logprobs
                     text += post(chunk.text)
                     if text_filter.stopped:
                         state.finish = "stop"
                         break  # a stop sequence: the rest of the reply is not wanted
-                emit(text)
+                state.tool_calls.add(calls)
+                if logprobs:
+                    state.logprobs = (state.logprobs or []) + logprobs
+                emit(text, tuple(calls), tuple(logprobs))
                 if text_filter.stopped or (reader.done() and not arrived):
                     break
         finally:
@@ -174,6 +189,14 @@ def inference_streamed(
 
     thread_loop().run_until_complete(run())
     emit(post(None))
-    completion = Completion(text="".join(state.raw), model=prompt.model, worker=worker.name, usage=state.usage or Usage(), finish_reason=state.finish)
+    completion = Completion(
+        text="".join(state.raw),
+        model=prompt.model,
+        worker=worker.name,
+        usage=state.usage or Usage(),
+        finish_reason=state.finish,
+        tool_calls=state.tool_calls.calls(),
+        logprobs=None if state.logprobs is None else tuple(state.logprobs),
+    )
     timings = StreamedTimings(post_ns=state.post_ns, stream_ns=state.stream_ns)
     return replace(ctx, completion=completion, output="".join(state.released), finish_reason=state.finish, streamed_timings=timings, streamed=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.shared_redis import redis_errors
@@ -75,10 +76,12 @@ class Producer:
         request_id = run.request_id
         self._record, self._stream, self._readers = bus.record_key(request_id), bus.stream_key(request_id), bus.readers_key(request_id)
 
-    def publish_token(self, seq: int, text: str) -> bool:
+    def publish_token(self, seq: int, text: str, extras: Mapping[str, Any] | None = None) -> bool:
         """Append a token (``Fenced`` if this run may not); False when nobody wants the
-        answer any more (one round trip)."""
-        args = [self.run.owner, self.run.attempt, json.dumps({"seq": seq, "text": text}), self.bus.maxlen, self.bus.ttl_s, time.time()]
+        answer any more (one round trip). ``extras``: a piece's ``tool_calls`` deltas and
+        ``logprobs``, where it has them."""
+        data = json.dumps({"seq": seq, "text": text, **(extras or {})})
+        args = [self.run.owner, self.run.attempt, data, self.bus.maxlen, self.bus.ttl_s, time.time()]
         with redis_errors("publish to the token bus"):
             reply = int(self.bus.script(PUBLISH_TOKEN)(keys=[self._record, self._stream, self._readers], args=args))
         if reply < 0:

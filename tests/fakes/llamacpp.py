@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, sse_event
+from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, pieces, sse_event, tool_arguments
+
+
+def constrained(schema: dict[str, Any], tokens: list[str]) -> list[str]:
+    """What a grammar from ``schema`` lets the model write: a JSON object whose first
+    property holds the reply's words (``{}`` when it names none), in pieces."""
+    return pieces(json.dumps(tool_arguments(schema, "".join(tokens))))
 
 
 class FakeLlamaCpp(FakeProvider):
@@ -19,8 +25,9 @@ class FakeLlamaCpp(FakeProvider):
         if path != "/completion":
             return json_reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
         limit = int(body.get("n_predict", -1))
-        tokens = self.tokens if limit < 0 else self.tokens[:limit]
-        stop_type = "limit" if len(tokens) < len(self.tokens) else "eos"
+        answer = self.tokens if body.get("json_schema") is None else constrained(body["json_schema"], self.tokens)
+        tokens = answer if limit < 0 else answer[:limit]
+        stop_type = "limit" if len(tokens) < len(answer) else "eos"
         evaluated = len(str(body.get("prompt", "")).split())
         if self.context_window is not None and evaluated > self.context_window:
             # As llama-server answers (seen from the real one, with -c set small).

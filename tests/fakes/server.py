@@ -266,3 +266,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.provider.events_sent += 1
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+# --- what the fakes' "model" decides, the same for every provider --------------------------
+def tool_arguments(parameters: dict[str, Any] | None, text: str) -> dict[str, Any]:
+    """The arguments the fakes call a tool with: the user's words in its first parameter."""
+    names = list(((parameters or {}).get("properties") or {}).keys())
+    return {names[0]: text} if names else {}
+
+
+def pieces(text: str, size: int = 4) -> list[str]:
+    """``text`` in the small pieces a provider streams arguments in."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def tool_result_reply(result: str) -> list[str]:
+    """The fakes' answer once a tool's result is in: they say what it said."""
+    return ["Tool", " said", ": ", result]

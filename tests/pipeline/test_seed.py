@@ -44,7 +44,7 @@ def test_a_seeded_request_is_deterministic_and_keyed_by_its_seed(owner: TenantFi
 def test_a_worker_that_cannot_honour_a_seed_refuses_it(owner: TenantFixture, fakes: Fakes) -> None:
     with pytest.raises(UnsupportedParameter) as info:
         start.infer_build_request(tenant_id=str(owner.tenant.id), data={"prompt": "p", "worker": "anthropic", "seed": 3}, config=get_config())
-    assert info.value.data == {"field": "seed", "worker": "anthropic"} and info.value.http_status == 400
+    assert info.value.data == {"field": "seed", "fields": ["seed"], "worker": "anthropic"} and info.value.http_status == 400
     resp = owner.client.post("/api/v1/infer", {"prompt": "p", "worker": "anthropic", "seed": 3}, format="json")
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "unsupported_parameter"
     chat = owner.client.post("/v1/chat/completions", {"model": "anthropic", "messages": [{"role": "user", "content": "p"}], "seed": 3}, format="json")

@@ -10,10 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.models import ApiKey, Document, SessionTurn, Tenant
-from pipeline.types import STAGES, PipelineResult, PromptRequest, Source, Usage
+from pipeline.types import STAGES, ChatMessage, GenerationOptions, PipelineResult, PromptRequest, Source, ToolCall, Usage
 from tests.conftest import TenantFixture
 
 text = st.text(max_size=30)
+tool_calls = st.lists(st.builds(ToolCall, id=text, name=text, arguments=text), max_size=2).map(tuple)
+messages = st.builds(ChatMessage, role=st.sampled_from(["user", "assistant", "tool"]), content=text, tool_calls=tool_calls, tool_call_id=text)
+options = st.builds(
+    GenerationOptions,
+    top_p=st.none() | st.floats(0, 1),
+    logit_bias=st.none() | st.dictionaries(st.integers(0, 10**6).map(str), st.floats(-100, 100), min_size=1, max_size=2),
+    user=st.none() | text,
+    tools=st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": text})}), max_size=2).map(tuple),
+    tool_choice=st.none() | st.sampled_from(["auto", "none", "required"]),
+)
 requests = st.builds(
     PromptRequest,
     request_id=text,
@@ -26,6 +36,9 @@ requests = st.builds(
     temperature=st.none() | st.floats(0, 2),
     stop=st.lists(text, max_size=4).map(tuple),
     metadata=st.dictionaries(text, st.integers() | text, max_size=3),
+    history=st.lists(messages, max_size=3).map(tuple),
+    tool_turns=st.lists(messages, max_size=3).map(tuple),
+    options=options,
 )
 results = st.builds(
     PipelineResult,
@@ -39,6 +52,8 @@ results = st.builds(
     timings_us=st.fixed_dictionaries({s: st.integers(0, 10**9) for s in STAGES}),
     status=st.just("completed"),
     sources=st.lists(st.builds(Source, id=text, title=text, rank=st.integers(1, 50), score=st.floats(0, 1)), max_size=3).map(tuple),
+    tool_calls=tool_calls,
+    logprobs=st.none() | st.lists(st.fixed_dictionaries({"token": text, "logprob": st.floats(-10, 0)}), max_size=2).map(tuple),
 )
 
 
@@ -51,7 +66,20 @@ def test_prompt_request_round_trips(request: PromptRequest) -> None:
 def test_pipeline_result_round_trips(result: PipelineResult) -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert PipelineResult.from_dict(data) == result
-    assert list(data) == ["request_id", "session_id", "status", "text", "worker", "model", "finish_reason", "usage", "timings_us", "sources"]
+    assert list(data) == [
+        "request_id",
+        "session_id",
+        "status",
+        "text",
+        "worker",
+        "model",
+        "finish_reason",
+        "usage",
+        "timings_us",
+        "sources",
+        "tool_calls",
+        "logprobs",
+    ]
 
 
 def test_prompt_request_from_partial_dict_fills_optionals() -> None:

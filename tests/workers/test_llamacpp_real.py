@@ -129,3 +129,28 @@ def test_real_model_refuses_a_prompt_longer_than_its_context(worker: LlamaCppWor
 
     with pytest.raises(ContextLengthExceeded):
         asyncio.run(streamed())
+
+
+def test_real_model_answers_json_that_parses_under_a_schema(worker: LlamaCppWorker) -> None:
+    """``response_format`` with a JSON schema becomes the server's grammar: whatever the
+    small model says, it says it as an object with the required keys."""
+    import json
+
+    from workers.types import GenerationOptions
+
+    schema = {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 12}}, "required": ["colour"], "additionalProperties": False}
+    asked = AssembledPrompt(
+        messages=(ChatMessage("user", "Name a colour, as JSON."),),
+        model="m",
+        max_tokens=40,
+        temperature=0.0,
+        options=GenerationOptions(response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}}),
+    )
+    completion = worker.infer(asked)
+    answer = json.loads(completion.text)
+    assert completion.finish_reason == "stop" and set(answer) == {"colour"} and isinstance(answer["colour"], str)
+
+    async def run() -> str:
+        return "".join([c.text async for c in worker.infer_stream(asked)])
+
+    assert set(json.loads(asyncio.run(run()))) == {"colour"}

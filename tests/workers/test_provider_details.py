@@ -17,7 +17,7 @@ from workers.anthropic import AnthropicWorker
 from workers.base import WorkerSettings
 from workers.llamacpp import LlamaCppWorker
 from workers.openai import OpenAIWorker
-from workers.types import AssembledPrompt, ChatMessage, TokenChunk
+from workers.types import AssembledPrompt, ChatMessage, TokenChunk, ToolCall, ToolCallBuilder
 from workers.vllm import VllmWorker
 
 PROMPT = AssembledPrompt(messages=(ChatMessage("system", "S1"), ChatMessage("system", "S2"), ChatMessage("user", "hi")), model="m", max_tokens=16)
@@ -128,7 +128,7 @@ def test_anthropic_joins_system_messages_and_text_blocks(scripted: Scripted) -> 
     scripted.script = json_reply(
         200,
         {
-            "content": [{"type": "text", "text": "a"}, {"type": "tool_use", "id": "t"}, {"type": "text", "text": "b"}],
+            "content": [{"type": "text", "text": "a"}, {"type": "tool_use", "id": "t", "name": "f", "input": {"x": 1}}, {"type": "text", "text": "b"}],
             "stop_reason": "stop_sequence",
             "usage": {"input_tokens": 3, "output_tokens": 2},
         },
@@ -136,6 +136,7 @@ def test_anthropic_joins_system_messages_and_text_blocks(scripted: Scripted) -> 
     worker = AnthropicWorker(settings(scripted.url, kind="anthropic"))
     completion = worker.infer(PROMPT)
     assert completion.text == "ab" and completion.finish_reason == "stop" and completion.usage.prompt_tokens == 3
+    assert completion.tool_calls == (ToolCall(id="t", name="f", arguments='{"x": 1}'),)
     body = scripted.requests[-1]["body"]
     assert body["system"] == "S1\n\nS2" and body["messages"] == [{"role": "user", "content": "hi"}]
     assert "x-api-key" not in scripted.headers_seen[-1]
@@ -158,22 +159,57 @@ def test_anthropic_other_error_event_is_permanent(scripted: Scripted) -> None:
         stream(AnthropicWorker(settings(scripted.url, kind="anthropic")))
 
 
-def test_anthropic_ignores_non_text_deltas(scripted: Scripted) -> None:
+def test_anthropic_stream_turns_tool_use_blocks_into_tool_call_deltas(scripted: Scripted) -> None:
     def ev(kind: str, **payload: object) -> bytes:
         return sse_event(json.dumps({"type": kind, **payload}), event=kind)
 
     scripted.script = SseReply(
         [
             ev("message_start", message={"usage": {"input_tokens": 5}}),
-            ev("content_block_delta", index=0, delta={"type": "input_json_delta", "partial_json": "{"}),
+            ev("content_block_start", index=0, content_block={"type": "text", "text": ""}),
             ev("content_block_delta", index=0, delta={"type": "text_delta", "text": "ok"}),
+            ev("content_block_stop", index=0),
+            ev("content_block_start", index=1, content_block={"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}),
+            ev("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": ""}),
+            ev("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": '{"a":'}),
+            ev("content_block_delta", index=1, delta={"type": "input_json_delta", "partial_json": "1}"}),
+            ev("content_block_stop", index=1),
+            ev("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 1}),
+            ev("message_stop"),
+        ]
+    )
+    chunks = stream(AnthropicWorker(settings(scripted.url, kind="anthropic")))
+    assert [c.text for c in chunks] == ["ok", "", "", "", ""] and chunks[-1].finish_reason == "tool_calls"
+    assert [c.tool_calls for c in chunks[1:4]] == [
+        ({"index": 0, "id": "toolu_1", "type": "function", "function": {"name": "f", "arguments": ""}},),
+        ({"index": 0, "function": {"arguments": '{"a":'}},),
+        ({"index": 0, "function": {"arguments": "1}"}},),
+    ]
+    calls = ToolCallBuilder()
+    for chunk in chunks:
+        calls.add(chunk.tool_calls)
+    assert calls.calls() == (ToolCall(id="toolu_1", name="f", arguments='{"a":1}'),)
+    assert chunks[-1].usage is not None and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 1)
+
+
+def test_anthropic_ignores_deltas_of_other_kinds(scripted: Scripted) -> None:
+    def ev(kind: str, **payload: object) -> bytes:
+        return sse_event(json.dumps({"type": kind, **payload}), event=kind)
+
+    scripted.script = SseReply(
+        [
+            ev("message_start", message={"usage": {"input_tokens": 5}}),
+            ev("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+            ev("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": "hmm"}),
+            ev("content_block_delta", index=0, delta={"type": "signature_delta", "signature": "x"}),
+            ev("content_block_start", index=1, content_block={"type": "text", "text": ""}),
+            ev("content_block_delta", index=1, delta={"type": "text_delta", "text": "ok"}),
             ev("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 1}),
             ev("message_stop"),
         ]
     )
     chunks = stream(AnthropicWorker(settings(scripted.url, kind="anthropic")))
     assert [c.text for c in chunks] == ["ok", ""] and chunks[-1].finish_reason == "length"
-    assert chunks[-1].usage is not None and (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 1)
 
 
 # --- llama.cpp ------------------------------------------------------------------------

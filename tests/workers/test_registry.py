@@ -43,8 +43,15 @@ def test_anthropic_temperature_is_capped_at_one() -> None:
     assert body["temperature"] == 1.0 and "system" not in body
 
 
-def test_each_kind_says_whether_it_honours_a_seed() -> None:
-    from workers.registry import WORKER_KINDS, accepts_seed
+def test_each_kind_says_which_optional_fields_it_refuses() -> None:
+    from workers.registry import WORKER_KINDS, refused
 
-    assert {kind: accepts_seed(kind) for kind in WORKER_KINDS} == {"echo": True, "openai": True, "anthropic": False, "llamacpp": True, "vllm": True}
-    assert accepts_seed("no-such-kind") is False
+    asked = ["seed", "top_p", "logit_bias", "user", "tools", "logprobs", "response_format"]
+    assert {kind: refused(kind, asked) for kind in WORKER_KINDS} == {
+        "echo": ["logprobs", "response_format", "tools"],
+        "openai": [],
+        "vllm": [],
+        "anthropic": ["logit_bias", "logprobs", "response_format", "seed"],
+        "llamacpp": ["logprobs", "tools"],
+    }
+    assert refused("no-such-kind", ["top_p"]) == ["top_p"]
