@@ -30,7 +30,7 @@ from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, P
 from pipeline import selectors
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
-from pipeline.metrics import record_stages
+from pipeline.metrics import record_stages, tokens_used
 from pipeline.models import Tenant
 from pipeline.routing import route_request, worker_pool
 from pipeline.services.gates import run_guarded
@@ -235,6 +235,7 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
         _record(job, item, error=OrchestratorError("internal error while running the item"))
         return True
     record_stages(observed, worker)
+    tokens_used(str(job.tenant_id), result.worker, result.usage)  # spent at the provider, even by a duplicate run
     _record(job, item, result=result)
     return True
 

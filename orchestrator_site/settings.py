@@ -59,6 +59,7 @@ ADMIN_PATHS = ("/admin/", "/api/v1/config")  # the config API is read with a sta
 # ADMIN_MIDDLEWARE for it instead (orchestrator_site.middleware.check_admin_middleware).
 SILENCED_SYSTEM_CHECKS = ["admin.E408", "admin.E409", "admin.E410", "security.W002", "security.W003"]
 MIDDLEWARE = [
+    "orchestrator_site.middleware.http_metrics",
     "orchestrator_site.middleware.access_log",
     "django.middleware.security.SecurityMiddleware",
     "orchestrator_site.middleware.AdminOnlyMiddleware",
@@ -86,7 +87,7 @@ TEMPLATES = [
 _db = parse_database_url(env_str("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator"))
 DATABASES = {
     "default": {
-        "ENGINE": "django.db.backends.postgresql",
+        "ENGINE": "orchestrator_site.db.postgresql",  # Django's, with the django_db_* metrics
         "NAME": _db.name,
         "USER": _db.user,
         "PASSWORD": _db.password,
@@ -136,6 +137,9 @@ REDIS_KEY_PREFIX = env_str("REDIS_KEY_PREFIX", "orch")
 # How long a gateway trusts an API key Postgres accepted (pipeline.auth.KeyCache); a
 # revocation made elsewhere reaches it within this time. 0: ask Postgres every request.
 API_KEY_CACHE_S = env_int("API_KEY_CACHE_S", 5)
+# How many tenants get a series of their own in orchestrator_tenant_tokens_total (the
+# ones with the most tokens); the rest are counted as tenant="other".
+METRICS_TENANT_LABELS = env_int("METRICS_TENANT_LABELS", 20)
 REDIS_SOCKET_TIMEOUT_S = float(env_int("REDIS_SOCKET_TIMEOUT_MS", 2000)) / 1000.0
 
 # --- Observability: /metrics on the gateway; a Celery worker serves its own on this

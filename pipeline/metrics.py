@@ -11,10 +11,14 @@ are computed when scraped, in ``orchestrator_site.metrics``.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
+from django.conf import settings
 from prometheus_client import Counter, Gauge, Histogram
+
+from workers.types import Usage
 
 # From half a millisecond (an in-memory stage) to a minute (a long generation).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -74,6 +78,12 @@ STREAM_TOKENS = Counter(
     "Token chunks published to the token bus.",
     ["worker"],
 )
+TENANT_TOKENS = Counter(
+    "orchestrator_tenant_tokens",
+    "Provider tokens by tenant (the METRICS_TENANT_LABELS tenants with the most, the rest as other), worker and direction (input, output).",
+    ["tenant", "worker", "direction"],
+)
+OTHER_TENANTS = "other"
 
 DEGRADED = Gauge(
     "orchestrator_degraded",
@@ -95,7 +105,7 @@ _children: dict[tuple[object, ...], Any] = {}
 def child(metric: Any, *labels: str) -> Any:
     """``metric.labels(*labels)``, cached: ``labels()`` validates and locks on every
     call (about 2 µs), a dict lookup does not. Label values are bounded (stages,
-    workers, error codes), so the cache is too."""
+    workers, error codes, ``TenantLabels``' tenants), so the cache is too."""
     key = (id(metric), *labels)
     found = _children.get(key)
     if found is None:
@@ -129,6 +139,58 @@ class StreamClock:
         child(PIPELINE_REQUESTS, self.worker, outcome).inc()
         if self._first_at is not None:
             child(STREAM_DURATION, self.worker, outcome).observe(time.time() - self._first_at)
+
+
+class TenantLabels:
+    """A bounded ``tenant`` label: a tenant's own id while it is among the ``limit``
+    tenants with the most tokens this process has counted, else ``other``.
+
+    So at most ``limit`` tenant series grow at any time, however many tenants there
+    are. A tenant overtaken keeps its series (a counter that vanished would read as a
+    reset) and counts under ``other`` from then on; a tenant that overtakes takes its
+    place. Each process ranks what it has seen: the big tenants, the ones worth a
+    series of their own, are big in every process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._tokens: dict[str, int] = {}  # per tenant: as many entries as there are tenants
+        self._top: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, tenant: str, tokens: int) -> str:
+        with self._lock:
+            total = self._tokens[tenant] = self._tokens.get(tenant, 0) + tokens
+            if tenant in self._top:
+                return tenant
+            if len(self._top) < self.limit:
+                self._top.add(tenant)
+                return tenant
+            smallest = min(self._top, key=self._tokens.__getitem__, default=None)
+            if smallest is None or total <= self._tokens[smallest]:
+                return OTHER_TENANTS
+            self._top.discard(smallest)
+            self._top.add(tenant)
+            return tenant
+
+
+_tenant_labels: TenantLabels | None = None
+
+
+def tenant_labels() -> TenantLabels:
+    global _tenant_labels
+    if _tenant_labels is None:
+        _tenant_labels = TenantLabels(settings.METRICS_TENANT_LABELS)
+    return _tenant_labels
+
+
+def tokens_used(tenant_id: str, worker: str, usage: Usage) -> None:
+    """An answer's provider tokens, by tenant (bounded: ``TenantLabels``), worker and
+    direction. Not for answers served by deduplication: no provider was called."""
+    tenant = tenant_labels().label(tenant_id, usage.total_tokens)
+    if usage.prompt_tokens:
+        child(TENANT_TOKENS, tenant, worker, "input").inc(usage.prompt_tokens)
+    if usage.completion_tokens:
+        child(TENANT_TOKENS, tenant, worker, "output").inc(usage.completion_tokens)
 
 
 def record_stages(observed: list[tuple[str, str, int]], worker: str) -> None:

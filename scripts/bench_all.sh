@@ -14,6 +14,10 @@ OUT="$(mktemp)"
     echo "Run: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD)."
     echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GB, $("$PY" --version)."
     echo
+    echo "### HTTP metrics (scripts/bench_http_metrics.py: Django's ASGI handler in one process, the three middleware setups interleaved)"
+    echo
+    "$PY" scripts/bench_http_metrics.py
+    echo
     echo "### Stages in memory (scripts/bench_stages.py, single calls)"
     echo
     "$PY" scripts/bench_stages.py --percentiles 2000

@@ -185,6 +185,7 @@ def _settle_success(
         log.info("run_fenced", request_id=request.request_id, attempt=producer.run.attempt, outcome="dropped")
         return
     clock.finished("ok")
+    metrics.tokens_used(request.tenant_id, result.worker, result.usage)
     _bookkeeping(request, config, key=key, result_json=json.dumps(body), tokens=result.usage.total_tokens)
 
 
