@@ -18,3 +18,8 @@ echo "== pytest"
 scripts/coverage.sh "$@"
 echo "== benchmark regression gate"
 "$BIN/python" scripts/bench_gate.py
+echo "== mutation pass"
+# mutmut over the core files this change touched (the bench gate's base), within 10
+# minutes (what is left is reported, not failed). Reported, not yet a gate: the core's
+# modules are not all at 80 % yet (docs/testing.md); --gate fails a module under it.
+scripts/mutation.sh --changed --time-cap "${MUTATION_TIME_CAP_S:-600}"

@@ -20,7 +20,7 @@ class BackoffPolicy:
 
 def backoff_ceiling(policy: BackoffPolicy, attempt: int) -> float:
     # min() before the power would overflow for large attempts; the exponent is bounded instead.
-    exponent = min(attempt, 64)
+    exponent = min(attempt, 64)  # pragma: no mutate  (equivalent: base_s * 2**64 is past any max_s; the bound keeps the power finite)
     return min(policy.max_s, policy.base_s * (2.0**exponent))
 
 
