@@ -21,6 +21,13 @@ from pipeline.types import Usage
 from tests.conftest import TenantFixture, run_in_process
 
 
+@pytest.fixture(autouse=True)
+def fresh_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's tenant ranking starts empty: the suite's other tests have spent
+    tokens for many tenants, and a new one would count as other."""
+    monkeypatch.setattr(metrics, "_tenant_labels", TenantLabels(limit=20))
+
+
 def tokens(tenant: str, worker: str, direction: str) -> float:
     return REGISTRY.get_sample_value("orchestrator_tenant_tokens_total", {"tenant": tenant, "worker": worker, "direction": direction}) or 0.0
 
