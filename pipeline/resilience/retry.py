@@ -72,14 +72,15 @@ class RetryingWorker:
         attempt = 0
         try:
             while True:
-                started = False
+                started = False  # pragma: no mutate  (equivalent: None is as false)
                 try:
                     # aclosing: closing this stream (its reader left) closes the inner one,
                     # and with it the upstream call, now. A generator iterated inside
                     # another is otherwise closed only when collected, on its loop's
                     # next turn: a worker thread's loop idles until its next task, and
                     # meanwhile the provider kept writing the whole reply.
-                    async with contextlib.aclosing(cast(AsyncGenerator[TokenChunk, None], self.inner.infer_stream(prompt))) as chunks:
+                    stream = cast(AsyncGenerator[TokenChunk, None], self.inner.infer_stream(prompt))  # pragma: no mutate  (cast: nothing at run time)
+                    async with contextlib.aclosing(stream) as chunks:
                         async for chunk in chunks:
                             started = True
                             yield chunk

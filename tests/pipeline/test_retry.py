@@ -185,3 +185,36 @@ def test_through_the_pipeline_retries_run_out(owner: TenantFixture, realtime_wor
     resp = owner.client.post("/api/v1/infer", {"prompt": "hi", "worker": "openai_retry"}, format="json")
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "worker_unavailable"
     assert fakes.openai.fail_times == 2  # three calls were made, no more
+
+
+def test_each_retry_is_logged_and_counted_under_the_workers_name() -> None:
+    """The log line an operator reads for a retry, field by field, and the retries
+    histogram per worker: the calls a request needed, for a whole reply and a stream."""
+    from prometheus_client import REGISTRY
+    from structlog.testing import capture_logs
+
+    def observed() -> tuple[float, float]:
+        labels = {"worker": "scripted"}
+        return (REGISTRY.get_sample_value("orchestrator_worker_retries_count", labels) or 0.0, REGISTRY.get_sample_value("orchestrator_worker_retries_sum", labels) or 0.0)
+
+    sleeps: list[float] = []
+    worker = retrying(Scripted(WorkerRateLimited(retry_after=1.23456)), sleeps)
+    assert (worker.name, worker.supports_streaming) == ("scripted", True)  # the inner worker's, passed through
+    before = observed()
+    with capture_logs() as logs:
+        worker.infer(PROMPT)
+    assert [e for e in logs if e["event"] == "worker_retry"] == [
+        {"event": "worker_retry", "log_level": "warning", "worker": "scripted", "attempt": 1, "delay_s": 1.235, "error_code": "worker_rate_limited", "outcome": "retry"}
+    ]
+    after = observed()
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # one call, one retry
+
+    async def drain(w: RetryingWorker) -> list[TokenChunk]:
+        return [c async for c in w.infer_stream(PROMPT)]
+
+    streamed = retrying(Scripted(TransientWorkerError(), TransientWorkerError()), sleeps)
+    with capture_logs() as logs:
+        chunks = asyncio.run(drain(streamed))
+    assert chunks[-1].finish_reason == "stop" and [e["attempt"] for e in logs if e["event"] == "worker_retry"] == [1, 2]
+    final = observed()
+    assert (final[0] - after[0], final[1] - after[1]) == (1, 2)  # one stream, two retries
