@@ -195,7 +195,10 @@ def test_each_retry_is_logged_and_counted_under_the_workers_name() -> None:
 
     def observed() -> tuple[float, float]:
         labels = {"worker": "scripted"}
-        return (REGISTRY.get_sample_value("orchestrator_worker_retries_count", labels) or 0.0, REGISTRY.get_sample_value("orchestrator_worker_retries_sum", labels) or 0.0)
+        return (
+            REGISTRY.get_sample_value("orchestrator_worker_retries_count", labels) or 0.0,
+            REGISTRY.get_sample_value("orchestrator_worker_retries_sum", labels) or 0.0,
+        )
 
     sleeps: list[float] = []
     worker = retrying(Scripted(WorkerRateLimited(retry_after=1.23456)), sleeps)
@@ -204,7 +207,15 @@ def test_each_retry_is_logged_and_counted_under_the_workers_name() -> None:
     with capture_logs() as logs:
         worker.infer(PROMPT)
     assert [e for e in logs if e["event"] == "worker_retry"] == [
-        {"event": "worker_retry", "log_level": "warning", "worker": "scripted", "attempt": 1, "delay_s": 1.235, "error_code": "worker_rate_limited", "outcome": "retry"}
+        {
+            "event": "worker_retry",
+            "log_level": "warning",
+            "worker": "scripted",
+            "attempt": 1,
+            "delay_s": 1.235,
+            "error_code": "worker_rate_limited",
+            "outcome": "retry",
+        }
     ]
     after = observed()
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)  # one call, one retry
