@@ -25,6 +25,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 if [[ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
+    echo "installing the pinned requirements into $VENV"
     scripts/quiet-pip "$VENV/bin/pip" install -r requirements/dev.txt
     scripts/quiet-pip "$VENV/bin/pip" install --no-deps --require-hashes -r requirements/llama.txt
     echo "$want" > "$STAMP"
