@@ -11,6 +11,7 @@ which neither Postgres nor Redis could store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from typing import Annotated, Any, Literal, Self, TypeVar
@@ -20,7 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptMissing, PromptTooLarge, UnsupportedParameter
 from pipeline.config import get_config
-from pipeline.types import ChatMessage, ToolCall
+from pipeline.types import ChatMessage, GenerationOptions, ToolCall
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 Input = TypeVar("Input", bound=BaseModel)
@@ -93,19 +94,7 @@ class SamplingInput(_Input):
         return self.model_dump(include=set(_OPTION_FIELDS), exclude_none=True, by_alias=True)
 
 
-_OPTION_FIELDS = (
-    "top_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-)
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))  # what a request's options may hold
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 

@@ -121,14 +121,6 @@ def conversation(data: ChatCompletionInput) -> tuple[list[ChatMessage], ChatMess
     return messages[:last_user], messages[last_user], after
 
 
-def _message(result: PipelineResult) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": result.text}
-    if result.tool_calls:
-        message["content"] = result.text or None
-        message["tool_calls"] = [call.to_dict() for call in result.tool_calls]
-    return message
-
-
 def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str, Any]:
     logprobs = None if result.logprobs is None else {"content": list(result.logprobs)}
     return {
@@ -136,7 +128,14 @@ def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": _message(result), "logprobs": logprobs, "finish_reason": result.finish_reason}],
+        "choices": [
+            {
+                "index": 0,
+                "message": ChatMessage("assistant", result.text, tool_calls=result.tool_calls).to_dict(),
+                "logprobs": logprobs,
+                "finish_reason": result.finish_reason,
+            }
+        ],
         "usage": result.usage.to_dict(),
         # An extension, as OpenAI-compatible servers add fields: the documents a RAG answer used.
         "sources": [source.to_dict() for source in result.sources],
