@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import get_config, set_config
 from pipeline.tokenbus import get_bus
 from tests.conftest import Fakes, TenantFixture, WorkerProcess
+from tests.pipeline.test_types_and_models import RESULT_FIELDS
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -30,20 +31,7 @@ def infer(tenant: TenantFixture, **body: object) -> tuple[int, dict]:
 def test_echo_completion_with_all_five_timings(owner: TenantFixture, realtime_worker: WorkerProcess) -> None:
     status, body = infer(owner, prompt="hello there world")
     assert status == 200, body
-    assert set(body) == {
-        "request_id",
-        "session_id",
-        "status",
-        "text",
-        "worker",
-        "model",
-        "finish_reason",
-        "usage",
-        "timings_us",
-        "sources",
-        "tool_calls",
-        "logprobs",
-    }
+    assert list(body) == RESULT_FIELDS
     assert body["status"] == "completed" and body["worker"] == "echo" and body["model"] == "echo-1"
     assert body["text"] == "hello there world hello there world hello there"
     assert list(body["timings_us"]) == STAGES and all(isinstance(v, int) and v >= 0 for v in body["timings_us"].values())

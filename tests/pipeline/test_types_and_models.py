@@ -13,6 +13,8 @@ from pipeline.models import ApiKey, Document, SessionTurn, Tenant
 from pipeline.types import STAGES, ChatMessage, GenerationOptions, PipelineResult, PromptRequest, Source, ToolCall, Usage
 from tests.conftest import TenantFixture
 
+# A result's fields, in the order of its JSON (POST /api/v1/infer's body).
+RESULT_FIELDS = ["request_id", "session_id", "status", "text", "worker", "model", "finish_reason", "usage", "timings_us", "sources", "tool_calls", "logprobs"]
 text = st.text(max_size=30)
 tool_calls = st.lists(st.builds(ToolCall, id=text, name=text, arguments=text), max_size=2).map(tuple)
 messages = st.builds(ChatMessage, role=st.sampled_from(["user", "assistant", "tool"]), content=text, tool_calls=tool_calls, tool_call_id=text)
@@ -66,20 +68,7 @@ def test_prompt_request_round_trips(request: PromptRequest) -> None:
 def test_pipeline_result_round_trips(result: PipelineResult) -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert PipelineResult.from_dict(data) == result
-    assert list(data) == [
-        "request_id",
-        "session_id",
-        "status",
-        "text",
-        "worker",
-        "model",
-        "finish_reason",
-        "usage",
-        "timings_us",
-        "sources",
-        "tool_calls",
-        "logprobs",
-    ]
+    assert list(data) == RESULT_FIELDS
 
 
 def test_prompt_request_from_partial_dict_fills_optionals() -> None:
