@@ -66,13 +66,22 @@ def publish(cluster: Cluster, request_id: str) -> None:
 
 
 def test_inspect_lists_a_running_realtime_task(cluster: Cluster, owner: TenantFixture, fakes: Fakes) -> None:
-    fakes.openai.mode, fakes.openai.hang_s = "hang", 5
+    fakes.openai.mode, fakes.openai.hang_s = "hang", 3
     stream = SseReader(cluster, owner.key, {"prompt": "inspect me", "worker": "openai"})
     _, start = stream.wait_for("start")
     cluster.pid_running(start["request_id"])
+    deadline = time.monotonic() + 10
+    while fakes.openai.in_flight == 0:  # the task is inside its provider call
+        assert time.monotonic() < deadline, "the task never called the provider"
+        time.sleep(0.01)
     active = cluster.control.control.inspect(destination=list(cluster.workers), timeout=2).active() or {}
     running = [task for tasks in active.values() for task in tasks]
     assert [(t["name"], t["id"], t["args"]) for t in running] == [(TASK, start["request_id"], [start["request_id"], 1])]
+    # The task ends before the test does: a worker still inside it would hold rows
+    # that the next test's flush has to lock.
+    fakes.openai.mode = "ok"  # its retry, once the hang ends
+    stream.finish()
+    cluster.wait_for(start["request_id"], lambda r: r.get("status") in {"completed", "failed"}, timeout_s=30)
 
 
 def test_a_revoked_task_never_runs_and_its_request_fails(cluster: Cluster, owner: TenantFixture) -> None:
