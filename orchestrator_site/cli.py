@@ -4,8 +4,9 @@
     orchestrator schema [--markdown]      the config's JSON Schema (or its reference page)
     orchestrator explain FILE             what a config makes the platform do
     orchestrator config ...               the config versions kept in Postgres
+    orchestrator budget ...               spend budgets on tenants, keys and sessions
 
-Commands that read files only need no database; ``config`` sets Django up.
+Commands that read files only need no database; ``config`` and ``budget`` set Django up.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ def _fail(message: str) -> NoReturn:
 
 
 @contextmanager
-def _refusals() -> Iterator[None]:
-    """The errors a config command can meet, as a message and exit status 1."""
+def _refusals(store: str = "the config versions") -> Iterator[None]:
+    """The errors a config or budget command can meet, as a message and exit status 1."""
     from django.db import DatabaseError
 
     from orchestrator_site.errors import OrchestratorError
@@ -115,7 +116,7 @@ def _refusals() -> Iterator[None]:
     except OrchestratorError as exc:  # refused (needs a restart, not found) or a service down
         _fail(exc.message)
     except DatabaseError as exc:
-        _fail(f"cannot reach the config versions in Postgres: {exc}")
+        _fail(f"cannot reach {store} in Postgres: {exc}")
 
 
 @config_app.command("push")
@@ -171,6 +172,65 @@ def config_history(limit: Annotated[int, typer.Option(help="Versions shown, newe
         created = v.created_at.strftime("%Y-%m-%d %H:%M:%S") if v.created_at else ""
         table.add_row(
             str(v.id), "*" if v.is_active else "", v.applies if v.is_active else "", "yes" if v.valid else "no", v.source, v.author, v.comment, created
+        )
+    Console(width=160).print(table)
+
+
+budget_app = typer.Typer(help="Spend budgets on tenants, API keys and sessions (as the admin shows them).", no_args_is_help=True)
+app.add_typer(budget_app, name="budget")
+budget_app.callback()(_django)
+
+
+@budget_app.command("set")
+def budget_set(
+    amount_usd: Annotated[str, typer.Argument(metavar="USD", help="The most that may be spent per period, in USD.")],
+    tenant: Annotated[str, typer.Option("--tenant", help="The tenant's name (with --session: the session's tenant).")] = "",
+    key: Annotated[str, typer.Option("--key", help="An API key's prefix: the budget is on that key.")] = "",
+    session: Annotated[str, typer.Option("--session", help="A session id of --tenant: the budget is on that session.")] = "",
+    period: Annotated[str, typer.Option("--period", help="day, month (UTC) or total.")] = "month",
+) -> None:
+    """Create or change one budget; the next request reserves against it."""
+    from decimal import Decimal, InvalidOperation
+
+    from pipeline.services import budgets
+
+    if bool(key) == bool(tenant) and not (session and tenant):
+        _fail("name one target: --tenant NAME, --key PREFIX, or --tenant NAME --session ID")
+    try:
+        amount = Decimal(amount_usd)
+    except InvalidOperation:
+        _fail(f"{amount_usd!r} is not an amount of USD")
+    with _refusals("the budgets"):
+        item = budgets.budget_set(tenant=tenant or None, key_prefix=key or None, session_id=session or None, amount_usd=amount, period=period)
+    typer.echo(f"budget {item.id}: {item}")
+
+
+@budget_app.command("list")
+def budget_list(tenant: Annotated[str, typer.Option("--tenant", help="Only this tenant's.")] = "") -> None:
+    """Every budget, with what it has spent and has left in its period."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.models import Budget
+    from pipeline.services import budgets
+
+    with _refusals("the budgets"):
+        items = Budget.objects.select_related("tenant", "api_key")
+        standings = budgets.standings(items.filter(tenant__name=tenant) if tenant else items)
+    table = Table("budget", "tenant", "on", "period", "USD", "spent", "left", "resets (UTC)")
+    for standing in standings:
+        item = standing.item
+        target = {"key": f"key {item.api_key.prefix if item.api_key else ''}", "session": f"session {item.session_id}"}.get(item.scope, "tenant")
+        resets = standing.resets_at.strftime("%Y-%m-%d %H:%M") if standing.resets_at else "never"
+        table.add_row(
+            str(item.id),
+            item.tenant.name,
+            target,
+            item.period,
+            str(item.amount_usd),
+            str(budgets.usd(standing.spent_nano)),
+            str(budgets.usd(standing.remaining_nano)),
+            resets,
         )
     Console(width=160).print(table)
 

@@ -32,6 +32,7 @@ per integration with ``raise ... from exc``.
     ├── WorkerLost ............................... 503 worker_lost (the run died after its first tokens)
     ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
     ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
+    ├── BudgetExceeded ........................... 402 budget_exceeded (a budget that applies cannot cover the request)
     ├── CircuitOpen .............................. 503 circuit_open (worker's breaker open, no fallback)
     └── WorkerError .............................. 502 worker_error
         ├── TransientWorkerError ................. 503 worker_unavailable   (retryable)
@@ -262,6 +263,17 @@ class RateLimited(OrchestratorError):
     ws_close_code = 4429
     default_message = "the tenant's rate limit is reached"
     retryable = True
+
+
+class BudgetExceeded(OrchestratorError):
+    """A budget that applies to the request (its key's, its session's or its tenant's)
+    cannot cover what it may cost; ``data`` names the budget, what remains and when it
+    resets."""
+
+    code = "budget_exceeded"
+    http_status = 402
+    ws_close_code = 4402
+    default_message = "a budget that applies to this request is used up"
 
 
 class CircuitOpen(OrchestratorError):

@@ -12,7 +12,8 @@ from orchestrator_site.errors import OrchestratorError
 from pipeline.auth import api_key_issue, api_key_revoke
 from pipeline.config import Problem, check_text
 from pipeline.config.versions import current_scope, diff_against_active, version_activate, version_active, version_build
-from pipeline.models import ApiKey, ConfigSource, Document, PipelineConfigVersion, SessionTurn, Tenant
+from pipeline.models import ApiKey, Budget, ConfigSource, Document, PipelineConfigVersion, SessionTurn, Tenant, UsageEntry
+from pipeline.services import budgets
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -73,6 +74,60 @@ class SessionTurnAdmin(admin.ModelAdmin):
     list_filter = ("tenant", "role")
     search_fields = ("session_id", "request_id")
     readonly_fields = ("tenant", "session_id", "request_id", "role", "content", "created_at")
+
+
+@admin.register(Budget)
+class BudgetAdmin(admin.ModelAdmin):
+    """Budgets, with their spend in the current period. A change applies to the next
+    request (published to Redis when it commits: ``services.budgets``)."""
+
+    list_display = ("__str__", "tenant", "scope", "period", "amount_usd", "spent", "remaining", "resets")
+    list_filter = ("tenant", "scope", "period")
+    search_fields = ("session_id", "api_key__prefix")
+    fields = ("tenant", "scope", "api_key", "session_id", "amount_usd", "period")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Budget]:
+        return super().get_queryset(request).select_related("tenant", "api_key")
+
+    def _standing(self, obj: Budget) -> budgets.Standing:
+        # One list page reads each row's figures once, not once per column.
+        cached: budgets.Standing | None = getattr(obj, "_standing", None)
+        if cached is None:
+            cached = budgets.standings([obj])[0]
+            obj._standing = cached  # type: ignore[attr-defined]
+        return cached
+
+    @admin.display(description="spent (USD)")
+    def spent(self, obj: Budget) -> str:
+        return str(budgets.usd(self._standing(obj).spent_nano))
+
+    @admin.display(description="remaining (USD)")
+    def remaining(self, obj: Budget) -> str:
+        return str(budgets.usd(self._standing(obj).remaining_nano))
+
+    @admin.display(description="resets at (UTC)")
+    def resets(self, obj: Budget) -> str:
+        at = self._standing(obj).resets_at
+        return at.strftime("%Y-%m-%d %H:%M") if at else "never"
+
+
+@admin.register(UsageEntry)
+class UsageEntryAdmin(admin.ModelAdmin):
+    """The usage ledger, read-only: what each request cost."""
+
+    list_display = ("request_id", "tenant", "worker", "model", "prompt_tokens", "completion_tokens", "cost_usd", "outcome", "created_at")
+    list_filter = ("tenant", "worker", "outcome", ("created_at", admin.DateFieldListFilter))
+    search_fields = ("request_id", "session_id")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
 
 
 class ConfigVersionForm(forms.ModelForm):

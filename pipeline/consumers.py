@@ -145,7 +145,11 @@ class StreamConsumer(AsyncWebsocketConsumer):
         data = validated(InferInput, {k: v for k, v in message.items() if k != "type"})
         config = get_config()
         request = start.infer_build_request(
-            tenant_id=principal.tenant_id, data=data.fields(), config=config, tenant_has_documents=principal.tenant.has_documents
+            tenant_id=principal.tenant_id,
+            api_key_id=principal.api_key.id,
+            data=data.fields(),
+            config=config,
+            tenant_has_documents=principal.tenant.has_documents,
         )
         try:
             started = await start.ainfer_start(request=request, rates=gates.tenant_rates(principal.tenant, config))

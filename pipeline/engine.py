@@ -12,7 +12,7 @@ from orchestrator_site import telemetry
 from orchestrator_site.errors import OrchestratorError, WorkerTimeout
 from pipeline.config import PipelineSettings
 from pipeline.stages.assemble import assemble
-from pipeline.stages.context import StageContext
+from pipeline.stages.context import StageContext, require_prompt
 from pipeline.stages.inference import inference
 from pipeline.stages.postprocess import postprocess
 from pipeline.stages.rag import Retriever, rag
@@ -20,6 +20,7 @@ from pipeline.stages.stream import Publisher, stream
 from pipeline.stages.streamed import inference_streamed
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest, Source, Usage
 from workers.base import ModelWorker, StreamingModelWorker
+from workers.types import AssembledPrompt
 
 log = structlog.get_logger("pipeline")
 
@@ -40,6 +41,9 @@ class PipelineDeps:
     still_wanted: Callable[[], bool] | None = None
     # When the request must be answered by (time.time()): the provider call is cancelled then.
     deadline_at: float | None = None
+    # Told the assembled prompt before the provider is called; may refuse it by raising
+    # (the budget's correction: ``services.budgets``).
+    before_inference: Callable[[AssembledPrompt], None] | None = None
 
 
 Stage = Callable[[StageContext, PipelineDeps], StageContext]
@@ -53,6 +57,8 @@ def _assemble(ctx: StageContext, deps: PipelineDeps) -> StageContext:
 
 def _inference(ctx: StageContext, deps: PipelineDeps) -> StageContext:
     worker = deps.worker
+    if deps.before_inference is not None:
+        deps.before_inference(require_prompt(ctx))
     timeout_s = None if deps.deadline_at is None else deps.deadline_at - time.time()
     if timeout_s is not None and timeout_s <= 0:
         raise WorkerTimeout("the request's deadline passed before inference", data={"worker": worker.name})

@@ -1,4 +1,5 @@
-"""What must last: tenants, API keys (hashed), RAG documents, session turns."""
+"""What must last: tenants, API keys (hashed), RAG documents, session turns, budgets
+and the usage ledger."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import uuid
 
 from django.contrib.postgres.indexes import GinIndex
 from django.contrib.postgres.search import SearchVector, SearchVectorField
+from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.models import Q
 
 
 class Tenant(models.Model):
@@ -149,3 +152,95 @@ class PipelineConfigVersion(models.Model):
 
     def __str__(self) -> str:
         return f"version {self.id}"
+
+
+class BudgetScope(models.TextChoices):
+    TENANT = "tenant", "tenant"
+    KEY = "key", "API key"
+    SESSION = "session", "session"
+
+
+class BudgetPeriod(models.TextChoices):
+    DAY = "day", "per day (UTC)"
+    MONTH = "month", "per month (UTC)"
+    TOTAL = "total", "in total"
+
+
+class Budget(models.Model):
+    """At most ``amount_usd`` of spend per period, on a tenant, one of its API keys, or
+    one of its sessions. Every budget that applies to a request must cover it
+    (``services.budgets``); Redis keeps the running spend, the ledger the record."""
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budgets")
+    scope = models.CharField(max_length=8, choices=BudgetScope.choices, default=BudgetScope.TENANT)
+    api_key = models.ForeignKey(
+        ApiKey, on_delete=models.CASCADE, null=True, blank=True, related_name="budgets", help_text="The key this budget is on (scope: API key)."
+    )
+    session_id = models.CharField(max_length=128, blank=True, default="", help_text="The session this budget is on (scope: session).")
+    amount_usd = models.DecimalField(max_digits=14, decimal_places=6, validators=[MinValueValidator(0)], help_text="USD per period.")
+    period = models.CharField(max_length=8, choices=BudgetPeriod.choices, default=BudgetPeriod.MONTH)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["tenant__name", "scope", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(scope="tenant", api_key__isnull=True, session_id="")
+                    | Q(scope="key", api_key__isnull=False, session_id="")
+                    | Q(scope="session", api_key__isnull=True) & ~Q(session_id="")
+                ),
+                name="budget_scope_names_its_target",
+                violation_error_message="A tenant budget names no key and no session; a key budget names its key; a session budget names its session.",
+            ),
+            models.CheckConstraint(condition=Q(amount_usd__gte=0), name="budget_amount_not_negative"),
+            models.UniqueConstraint(
+                fields=["tenant"], condition=Q(scope="tenant"), name="budget_one_per_tenant", violation_error_message="This tenant has a budget already."
+            ),
+            models.UniqueConstraint(
+                fields=["api_key"], condition=Q(scope="key"), name="budget_one_per_key", violation_error_message="This key has a budget already."
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "session_id"],
+                condition=Q(scope="session"),
+                name="budget_one_per_session",
+                violation_error_message="This session has a budget already.",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        target = {"key": f"key {self.api_key_id}", "session": f"session {self.session_id}"}.get(self.scope, "tenant")
+        return f"{self.tenant} {target}: {self.amount_usd} USD {self.period}"
+
+
+class UsageOutcome(models.TextChoices):
+    ANSWERED = "answered", "answered"
+    FAILED = "failed", "failed after tokens (charged its reservation)"
+
+
+class UsageEntry(models.Model):
+    """The usage ledger: one row per request that cost something, with what it cost.
+    Reports and budget rebuilds read it, so neither depends on Redis."""
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="usage")
+    session_id = models.CharField(max_length=128, blank=True, default="")
+    request_id = models.CharField(max_length=64, unique=True)
+    worker = models.CharField(max_length=64)
+    model = models.CharField(max_length=200)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=18, decimal_places=9)
+    outcome = models.CharField(max_length=8, choices=UsageOutcome.choices, default=UsageOutcome.ANSWERED)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "created_at"], name="usage_tenant_time")]
+        verbose_name_plural = "usage entries"
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.cost_usd} USD"

@@ -66,6 +66,8 @@ class PromptRequest:
     # What came after ``prompt`` in the client's conversation: the assistant's tool
     # calls and their results, which the model continues from.
     tool_turns: tuple[ChatMessage, ...] = ()
+    # The API key it came with (its budget applies); None: no key (a batch item, a test).
+    api_key_id: int | None = None
 
     @property
     def names_session(self) -> bool:
@@ -93,6 +95,7 @@ class PromptRequest:
             "seed": self.seed,
             "options": self.options.to_dict(),
             "stream": self.stream,
+            "api_key_id": self.api_key_id,
         }
 
     @classmethod
@@ -117,6 +120,7 @@ class PromptRequest:
             dedup=DedupMode(data.get("dedup") or DedupMode.FULL),
             seed=None if data.get("seed") is None else int(data["seed"]),
             options=GenerationOptions.from_dict(data.get("options") or {}),
+            api_key_id=None if data.get("api_key_id") is None else int(data["api_key_id"]),
         )
 
 

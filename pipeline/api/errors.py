@@ -80,12 +80,13 @@ def to_orchestrator_error(exc: Exception) -> OrchestratorError | None:
 
 OPENAI_PREFIX = "/v1/"
 # OpenAI's error types, by HTTP status (the rest of 4xx: invalid_request_error; 5xx: server_error).
-_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+_OPENAI_TYPES = {401: "authentication_error", 402: "insufficient_quota", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 # Where OpenAI has its own code for the same error, clients match on that one.
 _OPENAI_CODES = {
     "api_key_invalid": "invalid_api_key",
     "api_key_revoked": "invalid_api_key",
     "rate_limited": "rate_limit_exceeded",
+    "budget_exceeded": "insufficient_quota",
     "unknown_model": "model_not_found",
 }
 

@@ -93,6 +93,7 @@ class ChatCompletionsApi(AsyncAPIView):
         }
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
+            api_key_id=principal.api_key.id,
             data=fields,
             config=config,
             tenant_has_documents=principal.tenant.has_documents,

@@ -118,3 +118,36 @@ class ErrorBody(serializers.Serializer):
 
 class ErrorOut(serializers.Serializer):
     error = ErrorBody()
+
+
+class BudgetOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    scope = serializers.ChoiceField(choices=["tenant", "key", "session"])
+    api_key_prefix = serializers.CharField(allow_null=True)
+    session_id = serializers.CharField(allow_null=True)
+    period = serializers.ChoiceField(choices=["day", "month", "total"])
+    amount_usd = serializers.DecimalField(max_digits=14, decimal_places=6, coerce_to_string=True)
+    spent_usd = serializers.CharField()
+    reserved_usd = serializers.CharField(help_text="Held by requests in flight, for their worst case.")
+    remaining_usd = serializers.CharField()
+    resets_at = serializers.DateTimeField(allow_null=True)
+
+
+class BudgetsOut(serializers.Serializer):
+    budgets = BudgetOut(many=True)
+
+
+class UsageRowOut(serializers.Serializer):
+    day = serializers.DateField()
+    worker = serializers.CharField()
+    model = serializers.CharField()
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    cost_usd = serializers.CharField()
+
+
+class UsageReportOut(serializers.Serializer):
+    since = serializers.DateField()
+    until = serializers.DateField()
+    usage = UsageRowOut(many=True)

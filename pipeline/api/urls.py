@@ -3,6 +3,7 @@ from __future__ import annotations
 from django.urls import path
 
 from pipeline.api import views
+from pipeline.api.budgets import BudgetsApi, UsageApi
 from pipeline.api.config import ConfigApi
 
 urlpatterns = [
@@ -12,4 +13,6 @@ urlpatterns = [
     path("documents", views.DocumentListCreateApi.as_view(), name="documents"),
     path("documents/<str:document_id>", views.DocumentDetailApi.as_view(), name="document-detail"),
     path("config", ConfigApi.as_view(), name="config"),
+    path("budgets", BudgetsApi.as_view(), name="budgets"),
+    path("usage", UsageApi.as_view(), name="usage"),
 ]

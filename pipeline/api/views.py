@@ -116,6 +116,7 @@ class InferApi(AsyncAPIView):
         config = get_config()
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
+            api_key_id=principal.api_key.id,
             data=data.fields(),
             config=config,
             tenant_has_documents=principal.tenant.has_documents,

@@ -8,11 +8,14 @@ gateway): begin the attempt, run the five stages, settle the answer.
 3. The stages run under the request's deadline (``limits.request_timeout_s`` from
    its acceptance, carried in its record): past it, the provider call is cancelled
    and the request fails with ``worker_timeout``.
-4. The answer is settled once: the session's turns (by attempt), then the
+4. A request under a budget has its reservation corrected to the assembled
+   prompt before the provider is called (``services.budgets``), and is refused
+   with ``budget_exceeded`` when that does not fit.
+5. The answer is settled once: the session's turns (by attempt), then the
    terminal event and status under fencing, then the bookkeeping (the answer
-   into the deduplication window, its tokens into the tenant's rate log, the
-   admission slot released). A run fenced out meanwhile stops without a word:
-   another run answers.
+   into the deduplication window, its tokens into the tenant's rate log, its cost
+   into its budgets, the admission slot released) and its row of the usage
+   ledger. A run fenced out meanwhile stops without a word: another run answers.
 """
 
 from __future__ import annotations
@@ -32,16 +35,18 @@ from orchestrator_site.errors import OrchestratorError, RequestCancelled, Servic
 from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, config_at, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
+from pipeline.models import UsageOutcome
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
 from pipeline.routing import worker_pool
-from pipeline.services import gates, leases, sessions
+from pipeline.services import budgets, gates, leases, sessions
 from pipeline.shared_redis import redis_errors
 from pipeline.stages.stream import Publisher
 from pipeline.tokenbus import RequestStatus, TokenBus, fencing, get_bus
 from pipeline.tokenbus.fencing import BeginOutcome, Begun, Run
 from pipeline.tokenbus.producer import Fenced, Producer
 from pipeline.types import DedupMode, PipelineResult, PromptRequest, TokenChunk
+from workers.types import AssembledPrompt
 
 log = structlog.get_logger("pipeline.services")
 
@@ -108,8 +113,13 @@ def _answer(run: Run, begun: Begun, config: PipelineSettings, bus: TokenBus) -> 
     telemetry.annotate(request_id=request.request_id, attempt=run.attempt, dedup_key=key, cache_hit=False)
     clock = metrics.StreamClock(request.worker, accepted_at=begun.created_at)
     deadline_at = begun.deadline_at or time.time() + config.limits.request_timeout_s
+
+    def stages(routed: PromptRequest) -> PipelineResult:
+        correct = _budget_correction(routed, config, bus.record_key(routed.request_id)) if begun.reserved_nano else None
+        return _run_stages(routed, config, clock, producer, deadline_at, before_inference=correct)
+
     try:
-        result = gates.run_guarded(request, config, lambda routed: _run_stages(routed, config, clock, producer, deadline_at))
+        result = gates.run_guarded(request, config, stages)
     except Fenced:
         log.info("run_fenced", request_id=request.request_id, attempt=run.attempt, outcome="dropped")
     except OrchestratorError as exc:
@@ -118,7 +128,14 @@ def _answer(run: Run, begun: Begun, config: PipelineSettings, bus: TokenBus) -> 
         log.exception("task_crashed", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
         _settle_failure(producer, request, OrchestratorError("internal error while running the pipeline"), clock, key, config)
     else:
-        _settle_success(producer, request, result, clock, key, config)
+        _settle_success(producer, request, result, clock, key, config, budgeted=bool(begun.reserved_nano))
+
+
+def _budget_correction(request: PromptRequest, config: PipelineSettings, record_key: str) -> Callable[[AssembledPrompt], None]:
+    def correct(prompt: AssembledPrompt) -> None:
+        budgets.correct(request, prompt, config, record_key=record_key)
+
+    return correct
 
 
 def run_stages(
@@ -129,6 +146,7 @@ def run_stages(
     publish: Publisher,
     deadline_at: float,
     still_wanted: Callable[[], bool] | None = None,
+    before_inference: Callable[[AssembledPrompt], None] | None = None,
 ) -> PipelineResult:
     """The five stages of ``request`` (routed: the worker it runs on), streaming from its worker."""
     clock.worker = request.worker
@@ -141,12 +159,21 @@ def run_stages(
         streaming=True,
         still_wanted=still_wanted,
         deadline_at=deadline_at,
+        before_inference=before_inference,
     )
     _ctx, result = run_pipeline(request, deps, clock.stages)
     return result
 
 
-def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics.StreamClock, producer: Producer, deadline_at: float) -> PipelineResult:
+def _run_stages(
+    request: PromptRequest,
+    config: PipelineSettings,
+    clock: metrics.StreamClock,
+    producer: Producer,
+    deadline_at: float,
+    *,
+    before_inference: Callable[[AssembledPrompt], None] | None = None,
+) -> PipelineResult:
     def publish(chunk: TokenChunk) -> None:
         extras = {"tool_calls": list(chunk.tool_calls)} if chunk.tool_calls else {}
         if chunk.logprobs:
@@ -156,7 +183,9 @@ def _run_stages(request: PromptRequest, config: PipelineSettings, clock: metrics
         clock.token()
 
     publish_or_count = publish if request.stream else _counting(producer, clock)
-    return run_stages(request, config, clock, publish=publish_or_count, deadline_at=deadline_at, still_wanted=producer.wanted)
+    return run_stages(
+        request, config, clock, publish=publish_or_count, deadline_at=deadline_at, still_wanted=producer.wanted, before_inference=before_inference
+    )
 
 
 def _counting(producer: Producer, clock: metrics.StreamClock) -> Publisher:
@@ -177,7 +206,14 @@ def _counting(producer: Producer, clock: metrics.StreamClock) -> Publisher:
 
 
 def _settle_success(
-    producer: Producer, request: PromptRequest, result: PipelineResult, clock: metrics.StreamClock, key: str | None, config: PipelineSettings
+    producer: Producer,
+    request: PromptRequest,
+    result: PipelineResult,
+    clock: metrics.StreamClock,
+    key: str | None,
+    config: PipelineSettings,
+    *,
+    budgeted: bool = False,
 ) -> None:
     sessions.session_turns_append(request=request, reply=result.text, attempt=producer.run.attempt)
     body = result.to_dict()
@@ -186,12 +222,23 @@ def _settle_success(
         return
     clock.finished("ok")
     metrics.tokens_used(request.tenant_id, result.worker, result.usage)
-    _bookkeeping(request, config, key=key, result_json=json.dumps(body), tokens=result.usage.total_tokens)
+    cost = budgets.actual_nano(result, config)
+    _bookkeeping(request, config, key=key, result_json=json.dumps(body), tokens=result.usage.total_tokens, charge_nano=cost if budgeted else None)
+    budgets.ledger_write_safely(
+        request,
+        worker=result.worker,
+        model=result.model,
+        prompt_tokens=result.usage.prompt_tokens,
+        completion_tokens=result.usage.completion_tokens,
+        cost_nano=cost,
+        outcome=UsageOutcome.ANSWERED,
+    )
 
 
-def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str | None, result_json: str, tokens: int) -> None:
+def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str | None, result_json: str, tokens: int, charge_nano: int | None = None) -> None:
     """The answer into the deduplication window, its tokens into the tenant's rate log,
-    its slot released: one round trip, after the client has its answer."""
+    its cost into its budgets (``charge_nano``; None: none applies), its slot released:
+    one round trip, after the client has its answer."""
     gates.local_admission(config).release(request.tenant_id, request.request_id)  # a slot taken while Redis was down
     client = get_bus().redis.client
     try:
@@ -203,9 +250,13 @@ def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str |
                 gates.shared_dedup(config).queue_release(pipe, key)  # a sampled answer: joined in flight, never served again
             gates.shared_limiter().queue_record_tokens(pipe, request.tenant_id, request.request_id, tokens)
             gates.shared_admission(config).queue_release(pipe, request.tenant_id, request.request_id)
+            if charge_nano is not None:
+                budgets.queue_settle(pipe, get_bus().record_key(request.request_id), charge_nano)
             pipe.execute()
     except ServiceUnavailable as exc:
-        # The slot's lease frees it; the tokens go uncounted; the answer is not served again.
+        # The slot's lease frees it; the tokens go uncounted; the answer is not served
+        # again; the budgets keep the reservation (never less than the cost) until
+        # their period's key expires.
         shared_state.failed("settle the request", exc.__cause__ or exc)
 
 

@@ -24,7 +24,7 @@ import structlog
 from orchestrator_site.errors import RequestCancelled, ServiceUnavailable
 from pipeline.config import PipelineSettings, get_config
 from pipeline.resilience.local import shared_state
-from pipeline.services import gates
+from pipeline.services import budgets, gates
 from pipeline.tokenbus import fencing, get_bus
 from pipeline.tokenbus.fencing import Lapsed, LapseOutcome, Run
 
@@ -116,8 +116,10 @@ def _act_on(lapsed: Lapsed, config: PipelineSettings) -> None:
 
 
 def release_gates(request_id: str, tenant_id: str, key: str, config: PipelineSettings) -> None:
-    """A failed request's admission slot, and its deduplication claim (errors are not served to others)."""
+    """A failed request's admission slot, its deduplication claim (errors are not
+    served to others) and its budget reservation."""
     gates.admission(config).release(tenant_id, request_id)
+    budgets.release(request_id)
     if key:
         gates.dedup_store(config).abandon(key, request_id)
 

@@ -1,9 +1,10 @@
 """A real-time request's start at the gateway: route, deduplicate, rate-limit,
-admit, record, publish.
+admit, reserve budget, record, publish.
 
-The first four are one Lua script on the shared Redis, composed of the functions
-that ``DedupStore``, ``RateLimiter`` and ``Admission`` run on their own, so a
-request refused by a limit leaves no claim behind. The script also writes the
+The first five are one Lua script on the shared Redis, composed of the functions
+that ``DedupStore``, ``RateLimiter``, ``Admission`` and the budgets
+(``resilience.budget``) run on their own, so a request refused by a limit leaves
+no claim, count, slot or reservation behind. The script also writes the
 request's record (``tokenbus.bus``: the request itself, its deadline, attempt 1).
 It is idempotent by request id: redis-py sends a command again on a new
 connection when the reply was lost, and a second run of the script finds the
@@ -18,7 +19,8 @@ What the gateway does when a service is down, so that an accepted request is
 answered and never run twice:
 
 - Redis down: nothing reached the broker, so no worker can hold the request.
-  The gateway runs it itself, on this process's own gates (``services.inline``).
+  The gateway runs it itself, on this process's own gates (``services.inline``),
+  unless a budget applies to it: spend that cannot be counted is refused (503).
 - The broker down (Redis up): the message never left, so the gateway runs the
   request itself, through Redis like a worker: it begins attempt 1 and writes
   the token stream under the same fencing, so a message that did reach the
@@ -41,18 +43,19 @@ from enum import StrEnum
 from typing import Any
 
 import structlog
+from asgiref.sync import sync_to_async
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator_site import telemetry
 from orchestrator_site.errors import InvalidRequest, ServiceUnavailable, UnsupportedParameter
 from pipeline import metrics
 from pipeline.config import PipelineSettings, config_version, get_config
-from pipeline.resilience import admission, dedup, ratelimit
+from pipeline.resilience import admission, budget, dedup, ratelimit
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
 from pipeline.resilience.ratelimit import TenantRates
 from pipeline.routing import route_request
-from pipeline.services import gates
+from pipeline.services import budgets, gates
 from pipeline.shared_redis import redis_errors
 from pipeline.tokenbus import fencing, get_bus
 from pipeline.types import ChatMessage, DedupMode, GenerationOptions, PipelineResult, PromptRequest
@@ -88,6 +91,7 @@ def infer_build_request(
     tenant_has_documents: bool = True,
     stream: bool = True,
     fresh: bool = False,
+    api_key_id: int | None = None,
 ) -> PromptRequest:
     """A routed ``PromptRequest`` from validated input. ``stream`` False: its client waits
     for the whole answer (the run then publishes it once, not token by token). ``fresh``
@@ -119,6 +123,7 @@ def infer_build_request(
         dedup=dedup_mode(wanted=bool(data.get("dedup", True)) and not fresh, temperature=data.get("temperature"), kind=kind, seed=seed),
         seed=seed,
         options=options,
+        api_key_id=api_key_id,
     )
 
 
@@ -160,17 +165,21 @@ def max_tokens_for(config: PipelineSettings, requested: int | None) -> int:
 
 
 # KEYS: 1 dedup in-flight, 2 dedup done, 3 rate requests log, 4 rate tokens log,
-#       5 global leases, 6 tenant leases, 7 the request's record.
+#       5 global leases, 6 tenant leases, 7 the request's record, 8 the tenant's budgets.
 # ARGV: 1 request_id, 2 dedup window_s (0: none), 3 now, 4 rate window_s, 5 rpm,
 #       6 tpm (both 0: no limit, not even counted), 7 slot lease_s, 8 global max,
 #       9 tenant max, 10 tenant_id, 11 session_id, 12 record ttl_s, 13 now as recorded,
-#       14 the request (JSON), 15 deadline_at, 16 dedup key, 17 serve a finished answer (1/0).
+#       14 the request (JSON), 15 deadline_at, 16 dedup key, 17 serve a finished answer (1/0),
+#       18 the key prefix, 19 the API key's id ("": none), 20 the worst case (nano-USD),
+#       21 today's id, 22 this month's id.
 # Returns {"done", result} | {"inflight", owner} | {"rate", kind, retry_after_ms} |
-# {"shed", 0 (global) or -1 (tenant)} | {"queued", request_id}.
+# {"shed", 0 (global) or -1 (tenant)} | {"budget_unknown"} |
+# {"over", budget, scope, remaining, period, limit} | {"queued", request_id}.
 START_SCRIPT = (
     dedup.CLAIM_FUNCTION
     + ratelimit.CHECK_FUNCTION
     + admission.ACQUIRE_FUNCTION
+    + budget.FUNCTIONS
     + """
 local request_id, window_s, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 -- The same start, again: its first reply was lost on the way back.
@@ -196,6 +205,15 @@ if admitted ~= 1 then
   abandon()
   if limited then redis.call('ZREM', KEYS[3], request_id) end
   return {'shed', admitted}
+end
+local reserved = budget_reserve(KEYS[8], KEYS[7], ARGV[18], ARGV[19], ARGV[11], tonumber(ARGV[20]), ARGV[21], ARGV[22])
+if reserved[1] ~= 'ok' then
+  abandon()
+  if limited then redis.call('ZREM', KEYS[3], request_id) end
+  redis.call('ZREM', KEYS[5], request_id)
+  redis.call('ZREM', KEYS[6], request_id)
+  if reserved[1] == 'unknown' then return {'budget_unknown'} end
+  return reserved
 end
 redis.call('HSET', KEYS[7], 'tenant_id', ARGV[10], 'session_id', ARGV[11], 'status', 'queued', 'created_at', ARGV[13],
   'updated_at', ARGV[13], 'attempt', '1', 'owner', '', 'payload', ARGV[14], 'deadline_at', ARGV[15], 'dedup_key', ARGV[16])
@@ -236,15 +254,23 @@ async def ainfer_start(*, request: PromptRequest, rates: TenantRates | None = No
 
 async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSettings) -> Started:
     if not shared_state.available():
-        return _start_here(request, rates, config)
+        return await _start_without_redis(request, rates, config)
     key = dedup_key(request) if config.dedup.enabled and request.dedup is not DedupMode.OFF else None
+    worst_case = budgets.worst_case_nano(request, config, budgets.gateway_prompt_bound(request, config))
     try:
-        reply = await _run_start_script(request, rates, config, key)
+        reply = await _run_start_script(request, rates, config, key, worst_case)
+        if _text(reply[0]) == "budget_unknown":
+            # Redis does not know the tenant's budgets (new to it, or it lost its data):
+            # from Postgres and the ledger, then the start again.
+            await sync_to_async(budgets.rebuild, thread_sensitive=False)(request.tenant_id)
+            reply = await _run_start_script(request, rates, config, key, worst_case)
     except ServiceUnavailable as exc:
+        if exc.data.get("service") == "postgres":
+            raise
         shared_state.failed("start the request", exc.__cause__ or exc)
-        return _start_here(request, rates, config)
+        return await _start_without_redis(request, rates, config)
     shared_state.succeeded()
-    kind = str(reply[0])
+    kind = _text(reply[0])
     if key is not None:
         answered = _deduplicated(kind, str(reply[1]), key)
         if answered is not None:
@@ -254,6 +280,10 @@ async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSet
     max_global, max_per_tenant, _ = gates.admission_bounds(config)
     if kind == "shed":
         raise gates.shed("tenant" if int(reply[1]) == -1 else "global", max_global=max_global, max_per_tenant=max_per_tenant)
+    if kind == "over":
+        raise budgets.exceeded(budget.Over.from_reply(reply))
+    if kind == "budget_unknown":  # lost again between the rebuild and the start: refused, not run uncounted
+        raise ServiceUnavailable("the budgets could not be loaded; retry shortly", data={"service": "redis"}, retry_after=1.0)
     publish = functools.partial(realtime_publish, request.request_id, 1, queue_lease_s=config.limits.queue_lease_s, lease=False)
     try:
         # In this request's context: its trace goes with the message.
@@ -266,12 +296,19 @@ async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSet
     return Started(StartKind.SUBMITTED, request.request_id)
 
 
-async def _run_start_script(request: PromptRequest, rates: TenantRates, config: PipelineSettings, key: str | None) -> Any:
+async def _run_start_script(request: PromptRequest, rates: TenantRates, config: PipelineSettings, key: str | None, worst_case_nano: int) -> Any:
     bus = get_bus()
     client = bus.redis.aclient()
     max_global, max_per_tenant, slot_lease_s = gates.admission_bounds(config)
     inflight, done, _ = dedup.keys(bus.prefix, key or "")
-    keys = [inflight, done, *ratelimit.keys(bus.prefix, request.tenant_id), *admission.keys(bus.prefix, request.tenant_id), bus.record_key(request.request_id)]
+    keys = [
+        inflight,
+        done,
+        *ratelimit.keys(bus.prefix, request.tenant_id),
+        *admission.keys(bus.prefix, request.tenant_id),
+        bus.record_key(request.request_id),
+        budget.definitions_key(bus.prefix, request.tenant_id),
+    ]
     now = time.time()
     args: list[str | int | float] = [
         request.request_id,
@@ -291,6 +328,10 @@ async def _run_start_script(request: PromptRequest, rates: TenantRates, config: 
         f"{now + config.limits.request_timeout_s:.6f}",
         key or "",
         "1" if request.dedup is DedupMode.FULL else "0",
+        bus.prefix,
+        "" if request.api_key_id is None else request.api_key_id,
+        worst_case_nano,
+        *budget.period_ids(now),
     ]
     script = _start_scripts.get(client)
     if script is None:
@@ -340,13 +381,29 @@ def start_lease(request_id: str, *, queue_lease_s: float) -> None:
 
 def _run_here(request_id: str) -> None:
     """Run attempt 1 in this process, as a worker would (the broker is down)."""
-    from asgiref.sync import sync_to_async
-
     from pipeline.services import execute
 
-    run = asyncio.ensure_future(sync_to_async(execute.realtime_execute_here, thread_sensitive=False)(request_id))
+    # Handed to a thread now, not when the event loop next runs a task: it runs to its
+    # end even if the loop stops first.
+    run = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, execute.realtime_execute_here, request_id)
     _runs_here.add(run)
     run.add_done_callback(_runs_here.discard)
+
+
+async def _start_without_redis(request: PromptRequest, rates: TenantRates, config: PipelineSettings) -> Started:
+    """Redis is down. A request under a budget is refused: its spend could not be
+    counted (fail closed). Any other is run here."""
+    if await sync_to_async(budgets.apply_anywhere, thread_sensitive=False)(request.tenant_id, request.api_key_id, request.session_id):
+        raise ServiceUnavailable(
+            "a budget applies to this request and cannot be checked while Redis is unavailable; retry shortly",
+            data={"service": "redis", "reason": "budget"},
+            retry_after=5.0,
+        )
+    return _start_here(request, rates, config)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _start_here(request: PromptRequest, rates: TenantRates, config: PipelineSettings) -> Started:

@@ -36,7 +36,7 @@ from pipeline.tokenbus.bus import TokenBus
 # KEYS: record, leases. ARGV: request_id, attempt, owner, now, lease until, ttl_s, executed_by.
 # Returns {"run", payload, created_at, deadline_at} or {why not}.
 BEGIN = """
-local state = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'owner', 'payload', 'created_at', 'deadline_at')
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'owner', 'payload', 'created_at', 'deadline_at', 'reserved')
 if not state[1] then return {'missing'} end
 if state[1] == 'completed' or state[1] == 'failed' then return {'finished'} end
 if state[2] ~= ARGV[2] then return {'superseded'} end
@@ -45,7 +45,7 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[3], 'executed_by'
 redis.call('HINCRBY', KEYS[1], 'runs', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-return {'run', state[4] or '', state[5] or '', state[6] or ''}
+return {'run', state[4] or '', state[5] or '', state[6] or '', state[7] or '0'}
 """
 
 # KEYS: leases, then one record per lease. ARGV: lease until, then request_id, attempt and
@@ -145,6 +145,7 @@ class Begun:
     payload: dict[str, Any] | None = None
     created_at: float | None = None
     deadline_at: float | None = None
+    reserved_nano: int = 0  # what budgets hold for it (``services.budgets``); 0: no budget applies
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ def begin(bus: TokenBus, run: Run, *, lease_s: float, executed_by: str) -> Begun
     outcome = BeginOutcome(str(reply[0]))
     if outcome is not BeginOutcome.RUN:
         return Begun(outcome)
-    return Begun(outcome, payload=json.loads(reply[1]), created_at=_number(reply[2]), deadline_at=_number(reply[3]))
+    return Begun(outcome, payload=json.loads(reply[1]), created_at=_number(reply[2]), deadline_at=_number(reply[3]), reserved_nano=int(reply[4]))
 
 
 def renew(bus: TokenBus, runs: list[Run], *, lease_s: float) -> int:
