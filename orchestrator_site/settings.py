@@ -141,6 +141,9 @@ API_KEY_CACHE_S = env_int("API_KEY_CACHE_S", 5)
 # ones with the most tokens); the rest are counted as tenant="other".
 METRICS_TENANT_LABELS = env_int("METRICS_TENANT_LABELS", 20)
 REDIS_SOCKET_TIMEOUT_S = float(env_int("REDIS_SOCKET_TIMEOUT_MS", 2000)) / 1000.0
+# Connections per Redis client (one sync client per process, one async per event loop);
+# past it a caller waits for one, up to the socket timeout.
+REDIS_MAX_CONNECTIONS = env_int("REDIS_MAX_CONNECTIONS", 1000)
 
 # --- Observability: /metrics on the gateway; a Celery worker serves its own on this
 # port when set (0: none). Tracing is configured by the OTEL_* variables

@@ -235,6 +235,7 @@ class UsageEntry(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     cost_usd = models.DecimalField(max_digits=18, decimal_places=9)
     outcome = models.CharField(max_length=8, choices=UsageOutcome.choices, default=UsageOutcome.ANSWERED)
+    attempt = models.PositiveIntegerField(default=1)  # the run that answered: a later one's row replaces an earlier one's
     created_at = models.DateTimeField(db_index=True)
 
     class Meta:

@@ -50,10 +50,16 @@ def one_async_retry() -> AsyncRetry:
 class SharedRedis:
     """Clients of the shared-state server at ``url``, its keys under ``prefix``."""
 
-    def __init__(self, *, url: str, prefix: str, socket_timeout_s: float) -> None:
+    def __init__(self, *, url: str, prefix: str, socket_timeout_s: float, max_connections: int = 1000) -> None:
         self.url = url
         self.prefix = prefix
         self.socket_timeout_s = socket_timeout_s
+        # Per client (this process's sync one, each event loop's async one). A caller that
+        # finds every connection busy waits for one (up to the socket timeout) instead of
+        # failing: a burst of requests is not Redis being down. redis-py's default pool
+        # raises at once past 100 connections, which a gateway reached under 500
+        # concurrent requests and then served them as if Redis were down.
+        self.max_connections = max_connections
         self._sync: redis.Redis | None = None
         self._lock = threading.Lock()
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
@@ -66,13 +72,16 @@ class SharedRedis:
         if self._sync is None:
             with self._lock:
                 if self._sync is None:
-                    self._sync = redis.Redis.from_url(
+                    pool = redis.BlockingConnectionPool.from_url(
                         self.url,
+                        max_connections=self.max_connections,
+                        timeout=self.socket_timeout_s,
                         socket_timeout=self.socket_timeout_s,
                         socket_connect_timeout=self.socket_timeout_s,
                         decode_responses=True,
                         retry=one_retry(),
                     )
+                    self._sync = redis.Redis(connection_pool=pool)
         return self._sync
 
     def aclient(self) -> aioredis.Redis:
@@ -81,13 +90,16 @@ class SharedRedis:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=self.max_connections,
+                timeout=self.socket_timeout_s,
                 socket_timeout=self.socket_timeout_s + 5.0,
                 socket_connect_timeout=self.socket_timeout_s,
                 decode_responses=True,
                 retry=one_async_retry(),
             )
+            client = aioredis.Redis(connection_pool=pool)
             self._async[loop] = client
         return client
 
@@ -102,7 +114,12 @@ def get_redis() -> SharedRedis:
     if _shared is None:
         with _shared_lock:
             if _shared is None:
-                _shared = SharedRedis(url=settings.REDIS_URL, prefix=settings.REDIS_KEY_PREFIX, socket_timeout_s=settings.REDIS_SOCKET_TIMEOUT_S)
+                _shared = SharedRedis(
+                    url=settings.REDIS_URL,
+                    prefix=settings.REDIS_KEY_PREFIX,
+                    socket_timeout_s=settings.REDIS_SOCKET_TIMEOUT_S,
+                    max_connections=settings.REDIS_MAX_CONNECTIONS,
+                )
     return _shared
 
 

@@ -295,7 +295,7 @@ token_count = 8
 
 [workers.echo_priced]  # the budgets' tests: 8 answer tokens at 0.001 USD each
 kind = "echo"
-models = ["echo-1"]
+models = ["echo-priced-1"]
 token_count = 8
 price_input_per_mtok = 0
 price_output_per_mtok = 1000

@@ -241,6 +241,20 @@ def release(request_id: str) -> int:
     return charged
 
 
+def ledger_row(result: PipelineResult, *, cost_nano: int) -> dict[str, object]:
+    """An answer's row of the ledger, as ``sessions.session_turns_append`` writes it
+    with the session's turns."""
+    usage = result.usage
+    return {
+        "worker": result.worker,
+        "model": result.model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cost_usd": usd(cost_nano),
+        "outcome": UsageOutcome.ANSWERED.value,
+    }
+
+
 def ledger_write(request: PromptRequest, *, worker: str, model: str, prompt_tokens: int, completion_tokens: int, cost_nano: int, outcome: UsageOutcome) -> None:
     """One row of the ledger; a request already in it is not written twice."""
     UsageEntry.objects.bulk_create(
@@ -340,6 +354,7 @@ def budget_set(*, amount_usd: Decimal, period: str, tenant: str | None = None, k
             target = {"tenant": owner, "scope": BudgetScope.SESSION, "session_id": session_id} if session_id else {"tenant": owner, "scope": BudgetScope.TENANT}
         with transaction.atomic():
             item, _ = Budget.objects.update_or_create(**target, defaults={"amount_usd": amount_usd, "period": period})
+        item.refresh_from_db()  # the amount as stored (six places)
     return item
 
 

@@ -35,7 +35,6 @@ from orchestrator_site.errors import OrchestratorError, RequestCancelled, Servic
 from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, config_at, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
-from pipeline.models import UsageOutcome
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
 from pipeline.routing import worker_pool
@@ -215,24 +214,16 @@ def _settle_success(
     *,
     budgeted: bool = False,
 ) -> None:
-    sessions.session_turns_append(request=request, reply=result.text, attempt=producer.run.attempt)
+    cost = budgets.actual_nano(result, config)
+    usage = budgets.ledger_row(result, cost_nano=cost)
+    sessions.session_turns_append(request=request, reply=result.text, attempt=producer.run.attempt, usage=usage)
     body = result.to_dict()
     if not producer.finish("done", body, status=RequestStatus.COMPLETED):
         log.info("run_fenced", request_id=request.request_id, attempt=producer.run.attempt, outcome="dropped")
         return
     clock.finished("ok")
     metrics.tokens_used(request.tenant_id, result.worker, result.usage)
-    cost = budgets.actual_nano(result, config)
     _bookkeeping(request, config, key=key, result_json=json.dumps(body), tokens=result.usage.total_tokens, charge_nano=cost if budgeted else None)
-    budgets.ledger_write_safely(
-        request,
-        worker=result.worker,
-        model=result.model,
-        prompt_tokens=result.usage.prompt_tokens,
-        completion_tokens=result.usage.completion_tokens,
-        cost_nano=cost,
-        outcome=UsageOutcome.ANSWERED,
-    )
 
 
 def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str | None, result_json: str, tokens: int, charge_nano: int | None = None) -> None:

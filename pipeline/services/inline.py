@@ -18,7 +18,7 @@ from orchestrator_site.errors import OrchestratorError
 from pipeline import metrics
 from pipeline.config import PipelineSettings, get_config
 from pipeline.resilience.dedup import dedup_key
-from pipeline.services import execute, gates, sessions
+from pipeline.services import budgets, execute, gates, sessions
 from pipeline.types import DedupMode, PipelineResult, PromptRequest, TokenChunk
 
 log = structlog.get_logger("pipeline.services")
@@ -32,7 +32,10 @@ def infer_local(*, request: PromptRequest) -> PipelineResult:
     log.warning("request_run_inline", request_id=request.request_id, session_id=request.session_id, outcome="degraded", reason="redis unavailable")
     try:
         result = gates.run_guarded(request, config, lambda routed: _run_stages(routed, config, clock))
-        sessions.session_turns_append(request=request, reply=result.text)
+        # Its cost goes into the ledger (which a rebuild reads), though no budget applies:
+        # one that did would have refused the request while Redis is down.
+        usage = budgets.ledger_row(result, cost_nano=budgets.actual_nano(result, config))
+        sessions.session_turns_append(request=request, reply=result.text, usage=usage)
     except OrchestratorError as exc:
         clock.finished(exc.code)
         raise

@@ -1,12 +1,15 @@
-"""A session's turns: read for the assemble stage, written once per request."""
+"""A session's turns: read for the assemble stage, written once per request, with
+the request's row of the usage ledger in the same statement."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import structlog
 from django.db import DatabaseError, connection
 
 from pipeline import selectors
-from pipeline.models import SessionTurn
+from pipeline.models import SessionTurn, UsageEntry
 from pipeline.types import ChatMessage, PromptRequest
 
 log = structlog.get_logger("pipeline.services")
@@ -25,11 +28,27 @@ WHERE {SessionTurn._meta.db_table}.attempt < EXCLUDED.attempt
 """
 
 
-def session_turns_append(*, request: PromptRequest, reply: str, attempt: int = 1) -> bool:
-    """The prompt and its reply, as the request's two turns of its session. False when
-    Postgres could not store them: the answer stands, the session lacks the exchange
-    (logged)."""
-    params: dict[str, str | int] = {
+# The turns and the answer's ledger row (``services.budgets``) in one statement, one
+# round trip; the row follows the same rule as the turns.
+_TURNS_AND_USAGE_SQL = f"""
+WITH turns AS ({_TURNS_SQL} RETURNING 1)
+INSERT INTO {UsageEntry._meta.db_table}
+  (tenant_id, api_key_id, session_id, request_id, worker, model, prompt_tokens, completion_tokens, cost_usd, outcome, attempt, created_at)
+VALUES (%(tenant)s, %(api_key)s, %(session)s, %(request)s, %(worker)s, %(model)s, %(prompt_tokens)s, %(completion_tokens)s, %(cost_usd)s,
+        %(outcome)s, %(attempt)s, now())
+ON CONFLICT (request_id) DO UPDATE SET worker = EXCLUDED.worker, model = EXCLUDED.model, prompt_tokens = EXCLUDED.prompt_tokens,
+  completion_tokens = EXCLUDED.completion_tokens, cost_usd = EXCLUDED.cost_usd, outcome = EXCLUDED.outcome, attempt = EXCLUDED.attempt
+WHERE {UsageEntry._meta.db_table}.attempt < EXCLUDED.attempt
+"""
+
+
+def session_turns_append(*, request: PromptRequest, reply: str, attempt: int = 1, usage: dict[str, Any] | None = None) -> bool:
+    """The prompt and its reply, as the request's two turns of its session, and with
+    ``usage`` (the ledger row's ``worker``, ``model``, ``prompt_tokens``,
+    ``completion_tokens``, ``cost_usd`` and ``outcome``) the request's row of the
+    usage ledger. False when Postgres could not store them: the answer stands, the
+    session lacks the exchange and the ledger the row (logged)."""
+    params: dict[str, Any] = {
         "tenant": request.tenant_id,
         "session": request.session_id,
         "request": request.request_id,
@@ -37,9 +56,11 @@ def session_turns_append(*, request: PromptRequest, reply: str, attempt: int = 1
         "reply": reply,
         "attempt": attempt,
     }
+    if usage is not None:
+        params |= {"api_key": request.api_key_id, **usage}
     try:
         with connection.cursor() as cursor:
-            cursor.execute(_TURNS_SQL, params)
+            cursor.execute(_TURNS_SQL if usage is None else _TURNS_AND_USAGE_SQL, params)
     except DatabaseError as exc:
         log.warning("session_turns_unsaved", request_id=request.request_id, session_id=request.session_id, outcome="error", error_type=type(exc).__name__)
         return False
