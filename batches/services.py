@@ -31,11 +31,13 @@ from pipeline import selectors
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.metrics import record_stages, tokens_used
-from pipeline.models import Tenant
+from pipeline.models import Tenant, UsageOutcome
 from pipeline.routing import route_request, worker_pool
+from pipeline.services import budgets
 from pipeline.services.gates import run_guarded
 from pipeline.services.start import max_tokens_for
 from pipeline.types import PipelineResult, PromptRequest
+from workers.types import AssembledPrompt
 
 log = structlog.get_logger("batches")
 
@@ -206,14 +208,28 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
     def run(routed: PromptRequest) -> PipelineResult:
         nonlocal worker
         worker = routed.worker
+        held: list[str | None] = []  # the budgets' hold, once the prompt is assembled
+
+        def reserve(prompt: AssembledPrompt) -> None:
+            held.append(budgets.hold(routed, config, prompt))
+
         deps = PipelineDeps(
             config=config,
             retrieve=selectors.document_search,
             load_history=lambda: (),  # items are independent prompts, not turns of a conversation
             worker=worker_pool.get(config, routed.worker),
             publish=lambda chunk: None,  # nobody streams a batch item: the answer is recorded
+            before_inference=reserve,
         )
-        return run_pipeline(routed, deps, observed)[1]
+        answered: PipelineResult | None = None
+        try:
+            answered = run_pipeline(routed, deps, observed)[1]
+        finally:
+            if held and held[0] is not None and answered is None:
+                budgets.release_hold(held[0])  # failed: refunded
+        if held and held[0] is not None:
+            budgets.settle_hold(held[0], budgets.actual_nano(answered, config))
+        return answered
 
     try:
         result = run_guarded(_request_for(job, item), config, run)
@@ -237,6 +253,15 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
     record_stages(observed, worker)
     tokens_used(str(job.tenant_id), result.worker, result.usage)  # spent at the provider, even by a duplicate run
     _record(job, item, result=result)
+    budgets.ledger_write_safely(
+        _request_for(job, item),
+        worker=result.worker,
+        model=result.model,
+        prompt_tokens=result.usage.prompt_tokens,
+        completion_tokens=result.usage.completion_tokens,
+        cost_nano=budgets.actual_nano(result, config),
+        outcome=UsageOutcome.ANSWERED,
+    )
     return True
 
 

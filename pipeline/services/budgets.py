@@ -206,10 +206,7 @@ def store() -> budget.BudgetStore:
 def correct(request: PromptRequest, prompt: AssembledPrompt, config: PipelineSettings, *, record_key: str) -> None:
     """The reservation, corrected to the assembled prompt plus ``max_tokens`` before
     the provider is called; ``BudgetExceeded`` when that does not fit."""
-    tokens = message_token_bound(prompt.messages)
-    if prompt.options.to_dict():
-        tokens += len(json.dumps(prompt.options.to_dict(), ensure_ascii=False).encode())
-    over = store().correct(record_key, worst_case_nano(request, config, tokens))
+    over = store().correct(record_key, worst_case_nano(request, config, assembled_prompt_bound(prompt)))
     if over is not None:
         raise exceeded(over)
 
@@ -239,6 +236,72 @@ def release(request_id: str) -> int:
             request, worker=request.worker, model=request.model, prompt_tokens=0, completion_tokens=0, cost_nano=charged, outcome=UsageOutcome.FAILED
         )
     return charged
+
+
+HOLD_TTL_S = 3600  # a batch item's reservation outlives any run of it
+
+
+def hold_key(request_id: str) -> str:
+    """Where a request that has no record on the token bus (a batch item) keeps its
+    reservation."""
+    return get_redis().key("budget", "hold", request_id)
+
+
+def assembled_prompt_bound(prompt: AssembledPrompt) -> int:
+    """The prompt tokens of an assembled prompt, at most: its messages, tools and options."""
+    options = prompt.options.to_dict()
+    return message_token_bound(prompt.messages) + (len(json.dumps(options, ensure_ascii=False).encode()) if options else 0)
+
+
+def hold(request: PromptRequest, config: PipelineSettings, prompt: AssembledPrompt) -> str | None:
+    """A batch item's reservation, made in the worker once its prompt is assembled (no
+    gateway stands before it): the assembled prompt plus ``max_tokens``, against every
+    budget that applies, all or none. The hold's key, or None when no budget applies.
+    ``BudgetExceeded`` when one cannot cover it; ``ServiceUnavailable`` when Redis is
+    down and a budget applies (fail closed)."""
+    record_key = hold_key(request.request_id)
+    amount = worst_case_nano(request, config, assembled_prompt_bound(prompt))
+    budgets_store = store()
+
+    def reserve() -> budget.Reserved:
+        return budgets_store.reserve(
+            tenant_id=request.tenant_id, record_key=record_key, api_key_id=request.api_key_id, session_id=request.session_id, amount=amount, now=time.time()
+        )
+
+    try:
+        reserved = reserve()
+        if not reserved.known:
+            rebuild(request.tenant_id)
+            reserved = reserve()
+        if reserved.budgets:
+            with redis_errors("keep the budget reservation"):
+                get_redis().client.expire(record_key, HOLD_TTL_S)
+    except ServiceUnavailable as exc:
+        if exc.data.get("service") == "redis" and not apply_anywhere(request.tenant_id, request.api_key_id, request.session_id):
+            return None  # no budget applies: the item runs, uncounted, as every item does while Redis is down
+        raise
+    if not reserved.known:
+        raise ServiceUnavailable("the budgets could not be loaded; retry shortly", data={"service": "redis"}, retry_after=1.0)
+    if reserved.over is not None:
+        raise exceeded(reserved.over)
+    return record_key if reserved.budgets else None
+
+
+def settle_hold(record_key: str, charge_nano: int) -> None:
+    """A held item answered: its reservation becomes ``charge_nano`` of spend. Redis
+    down: logged (the reservation stays until its period's key expires)."""
+    try:
+        store().settle(record_key, charge_nano)
+    except ServiceUnavailable as exc:
+        log.warning("budget_unsettled", record_key=record_key, outcome="degraded", error_type=type(exc.__cause__ or exc).__name__)
+
+
+def release_hold(record_key: str) -> None:
+    """A held item failed: its reservation refunded (nothing streamed: nothing charged)."""
+    try:
+        store().release(record_key)
+    except ServiceUnavailable as exc:
+        log.warning("budget_unreleased", record_key=record_key, outcome="degraded", error_type=type(exc.__cause__ or exc).__name__)
 
 
 def ledger_row(result: PipelineResult, *, cost_nano: int) -> dict[str, object]:
