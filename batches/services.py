@@ -251,7 +251,9 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
         _record(job, item, error=OrchestratorError("internal error while running the item"))
         return True
     record_stages(observed, worker)
-    tokens_used(str(job.tenant_id), result.worker, result.usage)  # spent at the provider, even by a duplicate run
+    cost = budgets.actual_nano(result, config)
+    # Spent at the provider, even by a duplicate run.
+    tokens_used(str(job.tenant_id), result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
     _record(job, item, result=result)
     budgets.ledger_write_safely(
         _request_for(job, item),
@@ -259,7 +261,7 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
         model=result.model,
         prompt_tokens=result.usage.prompt_tokens,
         completion_tokens=result.usage.completion_tokens,
-        cost_nano=budgets.actual_nano(result, config),
+        cost_nano=cost,
         outcome=UsageOutcome.ANSWERED,
     )
     return True

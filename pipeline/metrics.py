@@ -83,6 +83,11 @@ TENANT_TOKENS = Counter(
     "Provider tokens by tenant (the METRICS_TENANT_LABELS tenants with the most, the rest as other), worker and direction (input, output).",
     ["tenant", "worker", "direction"],
 )
+SPEND = Counter(
+    "orchestrator_spend_usd",
+    "What answers cost at their workers' prices, in USD, by tenant (as orchestrator_tenant_tokens_total), worker and model.",
+    ["tenant", "worker", "model"],
+)
 OTHER_TENANTS = "other"
 
 DEGRADED = Gauge(
@@ -183,14 +188,17 @@ def tenant_labels() -> TenantLabels:
     return _tenant_labels
 
 
-def tokens_used(tenant_id: str, worker: str, usage: Usage) -> None:
+def tokens_used(tenant_id: str, worker: str, usage: Usage, *, model: str = "", cost_usd: float = 0.0) -> None:
     """An answer's provider tokens, by tenant (bounded: ``TenantLabels``), worker and
-    direction. Not for answers served by deduplication: no provider was called."""
+    direction, and its cost by tenant, worker and model. Not for answers served by
+    deduplication: no provider was called."""
     tenant = tenant_labels().label(tenant_id, usage.total_tokens)
     if usage.prompt_tokens:
         child(TENANT_TOKENS, tenant, worker, "input").inc(usage.prompt_tokens)
     if usage.completion_tokens:
         child(TENANT_TOKENS, tenant, worker, "output").inc(usage.completion_tokens)
+    if cost_usd > 0:
+        child(SPEND, tenant, worker, model).inc(cost_usd)
 
 
 def record_stages(observed: list[tuple[str, str, int]], worker: str) -> None:

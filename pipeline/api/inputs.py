@@ -55,7 +55,9 @@ def _max_tokens(value: Any) -> Any:
     return value
 
 
-MaxTokens = Annotated[StrictInt | None, BeforeValidator(_max_tokens), Field(None, ge=1)]
+# The bound on the integer alone: on the union, pydantic applied it to null too and
+# raised a TypeError (a 500) for "max_tokens": null.
+MaxTokens = Annotated[Annotated[StrictInt, Field(ge=1)] | None, BeforeValidator(_max_tokens), Field(None)]
 
 
 def _stops(value: list[str]) -> list[str]:

@@ -78,10 +78,6 @@ def resets_at(period: Period, now: float) -> dt.datetime | None:
     return (start + dt.timedelta(days=32)).replace(day=1)
 
 
-def to_nano(usd: float) -> int:
-    return round(usd * NANO_PER_USD)
-
-
 def nano_cost(tokens_in: int, tokens_out: int, *, price_input_per_mtok: float, price_output_per_mtok: float) -> int:
     """What ``tokens_in`` prompt and ``tokens_out`` answer tokens cost, in nano-USD
     (a price per million tokens is a thousand nano-USD per token per dollar)."""
@@ -121,6 +117,15 @@ local function budget_targets(definitions, prefix, key_id, session_id, day_id, m
   return targets
 end
 
+-- Take back ``amount`` of a spend key's reservations, never below nothing: a key that
+-- Redis lost (evicted) since the reservation must not come back owing a negative
+-- reservation, which would let later requests past the limit.
+local function budget_unreserve(key, amount)
+  local held = tonumber(redis.call('HGET', key, 'reserved') or '0')
+  if held < amount then amount = held end
+  if amount ~= 0 then redis.call('HINCRBY', key, 'reserved', -amount) end
+end
+
 local function budget_over(target, used, amount)
   return {'over', target.id, target.scope, math.max(target.limit - used, 0), target.period, target.limit}
 end
@@ -152,7 +157,7 @@ local function budget_settle(record, charge)
   if not noted[1] or noted[1] == '' then return 0 end
   local reserved = tonumber(noted[2])
   for key in string.gmatch(noted[1], '%S+') do
-    redis.call('HINCRBY', key, 'reserved', -reserved)
+    budget_unreserve(key, reserved)
     if charge > 0 then redis.call('HINCRBY', key, 'spent', charge) end
   end
   redis.call('HDEL', record, 'budget_keys', 'reserved')
@@ -174,12 +179,19 @@ if not noted[1] or noted[1] == '' then return {'ok'} end
 local old, amount = tonumber(noted[2]), tonumber(ARGV[1])
 for key in string.gmatch(noted[1], '%S+') do
   local spend = redis.call('HMGET', key, 'spent', 'reserved', 'limit', 'id', 'period', 'scope')
-  local used = tonumber(spend[1] or '0') + tonumber(spend[2] or '0') - old
-  if used + amount > tonumber(spend[3]) then
-    return budget_over({id = spend[4], scope = spend[6], period = spend[5], limit = tonumber(spend[3])}, used, amount)
+  -- A key Redis lost since the reservation has no limit to check against: the next
+  -- reservation of its budget brings the limit back.
+  if spend[3] then
+    local used = tonumber(spend[1] or '0') + tonumber(spend[2] or '0') - old
+    if used + amount > tonumber(spend[3]) then
+      return budget_over({id = spend[4], scope = spend[6], period = spend[5], limit = tonumber(spend[3])}, used, amount)
+    end
   end
 end
-for key in string.gmatch(noted[1], '%S+') do redis.call('HINCRBY', key, 'reserved', amount - old) end
+for key in string.gmatch(noted[1], '%S+') do
+  budget_unreserve(key, old)
+  redis.call('HINCRBY', key, 'reserved', amount)
+end
 redis.call('HSET', KEYS[1], 'reserved', amount)
 return {'ok'}
 """
@@ -233,10 +245,7 @@ class Over:
 
     @classmethod
     def from_reply(cls, reply: list[Any]) -> Over:
-        def text(value: Any) -> str:
-            return value.decode() if isinstance(value, bytes) else str(value)
-
-        return cls(int(text(reply[1])), Scope(text(reply[2])), int(reply[3]), Period(text(reply[4])), int(reply[5]))
+        return cls(int(_text(reply[1])), Scope(_text(reply[2])), int(reply[3]), Period(_text(reply[4])), int(reply[5]))
 
 
 def _text(value: Any) -> str:

@@ -451,7 +451,3 @@ def _is_tenant_id(value: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

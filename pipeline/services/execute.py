@@ -222,7 +222,7 @@ def _settle_success(
         log.info("run_fenced", request_id=request.request_id, attempt=producer.run.attempt, outcome="dropped")
         return
     clock.finished("ok")
-    metrics.tokens_used(request.tenant_id, result.worker, result.usage)
+    metrics.tokens_used(request.tenant_id, result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
     _bookkeeping(request, config, key=key, result_json=json.dumps(body), tokens=result.usage.total_tokens, charge_nano=cost if budgeted else None)
 
 

@@ -34,7 +34,8 @@ def infer_local(*, request: PromptRequest) -> PipelineResult:
         result = gates.run_guarded(request, config, lambda routed: _run_stages(routed, config, clock))
         # Its cost goes into the ledger (which a rebuild reads), though no budget applies:
         # one that did would have refused the request while Redis is down.
-        usage = budgets.ledger_row(result, cost_nano=budgets.actual_nano(result, config))
+        cost = budgets.actual_nano(result, config)
+        usage = budgets.ledger_row(result, cost_nano=cost)
         sessions.session_turns_append(request=request, reply=result.text, usage=usage)
     except OrchestratorError as exc:
         clock.finished(exc.code)
@@ -48,7 +49,7 @@ def infer_local(*, request: PromptRequest) -> PipelineResult:
     if key:
         gates.local_dedup(config).complete(key, json.dumps(result.to_dict()))
     gates.local_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
-    metrics.tokens_used(request.tenant_id, result.worker, result.usage)
+    metrics.tokens_used(request.tenant_id, result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
     return result
 
 

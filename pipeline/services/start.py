@@ -36,7 +36,7 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -44,6 +44,7 @@ from typing import Any
 
 import structlog
 from asgiref.sync import sync_to_async
+from django.db import close_old_connections
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestrator_site import telemetry
@@ -262,7 +263,7 @@ async def _start(request: PromptRequest, rates: TenantRates, config: PipelineSet
         if _text(reply[0]) == "budget_unknown":
             # Redis does not know the tenant's budgets (new to it, or it lost its data):
             # from Postgres and the ledger, then the start again.
-            await sync_to_async(budgets.rebuild, thread_sensitive=False)(request.tenant_id)
+            await sync_to_async(_returning_the_connection, thread_sensitive=False)(budgets.rebuild, request.tenant_id)
             reply = await _run_start_script(request, rates, config, key, worst_case)
     except ServiceUnavailable as exc:
         if exc.data.get("service") == "postgres":
@@ -393,13 +394,24 @@ def _run_here(request_id: str) -> None:
 async def _start_without_redis(request: PromptRequest, rates: TenantRates, config: PipelineSettings) -> Started:
     """Redis is down. A request under a budget is refused: its spend could not be
     counted (fail closed). Any other is run here."""
-    if await sync_to_async(budgets.apply_anywhere, thread_sensitive=False)(request.tenant_id, request.api_key_id, request.session_id):
+    applies = sync_to_async(_returning_the_connection, thread_sensitive=False)
+    if await applies(budgets.apply_anywhere, request.tenant_id, request.api_key_id, request.session_id):
         raise ServiceUnavailable(
             "a budget applies to this request and cannot be checked while Redis is unavailable; retry shortly",
             data={"service": "redis", "reason": "budget"},
             retry_after=5.0,
         )
     return _start_here(request, rates, config)
+
+
+def _returning_the_connection(read: Callable[..., Any], *args: Any) -> Any:
+    """``read(*args)`` in an executor thread, its database connection handed back to
+    the pool afterwards: Django does that for a request's own thread only, and an
+    executor thread would hold a connection for ever (or keep one that broke)."""
+    try:
+        return read(*args)
+    finally:
+        close_old_connections()
 
 
 def _text(value: Any) -> str:

@@ -64,3 +64,32 @@ def test_set_refuses_what_it_cannot_do_with_a_message_and_status_1(owner: Tenant
     done = run(*args)
     assert (done.returncode, done.stdout) == (1, "") and message in done.stderr
     assert not Budget.objects.exists()
+
+
+def test_budget_commands_without_postgres_say_so() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LOG_LEVEL"}
+    env |= {"DATABASE_URL": "postgres://postgres@127.0.0.1:1/nothing", "DATABASE_POOL_TIMEOUT_S": "1"}
+    for args in (("list",), ("set", "5", "--tenant", "owner")):
+        done = subprocess.run([str(SCRIPT), "budget", *args], capture_output=True, text=True, timeout=60, env=env, check=False)
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "Postgres" in done.stderr or "postgres" in done.stderr
+
+
+def test_every_budget_command_has_help() -> None:
+    for command in ("set", "list"):
+        done = subprocess.run([str(SCRIPT), "budget", command, "--help"], capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0 and f"Usage: orchestrator budget {command}" in done.stdout
+
+
+def test_list_shows_what_each_budget_has_spent_and_has_left(owner: TenantFixture) -> None:
+    import datetime as dt
+
+    from pipeline.models import UsageEntry
+
+    # Spent before the budget existed: a budget new in its period starts from the ledger.
+    UsageEntry.objects.create(tenant=owner.tenant, request_id="r", worker="w", model="m", cost_usd=Decimal("0.5"), created_at=dt.datetime.now(tz=dt.UTC))
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("2"), period="total")
+    listed = run("list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "owner" in line)
+    assert "2.000000" in row and "0.5" in row and "1.5" in row and "never" in row

@@ -71,6 +71,8 @@ def test_specific_statuses() -> None:
     assert errors.UnsupportedMediaType.http_status == 415
     assert errors.WorkerRateLimited.http_status == 429
     assert errors.ApiKeyRevoked.http_status == 401
+    # 402 Payment Required: the budget, not the request, is what must change.
+    assert (errors.BudgetExceeded.http_status, errors.BudgetExceeded.ws_close_code, errors.BudgetExceeded.retryable) == (402, 4402, False)
     assert issubclass(errors.PromptMissing, errors.InvalidRequest)
 
 

@@ -67,7 +67,8 @@ def settings_json(**env: str) -> dict:
     code = (
         "import json; from orchestrator_site import settings as s; "
         "print(json.dumps({k: getattr(s, k, None) for k in ['DEBUG', 'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', "
-        "'SECURE_HSTS_SECONDS', 'SERVE_STATIC', 'LOG_FORMAT', 'REDIS_SOCKET_TIMEOUT_S', 'REDIS_KEY_PREFIX', 'PIPELINE_CONFIG_PATH', 'CSRF_TRUSTED_ORIGINS']} "
+        "'SECURE_HSTS_SECONDS', 'SERVE_STATIC', 'LOG_FORMAT', 'REDIS_SOCKET_TIMEOUT_S', 'REDIS_KEY_PREFIX', 'PIPELINE_CONFIG_PATH', 'CSRF_TRUSTED_ORIGINS', "
+        "'REDIS_MAX_CONNECTIONS']} "
         "| {'conn_max_age': s.DATABASES['default']['CONN_MAX_AGE'], 'pool': s.DATABASES['default']['OPTIONS']['pool'], 'password': s.DATABASES['default']['PASSWORD']}))"
     )
     proc = run_python(code, **env)
@@ -93,6 +94,7 @@ def test_tuning_variables() -> None:
         DATABASE_POOL_MIN="2",
         DATABASE_POOL_MAX="7",
         REDIS_SOCKET_TIMEOUT_MS="250",
+        REDIS_MAX_CONNECTIONS="64",
         REDIS_KEY_PREFIX="blue",
         PIPELINE_CONFIG="/etc/po/pipeline.toml",
         CSRF_TRUSTED_ORIGINS="https://a.example,https://b.example",
@@ -101,7 +103,7 @@ def test_tuning_variables() -> None:
         SERVE_STATIC="0",
     )
     assert tuned["conn_max_age"] == 0 and tuned["pool"] == {"min_size": 2, "max_size": 7, "timeout": 10}
-    assert tuned["REDIS_SOCKET_TIMEOUT_S"] == 0.25 and tuned["REDIS_KEY_PREFIX"] == "blue"
+    assert tuned["REDIS_SOCKET_TIMEOUT_S"] == 0.25 and tuned["REDIS_KEY_PREFIX"] == "blue" and tuned["REDIS_MAX_CONNECTIONS"] == 64
     assert tuned["PIPELINE_CONFIG_PATH"] == "/etc/po/pipeline.toml" and tuned["CSRF_TRUSTED_ORIGINS"] == ["https://a.example", "https://b.example"]
     assert tuned["password"] == "s3cret" and tuned["LOG_FORMAT"] == "json" and tuned["SERVE_STATIC"] is False
 

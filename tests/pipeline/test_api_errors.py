@@ -146,6 +146,23 @@ def test_max_tokens_over_the_limit(owner: TenantFixture, fakes: object) -> None:
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(("value", "problem"), [(0, "Ensure this value is greater than or equal to 1."), ("8", "A valid integer is required.")])
+def test_max_tokens_below_one_or_not_an_integer(owner: TenantFixture, value: object, problem: str) -> None:
+    resp = owner.client.post(INFER, {"prompt": "hi", "max_tokens": value}, format="json")
+    assert resp.status_code == 400 and error_of(resp)["data"] == {"fields": {"max_tokens": [problem]}}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_max_tokens_null_is_the_default(owner: TenantFixture, realtime_worker: object) -> None:
+    """Once a 500: pydantic applied the lower bound to null (found by the fuzz test)."""
+    resp = owner.client.post(INFER, {"prompt": "hi", "max_tokens": None, "session_id": None}, format="json")
+    assert resp.status_code == 200, resp.content
+    for path in ("/v1/chat/completions",):
+        body = {"model": "echo/echo-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": None}
+        assert owner.client.post(path, body, format="json").status_code == 200
+
+
+@pytest.mark.django_db
 def test_method_not_allowed(owner: TenantFixture) -> None:
     resp = owner.client.get(INFER)
     assert resp.status_code == 405 and error_of(resp)["code"] == "method_not_allowed"

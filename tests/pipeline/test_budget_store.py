@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 from django.conf import settings
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.resilience import budget
 from pipeline.resilience.budget import BudgetStore, Over, Period, Scope
@@ -63,7 +65,6 @@ def test_periods_are_utc_days_and_months_and_a_month_ends_at_the_next_one() -> N
 def test_a_price_per_million_tokens_is_a_thousand_nano_usd_per_token_per_dollar() -> None:
     assert budget.nano_cost(1_000_000, 0, price_input_per_mtok=2.5, price_output_per_mtok=99) == 2_500_000_000  # 2.5 USD
     assert budget.nano_cost(3, 8, price_input_per_mtok=0.15, price_output_per_mtok=1000) == 450 + 8_000_000
-    assert budget.to_nano(0.015) == 15_000_000
 
 
 def test_with_the_definitions_unknown_nothing_is_reserved(store: BudgetStore) -> None:
@@ -171,3 +172,59 @@ def test_writing_the_definitions_replaces_them_and_a_rebuild_only_fills_what_is_
     store._client.delete(defs)
     assert script(keys=[defs], args=["rebuild", 0]) == 1
     assert store._client.hgetall(defs) == {b"loaded": b"1"}
+
+
+def test_a_spend_key_lost_mid_request_never_comes_back_owing(store: BudgetStore) -> None:
+    """Under an eviction policy a spend key can go while a request holds a reservation
+    on it: neither the correction nor the settlement may leave it a negative
+    reservation, which would let later requests past the limit."""
+    define(store, tenant=budget.definition(1, 100, Period.TOTAL, Scope.TENANT))
+    reserve(store, "r1", 60)
+    spend = budget.spend_key(store.prefix, 1, "total")
+    store._client.delete(spend)
+    assert store.correct(f"{store.prefix}:req:r1", 80) is None  # nothing to check against: allowed
+    assert figures(store, 1) == (0, 80)
+    store._client.delete(spend)
+    assert store.settle(f"{store.prefix}:req:r1", 50) == 80
+    assert figures(store, 1) == (50, 0)
+    assert reserve(store, "r2", 51).over == Over(1, Scope.TENANT, 50, Period.TOTAL, 100)
+    reserve(store, "r3", 50)
+    store._client.delete(spend)
+    assert store.release(f"{store.prefix}:req:r3") == 0
+    assert figures(store, 1) is None  # nothing written back: the refund owed nothing
+
+
+@given(at=st.integers(min_value=0, max_value=4_102_444_800), period=st.sampled_from([Period.DAY, Period.MONTH]))
+def test_every_instant_lies_in_one_period_that_ends_where_the_next_begins(at: int, period: Period) -> None:
+    start, end = budget.period_start(period, at), budget.resets_at(period, at)
+    assert start is not None and end is not None
+    assert start.timestamp() <= at < end.timestamp()
+    index = 0 if period is Period.DAY else 1
+    assert budget.period_ids(start.timestamp())[index] == budget.period_ids(at)[index] != budget.period_ids(end.timestamp())[index]
+    assert budget.period_start(period, end.timestamp()) == end  # the next period begins exactly at the reset
+
+
+@given(
+    tokens=st.tuples(st.integers(0, 10**7), st.integers(0, 10**7), st.integers(0, 10**7)),
+    prices=st.tuples(st.floats(0, 1000, allow_nan=False), st.floats(0, 1000, allow_nan=False)),
+)
+def test_a_cost_grows_with_its_tokens_and_is_never_negative(tokens: tuple[int, int, int], prices: tuple[float, float]) -> None:
+    prompt, answer, more = tokens
+    cost = budget.nano_cost(prompt, answer, price_input_per_mtok=prices[0], price_output_per_mtok=prices[1])
+    assert cost >= 0
+    assert budget.nano_cost(prompt + more, answer, price_input_per_mtok=prices[0], price_output_per_mtok=prices[1]) >= cost
+    assert budget.nano_cost(prompt, answer + more, price_input_per_mtok=prices[0], price_output_per_mtok=prices[1]) >= cost
+
+
+def test_replies_are_read_whether_redis_decodes_them_or_not() -> None:
+    assert Over.from_reply([b"over", b"3", b"session", 5, b"day", 9]) == Over.from_reply(["over", "3", "session", 5, "day", 9])
+    assert Over.from_reply(["over", "3", "session", 5, "day", 9]) == Over(3, Scope.SESSION, 5, Period.DAY, 9)
+    assert budget.Reserved.from_reply([b"unknown"]) == budget.Reserved(known=False)
+    assert budget.Reserved.from_reply(["ok", 2]) == budget.Reserved(budgets=2)
+    assert budget.Reserved.from_reply([b"over", b"1", b"tenant", 0, b"total", 1]).over == Over(1, Scope.TENANT, 0, Period.TOTAL, 1)
+
+
+def test_definitions_name_their_budget_limit_period_and_scope() -> None:
+    assert budget.definition(12, 500, Period.MONTH, Scope.KEY) == "12|500|month|key"
+    assert budget.definitions_key("p", "t-1") == "p:budgets:t-1"
+    assert budget.spend_key("p", 12, "m2026-12") == "p:budget:12:m2026-12"

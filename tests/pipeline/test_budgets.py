@@ -5,6 +5,7 @@ down or lost its data never lets spend through uncounted."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from decimal import Decimal
 from typing import Any
@@ -13,9 +14,10 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.db import connection
 
+from pipeline.config import get_config
 from pipeline.models import Budget, BudgetScope, SessionTurn, UsageEntry, UsageOutcome
-from pipeline.resilience import budget
 from pipeline.services import budgets
+from pipeline.types import PromptRequest
 from tests.conftest import Fakes, TenantFixture, WorkerProcess, delete_redis_keys
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -129,7 +131,7 @@ def test_a_failure_after_tokens_is_charged_its_reservation_and_recorded(owner: T
     now = standing(item)
     assert now.spent_nano > 0 and now.reserved_nano == 0
     (entry,) = UsageEntry.objects.filter(tenant=owner.tenant)
-    assert entry.outcome == UsageOutcome.FAILED and budget.to_nano(float(entry.cost_usd)) == now.spent_nano
+    assert entry.outcome == UsageOutcome.FAILED and budgets.limit_nano(entry.cost_usd) == now.spent_nano
 
 
 def test_the_worker_refuses_when_the_assembled_prompt_does_not_fit(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes) -> None:
@@ -250,3 +252,57 @@ def test_budgets_and_usage_are_reported_to_the_tenant(owner: TenantFixture, outs
 def test_a_bad_usage_window_is_a_400_naming_the_field(owner: TenantFixture, query: str, field: str) -> None:
     resp = owner.client.get(f"/api/v1/usage?{query}")
     assert resp.status_code == 400 and resp.json()["error"]["data"] == {"field": field}
+
+
+def test_a_streamed_answer_is_charged_its_cost_not_its_reservation(owner: TenantFixture, realtime_worker: WorkerProcess, fakes: Fakes) -> None:
+    """Tokens reached the client, yet the answer completed: it settles with its usage."""
+    item = Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("1"), period="total")
+    resp = owner.client.post("/api/v1/infer", {"prompt": "stream it", "worker": "openai", "max_tokens": 64, "stream": True}, format="json")
+
+    async def drain() -> bytes:
+        return b"".join([chunk async for chunk in resp.streaming_content])
+
+    body = async_to_sync(drain)().decode()
+    assert "event: done" in body
+    now = standing(item)
+    (entry,) = UsageEntry.objects.filter(tenant=owner.tenant)
+    prompt_tokens, completion_tokens = entry.prompt_tokens, entry.completion_tokens
+    assert (now.spent_nano, now.reserved_nano) == (prompt_tokens * 1000 * 1000 + completion_tokens * 2000 * 1000, 0)
+    assert now.spent_nano < budgets.worst_case_nano(
+        PromptRequest(request_id="r", tenant_id="t", session_id="r", prompt="stream it", worker="openai", model="gpt-fake", max_tokens=64),
+        get_config(),
+        prompt_tokens,
+    )
+
+
+def test_the_openai_api_and_the_websocket_are_charged_alike(owner: TenantFixture, realtime_worker: WorkerProcess) -> None:
+    from channels.testing import WebsocketCommunicator
+
+    from orchestrator_site.asgi import application
+
+    item = Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("1"), period="day")
+    answer = owner.client.post(
+        "/v1/chat/completions", {"model": "echo_priced/echo-priced-1", "messages": [{"role": "user", "content": "via v1"}], "max_tokens": 8}, format="json"
+    )
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 8
+
+    async def over_the_websocket() -> str:
+        ws = WebsocketCommunicator(application, "/api/v1/stream", headers=[(b"authorization", f"Bearer {owner.key}".encode())])
+        await ws.connect(timeout=10)
+        await ws.receive_from(timeout=10)  # authenticated
+        await ws.send_to(text_data=json.dumps({"type": "prompt", "prompt": "via ws", "worker": "echo_priced", "max_tokens": 8}))
+        while (event := json.loads(await ws.receive_from(timeout=15)))["type"] not in ("done", "error"):
+            pass
+        await ws.disconnect()
+        return str(event["type"])
+
+    assert async_to_sync(over_the_websocket)() == "done"
+    assert budgets.usd(standing(item).spent_nano) == 2 * ANSWER_USD
+    assert sorted(UsageEntry.objects.filter(tenant=owner.tenant).values_list("model", flat=True)) == ["echo-priced-1", "echo-priced-1"]
+
+
+def test_inline_answers_while_redis_is_down_are_in_the_ledger(owner: TenantFixture, redis_down: None) -> None:
+    answer = owner.client.post("/api/v1/infer", {"prompt": "no redis", "worker": "echo_priced", "max_tokens": 8}, format="json")
+    assert answer.status_code == 200
+    (entry,) = UsageEntry.objects.filter(tenant=owner.tenant)
+    assert (entry.worker, entry.cost_usd, entry.api_key_id) == ("echo_priced", ANSWER_USD, owner.issued.api_key.id)

@@ -98,3 +98,38 @@ def test_the_gateways_own_run_counts_its_tokens(owner: TenantFixture) -> None:
     before = tokens(tenant, "echo", "output")
     result = inline.infer_local(request=request)
     assert tokens(tenant, "echo", "output") - before == result.usage.completion_tokens > 0
+
+
+def spend(tenant: str, worker: str, model: str) -> float:
+    return REGISTRY.get_sample_value("orchestrator_spend_usd_total", {"tenant": tenant, "worker": worker, "model": model}) or 0.0
+
+
+def test_a_cost_is_counted_by_tenant_worker_and_model_and_a_free_answer_not_at_all() -> None:
+    before = spend("tenant-y", "w", "m")
+    metrics.tokens_used("tenant-y", "w", Usage(1, 2), model="m", cost_usd=0.25)
+    metrics.tokens_used("tenant-y", "w", Usage(1, 2), model="m")  # a worker without prices
+    assert spend("tenant-y", "w", "m") - before == pytest.approx(0.25)
+    assert REGISTRY.get_sample_value("orchestrator_spend_usd_total", {"tenant": "tenant-y", "worker": "w", "model": ""}) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_place_an_answer_settles_counts_its_cost(owner: TenantFixture, fakes: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real-time run, the gateway's own run, and a batch item: the same cost, at the
+    worker's prices, as the ledger records."""
+    from decimal import Decimal
+
+    from batches.services import Prompt, batch_create, batch_run_chunk
+    from batches.tasks import run_batch_chunk
+    from pipeline.models import UsageEntry
+    from pipeline.services import inline
+
+    monkeypatch.setattr(run_batch_chunk, "apply_async", lambda *args, **kwargs: None)
+    tenant = str(owner.tenant.id)
+    data = {"prompt": "priced", "worker": "echo_priced", "max_tokens": 8}
+    before = spend(tenant, "echo_priced", "echo-priced-1")
+    run_in_process(start.infer_build_request(tenant_id=tenant, data=data, config=get_config()))
+    inline.infer_local(request=start.infer_build_request(tenant_id=tenant, data=data, config=get_config()))
+    job = batch_create(tenant=owner.tenant, data={"prompts": [Prompt("priced")], "worker": "echo_priced", "max_tokens": 8}, config=get_config())
+    batch_run_chunk(job_id=str(job.id), first=0, last=1)
+    assert spend(tenant, "echo_priced", "echo-priced-1") - before == pytest.approx(3 * 0.008)
+    assert sum(UsageEntry.objects.filter(tenant=owner.tenant).values_list("cost_usd", flat=True), Decimal(0)) == Decimal("0.024")
