@@ -120,3 +120,9 @@ def test_every_panel_reads_the_provisioned_data_source() -> None:
     provider = yaml.safe_load((DOCKER / "grafana" / "provisioning" / "dashboards" / "orchestrator.yml").read_text())
     mounted = dict(v.split(":")[:2] for v in COMPOSE["services"]["grafana"]["volumes"])
     assert mounted["./grafana/dashboards"] == provider["providers"][0]["options"]["path"]
+
+
+def test_the_spend_panel_shows_dollars_per_hour_by_tenant_worker_and_model() -> None:
+    (panel,) = [p for p in DASHBOARD["panels"] if any("orchestrator_spend_usd_total" in t["expr"] for t in p.get("targets", []))]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "currencyUSD"
+    assert panel["targets"][0]["expr"] == "sum by (tenant, worker, model) (rate(orchestrator_spend_usd_total[5m])) * 3600"

@@ -384,3 +384,81 @@ def test_usage_is_grouped_by_utc_day_worker_and_model(owner: TenantFixture, outs
     ]
     december = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
     assert [r["day"] for r in budgets.usage_by_day(str(owner.tenant.id), since=december, until=december + dt.timedelta(days=1))] == ["2026-12-01"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_read_in_an_executor_thread_hands_its_connection_back(owner: TenantFixture) -> None:
+    """Django closes a request thread's connection; an executor thread's it would keep
+    for ever, holding a pool slot (or a connection that broke)."""
+    import threading
+
+    from django.db import connection
+
+    seen: dict[str, object] = {}
+
+    def in_a_thread() -> None:
+        seen["applies"] = start._returning_the_connection(budgets.apply_anywhere, str(owner.tenant.id), None, "s")
+        seen["open after"] = connection.connection is not None
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"applies": False, "open after": False}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_key_travels_with_the_request_to_the_worker(owner: TenantFixture, unpublished: list[tuple[str, int]]) -> None:
+    from pipeline.tokenbus import fencing
+
+    Budget.objects.create(tenant=owner.tenant, scope=BudgetScope.KEY, api_key=owner.issued.api_key, amount_usd=Decimal("1"), period="day")
+    request = request_of(owner)
+    assert PromptRequest.from_dict(request.to_dict()).api_key_id == owner.issued.api_key.id
+    start_request(request)
+    begun = fencing.begin(get_bus(), fencing.Run.new(request.request_id, 1), lease_s=5, executed_by="test")
+    assert begun.payload is not None and begun.payload["api_key_id"] == owner.issued.api_key.id
+    assert begun.reserved_nano == 8 * 1000 * 1000  # the worker knows a budget holds it: it corrects and settles
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refusal_comes_before_any_stream_opens(owner: TenantFixture) -> None:
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("0"), period="total")
+    streamed = owner.client.post("/api/v1/infer", {"prompt": "hi", "worker": "echo_priced", "max_tokens": 8, "stream": True}, format="json")
+    assert streamed.status_code == 402 and streamed.json()["error"]["code"] == "budget_exceeded"
+    body = {"model": "echo_priced/echo-priced-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True}
+    openai = owner.client.post("/v1/chat/completions", body, format="json")
+    assert openai.status_code == 402 and openai.json()["error"]["type"] == "insufficient_quota"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tenant_deleted_with_its_budgets_leaves_none_in_redis(owner: TenantFixture) -> None:
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("1"), period="day")
+    tenant_id = str(owner.tenant.id)
+    assert "tenant" in definitions(tenant_id)
+    owner.tenant.delete()
+    assert not Budget.objects.filter(tenant_id=tenant_id).exists()
+    assert definitions(tenant_id) == {"loaded": "1"}
+
+
+def test_the_bound_counts_a_conversations_tool_calls_and_results() -> None:
+    from pipeline.types import ToolCall
+
+    call = ToolCall(id="call_1", name="lookup", arguments='{"city": "Zürich", "days": 14}')
+    turns = (ChatMessage("assistant", "", tool_calls=(call,)), ChatMessage("tool", "Sunny, 21 °C", tool_call_id="call_1"))
+    bare = PromptRequest(
+        request_id="r", tenant_id="t", session_id="r", prompt="weather?", worker="echo", model="echo-1", max_tokens=1, tenant_has_documents=False
+    )
+    with_tools = PromptRequest(**{**bare.__dict__, "tool_turns": turns})
+    extra = budgets.gateway_prompt_bound(with_tools, PipelineSettings()) - budgets.gateway_prompt_bound(bare, PipelineSettings())
+    assert extra >= len(call.arguments.encode()) + len("Sunny, 21 °C".encode()) + 2 * budgets.MESSAGE_FRAMING_TOKENS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_setting_a_budget_without_postgres_says_so(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Any, *_: Any, **__: Any) -> Any:
+        raise DatabaseError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr("django.db.models.query.QuerySet._fetch_all", broken)
+    with pytest.raises(ServiceUnavailable, match="postgres unavailable while trying to write the budget") as refused:
+        budgets.budget_set(tenant="owner", amount_usd=Decimal("1"), period="day")
+    assert refused.value.data == {"service": "postgres"}
+    assert refused.value.retry_after == 5.0

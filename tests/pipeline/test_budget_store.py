@@ -228,3 +228,14 @@ def test_definitions_name_their_budget_limit_period_and_scope() -> None:
     assert budget.definition(12, 500, Period.MONTH, Scope.KEY) == "12|500|month|key"
     assert budget.definitions_key("p", "t-1") == "p:budgets:t-1"
     assert budget.spend_key("p", 12, "m2026-12") == "p:budget:12:m2026-12"
+
+
+def test_a_provider_that_counted_more_than_was_reserved_is_charged_what_it_counted(store: BudgetStore) -> None:
+    """The spend is the truth, whatever the bound said: a provider whose tokenizer made
+    more tokens than the prompt's bytes (none known does) shows as spend past the
+    reservation, and the next request is refused accordingly."""
+    define(store, tenant=budget.definition(1, 100, Period.TOTAL, Scope.TENANT))
+    reserve(store, "r1", 30)
+    assert store.settle(f"{store.prefix}:req:r1", 45) == 30
+    assert figures(store, 1) == (45, 0)
+    assert reserve(store, "r2", 56).over == Over(1, Scope.TENANT, 55, Period.TOTAL, 100)

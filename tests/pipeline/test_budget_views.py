@@ -117,6 +117,10 @@ def test_the_admin_shows_the_ledgers_figures_while_redis_is_down(owner: TenantFi
     finally:
         set_redis(None)
     assert '<td class="field-spent">0.4</td>' in page and '<td class="field-remaining">0.6</td>' in page
+    # A month's budget starts again on the first of the next month, at midnight UTC.
+    today = dt.datetime.now(tz=dt.UTC)
+    first_of_next = (today.replace(day=1) + dt.timedelta(days=32)).replace(day=1)
+    assert f'<td class="field-resets">{first_of_next:%Y-%m-%d} 00:00</td>' in page
 
 
 # --- rules at the edges -----------------------------------------------------------------
