@@ -182,3 +182,18 @@ def _config_in_scheduler(**_: Any) -> None:
     config_start("beat")
     if settings.PIPELINE_CONFIG_FOLLOW:
         FileWatcher(settings.PIPELINE_CONFIG_PATH).start()
+
+
+@beat_init.connect
+def _scaling_signals(**_: Any) -> None:
+    """The scaling signals are computed here, in the one scheduler, and exported on its
+    metrics port (``WORKER_METRICS_PORT``, as a worker's) when one is set."""
+    from django.conf import settings
+
+    from orchestrator_site.metrics import serve_worker_metrics
+    from orchestrator_site.scaling import ScalingLoop, read_load
+
+    if settings.SCALING_INTERVAL_S > 0:
+        ScalingLoop(read_load, interval_s=settings.SCALING_INTERVAL_S).start()
+    if settings.WORKER_METRICS_PORT:
+        serve_worker_metrics(settings.WORKER_METRICS_PORT, settings.WORKER_METRICS_ADDR)

@@ -140,15 +140,21 @@ def _postgres_families() -> Iterable[GaugeMetricFamily]:
 
 
 def _broker_families() -> Iterable[GaugeMetricFamily]:
+    depth = GaugeMetricFamily("orchestrator_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
+    for queue, size in queue_depths().items():
+        depth.add_metric([queue], size)
+    return (depth,)
+
+
+def queue_depths() -> dict[str, int]:
+    """Messages waiting in each Celery queue of ours, read from the broker (kombu's
+    errors, and ``OSError``, when it cannot be reached)."""
     from pipeline.queues import Queue
 
-    depth = GaugeMetricFamily("orchestrator_queue_depth", "Messages waiting in each Celery queue.", labels=["queue"])
     options = {**settings.CELERY_BROKER_TRANSPORT_OPTIONS, "socket_timeout": SOURCE_TIMEOUT_S}
     with Connection(settings.CELERY_BROKER_URL, connect_timeout=SOURCE_TIMEOUT_S, transport_options=options) as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=int(SOURCE_TIMEOUT_S))
-        for queue in Queue:
-            depth.add_metric([queue.value], _queue_size(conn, queue.value))
-    return (depth,)
+        return {queue.value: _queue_size(conn, queue.value) for queue in Queue}
 
 
 def _queue_size(conn: Any, name: str) -> int:

@@ -200,6 +200,9 @@ CELERY_TASK_SEND_SENT_EVENT = False
 # Real-time tasks send Celery's task events (received, started, succeeded) like every
 # task, so Flower and `celery events` see them; 0 saves the worker those publishes.
 REALTIME_TASK_EVENTS = env_bool("REALTIME_TASK_EVENTS", default=True)
+# How often the scheduler reads the queues and computes the scaling signals
+# (pipeline.scaling); 0: never.
+SCALING_INTERVAL_S = float(env_int("SCALING_INTERVAL_S", 10))
 # The scheduler (celery beat): the batch recovery sweep (batches.services.batch_recover).
 CELERY_BEAT_SCHEDULE = {
     "batch-recovery": {

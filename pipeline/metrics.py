@@ -90,6 +90,26 @@ SPEND = Counter(
 )
 OTHER_TENANTS = "other"
 
+# Scaling signals (pipeline.scaling), set by the scheduler alone.
+QUEUE_UTILIZATION = Gauge(
+    "orchestrator_queue_utilization",
+    "Work (in flight plus queued) over the capacity of the live workers consuming each queue.",
+    ["queue"],
+    multiprocess_mode="livemax",
+)
+SCALING_SIGNAL = Gauge(
+    "orchestrator_scaling_signal",
+    "Per queue: 1 scale out, -1 scale in, 0 hold (with hysteresis and a cool-down: docs/operations.md).",
+    ["queue"],
+    multiprocess_mode="livemax",
+)
+DESIRED_WORKERS = Gauge(
+    "orchestrator_desired_workers",
+    "Per queue: the workers its load needs; moves only with a scaling signal.",
+    ["queue"],
+    multiprocess_mode="livemax",
+)
+
 DEGRADED = Gauge(
     "orchestrator_degraded",
     "1 while a process runs on its own copy of shared state because the component (redis) is down.",

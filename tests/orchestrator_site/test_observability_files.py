@@ -69,7 +69,7 @@ def exposed_metrics_port(service: str) -> int:
 
 def test_prometheus_scrapes_every_process_group_on_its_metrics_port() -> None:
     targets = {target for job in PROMETHEUS["scrape_configs"] for group in job["static_configs"] for target in group["targets"]}
-    expected = {f"{name}:{exposed_metrics_port(name)}" for name in ("gateway", "worker-realtime", "worker-batch")}
+    expected = {f"{name}:{exposed_metrics_port(name)}" for name in ("gateway", "worker-realtime", "worker-batch", "beat")}
     assert targets == expected
     gateway_job = next(job for job in PROMETHEUS["scrape_configs"] if job["job_name"] == "gateway")
     assert gateway_job["metrics_path"] == "/metrics"

@@ -7,6 +7,7 @@ settlements and releases keeps every budget within its limit."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from orchestrator_site.errors import Overloaded, RateLimited
+from orchestrator_site.errors import BudgetExceeded, Overloaded, RateLimited
 from pipeline.config import BreakerConfig, LimitsConfig, PipelineSettings, get_config, set_config
 from pipeline.models import Budget, BudgetScope, UsageEntry, UsageOutcome
 from pipeline.resilience import budget
@@ -276,3 +277,24 @@ def test_any_sequence_of_steps_matches_the_model_and_never_passes_the_limit(stor
             model.held.pop(name, None)
         assert budgets_store.spend(9, Period.TOTAL, 0) in (None, (model.spent, model.used - model.spent))
         assert model.used <= model.limit
+
+
+def test_a_day_budget_used_up_today_is_whole_again_tomorrow_through_the_start(
+    owner: TenantFixture, unpublished: list[tuple[str, int]], fakes: Fakes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start script charges the period the gateway names: the next UTC day's key is
+    a new one, so the budget is whole again, and yesterday's spend stays where it was."""
+    item = Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("0.008"), period="day")
+    request = request_of(owner, "today")
+    start_request(request)
+    execute.realtime_execute(request.request_id, 1)
+    with pytest.raises(BudgetExceeded) as refused:
+        start_request(request_of(owner, "today, once more"))
+    assert refused.value.data["remaining_usd"] == "0"
+    today, month = budget.period_ids(time.time())
+    monkeypatch.setattr(budget, "period_ids", lambda now: ("d2999-01-01", month))  # the gateway's clock, tomorrow
+    tomorrow = request_of(owner, "tomorrow")
+    assert start_request(tomorrow).kind is start.StartKind.SUBMITTED
+    client, prefix = get_bus().redis.client, get_bus().prefix
+    assert client.hget(budget.spend_key(prefix, item.id, "d2999-01-01"), "reserved") == str(ANSWER_NANO)
+    assert client.hget(budget.spend_key(prefix, item.id, today), "spent") == str(ANSWER_NANO)

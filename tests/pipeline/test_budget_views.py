@@ -244,3 +244,17 @@ def test_a_request_that_does_not_wait_is_settled_all_the_same(owner: TenantFixtu
         time.sleep(0.02)
     assert (now.spent_nano, now.reserved_nano) == (8_000_000, 0)
     assert UsageEntry.objects.get(request_id=request_id).cost_usd == Decimal("0.008")
+
+
+def test_what_requests_in_flight_hold_is_shown_apart_from_what_was_spent(owner: TenantFixture, unpublished: list[tuple[str, int]], fakes: Any) -> None:
+    from pipeline.config import get_config
+    from pipeline.services import start
+    from tests.conftest import start_request
+
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("0.02"), period="day")
+    request = start.infer_build_request(
+        tenant_id=str(owner.tenant.id), data={"prompt": "in flight", "worker": "echo_priced", "max_tokens": 8}, config=get_config(), tenant_has_documents=False
+    )
+    start_request(request)  # queued, not run: its worst case is held
+    (listed,) = owner.client.get("/api/v1/budgets").json()["budgets"]
+    assert (listed["spent_usd"], listed["reserved_usd"], listed["remaining_usd"]) == ("0", "0.008", "0.012")
