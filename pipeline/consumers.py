@@ -30,7 +30,7 @@ from pipeline import selectors, streaming
 from pipeline.api.inputs import InferInput, validated
 from pipeline.auth import TenantPrincipal, api_key_authenticate_cached, request_token
 from pipeline.config import get_config
-from pipeline.services import gates, start
+from pipeline.services import gates, routes, start
 
 log = structlog.get_logger("pipeline.consumers")
 
@@ -144,10 +144,13 @@ class StreamConsumer(AsyncWebsocketConsumer):
         self._room_for_one_more()
         data = validated(InferInput, {k: v for k, v in message.items() if k != "type"})
         config = get_config()
+        fields = data.fields()
+        route = await routes.aroute_if_grouped(config, fields, tenant_id=principal.tenant_id, api_key_id=principal.api_key.id)
         request = start.infer_build_request(
             tenant_id=principal.tenant_id,
             api_key_id=principal.api_key.id,
-            data=data.fields(),
+            route=route,
+            data=fields,
             config=config,
             tenant_has_documents=principal.tenant.has_documents,
         )

@@ -88,6 +88,11 @@ SPEND = Counter(
     "What answers cost at their workers' prices, in USD, by tenant (as orchestrator_tenant_tokens_total), worker and model.",
     ["tenant", "worker", "model"],
 )
+ROUTE_DECISIONS = Counter(
+    "orchestrator_route_decisions",
+    "Requests routed in a route group, by group, the worker chosen and why (pipeline.routing.RouteReason).",
+    ["group", "worker", "reason"],
+)
 OTHER_TENANTS = "other"
 
 # Scaling signals (pipeline.scaling), set by the scheduler alone.
@@ -157,6 +162,13 @@ class StreamClock:
                 child(TTFT, self.worker).observe(max(0.0, self._first_at - self._accepted_at))
         self.tokens += 1
         child(STREAM_TOKENS, self.worker).inc()
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from the gateway's acceptance to the first token (None: none yet)."""
+        if self._first_at is None or self._accepted_at is None:
+            return None
+        return max(0.0, self._first_at - self._accepted_at)
 
     def finished(self, outcome: str) -> None:
         """Record the request, once it is answered: nothing here delays the client."""

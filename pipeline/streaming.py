@@ -84,7 +84,7 @@ def error_event(request_id: str | None, error: OrchestratorError) -> Event:
 async def prompt_events(request: PromptRequest, started: Started, *, timeout_s: float) -> AsyncGenerator[Event, None]:
     """The events of a request the gateway has just started (``services.start``)."""
     rid = request.request_id
-    yield {"type": "start", "request_id": rid}
+    yield {"type": "start", "request_id": rid, **({"route": dict(request.route)} if request.route else {})}
     if started.result is not None:  # answered from the deduplication window
         async for event in _whole(rid, started.result):
             yield event

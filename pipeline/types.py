@@ -68,6 +68,8 @@ class PromptRequest:
     tool_turns: tuple[ChatMessage, ...] = ()
     # The API key it came with (its budget applies); None: no key (a batch item, a test).
     api_key_id: int | None = None
+    # How a route group chose its worker ({group, worker, model, reason}); None: it named one.
+    route: Mapping[str, str] | None = None
 
     @property
     def names_session(self) -> bool:
@@ -96,6 +98,7 @@ class PromptRequest:
             "options": self.options.to_dict(),
             "stream": self.stream,
             "api_key_id": self.api_key_id,
+            "route": dict(self.route) if self.route else None,
         }
 
     @classmethod
@@ -121,6 +124,7 @@ class PromptRequest:
             seed=None if data.get("seed") is None else int(data["seed"]),
             options=GenerationOptions.from_dict(data.get("options") or {}),
             api_key_id=None if data.get("api_key_id") is None else int(data["api_key_id"]),
+            route={str(k): str(v) for k, v in data["route"].items()} if isinstance(data.get("route"), Mapping) else None,
         )
 
 

@@ -100,12 +100,38 @@ def engine_call(s: dict[str, Any]) -> Callable[[], object]:
     return lambda: run_pipeline(s["request"], deps)
 
 
+def _route(s: dict[str, Any]) -> Case:
+    """A route group's decision alone: three candidates, a latency budget to weigh
+    against each one's P95, one of them unavailable."""
+    from pipeline.config import PipelineSettings, RouteCandidate, RouteGroup, WorkerConfig
+    from pipeline.routing import RouteInputs, choose_in_group, looks_like_code
+
+    workers = {n: WorkerConfig(kind="echo", price_input_per_mtok=p, price_output_per_mtok=p) for n, p in (("cheap", 1.0), ("mid", 5.0), ("strong", 20.0))}
+    config = PipelineSettings(workers=workers, default_worker="cheap", routes={"auto": RouteGroup(candidates=tuple(RouteCandidate(worker=n) for n in workers))})
+    prompt = s["request"].prompt
+    p95 = {"cheap": 500.0, "mid": 200.0, "strong": 250.0}
+
+    def decide() -> object:
+        inputs = RouteInputs(
+            prompt_chars=len(prompt),
+            has_code=looks_like_code(prompt),
+            latency_budget_ms=300.0,
+            budget_share=0.5,
+            ttft_p95_ms=p95,
+            unavailable=frozenset({"mid"}),
+        )
+        return choose_in_group(config, "auto", inputs)
+
+    return decide, 5000
+
+
 CASES: dict[str, Callable[[dict[str, Any]], Case]] = {
     "rag.limit_context (50 docs)": _limit_context,
     "assemble": _assemble,
     "post (2 KiB reply)": _post,
     "post on a stream (7-char chunks)": _post_stream,
     "engine (5 stages, in memory)": _engine,
+    "route group decision": _route,
 }
 # A tree the cases cannot be built from (a module moved, a signature changed): what fails
 # to build there is left out, and said (``unavailable``), rather than failing the run.

@@ -300,6 +300,10 @@ token_count = 8
 price_input_per_mtok = 0
 price_output_per_mtok = 1000
 
+[routes.auto]  # the route groups' tests: echo is free, echo_priced is the strong one
+candidates = [{{ worker = "echo" }}, {{ worker = "echo_priced" }}]
+long_prompt_chars = 40
+
 [workers.openai]
 kind = "openai"
 base_url = "{fakes.openai.url}/v1"

@@ -191,6 +191,9 @@ class InferInput(SamplingInput):
     stream: bool = False
     dedup: bool = Field(True, description="false: a fresh answer, never shared with an identical request")
     seed: StrictInt | None = Field(None, description="the provider samples the same way for the same seed (openai, vllm, llamacpp)")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, le=600_000, description="with a route group: the fastest candidate whose recent time to first token (P95) fits"
+    )
 
     @field_validator("session_id", mode="before")
     @classmethod

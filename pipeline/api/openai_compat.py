@@ -33,7 +33,7 @@ from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.api.views import EventStreamRenderer, asks_for_a_fresh_answer, json_answer, refuse_event_stream_for_a_whole_answer, sse_response, tenant_of
 from pipeline.config import PipelineSettings, get_config
-from pipeline.services import gates, start
+from pipeline.services import gates, routes, start
 from pipeline.types import ChatMessage, PipelineResult
 
 
@@ -74,8 +74,11 @@ class ChatCompletionsApi(AsyncAPIView):
         if not data.stream:
             refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
-        worker, model = resolve_model(config, data.model)
         history, prompt, tool_turns = conversation(data)
+        route = None
+        if data.model in config.routes:  # a route group: "model": "auto", say
+            route = await routes.aroute(config, data.model, {"prompt": prompt.content}, tenant_id=principal.tenant_id, api_key_id=principal.api_key.id)
+        worker, model = (route.worker, route.model) if route else resolve_model(config, data.model)
         if sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in (*history, prompt, *tool_turns)) > config.limits.max_prompt_chars:
             raise PromptTooLarge(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
         fields = {
@@ -94,6 +97,7 @@ class ChatCompletionsApi(AsyncAPIView):
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
             api_key_id=principal.api_key.id,
+            route=route,
             data=fields,
             config=config,
             tenant_has_documents=principal.tenant.has_documents,

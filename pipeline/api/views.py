@@ -25,7 +25,7 @@ from pipeline.api.pagination import paginated
 from pipeline.api.parsers import LimitedJSONParser
 from pipeline.auth import TenantPrincipal
 from pipeline.config import get_config
-from pipeline.services import documents, gates, start
+from pipeline.services import documents, gates, routes, start
 from pipeline.tokenbus import RequestStatus
 
 log = structlog.get_logger("pipeline.api")
@@ -114,10 +114,13 @@ class InferApi(AsyncAPIView):
         if not data.stream:
             refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
+        fields = data.fields()
+        route = await routes.aroute_if_grouped(config, fields, tenant_id=principal.tenant_id, api_key_id=principal.api_key.id)
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
             api_key_id=principal.api_key.id,
-            data=data.fields(),
+            route=route,
+            data=fields,
             config=config,
             tenant_has_documents=principal.tenant.has_documents,
             stream=data.stream,
@@ -130,7 +133,7 @@ class InferApi(AsyncAPIView):
         # Redis down: answered here and now, even with "wait": false (no status to poll).
         if data.wait or started.kind is start.StartKind.LOCAL:
             result = await streaming.answer_of(prompt_request, started, timeout_s=wait_s)
-            return json_answer(result.to_dict())
+            return json_answer({**result.to_dict(), **({"route": dict(prompt_request.route)} if prompt_request.route else {})})
         status = RequestStatus.COMPLETED if started.result else RequestStatus.QUEUED
         return json_answer({"request_id": started.request_id, "status": status.value}, status=202)
 

@@ -238,6 +238,25 @@ class WorkerConfig(_Strict):
         )
 
 
+class RouteCandidate(_Strict):
+    worker: str = Field(description="A worker of [workers].")
+    model: str = Field("", description="One of its models (empty: its default model).")
+
+
+class RouteGroup(_Strict):
+    """Workers a request may be routed among when it names the group as its model
+    (or worker) instead of a worker: by availability, latency budget, budget share
+    and the prompt's complexity (docs/api.md, "Route groups")."""
+
+    candidates: tuple[RouteCandidate, ...] = Field(min_length=1, description="The workers and models to choose among; price decides cheap and strong.")
+    cheap_above_budget_share: float = Field(
+        0.8, ge=0, le=1, description="Past this share used of a budget that applies, the cheapest candidate that can serve, whatever the prompt."
+    )
+    long_prompt_chars: int = Field(
+        2000, ge=1, description="A prompt this long (or one with code) goes to the strongest candidate; shorter ones to the cheapest."
+    )
+
+
 def _default_workers() -> dict[str, WorkerConfig]:
     return {"echo": WorkerConfig(kind="echo", models=("echo-1",))}
 
@@ -260,6 +279,7 @@ class PipelineSettings(_Strict):
     batch: BatchConfig = Field(BatchConfig(), description="Batch jobs.")
     logging: LoggingConfig = Field(LoggingConfig(), description="Log levels.")
     queues: QueuesConfig = Field(QueuesConfig(), description="Concurrency and queue bounds of each process.")
+    routes: dict[str, RouteGroup] = Field(default_factory=dict, description="Route groups, by name: a request naming one is routed among its candidates.")
 
     @model_validator(mode="after")
     def _references(self) -> PipelineSettings:
@@ -300,11 +320,37 @@ def reference_problems(raw: Mapping[str, Any]) -> list[tuple[tuple[str | int, ..
             continue
         problems.extend(_worker_problems(str(name), worker, names))
     problems.extend(_fallback_loops(workers))
+    routes = raw.get("routes", {})
+    if isinstance(routes, Mapping):
+        for group, route in routes.items():
+            problems.extend(_route_problems(str(group), route, workers, names))
     limits = raw.get("limits", {})
     if isinstance(limits, Mapping):
         default_max, limit = limits.get("default_max_tokens", 256), limits.get("max_tokens_limit", 4096)
         if isinstance(default_max, int) and isinstance(limit, int) and default_max > limit:
             problems.append((("limits", "default_max_tokens"), f"{default_max} is more than limits.max_tokens_limit ({limit})"))
+    return problems
+
+
+def _route_problems(group: str, route: Any, workers: Mapping[str, Any], names: list[str]) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    if group in workers:
+        problems.append((("routes", group), f'"{group}" is a worker\'s name too: a request naming it would be ambiguous'))
+    candidates = route.get("candidates", ()) if isinstance(route, Mapping) else ()
+    for n, candidate in enumerate(candidates if isinstance(candidates, list | tuple) else ()):
+        if not isinstance(candidate, Mapping) or not isinstance(candidate.get("worker"), str):
+            continue
+        worker = candidate["worker"]
+        if worker not in workers:
+            problems.append((("routes", group, "candidates", n, "worker"), f'"{worker}" is not a worker{suggestion(worker, names)}'))
+            continue
+        models = workers[worker].get("models", ()) if isinstance(workers[worker], Mapping) else ()
+        model = candidate.get("model", "")
+        if model and isinstance(models, list | tuple) and models and model not in models:
+            options = [str(m) for m in models]
+            problems.append(
+                (("routes", group, "candidates", n, "model"), f'"{model}" is not one of {worker}\'s models: {_names(options)}{suggestion(model, options)}')
+            )
     return problems
 
 

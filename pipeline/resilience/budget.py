@@ -169,6 +169,23 @@ end
 # id, amount, day id, month id. (The start script composes the function instead.)
 RESERVE_SCRIPT = FUNCTIONS + "return budget_reserve(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])\n"
 
+# KEYS: the tenant's definitions. ARGV: prefix, key id, session id, day id, month id.
+# The most used share of the budgets that apply, in millionths (0: none applies).
+SHARE_SCRIPT = (
+    FUNCTIONS
+    + """
+local most = 0
+for _, target in ipairs(budget_targets(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])) do
+  local spend = redis.call('HMGET', target.key, 'spent', 'reserved')
+  local used = tonumber(spend[1] or '0') + tonumber(spend[2] or '0')
+  local share = 1000000
+  if target.limit > 0 then share = math.floor(used * 1000000 / target.limit) end
+  if share > most then most = share end
+end
+return most
+"""
+)
+
 # KEYS: the request's record. ARGV: the new amount.
 # {'ok'} | {'over', id, scope, remaining, period, limit} (the reservation is left as it was).
 CORRECT_SCRIPT = (

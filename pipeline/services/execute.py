@@ -31,14 +31,14 @@ import structlog
 from django.db import close_old_connections
 
 from orchestrator_site import telemetry
-from orchestrator_site.errors import OrchestratorError, RequestCancelled, ServiceUnavailable
+from orchestrator_site.errors import OrchestratorError, RequestCancelled, ServiceUnavailable, WorkerRateLimited
 from pipeline import metrics, selectors
 from pipeline.config import PipelineSettings, config_at, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
 from pipeline.routing import worker_pool
-from pipeline.services import budgets, gates, leases, sessions
+from pipeline.services import budgets, gates, leases, routes, sessions
 from pipeline.shared_redis import redis_errors
 from pipeline.stages.stream import Publisher
 from pipeline.tokenbus import RequestStatus, TokenBus, fencing, get_bus
@@ -223,10 +223,27 @@ def _settle_success(
         return
     clock.finished("ok")
     metrics.tokens_used(request.tenant_id, result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
-    _bookkeeping(request, config, key=key, result_json=json.dumps(body), tokens=result.usage.total_tokens, charge_nano=cost if budgeted else None)
+    _bookkeeping(
+        request,
+        config,
+        key=key,
+        result_json=json.dumps(body),
+        tokens=result.usage.total_tokens,
+        charge_nano=cost if budgeted else None,
+        ttft=(result.worker, clock.ttft_s) if clock.ttft_s is not None else None,
+    )
 
 
-def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str | None, result_json: str, tokens: int, charge_nano: int | None = None) -> None:
+def _bookkeeping(
+    request: PromptRequest,
+    config: PipelineSettings,
+    *,
+    key: str | None,
+    result_json: str,
+    tokens: int,
+    charge_nano: int | None = None,
+    ttft: tuple[str, float] | None = None,
+) -> None:
     """The answer into the deduplication window, its tokens into the tenant's rate log,
     its cost into its budgets (``charge_nano``; None: none applies), its slot released:
     one round trip, after the client has its answer."""
@@ -243,6 +260,8 @@ def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str |
             gates.shared_admission(config).queue_release(pipe, request.tenant_id, request.request_id)
             if charge_nano is not None:
                 budgets.queue_settle(pipe, get_bus().record_key(request.request_id), charge_nano)
+            if ttft is not None:  # the route groups' latency window (services.routes)
+                routes.queue_ttft(pipe, get_bus().prefix, *ttft)
             pipe.execute()
     except ServiceUnavailable as exc:
         # The slot's lease frees it; the tokens go uncounted; the answer is not served
@@ -254,6 +273,8 @@ def _bookkeeping(request: PromptRequest, config: PipelineSettings, *, key: str |
 def _settle_failure(
     producer: Producer, request: PromptRequest, error: OrchestratorError, clock: metrics.StreamClock, key: str | None, config: PipelineSettings
 ) -> None:
+    if isinstance(error, WorkerRateLimited):  # its route groups pass it over until Retry-After
+        routes.provider_limiting(request.worker, error.retry_after)
     outcome = "cancelled" if isinstance(error, RequestCancelled) else "error"
     log.warning("request_failed", request_id=request.request_id, session_id=request.session_id, outcome=outcome, error_code=error.code)
     if not producer.finish("error", error.to_dict(), status=RequestStatus.FAILED):

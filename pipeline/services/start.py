@@ -55,7 +55,7 @@ from pipeline.resilience import admission, budget, dedup, ratelimit
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
 from pipeline.resilience.ratelimit import TenantRates
-from pipeline.routing import route_request
+from pipeline.routing import Route, route_request
 from pipeline.services import budgets, gates
 from pipeline.shared_redis import redis_errors
 from pipeline.tokenbus import fencing, get_bus
@@ -93,11 +93,13 @@ def infer_build_request(
     stream: bool = True,
     fresh: bool = False,
     api_key_id: int | None = None,
+    route: Route | None = None,
 ) -> PromptRequest:
     """A routed ``PromptRequest`` from validated input. ``stream`` False: its client waits
     for the whole answer (the run then publishes it once, not token by token). ``fresh``
     (``Cache-Control: no-cache``), like ``"dedup": false``, shares no answer."""
-    route = route_request(config, worker=data.get("worker"), model=data.get("model"))
+    # A route group's choice is made before (``services.routes.aroute``: it reads Redis).
+    route = route or route_request(config, worker=data.get("worker"), model=data.get("model"))
     kind = config.workers[route.worker].kind
     seed = data.get("seed")
     options = GenerationOptions.from_dict(data.get("options") or {})
@@ -125,6 +127,7 @@ def infer_build_request(
         seed=seed,
         options=options,
         api_key_id=api_key_id,
+        route=route.to_dict() if route.group else None,
     )
 
 
