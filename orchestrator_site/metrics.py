@@ -18,6 +18,8 @@ Besides the recorded metrics (``pipeline.metrics``), a scrape computes:
 - ``orchestrator_realtime_inflight``, the admitted real-time requests, from Redis;
 - batch progress, from Postgres (``batches.metrics``): ``orchestrator_batch_jobs{status}``,
   ``orchestrator_batch_items_pending`` and ``orchestrator_batch_progress_ratio``;
+- ``orchestrator_budget_remaining_usd{tenant,scope}``, the budgets' USD left, from
+  Postgres and Redis (``services.budgets.remaining_by_tenant``);
 - ``orchestrator_metrics_source_up{source}``: 0 when Redis, the broker or Postgres
   could not be read (their gauges are then missing from this scrape, not zero);
 - ``orchestrator_gateway_asyncio_tasks``: the asyncio tasks alive in the gateway
@@ -128,9 +130,17 @@ def _redis_families() -> Iterable[GaugeMetricFamily]:
 
 def _postgres_families() -> Iterable[GaugeMetricFamily]:
     from batches.metrics import progress_families
+    from pipeline.services.budgets import remaining_by_tenant
 
     try:
-        return list(progress_families())
+        remaining = GaugeMetricFamily(
+            "orchestrator_budget_remaining_usd",
+            "USD left in the budgets' current periods, by tenant (the METRICS_TENANT_LABELS with the most spent, the rest as other) and scope.",
+            labels=["tenant", "scope"],
+        )
+        for (tenant, scope), left in sorted(remaining_by_tenant(labels=settings.METRICS_TENANT_LABELS).items()):
+            remaining.add_metric([tenant, scope], float(left))
+        return [*progress_families(), remaining]
     finally:
         # Scrapes run on a thread of their own (the gateway's executor, the worker's
         # metrics server): Django would never hand that thread's connection back.

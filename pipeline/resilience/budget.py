@@ -328,6 +328,16 @@ class BudgetStore:
             _reserved, charged = self._release(keys=[record_key])
         return int(charged)
 
+    def spends(self, budgets: list[tuple[int, Period]], now: float) -> list[tuple[int, int] | None]:
+        """``spend`` of each (id, period), in one round trip."""
+        day_id, month_id = period_ids(now)
+        with redis_errors("read the budgets"):
+            pipe = self._client.pipeline(transaction=False)
+            for budget_id, period in budgets:
+                pipe.hmget(spend_key(self.prefix, budget_id, {Period.DAY: day_id, Period.MONTH: month_id}.get(period, "total")), "spent", "reserved")
+            replies = pipe.execute()
+        return [None if spent is None and reserved is None else (int(spent or 0), int(reserved or 0)) for spent, reserved in replies]
+
     def spend(self, budget_id: int, period: Period, now: float) -> tuple[int, int] | None:
         """(spent, reserved) of the budget's current period; None: Redis has no figures."""
         day_id, month_id = period_ids(now)

@@ -381,20 +381,38 @@ class Standing:
 
 
 def standings(items: Iterable[Budget], *, now: float | None = None) -> list[Standing]:
-    """Each budget's spend in its current period: Redis's running figures, or the
-    ledger's where Redis has none (down, or not yet asked; nothing reserved then)."""
+    """Each budget's spend in its current period: Redis's running figures (one round
+    trip for all), or the ledger's where Redis has none (down, or not yet asked;
+    nothing reserved then)."""
     now = time.time() if now is None else now
-    budgets_store = store()
+    items = list(items)
+    try:
+        running = store().spends([(item.id, Period(item.period)) for item in items], now)
+    except ServiceUnavailable:
+        running = [None] * len(items)
     result = []
-    for item in items:
-        period = Period(item.period)
-        try:
-            running = budgets_store.spend(item.id, period, now)
-        except ServiceUnavailable:
-            running = None
-        spent, reserved = running if running is not None else (_spent_this_period(item, now), 0)
-        result.append(Standing(item, spent, reserved, budget.resets_at(period, now)))
+    for item, figures in zip(items, running, strict=True):
+        spent, reserved = figures if figures is not None else (_spent_this_period(item, now), 0)
+        result.append(Standing(item, spent, reserved, budget.resets_at(Period(item.period), now)))
     return result
+
+
+def remaining_by_tenant(*, labels: int, now: float | None = None) -> dict[tuple[str, str], Decimal]:
+    """USD left in every budget, summed by tenant and scope: the ``labels`` tenants
+    with the most spent this period by their own id, the others as ``other`` (the
+    rule of every tenant label: docs/observability.md)."""
+    found = standings(Budget.objects.all(), now=now)
+    spent: dict[str, int] = {}
+    for standing in found:
+        tenant = str(standing.item.tenant_id)
+        spent[tenant] = spent.get(tenant, 0) + standing.spent_nano
+    top = set(sorted(spent, key=lambda t: (-spent[t], t))[:labels])
+    left: dict[tuple[str, str], Decimal] = {}
+    for standing in found:
+        tenant = str(standing.item.tenant_id)
+        key = (tenant if tenant in top else "other", standing.item.scope)
+        left[key] = left.get(key, Decimal(0)) + usd(standing.remaining_nano)
+    return left
 
 
 def budget_set(*, amount_usd: Decimal, period: str, tenant: str | None = None, key_prefix: str | None = None, session_id: str | None = None) -> Budget:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -198,3 +199,16 @@ def test_the_worker_port_is_opened_when_the_worker_is_ready(monkeypatch: pytest.
     with override_settings(WORKER_METRICS_PORT=port, WORKER_METRICS_ADDR="127.0.0.1"):
         _serve_metrics()
     assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+
+
+@pytest.mark.django_db(transaction=True)  # the scrape reads Postgres from a thread of its own
+def test_the_budgets_gauge_names_no_more_tenants_than_the_setting_allows(owner: Any, settings: Any) -> None:
+    from decimal import Decimal
+
+    from pipeline.models import Budget
+
+    settings.METRICS_TENANT_LABELS = 0  # every tenant counted as other
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("2.5"), period="total")
+    scraped = Client().get("/metrics").content.decode()
+    samples = [s for f in text_string_to_metric_families(scraped) for s in f.samples if s.name == "orchestrator_budget_remaining_usd"]
+    assert [(s.labels, s.value) for s in samples] == [({"tenant": "other", "scope": "tenant"}, 2.5)]

@@ -93,7 +93,10 @@ def exported_names() -> set[str]:
         if isinstance(metric, MetricWrapperBase):
             names |= {metric._name + suffix for suffix in suffixes[metric._type]}
     scraped = Client().get("/metrics").content.decode()
-    names |= {sample.name for family in text_string_to_metric_families(scraped) for sample in family.samples}
+    families = list(text_string_to_metric_families(scraped))
+    names |= {sample.name for family in families for sample in family.samples}
+    # A gauge computed at scrape time is exported even when it has no sample yet (no budget exists).
+    names |= {family.name for family in families if family.type == "gauge"}
     return {n for n in names if METRIC.fullmatch(n)}
 
 

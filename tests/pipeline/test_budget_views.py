@@ -258,3 +258,37 @@ def test_what_requests_in_flight_hold_is_shown_apart_from_what_was_spent(owner: 
     start_request(request)  # queued, not run: its worst case is held
     (listed,) = owner.client.get("/api/v1/budgets").json()["budgets"]
     assert (listed["spent_usd"], listed["reserved_usd"], listed["remaining_usd"]) == ("0", "0.008", "0.012")
+
+
+def test_what_is_left_is_summed_by_tenant_and_scope_with_the_biggest_spenders_named(owner: TenantFixture, outsider: TenantFixture) -> None:
+    from tests.conftest import make_tenant
+
+    third = make_tenant("third")
+    now = dt.datetime.now(tz=dt.UTC)
+    for n, (who, cost) in enumerate([(owner, "3"), (outsider, "1"), (third, "0.5")]):
+        UsageEntry.objects.create(tenant=who.tenant, request_id=f"s{n}", worker="w", model="m", cost_usd=Decimal(cost), session_id="a", created_at=now)
+    for who in (owner, outsider, third):
+        Budget.objects.create(tenant=who.tenant, amount_usd=Decimal("10"), period="month")
+        Budget.objects.create(tenant=who.tenant, scope=BudgetScope.SESSION, session_id="a", amount_usd=Decimal("5"), period="total")
+    left = budgets.remaining_by_tenant(labels=1)
+    assert left == {
+        (str(owner.tenant.id), "tenant"): Decimal("7"),
+        (str(owner.tenant.id), "session"): Decimal("2"),
+        ("other", "tenant"): Decimal("18.5"),  # 9 + 9.5
+        ("other", "session"): Decimal("8.5"),  # 4 + 4.5
+    }
+    assert set(budgets.remaining_by_tenant(labels=5)) == {(str(t.tenant.id), s) for t in (owner, outsider, third) for s in ("tenant", "session")}
+
+
+def test_the_scrape_shows_what_budgets_have_left(owner: TenantFixture, anon: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("4"), period="day")
+    scraped = anon.get("/metrics").content.decode()
+    samples = {
+        (s.labels.get("tenant"), s.labels.get("scope")): s.value
+        for f in text_string_to_metric_families(scraped)
+        for s in f.samples
+        if s.name == "orchestrator_budget_remaining_usd"
+    }
+    assert samples[(str(owner.tenant.id), "tenant")] == 4.0
