@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from orchestrator_site.errors import ConfigInvalid
 from pipeline.config import PipelineSettings, RouteCandidate, RouteGroup, WorkerConfig, load_config
 from pipeline.routing import Route, RouteInputs, RouteReason, choose_in_group, looks_like_code, names_a_group
-from pipeline.services import gates, routes
+from pipeline.services import budgets, gates, routes
 from pipeline.shared_redis import get_redis
 from tests.conftest import Fakes, TenantFixture
 
@@ -591,3 +591,27 @@ def test_the_latency_budget_reaches_the_choice_as_milliseconds() -> None:
 
     with pytest.raises(InvalidRequest, match="latency_budget_ms"):
         validated(InferInput, {"prompt": "hi", "latency_budget_ms": 0})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_as_spend_rises_the_choice_moves_to_the_cheap_candidate_at_the_threshold(
+    owner: TenantFixture, realtime_worker: Any, fresh_board: routes.RouteBoard
+) -> None:
+    """Long prompts to the group under a 0.05 USD budget, each answered by the strong
+    (priced) candidate at 0.008 USD: the fifth request finds 0.032 spent (64 %), the
+    sixth 0.040 (80 %) and goes to the cheap one, as does every one after."""
+    from pipeline.models import Budget
+
+    Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("0.05"), period="day")
+    body = {"prompt": "please explain " + "this " * 20, "model": "auto", "max_tokens": 8}
+    chosen = []
+    for _ in range(7):
+        answer = owner.client.post("/api/v1/infer", body, format="json")
+        assert answer.status_code == 200, answer.content
+        chosen.append((answer.json()["worker"], answer.json()["route"]["reason"]))
+        budget_figures = budgets.standings(Budget.objects.filter(tenant=owner.tenant))[0]
+        deadline = time.monotonic() + 5
+        while budget_figures.reserved_nano and time.monotonic() < deadline:  # the run settles after its answer
+            time.sleep(0.02)
+            budget_figures = budgets.standings(Budget.objects.filter(tenant=owner.tenant))[0]
+    assert chosen == [("echo_priced", "complex")] * 5 + [("echo", "budget")] * 2
