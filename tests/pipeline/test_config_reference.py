@@ -71,7 +71,7 @@ def _keys(value: object, at: str) -> Iterator[str]:
 
 def _generalise(path: str) -> str:
     parts = path.split(".")
-    if len(parts) >= 2 and parts[0] == "workers":
+    if len(parts) >= 2 and parts[0] in ("workers", "routes"):
         parts[1] = "*"
     if len(parts) >= 3 and parts[0] == "logging" and parts[1] == "loggers":
         parts = parts[:2]

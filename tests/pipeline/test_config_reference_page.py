@@ -18,6 +18,8 @@ from pipeline.config import (
     QueuesConfig,
     RedactionPattern,
     RetryConfig,
+    RouteCandidate,
+    RouteGroup,
     WorkerConfig,
     get_config,
     set_config,
@@ -60,6 +62,8 @@ def test_every_table_has_its_section_in_toml_header_syntax() -> None:
         "`[batch]`",
         "`[logging]`",
         "`[queues]`",
+        "`[routes.NAME]`",
+        "`[[routes.NAME.candidates]]`",
     ]
 
 
@@ -74,6 +78,8 @@ SECTIONS = {
     "`[logging]`": (LoggingConfig, None),
     "`[queues]`": (QueuesConfig, None),
     "`[limits]`": (LimitsConfig, None),
+    "`[routes.NAME]`": (RouteGroup, None),
+    "`[[routes.NAME.candidates]]`": (RouteCandidate, None),
 }
 
 

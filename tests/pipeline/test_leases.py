@@ -111,10 +111,13 @@ def test_releasing_a_message_leaves_a_run_of_the_same_request_alone() -> None:
 def test_the_keeper_renews_from_its_own_thread(owner: TenantFixture, config: PipelineSettings) -> None:
     request = build(owner)
     producer = begun_run(get_bus(), queue_request(request), payload=request.to_dict())  # type: ignore[attr-defined]
-    get_bus().redis.client.zadd(get_bus().leases_key, {producer.run.request_id: time.time() + 0.3})
+    # A lease longer than the keeper's longest sleep (a third of the default 3 s, begun
+    # before this test's config): at 0.3 s, a lease could lapse before the first renewal,
+    # and the suite's worker's sweep take it (seen in CI under load).
+    get_bus().redis.client.zadd(get_bus().leases_key, {producer.run.request_id: time.time() + 1.5})
     leases.keeper.hold(producer.run)
     try:
-        time.sleep(1.5)  # past the lease it had: renewed meanwhile (every 0.2 s, once the keeper's current sleep ends)
+        time.sleep(2.5)  # past the lease it had: renewed meanwhile (every 0.2 s, once the keeper's current sleep ends)
         assert (get_bus().redis.client.zscore(get_bus().leases_key, producer.run.request_id) or 0) > time.time()
     finally:
         leases.keeper.release(producer.run)

@@ -64,6 +64,7 @@ def test_defaults() -> None:
         "metadata": {},
         "dedup": True,
         "seed": None,
+        "latency_budget_ms": None,
         "options": {},
     }
 

@@ -168,7 +168,7 @@ def test_a_case_the_base_cannot_build_yet_is_reported_and_skipped(tmp_path: Path
     )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert sorted(out["cases"]) == ["assemble", "rag.limit_context (50 docs)"]  # the engine imports the post stage too
+    assert sorted(out["cases"]) == ["assemble", "rag.limit_context (50 docs)", "route group decision"]  # the engine imports the post stage too
     assert [line.split(":", 1)[0] for line in out["unavailable"]] == ["post (2 KiB reply)", "post on a stream (7-char chunks)", "engine (5 stages, in memory)"]
     compared = bench_gate.table(out["cases"], {**out["cases"], "post (2 KiB reply)": [100.0]}, threshold=0.1)
     assert any("post (2 KiB reply)" in line and "(new)" in line for line in compared.lines) and not compared.regressed
