@@ -82,10 +82,10 @@ class QueueScaler:
     def __init__(self, policy: ScalingPolicy | None = None) -> None:
         self.policy = policy or ScalingPolicy()
         self.signal = Signal.HOLD
-        self._last = Signal.HOLD  # the last signal changed to, other than hold
+        self._last = Signal.HOLD  # the last signal changed to, other than hold  # pragma: no mutate (None: as HOLD, neither IN nor OUT)
         self._above_since: float | None = None
         self._below_since: float | None = None
-        self._changed_at: float | None = None
+        self._changed_at: float | None = None  # pragma: no mutate (read only once _last is IN or OUT, which sets it)
 
     def observe(self, load: Load, now: float) -> Decision:
         p, u = self.policy, load.utilization

@@ -137,8 +137,8 @@ def test_each_change_of_signal_is_logged_once() -> None:
     scaler = QueueScaler(ScalingPolicy(cooldown_s=0))
     with capture_logs() as logs:
         run(scaler, [(t, 0.95) for t in range(0, 40, 5)] + [(t, 0.5) for t in range(40, 60, 5)])
-    changes = [(e["signal"], e["previous"]) for e in logs if e["event"] == "scaling_signal"]
-    assert changes == [("out", "hold"), ("hold", "out")]
+    changes = [(e["signal"], e["previous"], e["outcome"]) for e in logs if e["event"] == "scaling_signal"]
+    assert changes == [("out", "hold", "changed"), ("hold", "out", "changed")]
 
 
 def test_a_policy_of_its_own_sets_every_threshold() -> None:
@@ -189,3 +189,9 @@ def test_the_default_policy_is_the_one_operations_md_describes() -> None:
     section = described[described.index("## Scaling") : described.index("## Dependency audit")]
     for words in ("above 80 % for 30 s", "below 20 % for 2 minutes", "10 points back", "a minute's cool-down", "at 50 % utilization"):
         assert words in section, words
+
+
+def test_exactly_at_a_threshold_is_not_past_it() -> None:
+    """Out needs more than 80 %, in less than 20 %: a load sitting on either holds."""
+    assert set(run(QueueScaler(), [(t, 0.8) for t in range(0, 200, 5)])) == {Signal.HOLD}
+    assert set(run(QueueScaler(), [(t, 0.2) for t in range(0, 300, 5)])) == {Signal.HOLD}
