@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -38,7 +39,7 @@ from pipeline.models import ApiKey, Budget, BudgetPeriod, BudgetScope, Tenant, U
 from pipeline.resilience import budget
 from pipeline.resilience.budget import NANO_PER_USD, Over, Period, Scope
 from pipeline.routing import worker_config
-from pipeline.shared_redis import get_redis, redis_errors
+from pipeline.shared_redis import SharedRedis, get_redis, redis_errors
 from pipeline.tokenbus import get_bus
 from pipeline.types import ChatMessage, PipelineResult, PromptRequest
 from workers.types import AssembledPrompt
@@ -198,9 +199,16 @@ def apply_anywhere(tenant_id: str, api_key_id: int | None, session_id: str) -> b
 # --- the worker's side --------------------------------------------------------------
 
 
+# One store per shared Redis: its scripts registered once, not on every settle.
+_stores: weakref.WeakKeyDictionary[SharedRedis, budget.BudgetStore] = weakref.WeakKeyDictionary()
+
+
 def store() -> budget.BudgetStore:
     shared = get_redis()
-    return budget.BudgetStore(shared.client, prefix=shared.prefix)
+    found = _stores.get(shared)
+    if found is None:
+        found = _stores[shared] = budget.BudgetStore(shared.client, prefix=shared.prefix)
+    return found
 
 
 def correct(request: PromptRequest, prompt: AssembledPrompt, config: PipelineSettings, *, record_key: str) -> None:
