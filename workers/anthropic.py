@@ -73,6 +73,9 @@ class AnthropicWorker:
     supports_streaming = True
     # No seed, penalties, logit bias, logprobs or response format in the Messages API.
     accepts = frozenset({"top_p", "user"}) | TOOLS
+    # A last assistant turn is a prefill the model continues (without its trailing
+    # whitespace, which the API refuses: ``_seam``).
+    continues_prefix = True
     path = "/v1/messages"
 
     def __init__(self, settings: WorkerSettings) -> None:
@@ -89,7 +92,7 @@ class AnthropicWorker:
         body: dict[str, Any] = {
             "model": prompt.model,
             "max_tokens": prompt.max_tokens,
-            "messages": messages_of(prompt.messages),
+            "messages": messages_of(prompt.messages) + _prefill(prompt.prefix),
             "stream": stream,
         }
         if system:
@@ -110,7 +113,7 @@ class AnthropicWorker:
             response = self._http.post(self.path, json=self.body(prompt, stream=False))
             check_response(self.name, response)
             payload = json_object(self.name, response.content)
-            text = "".join(block["text"] for block in payload["content"] if block.get("type") == "text")
+            text = _seam(prompt.prefix, "".join(block["text"] for block in payload["content"] if block.get("type") == "text"))
             calls = tuple(
                 ToolCall(id=str(b["id"]), name=str(b["name"]), arguments=json.dumps(b.get("input") or {}))
                 for b in payload["content"]
@@ -149,8 +152,11 @@ class AnthropicWorker:
                         index += 1
                     elif kind == "content_block_delta":
                         delta = payload["delta"]
-                        if delta.get("type") == "text_delta" and delta.get("text"):
-                            yield TokenChunk(index=index, text=str(delta["text"]))
+                        text = str(delta.get("text") or "") if delta.get("type") == "text_delta" else ""
+                        if text and index == 0:
+                            text = _seam(prompt.prefix, text)
+                        if text:
+                            yield TokenChunk(index=index, text=text)
                             index += 1
                         elif delta.get("type") == "input_json_delta" and delta.get("partial_json"):
                             piece = {"index": tool_index[int(payload["index"])], "function": {"arguments": str(delta["partial_json"])}}
@@ -166,6 +172,18 @@ class AnthropicWorker:
                     elif kind == "error":
                         raise _stream_error(self.name, payload)
         raise WorkerConnectionError(f"{self.name}: stream ended before message_stop", data={"worker": self.name})
+
+
+def _prefill(prefix: str) -> list[dict[str, Any]]:
+    """The answer so far as the assistant's last turn, which the model continues. The
+    API refuses a final assistant turn that ends in whitespace: it is sent without it."""
+    return [{"role": "assistant", "content": prefix.rstrip()}] if prefix.strip() else []
+
+
+def _seam(prefix: str, text: str) -> str:
+    """The first text of a continued answer. Where the prefill lost the prefix's trailing
+    whitespace, the model writes it again at the start: the client already has it."""
+    return text.lstrip() if prefix.strip() and prefix != prefix.rstrip() else text
 
 
 def _stream_error(worker: str, payload: dict[str, Any]) -> Exception:

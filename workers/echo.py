@@ -12,13 +12,29 @@ from workers.types import AssembledPrompt, Completion, TokenChunk, Usage
 
 def echo_tokens(prompt: AssembledPrompt, token_count: int) -> tuple[list[str], str]:
     """The reply's tokens and finish reason: the last user message's words, cycled to
-    ``token_count`` tokens, cut at ``max_tokens`` (finish reason ``length`` then)."""
+    ``token_count`` tokens, cut at ``max_tokens`` (finish reason ``length`` then). With
+    a prefix (a failover), what follows it: echo continues its own answer exactly."""
     user = next((m.content for m in reversed(prompt.messages) if m.role == "user"), "")
     words = user.split() or ["echo"]
-    wanted = [words[i % len(words)] for i in range(token_count)]
+    wanted = continued([_join(i, words[i % len(words)]) for i in range(token_count)], prompt.prefix)
     if len(wanted) > prompt.max_tokens:
-        return [_join(i, w) for i, w in enumerate(wanted[: prompt.max_tokens])], "length"
-    return [_join(i, w) for i, w in enumerate(wanted)], "stop"
+        return wanted[: prompt.max_tokens], "length"
+    return wanted, "stop"
+
+
+def continued(tokens: list[str], prefix: str) -> list[str]:
+    """The tokens of an answer after ``prefix``, its first part (the rest of a token it
+    ends inside, then the tokens after it); all of them when it is not their beginning."""
+    answer = "".join(tokens)
+    if not prefix or not answer.startswith(prefix):
+        return tokens
+    written = 0
+    for place, token in enumerate(tokens):
+        if written + len(token) > len(prefix):
+            rest = token[len(prefix) - written :]
+            return [rest, *tokens[place + 1 :]]
+        written += len(token)
+    return []
 
 
 def _join(i: int, word: str) -> str:
@@ -26,11 +42,12 @@ def _join(i: int, word: str) -> str:
 
 
 def _prompt_tokens(prompt: AssembledPrompt) -> int:
-    return sum(len(m.content.split()) for m in prompt.messages)
+    return sum(len(m.content.split()) for m in prompt.turns)
 
 
 class EchoWorker:
     supports_streaming = True
+    continues_prefix = True
     accepts = SAMPLING  # and ignores them: echo never samples
 
     def __init__(self, settings: WorkerSettings) -> None:

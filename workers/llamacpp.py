@@ -43,6 +43,7 @@ class LlamaCppWorker:
     supports_streaming = True
     # The native endpoint has no tool calling and no logprobs in OpenAI's shape.
     accepts = SAMPLING | JSON_OUTPUT
+    continues_prefix = True
     path = "/completion"
 
     def __init__(self, settings: WorkerSettings) -> None:
@@ -56,7 +57,8 @@ class LlamaCppWorker:
         if self.settings.prompt_format == "chatml":
             stop.append("<|im_end|>")
         body: dict[str, Any] = {
-            "prompt": render_prompt(prompt.messages, self.settings.prompt_format),
+            # The answer so far, if any, follows the assistant's open turn: the model continues it.
+            "prompt": render_prompt(prompt.messages, self.settings.prompt_format) + prompt.prefix,
             "n_predict": prompt.max_tokens,
             "stream": stream,
             "stop": stop,

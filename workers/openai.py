@@ -16,6 +16,9 @@ class OpenAIWorker:
     supports_streaming = True
     # Every optional field goes on unchanged (vLLM's server takes them too).
     accepts = SAMPLING | TOOLS | LOGPROBS | JSON_OUTPUT
+    # OpenAI's API has no way to continue a partial answer (an assistant turn last is a
+    # turn of the past, answered anew): a failover never continues on it.
+    continues_prefix = False
     # OpenAI renamed max_tokens; OpenAI-compatible servers (vLLM) still take the old name.
     max_tokens_field = "max_completion_tokens"
     path = "/chat/completions"
@@ -29,7 +32,7 @@ class OpenAIWorker:
     def body(self, prompt: AssembledPrompt, *, stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": prompt.model,
-            "messages": [m.to_dict() for m in prompt.messages],
+            "messages": [m.to_dict() for m in prompt.turns],
             self.max_tokens_field: prompt.max_tokens,
             "stream": stream,
         }

@@ -107,6 +107,9 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}
 
@@ -127,6 +130,14 @@ class AssembledPrompt:
     request_id: str = ""
     seed: int | None = None  # sampled the same way each time, where the provider honours it
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    # The answer so far, for the model to continue (a failover, ``pipeline.failover``):
+    # the last, assistant, turn, which the reply goes on from without repeating it.
+    prefix: str = ""
+
+    @property
+    def turns(self) -> tuple[ChatMessage, ...]:
+        """The messages, then the answer so far as the last, assistant, turn when there is one."""
+        return (*self.messages, ChatMessage("assistant", self.prefix)) if self.prefix else self.messages
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +149,7 @@ class AssembledPrompt:
             "request_id": self.request_id,
             "seed": self.seed,
             "options": self.options.to_dict(),
+            "prefix": self.prefix,
         }
 
     @classmethod
@@ -152,6 +164,34 @@ class AssembledPrompt:
             request_id=str(data.get("request_id", "")),
             seed=None if data.get("seed") is None else int(data["seed"]),
             options=GenerationOptions.from_dict(data.get("options") or {}),
+            prefix=str(data.get("prefix") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One provider's part of an answer that failed over (``pipeline.failover``): the
+    worker and model, its usage, and the error it ended with ("" for the last)."""
+
+    worker: str
+    model: str
+    usage: Usage
+    # The provider's stream ended before it said its usage: bounded from the bytes
+    # sent and received, as a budget reserves (never less than it billed).
+    estimated: bool = False
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"worker": self.worker, "model": self.model, "usage": self.usage.to_dict(), "estimated": self.estimated, "error": self.error or None}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Leg:
+        return cls(
+            worker=str(data["worker"]),
+            model=str(data["model"]),
+            usage=Usage.from_dict(dict(data.get("usage") or {})),
+            estimated=bool(data.get("estimated")),
+            error=str(data.get("error") or ""),
         )
 
 
@@ -164,6 +204,8 @@ class Completion:
     usage: Usage = field(default_factory=Usage)
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[Mapping[str, Any], ...] | None = None  # OpenAI's ``logprobs.content``, when asked for
+    # Each provider's part, when the answer failed over (``usage`` is their sum); () when one answered.
+    legs: tuple[Leg, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -174,6 +216,7 @@ class Completion:
             "usage": self.usage.to_dict(),
             "tool_calls": [call.to_dict() for call in self.tool_calls],
             "logprobs": None if self.logprobs is None else list(self.logprobs),
+            "legs": [leg.to_dict() for leg in self.legs],
         }
 
     @classmethod
@@ -187,6 +230,7 @@ class Completion:
             usage=Usage.from_dict(data.get("usage") or {}),
             tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
             logprobs=None if logprobs is None else tuple(logprobs),
+            legs=tuple(Leg.from_dict(leg) for leg in data.get("legs") or ()),
         )
 
 
@@ -204,6 +248,9 @@ class TokenChunk:
     usage: Usage | None = None
     tool_calls: tuple[Mapping[str, Any], ...] = ()
     logprobs: tuple[Mapping[str, Any], ...] = ()
+    # Not text: a marker that the answer goes on on another worker ({from, to, model, error}),
+    # published by the pipeline between two providers' pieces (``stages.streamed``).
+    failover: Mapping[str, Any] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -217,6 +264,7 @@ class TokenChunk:
             "usage": None if self.usage is None else self.usage.to_dict(),
             "tool_calls": list(self.tool_calls),
             "logprobs": list(self.logprobs),
+            "failover": None if self.failover is None else dict(self.failover),
         }
 
     @classmethod
@@ -230,6 +278,7 @@ class TokenChunk:
             usage=None if usage is None else Usage.from_dict(usage),
             tool_calls=tuple(data.get("tool_calls") or ()),
             logprobs=tuple(data.get("logprobs") or ()),
+            failover=data.get("failover") or None,
         )
 
 

@@ -40,6 +40,7 @@ class RetryingWorker:
         self.policy = policy
         self.name = inner.name
         self.supports_streaming = inner.supports_streaming
+        self.continues_prefix = bool(getattr(inner, "continues_prefix", False))  # a failover may go on on it (pipeline.failover)
         self._sleep = sleep
         self._asleep = asleep
         self._rng = rng or random.Random()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, pieces, sse_event, tool_arguments, tool_result_reply
+from tests.fakes.server import FakeProvider, Reply, SseReply, continued, json_reply, pieces, sse_event, tool_arguments, tool_result_reply
 
 TOOL_USE_ID = "toolu_fake_1"
 
@@ -62,6 +62,12 @@ class FakeAnthropic(FakeProvider):
             return json_reply(400, {"type": "error", "error": {"type": "invalid_request_error", "message": problem}})
         result = tool_result_text(messages)
         answer = self.tokens if result is None else tool_result_reply(result)
+        if messages and messages[-1].get("role") == "assistant":  # a prefill: the reply continues it
+            prefill = "".join(str(b.get("text") or "") for b in blocks(messages[-1]) if b.get("type") == "text")
+            if prefill != prefill.rstrip():
+                message = "messages: final assistant content cannot end with trailing whitespace"
+                return json_reply(400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}})
+            answer = continued(answer, prefill)
         tokens = answer[: int(body["max_tokens"])]
         stop_reason = "max_tokens" if len(answer) > len(tokens) else "end_turn"
         tool_use = planned_tool_use(body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, pieces, sse_event, tool_arguments
+from tests.fakes.server import FakeProvider, Reply, SseReply, continued, json_reply, pieces, sse_event, tool_arguments
 
 
 def constrained(schema: dict[str, Any], tokens: list[str]) -> list[str]:
@@ -26,6 +26,10 @@ class FakeLlamaCpp(FakeProvider):
             return json_reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
         limit = int(body.get("n_predict", -1))
         answer = self.tokens if body.get("json_schema") is None else constrained(body["json_schema"], self.tokens)
+        # The raw prompt ends with the assistant's open turn: text after it is a start the model continues.
+        prompt = str(body.get("prompt", ""))
+        opened = max((prompt.rfind(mark) + len(mark) for mark in ("<|im_start|>assistant\n", "assistant:") if mark in prompt), default=len(prompt))
+        answer = continued(answer, prompt[opened:])
         tokens = answer if limit < 0 else answer[:limit]
         stop_type = "limit" if len(tokens) < len(answer) else "eos"
         evaluated = len(str(body.get("prompt", "")).split())

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from tests.fakes.server import FakeProvider, Reply, SseReply, json_reply, pieces, sse_event, tool_arguments, tool_result_reply
+from tests.fakes.server import FakeProvider, Reply, SseReply, continued, json_reply, pieces, sse_event, tool_arguments, tool_result_reply
 
 CALL_ID = "call_fake_1"
 
@@ -77,6 +77,12 @@ class FakeOpenAI(FakeProvider):
             return json_reply(400, {"error": {"message": message, "type": "invalid_request_error", "param": f"messages.[{orphan}].role", "code": None}})
         limit = int(body.get("max_completion_tokens") or body.get("max_tokens") or 1_000_000)
         answer = tool_result_reply(str(messages[-1].get("content"))) if messages and messages[-1].get("role") == "tool" else self.tokens
+        if self.dialect == "vllm" and body.get("continue_final_message"):
+            # vLLM's chat template left open on the last, assistant, turn: the model goes on from it.
+            if body.get("add_generation_prompt", True):
+                message = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+                return json_reply(400, {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400})
+            answer = continued(answer, str(messages[-1].get("content") or "")) if messages and messages[-1].get("role") == "assistant" else answer
         tokens = answer[:limit]
         finish = "length" if len(answer) > limit else "stop"
         call = planned_call(body)

@@ -283,3 +283,17 @@ def pieces(text: str, size: int = 4) -> list[str]:
 def tool_result_reply(result: str) -> list[str]:
     """The fakes' answer once a tool's result is in: they say what it said."""
     return ["Tool", " said", ": ", result]
+
+
+def continued(tokens: list[str], prefix: str) -> list[str]:
+    """What the fakes' "model" writes after a prefix of its own answer (a prefill): the
+    rest of it, from inside the token the prefix ends in; all of it for another prefix."""
+    answer = "".join(tokens)
+    if not prefix or not answer.startswith(prefix):
+        return tokens
+    written = 0
+    for place, token in enumerate(tokens):
+        if written + len(token) > len(prefix):
+            return [token[len(prefix) - written :], *tokens[place + 1 :]]
+        written += len(token)
+    return []
