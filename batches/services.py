@@ -30,7 +30,7 @@ from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, P
 from pipeline import selectors
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
-from pipeline.metrics import record_stages, tokens_used
+from pipeline.metrics import record_stages
 from pipeline.models import Tenant, UsageOutcome
 from pipeline.routing import route_request, worker_pool
 from pipeline.services import budgets
@@ -253,7 +253,7 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
     record_stages(observed, worker)
     cost = budgets.actual_nano(result, config)
     # Spent at the provider, even by a duplicate run.
-    tokens_used(str(job.tenant_id), result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
+    budgets.count_spend(str(job.tenant_id), result, config)
     _record(job, item, result=result)
     budgets.ledger_write_safely(
         _request_for(job, item),

@@ -11,6 +11,7 @@ import structlog
 from orchestrator_site import telemetry
 from orchestrator_site.errors import OrchestratorError, WorkerTimeout
 from pipeline.config import PipelineSettings
+from pipeline.failover import Failover
 from pipeline.stages.assemble import assemble
 from pipeline.stages.context import StageContext, require_prompt
 from pipeline.stages.inference import inference
@@ -44,6 +45,8 @@ class PipelineDeps:
     # Told the assembled prompt before the provider is called; may refuse it by raising
     # (the budget's correction: ``services.budgets``).
     before_inference: Callable[[AssembledPrompt], None] | None = None
+    # Where a streamed answer goes on when its provider fails mid-stream (``pipeline.failover``).
+    failover: Failover | None = None
 
 
 Stage = Callable[[StageContext, PipelineDeps], StageContext]
@@ -63,7 +66,15 @@ def _inference(ctx: StageContext, deps: PipelineDeps) -> StageContext:
     if timeout_s is not None and timeout_s <= 0:
         raise WorkerTimeout("the request's deadline passed before inference", data={"worker": worker.name})
     if deps.streaming and worker.supports_streaming and isinstance(worker, StreamingModelWorker):
-        return inference_streamed(ctx, worker=worker, config=deps.config.postprocess, publish=deps.publish, still_wanted=deps.still_wanted, timeout_s=timeout_s)
+        return inference_streamed(
+            ctx,
+            worker=worker,
+            config=deps.config.postprocess,
+            publish=deps.publish,
+            still_wanted=deps.still_wanted,
+            timeout_s=timeout_s,
+            failover=deps.failover,
+        )
     return inference(ctx, worker=worker)  # a worker that cannot stream answers within its own timeout
 
 
@@ -118,7 +129,7 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[Stag
         request_id=request.request_id,
         session_id=request.session_id,
         text=ctx.output,
-        worker=request.worker,
+        worker=completion.worker if completion and completion.legs else request.worker,
         model=completion.model if completion else request.model,
         finish_reason=ctx.finish_reason,
         usage=completion.usage if completion else Usage(),
@@ -126,5 +137,6 @@ def run_pipeline(request: PromptRequest, deps: PipelineDeps, observed: list[Stag
         sources=tuple(Source(id=d.id, title=d.title, rank=place, score=d.rank) for place, d in enumerate(ctx.documents, start=1)),
         tool_calls=completion.tool_calls if completion else (),
         logprobs=completion.logprobs if completion else None,
+        legs=completion.legs if completion else (),
     )
     return ctx, result

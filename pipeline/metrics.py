@@ -93,6 +93,11 @@ ROUTE_DECISIONS = Counter(
     "Requests routed in a route group, by group, the worker chosen and why (pipeline.routing.RouteReason).",
     ["group", "worker", "reason"],
 )
+FAILOVERS = Counter(
+    "orchestrator_failovers",
+    "Answers that went on on another worker after their provider failed mid-stream (pipeline.failover), by the worker that failed and the one that went on.",
+    ["from_worker", "to_worker"],
+)
 OTHER_TENANTS = "other"
 
 # Scaling signals (pipeline.scaling), set by the scheduler alone.

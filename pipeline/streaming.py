@@ -1,7 +1,8 @@
 """The streaming protocol's events, shared by SSE (``POST /api/v1/infer`` with
 ``"stream": true``, ``/v1/chat/completions``) and the WebSocket
 (``/api/v1/stream``): ``start``, then ``token`` events with their sequence
-numbers, then ``done`` or ``error`` — one terminal event, always
+numbers (and a ``failover`` among them where the answer went on on another
+worker), then ``done`` or ``error`` — one terminal event, always
 (docs/streaming.md).
 
 The events come from the request's token stream in Redis, which every reader
@@ -46,18 +47,23 @@ def wait_s(request_timeout_s: float) -> float:
 
 def done_event(request_id: str, result: PipelineResult) -> Event:
     body = result.to_dict()
-    return {
+    config = get_config()
+    cost = sum(cost_usd(config, leg.worker, leg.usage) for leg in result.legs) if result.legs else cost_usd(config, result.worker, result.usage)
+    event: Event = {
         "type": "done",
         "request_id": request_id,
         "finish_reason": body["finish_reason"],
         "worker": body["worker"],
         "model": body["model"],
         "usage": body["usage"],
-        "cost": cost_usd(get_config(), result.worker, result.usage),
+        "cost": round(cost, 10),
         "timings_us": body["timings_us"],
         "sources": body["sources"],
         "tool_calls": body["tool_calls"],
     }
+    if result.legs:  # the answer failed over: each provider's part
+        event["legs"] = body["legs"]
+    return event
 
 
 def token_event(request_id: str, seq: int, data: dict[str, Any]) -> Event:
@@ -67,6 +73,12 @@ def token_event(request_id: str, seq: int, data: dict[str, Any]) -> Event:
         if data.get(extra):
             event[extra] = data[extra]
     return event
+
+
+def failover_event(request_id: str, seq: int, marker: dict[str, Any]) -> Event:
+    """The answer goes on on another worker: ``from`` failed with ``error`` after the
+    tokens before this event; ``to`` (with ``model``) continues from there."""
+    return {"type": "failover", "request_id": request_id, "seq": seq, **{k: marker.get(k) for k in ("from", "to", "model", "error")}}
 
 
 def whole_token(request_id: str, result: PipelineResult) -> Event | None:
@@ -117,7 +129,9 @@ async def stream_events(stream_id: str, *, client_request_id: str, timeout_s: fl
             if event.type == "token":
                 seq = int(event.data.get("seq", 0))
                 tokens += 1
-                if seq > after_seq:
+                if seq > after_seq and isinstance(event.data.get("failover"), dict):
+                    yield failover_event(client_request_id, seq, event.data["failover"])
+                elif seq > after_seq:
                     yield token_event(client_request_id, seq, event.data)
             elif event.type == "done":
                 result = PipelineResult.from_dict(event.data)
@@ -184,5 +198,5 @@ async def _local(request: PromptRequest) -> AsyncIterator[Event]:
 def sse_frame(event: Event) -> bytes:
     """One Server-Sent Event: the type as ``event:``, the JSON as ``data:``, the
     token's sequence number as ``id:`` (a client's Last-Event-ID)."""
-    head = f"id: {event['seq']}\n" if event["type"] == "token" else ""
+    head = f"id: {event['seq']}\n" if event["type"] in ("token", "failover") else ""
     return f"{head}event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()

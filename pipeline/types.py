@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from workers.types import AssembledPrompt, ChatMessage, Completion, GenerationOptions, TokenChunk, ToolCall, Usage
+from workers.types import AssembledPrompt, ChatMessage, Completion, GenerationOptions, Leg, TokenChunk, ToolCall, Usage
 
 __all__ = [
     "AssembledPrompt",
     "ChatMessage",
     "Completion",
     "GenerationOptions",
+    "Leg",
     "PipelineResult",
     "PromptRequest",
     "TokenChunk",
@@ -161,9 +162,12 @@ class PipelineResult:
     sources: tuple[Source, ...] = ()
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[Mapping[str, Any], ...] | None = None  # OpenAI's ``logprobs.content``, when asked for
+    # Each provider's part when the answer failed over mid-stream (``pipeline.failover``):
+    # ``worker`` and ``model`` are the last one's, ``usage`` their sum.
+    legs: tuple[Leg, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "request_id": self.request_id,
             "session_id": self.session_id,
             "status": self.status,
@@ -177,6 +181,9 @@ class PipelineResult:
             "tool_calls": [call.to_dict() for call in self.tool_calls],
             "logprobs": None if self.logprobs is None else list(self.logprobs),
         }
+        if self.legs:  # only an answer that failed over has them
+            body["legs"] = [leg.to_dict() for leg in self.legs]
+        return body
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineResult:
@@ -193,4 +200,5 @@ class PipelineResult:
             sources=tuple(Source.from_dict(d) for d in data.get("sources") or ()),
             tool_calls=tuple(ToolCall.from_dict(call) for call in data.get("tool_calls") or ()),
             logprobs=None if data.get("logprobs") is None else tuple(data["logprobs"]),
+            legs=tuple(Leg.from_dict(leg) for leg in data.get("legs") or ()),
         )

@@ -337,6 +337,28 @@ timeout_s = 2
 retry = {{ attempts = 1 }}
 breaker = {{ failure_threshold = 1, open_s = 60 }}
 
+[workers.gpt_relay]  # mid-stream failover: a dear OpenAI worker whose answers go on on claude_relay
+kind = "openai"
+base_url = "{fakes.openai.url}/v1"
+models = ["gpt-fake"]
+timeout_s = 2
+retry = {{ attempts = 1 }}
+price_input_per_mtok = 1000
+price_output_per_mtok = 2000
+fallback = "claude_relay"
+
+[workers.claude_relay]
+kind = "anthropic"
+base_url = "{fakes.anthropic.url}"
+models = ["claude-relay"]
+timeout_s = 2
+retry = {{ attempts = 1 }}
+price_input_per_mtok = 3000
+price_output_per_mtok = 15000
+
+[routes.relay]  # a group's failover: vllm is chosen (listed first, as free as llamacpp), llamacpp goes on
+candidates = [{{ worker = "vllm" }}, {{ worker = "llamacpp" }}]
+
 [workers.anthropic]
 kind = "anthropic"
 base_url = "{fakes.anthropic.url}"

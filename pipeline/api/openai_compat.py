@@ -167,6 +167,9 @@ def _chunk_stream(events: AsyncGenerator[streaming.Event, None], model: str, inc
                     yield {"data": chunk(rid, {"role": "assistant", "content": ""})}
                 elif event["type"] == "token":
                     yield {"data": _token_chunk(chunk(rid, {"content": event["text"]}), event)}
+                elif event["type"] == "failover":
+                    # An extension, as "sources" is: an empty delta saying who goes on (SDKs keep unknown fields).
+                    yield {"data": {**chunk(rid, {}), "failover": {k: event[k] for k in ("from", "to", "model", "error")}}}
                 elif event["type"] == "done":
                     yield {"data": {**chunk(rid, {}, event["finish_reason"]), "sources": event.get("sources", [])}}
                     if include_usage:

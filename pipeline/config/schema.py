@@ -214,7 +214,9 @@ class WorkerConfig(_Strict):
     prompt_format: Literal["chatml", "plain"] = Field("chatml", description="llamacpp only: how chat messages become one prompt.")
     retry: RetryConfig = Field(RetryConfig(), description="Retries of transient provider errors.")
     breaker: BreakerConfig = Field(BreakerConfig(), description="The circuit breaker, shared by every process through Redis.")
-    fallback: str = Field("", description="The worker that serves this one's requests while its circuit is open.")
+    fallback: str = Field(
+        "", description="The worker that serves this one's requests while its circuit is open, and continues its answers that fail mid-stream."
+    )
     price_input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens: the cost in each answer's done event.")
     price_output_per_mtok: float = Field(0.0, ge=0, description="USD per million answer tokens.")
 

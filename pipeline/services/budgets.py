@@ -9,10 +9,7 @@ usage (``settle``), or refunded when the request fails before a token (``release
 The ledger (``UsageEntry``) records every answer's cost, so reports and a Redis that
 lost its data (``rebuild``) do not depend on Redis.
 
-What a request may cost is bounded in tokens without a tokenizer: no tokenizer in
-use makes more tokens of a text than it has UTF-8 bytes (byte-level BPE, and
-SentencePiece with byte fallback, both emit at most one token per byte), and each
-message adds a few tokens of its own framing.
+What a request may cost is bounded in tokens without a tokenizer (``pipeline.bounds``).
 """
 
 from __future__ import annotations
@@ -34,6 +31,8 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import TruncDay
 
 from orchestrator_site.errors import BudgetExceeded, InvalidRequest, NotFound, ServiceUnavailable
+from pipeline import metrics
+from pipeline.bounds import assembled_prompt_bound, message_token_bound
 from pipeline.config import PipelineSettings
 from pipeline.models import ApiKey, Budget, BudgetPeriod, BudgetScope, Tenant, UsageEntry, UsageOutcome
 from pipeline.resilience import budget
@@ -41,12 +40,10 @@ from pipeline.resilience.budget import NANO_PER_USD, Over, Period, Scope
 from pipeline.routing import worker_config
 from pipeline.shared_redis import SharedRedis, get_redis, redis_errors
 from pipeline.tokenbus import get_bus
-from pipeline.types import ChatMessage, PipelineResult, PromptRequest
+from pipeline.types import ChatMessage, Leg, PipelineResult, PromptRequest, Usage
 from workers.types import AssembledPrompt
 
 log = structlog.get_logger("pipeline.services")
-
-MESSAGE_FRAMING_TOKENS = 8  # a chat message's role and separators, in any provider's format, at most
 
 
 @contextlib.contextmanager
@@ -69,10 +66,6 @@ def limit_nano(amount_usd: Decimal) -> int:
 # --- what a request may cost -----------------------------------------------------
 
 
-def message_token_bound(messages: Iterable[ChatMessage]) -> int:
-    return sum(len(json.dumps(m.to_dict(), ensure_ascii=False).encode()) + MESSAGE_FRAMING_TOKENS for m in messages) + MESSAGE_FRAMING_TOKENS
-
-
 def gateway_prompt_bound(request: PromptRequest, config: PipelineSettings) -> int:
     """The prompt tokens the gateway can see: the prompt, the client's conversation, its
     tools and options, and the RAG context at its configured most. The session's stored
@@ -90,14 +83,18 @@ def worst_case_nano(request: PromptRequest, config: PipelineSettings, prompt_tok
     )
 
 
-def actual_nano(result: PipelineResult, config: PipelineSettings) -> int:
-    worker = worker_config(config, result.worker)
+def usage_nano(config: PipelineSettings, worker: str, usage: Usage) -> int:
+    prices = worker_config(config, worker)
     return budget.nano_cost(
-        result.usage.prompt_tokens,
-        result.usage.completion_tokens,
-        price_input_per_mtok=worker.price_input_per_mtok,
-        price_output_per_mtok=worker.price_output_per_mtok,
+        usage.prompt_tokens, usage.completion_tokens, price_input_per_mtok=prices.price_input_per_mtok, price_output_per_mtok=prices.price_output_per_mtok
     )
+
+
+def actual_nano(result: PipelineResult, config: PipelineSettings) -> int:
+    """What an answer cost: each provider's part at its own prices, when it failed over."""
+    if result.legs:
+        return sum(usage_nano(config, leg.worker, leg.usage) for leg in result.legs)
+    return usage_nano(config, result.worker, result.usage)
 
 
 def exceeded(over: Over, *, now: float | None = None) -> BudgetExceeded:
@@ -219,6 +216,29 @@ def correct(request: PromptRequest, prompt: AssembledPrompt, config: PipelineSet
         raise exceeded(over)
 
 
+def count_spend(tenant_id: str, result: PipelineResult, config: PipelineSettings) -> None:
+    """An answer's tokens and cost into the metrics: each provider's part, at its own
+    prices, when it failed over."""
+    for leg in result.legs or (Leg(result.worker, result.model, result.usage),):
+        cost = usd(usage_nano(config, leg.worker, leg.usage))
+        metrics.tokens_used(tenant_id, leg.worker, leg.usage, model=leg.model, cost_usd=float(cost))
+
+
+def cover_failover(record_key: str, config: PipelineSettings, legs: tuple[Leg, ...], *, worker: str, prompt: AssembledPrompt) -> bool:
+    """The reservation, corrected to what ``legs`` cost plus the worst case of
+    ``prompt`` on ``worker``: False (and unchanged) when that does not fit."""
+    spent = sum(usage_nano(config, leg.worker, leg.usage) for leg in legs)
+    prices = worker_config(config, worker)
+    next_worst = budget.nano_cost(
+        assembled_prompt_bound(prompt), prompt.max_tokens, price_input_per_mtok=prices.price_input_per_mtok, price_output_per_mtok=prices.price_output_per_mtok
+    )
+    try:
+        return store().correct(record_key, spent + next_worst) is None
+    except ServiceUnavailable as exc:
+        log.warning("budget_uncorrected", record_key=record_key, outcome="degraded", error_type=type(exc.__cause__ or exc).__name__)
+        return False  # fail closed: the provider's error stands
+
+
 def queue_settle(pipe: Any, record_key: str, charge_nano: int) -> None:
     """``settle`` as a command of ``pipe`` (the run's bookkeeping pipeline)."""
     store().queue_settle(pipe, record_key, charge_nano)
@@ -253,12 +273,6 @@ def hold_key(request_id: str) -> str:
     """Where a request that has no record on the token bus (a batch item) keeps its
     reservation."""
     return get_redis().key("budget", "hold", request_id)
-
-
-def assembled_prompt_bound(prompt: AssembledPrompt) -> int:
-    """The prompt tokens of an assembled prompt, at most: its messages, tools and options."""
-    options = prompt.options.to_dict()
-    return message_token_bound(prompt.messages) + (len(json.dumps(options, ensure_ascii=False).encode()) if options else 0)
 
 
 def hold(request: PromptRequest, config: PipelineSettings, prompt: AssembledPrompt) -> str | None:

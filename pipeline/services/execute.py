@@ -38,7 +38,7 @@ from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.resilience.dedup import dedup_key
 from pipeline.resilience.local import shared_state
 from pipeline.routing import worker_pool
-from pipeline.services import budgets, gates, leases, routes, sessions
+from pipeline.services import budgets, failover, gates, leases, routes, sessions
 from pipeline.shared_redis import redis_errors
 from pipeline.stages.stream import Publisher
 from pipeline.tokenbus import RequestStatus, TokenBus, fencing, get_bus
@@ -114,8 +114,9 @@ def _answer(run: Run, begun: Begun, config: PipelineSettings, bus: TokenBus) -> 
     deadline_at = begun.deadline_at or time.time() + config.limits.request_timeout_s
 
     def stages(routed: PromptRequest) -> PipelineResult:
-        correct = _budget_correction(routed, config, bus.record_key(routed.request_id)) if begun.reserved_nano else None
-        return _run_stages(routed, config, clock, producer, deadline_at, before_inference=correct)
+        budget_key = bus.record_key(routed.request_id) if begun.reserved_nano else None
+        correct = _budget_correction(routed, config, budget_key) if budget_key else None
+        return _run_stages(routed, config, clock, producer, deadline_at, before_inference=correct, budget_key=budget_key)
 
     try:
         result = gates.run_guarded(request, config, stages)
@@ -146,8 +147,11 @@ def run_stages(
     deadline_at: float,
     still_wanted: Callable[[], bool] | None = None,
     before_inference: Callable[[AssembledPrompt], None] | None = None,
+    budget_key: str | None = None,
 ) -> PipelineResult:
-    """The five stages of ``request`` (routed: the worker it runs on), streaming from its worker."""
+    """The five stages of ``request`` (routed: the worker it runs on), streaming from its
+    worker, and going on on a fallback if it fails mid-stream (``budget_key``: the
+    reservation a failover must fit, when a budget applies)."""
     clock.worker = request.worker
     deps = PipelineDeps(
         config=config,
@@ -159,6 +163,7 @@ def run_stages(
         still_wanted=still_wanted,
         deadline_at=deadline_at,
         before_inference=before_inference,
+        failover=failover.planner(request, config, budget_key=budget_key),
     )
     _ctx, result = run_pipeline(request, deps, clock.stages)
     return result
@@ -172,18 +177,28 @@ def _run_stages(
     deadline_at: float,
     *,
     before_inference: Callable[[AssembledPrompt], None] | None = None,
+    budget_key: str | None = None,
 ) -> PipelineResult:
     def publish(chunk: TokenChunk) -> None:
-        extras = {"tool_calls": list(chunk.tool_calls)} if chunk.tool_calls else {}
+        extras: dict[str, Any] = {"tool_calls": list(chunk.tool_calls)} if chunk.tool_calls else {}
         if chunk.logprobs:
             extras["logprobs"] = list(chunk.logprobs)
+        if chunk.failover:
+            extras["failover"] = dict(chunk.failover)
         if not producer.publish_token(clock.tokens, chunk.text, extras):
             raise RequestCancelled(data={"after_tokens": clock.tokens + 1})  # every reader left: stop the upstream call
         clock.token()
 
     publish_or_count = publish if request.stream else _counting(producer, clock)
     return run_stages(
-        request, config, clock, publish=publish_or_count, deadline_at=deadline_at, still_wanted=producer.wanted, before_inference=before_inference
+        request,
+        config,
+        clock,
+        publish=publish_or_count,
+        deadline_at=deadline_at,
+        still_wanted=producer.wanted,
+        before_inference=before_inference,
+        budget_key=budget_key,
     )
 
 
@@ -222,7 +237,7 @@ def _settle_success(
         log.info("run_fenced", request_id=request.request_id, attempt=producer.run.attempt, outcome="dropped")
         return
     clock.finished("ok")
-    metrics.tokens_used(request.tenant_id, result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
+    budgets.count_spend(request.tenant_id, result, config)
     _bookkeeping(
         request,
         config,

@@ -12,7 +12,7 @@ from typing import cast
 
 import structlog
 
-from orchestrator_site.errors import CircuitOpen, ContextLengthExceeded, Overloaded, PermanentWorkerError, RateLimited, TransientWorkerError
+from orchestrator_site.errors import CircuitOpen, ContextLengthExceeded, OrchestratorError, Overloaded, PermanentWorkerError, RateLimited, TransientWorkerError
 from pipeline import metrics
 from pipeline.config import PipelineSettings, get_config
 from pipeline.models import Tenant
@@ -135,17 +135,25 @@ def run_guarded(request: PromptRequest, config: PipelineSettings, run: Callable[
     refused) while the circuit is open, and the outcome recorded. Real-time runs and
     batch items both go through here."""
     request = _route_around_open_circuits(request, config)
-    breaker = breaker_for(config, request.worker)
     try:
         result = run(request)
-    except TransientWorkerError:
-        breaker.record(success=False)
+    except TransientWorkerError as exc:
+        _breaker_of(config, request, exc).record(success=False)
         raise
-    except (PermanentWorkerError, ContextLengthExceeded):
-        breaker.record(success=True)  # the provider is up: it answered, if only to refuse
+    except (PermanentWorkerError, ContextLengthExceeded) as exc:
+        _breaker_of(config, request, exc).record(success=True)  # the provider is up: it answered, if only to refuse
         raise
-    breaker.record(success=True)
+    # The worker that answered: the last one, when the answer failed over mid-stream (the
+    # ones that failed were recorded as they did, by ``services.failover``).
+    breaker_for(config, result.worker).record(success=True)
     return result
+
+
+def _breaker_of(config: PipelineSettings, request: PromptRequest, error: OrchestratorError) -> CircuitBreaker:
+    """The breaker of the worker an error came from: the request's, or the fallback's
+    that failed in its turn after a failover (its name in the error's data)."""
+    named = error.data.get("worker")
+    return breaker_for(config, named if isinstance(named, str) and named in config.workers else request.worker)
 
 
 def local_dedup(config: PipelineSettings) -> LocalDedup:

@@ -49,7 +49,7 @@ def infer_local(*, request: PromptRequest) -> PipelineResult:
     if key:
         gates.local_dedup(config).complete(key, json.dumps(result.to_dict()))
     gates.local_limiter().record_tokens(request.tenant_id, request.request_id, result.usage.total_tokens)
-    metrics.tokens_used(request.tenant_id, result.worker, result.usage, model=result.model, cost_usd=float(budgets.usd(cost)))
+    budgets.count_spend(request.tenant_id, result, config)
     return result
 
 

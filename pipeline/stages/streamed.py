@@ -7,9 +7,12 @@ arrive while a publish is under way go out together in the next one (one Redis
 round trip for all of them): a fast provider's burst costs a few publishes,
 not one per token. The first piece goes out alone, as soon as it is read: the
 rest of a burst is read after it (the first token waits for nothing). A stop sequence
-ends the upstream call (its stream is closed). A worker error after some tokens
-ends the request with that error; retries happen only before the first chunk
-(``resilience.retry``).
+ends the upstream call (its stream is closed). Retries happen only before the first
+chunk (``resilience.retry``). A transient worker error after text has come goes on
+on a fallback when there is one (``pipeline.failover``): a ``failover`` piece is
+published, then the fallback's continuation, through the same post-process filter
+(so the seam is filtered as if one provider wrote it all). Otherwise, or after a
+tool call has begun, it ends the request with that error.
 
 A request nobody wants any more (every reader of its stream left) is stopped:
 ``publish`` raises ``RequestCancelled`` when it finds that out, and while the
@@ -34,14 +37,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from orchestrator_site.errors import RequestCancelled, WorkerTimeout
+from orchestrator_site.errors import RequestCancelled, TransientWorkerError, WorkerTimeout
+from pipeline.bounds import usage_bound
 from pipeline.config import PostprocessConfig
+from pipeline.failover import Failover, continuation, total_usage
 from pipeline.stages.context import StageContext, StreamedTimings, require_prompt
 from pipeline.stages.postprocess import build_filter
 from pipeline.stages.stream import Publisher
 from pipeline.types import Completion, TokenChunk, Usage
 from workers.base import StreamingModelWorker
-from workers.types import ToolCallBuilder
+from workers.types import AssembledPrompt, Leg, ToolCallBuilder
 
 _loops = threading.local()
 WATCH_S = 0.25  # how long the upstream may be silent before the producer asks who still reads
@@ -72,6 +77,9 @@ class StreamedPass:
     last_heard: float = field(default_factory=time.monotonic)
     abandoned: bool = False
     closing: bool = False  # the upstream stream is being closed: nothing may interrupt that
+    legs: list[Leg] = field(default_factory=list)  # the providers that failed over, in order
+    leg_text: list[str] = field(default_factory=list)  # what the current provider wrote
+    written: int = 0  # text chunks read, from every provider: the tokens written, about
 
 
 def inference_streamed(
@@ -82,15 +90,18 @@ def inference_streamed(
     publish: Publisher,
     still_wanted: Callable[[], bool] | None = None,
     timeout_s: float | None = None,
+    failover: Failover | None = None,
 ) -> StageContext:
     prompt = require_prompt(ctx)
     text_filter = build_filter(config, ctx.request.stop)
     state = StreamedPass()
 
-    def emit(text: str, calls: tuple[Mapping[str, Any], ...] = (), logprobs: tuple[Mapping[str, Any], ...] = ()) -> None:
-        if text or calls or logprobs:
+    def emit(
+        text: str, calls: tuple[Mapping[str, Any], ...] = (), logprobs: tuple[Mapping[str, Any], ...] = (), marker: Mapping[str, Any] | None = None
+    ) -> None:
+        if text or calls or logprobs or marker:
             started = time.perf_counter_ns()
-            publish(TokenChunk(index=state.pieces, text=text, tool_calls=calls, logprobs=logprobs))
+            publish(TokenChunk(index=state.pieces, text=text, tool_calls=calls, logprobs=logprobs, failover=marker))
             state.stream_ns += time.perf_counter_ns() - started
             state.released.append(text)
             state.pieces += 1
@@ -101,8 +112,9 @@ def inference_streamed(
         state.post_ns += time.perf_counter_ns() - started
         return out
 
-    async def pump() -> None:
-        stream = worker.infer_stream(prompt)
+    async def pump_leg(leg: StreamingModelWorker, leg_prompt: AssembledPrompt) -> TransientWorkerError | None:
+        """One provider's stream to its end: None, or the transient error it ended with."""
+        stream = leg.infer_stream(leg_prompt)
         arrived: list[TokenChunk] = []
         news = asyncio.Event()
 
@@ -120,6 +132,7 @@ def inference_streamed(
                 news.set()
 
         reader = asyncio.ensure_future(read())
+        state.closing = False
         try:
             while True:
                 await news.wait()
@@ -134,6 +147,8 @@ def inference_streamed(
                 logprobs: list[Mapping[str, Any]] = []
                 for chunk in batch:
                     state.raw.append(chunk.text)
+                    state.leg_text.append(chunk.text)
+                    state.written += 1 if chunk.text else 0
                     state.finish = chunk.finish_reason or state.finish
                     state.usage = chunk.usage or state.usage
                     calls += chunk.tool_calls
@@ -155,7 +170,39 @@ def inference_streamed(
             await asyncio.gather(reader, return_exceptions=True)
             await stream.aclose()  # type: ignore[attr-defined]  # ends the upstream call
         if finished_alone and not text_filter.stopped:
-            reader.result()  # a worker error (or cancellation) after the pieces before it were published
+            try:
+                reader.result()  # a worker error (or cancellation) after the pieces before it were published
+            except TransientWorkerError as exc:
+                return exc
+        return None
+
+    def leg_of(leg: StreamingModelWorker, leg_prompt: AssembledPrompt, error: str = "") -> Leg:
+        text, state.leg_text[:] = "".join(state.leg_text), []
+        usage, state.usage = state.usage, None
+        if usage is None and error:
+            return Leg(leg.name, leg_prompt.model, usage_bound(leg_prompt, text), estimated=True, error=error)
+        return Leg(leg.name, leg_prompt.model, usage or Usage(), error=error)
+
+    async def pump() -> None:
+        leg, leg_prompt = worker, prompt
+        while True:
+            error = await pump_leg(leg, leg_prompt)
+            if error is None:
+                if state.legs:
+                    state.legs.append(leg_of(leg, leg_prompt))
+                return
+            # On after text (the client may have it), before any tool call (a call's
+            # arguments cannot be continued), when somewhere can: else the error is the answer.
+            answer, after = "".join(state.raw), (*state.legs, leg_of(leg, leg_prompt, error.code))
+            following = None
+            if failover is not None and answer and not state.tool_calls.calls():
+                following = failover(after, continuation(prompt, answer, written_tokens=state.written))
+            if following is None:
+                raise error
+            state.legs[:] = after
+            marker = {"from": leg.name, "to": following.worker.name, "model": following.prompt.model, "error": error.code}
+            emit("", marker=marker)
+            leg, leg_prompt = following.worker, following.prompt
 
     async def watch(task: asyncio.Future[None], ask: Callable[[], bool]) -> None:
         while not task.done():
@@ -164,7 +211,7 @@ def inference_streamed(
             # ended): a cancellation landing in the HTTP client's close can leave the connection open and
             # counted as busy in its pool, and the provider writes the whole reply to it.
             if state.closing:
-                return
+                continue  # between two providers too: the next one is watched once it streams
             if time.monotonic() - state.last_heard >= WATCH_S and not task.done() and not ask():
                 state.abandoned = True
                 task.cancel()  # closes the upstream stream (pump's finally)
@@ -189,14 +236,16 @@ def inference_streamed(
 
     thread_loop().run_until_complete(run())
     emit(post(None))
+    last = state.legs[-1] if state.legs else None
     completion = Completion(
         text="".join(state.raw),
-        model=prompt.model,
-        worker=worker.name,
-        usage=state.usage or Usage(),
+        model=last.model if last else prompt.model,
+        worker=last.worker if last else worker.name,
+        usage=total_usage(tuple(state.legs)) if last else state.usage or Usage(),
         finish_reason=state.finish,
         tool_calls=state.tool_calls.calls(),
         logprobs=None if state.logprobs is None else tuple(state.logprobs),
+        legs=tuple(state.legs),
     )
     timings = StreamedTimings(post_ns=state.post_ns, stream_ns=state.stream_ns)
     return replace(ctx, completion=completion, output="".join(state.released), finish_reason=state.finish, streamed_timings=timings, streamed=True)

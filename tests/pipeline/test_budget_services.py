@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from orchestrator_site.errors import BudgetExceeded, InvalidRequest, NotFound, ServiceUnavailable
+from pipeline import bounds
 from pipeline.config import PipelineSettings, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.models import Budget, BudgetScope, UsageEntry, UsageOutcome
@@ -67,7 +68,7 @@ def test_the_gateways_bound_is_at_least_the_utf8_bytes_it_can_see(prompt: str, h
     request = PromptRequest(request_id="r", tenant_id="t", session_id="r", prompt=prompt, worker="echo", model="echo-1", max_tokens=1, history=messages)
     bound = budgets.gateway_prompt_bound(request, PipelineSettings())
     seen = sum(len(m.content.encode()) for m in messages) + len(prompt.encode())
-    assert bound >= seen + budgets.MESSAGE_FRAMING_TOKENS * (len(messages) + 2)
+    assert bound >= seen + bounds.MESSAGE_FRAMING_TOKENS * (len(messages) + 2)
 
 
 def test_the_bound_adds_the_rag_context_at_most_and_the_tools() -> None:
@@ -449,7 +450,7 @@ def test_the_bound_counts_a_conversations_tool_calls_and_results() -> None:
     )
     with_tools = PromptRequest(**{**bare.__dict__, "tool_turns": turns})
     extra = budgets.gateway_prompt_bound(with_tools, PipelineSettings()) - budgets.gateway_prompt_bound(bare, PipelineSettings())
-    assert extra >= len(call.arguments.encode()) + len("Sunny, 21 °C".encode()) + 2 * budgets.MESSAGE_FRAMING_TOKENS
+    assert extra >= len(call.arguments.encode()) + len("Sunny, 21 °C".encode()) + 2 * bounds.MESSAGE_FRAMING_TOKENS
 
 
 @pytest.mark.django_db(transaction=True)
