@@ -245,7 +245,8 @@ def _settle_success(
         result_json=json.dumps(body),
         tokens=result.usage.total_tokens,
         charge_nano=cost if budgeted else None,
-        ttft=(result.worker, clock.ttft_s) if clock.ttft_s is not None else None,
+        # The first token's worker: the first leg's, when the answer failed over.
+        ttft=((result.legs[0] if result.legs else result).worker, clock.ttft_s) if clock.ttft_s is not None else None,
     )
 
 

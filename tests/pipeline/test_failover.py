@@ -19,10 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pipeline.config import get_config
 from pipeline.models import Budget, UsageEntry
 from pipeline.routing import cost_usd
-from pipeline.services import budgets
+from pipeline.services import budgets, routes
+from pipeline.shared_redis import get_redis
 from pipeline.types import Usage
 from tests.conftest import Fakes, TenantFixture, WorkerProcess
 from tests.pipeline.test_streaming_sse import parse_sse
+from tests.pipeline.test_streaming_ws import one_prompt
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
@@ -79,6 +81,29 @@ def test_a_drop_mid_stream_goes_on_on_the_fallback_as_one_answer(owner: TenantFi
     # The fallback was given the answer so far as the assistant's turn to continue.
     assert fakes.anthropic.requests[-1]["body"]["messages"][-1] == {"role": "assistant", "content": "Hello,"}
     assert failovers(realtime_worker, from_worker="gpt_relay", to_worker="claude_relay") == before + 1
+
+
+def test_the_first_tokens_time_counts_for_the_worker_that_sent_it(owner: TenantFixture, fakes: Fakes) -> None:
+    """The route groups' latency window: the answer's TTFT was gpt_relay's, not its fallback's."""
+    shared = get_redis()
+    shared.client.delete(routes.ttft_key(shared.prefix, "gpt_relay"), routes.ttft_key(shared.prefix, "claude_relay"))
+    fakes.openai.mode = "drop"
+    assert stream(owner, prompt="whose first token", worker="gpt_relay")[-1]["type"] == "done"
+    deadline = time.monotonic() + 5
+    while not shared.client.llen(routes.ttft_key(shared.prefix, "gpt_relay")):  # pushed as the run settles, after the client's done
+        assert time.monotonic() < deadline, "no TTFT recorded"
+        time.sleep(0.02)
+    assert shared.client.llen(routes.ttft_key(shared.prefix, "claude_relay")) == 0
+
+
+def test_a_websocket_client_reads_the_failover_between_the_tokens(owner: TenantFixture, fakes: Fakes) -> None:
+    fakes.openai.mode = "drop"
+    events = one_prompt(owner.key, prompt="over the socket", worker="gpt_relay", max_tokens=8, dedup=False)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("failover") == 1
+    seam = kinds.index("failover")
+    assert "".join(e["text"] for e in events[:seam] if e["type"] == "token") == "Hello,"
+    assert "".join(e["text"] for e in events if e["type"] == "token") == ANSWER and events[seam]["to"] == "claude_relay"
 
 
 def test_usage_and_cost_add_up_across_both_providers(owner: TenantFixture, fakes: Fakes) -> None:
