@@ -16,7 +16,20 @@ from batches.services import batch_cancel
 class BatchJobAdmin(admin.ModelAdmin):
     """Jobs are submitted through the API; operators watch them and may cancel them."""
 
-    list_display = ("id", "tenant", "status", "priority", "worker", "items_total", "items_done", "items_failed", "created_at", "finished_at")
+    list_display = (
+        "id",
+        "tenant",
+        "status",
+        "priority",
+        "deadline",
+        "worker",
+        "items_total",
+        "items_done",
+        "items_failed",
+        "items_expired",
+        "created_at",
+        "finished_at",
+    )
     list_filter = ("status", "priority", "tenant")
     search_fields = ("id",)
     actions = ["cancel"]

@@ -29,14 +29,21 @@ def item_finished(priority: str, outcome: str) -> None:
     child(BATCH_ITEMS, priority, outcome).inc()
 
 
+def items_finished(priority: str, outcome: str, count: int) -> None:
+    """``count`` items ended together (a job's items expired at its deadline)."""
+    child(BATCH_ITEMS, priority, outcome).inc(count)
+
+
 def progress_families() -> Iterable[GaugeMetricFamily]:
     """Two queries: jobs per status, and the item counts of the active jobs."""
     jobs = GaugeMetricFamily("orchestrator_batch_jobs", "Batch jobs by status.", labels=["status"])
     counts = dict(BatchJob.objects.order_by().values_list("status").annotate(n=Count("id")).values_list("status", "n"))
     for status in BatchJob.Status:
         jobs.add_metric([status.value], counts.get(status.value, 0))
-    active = BatchJob.objects.filter(status__in=BatchJob.ACTIVE).aggregate(total=Sum("items_total"), done=Sum("items_done"), failed=Sum("items_failed"))
-    total, settled = active["total"] or 0, (active["done"] or 0) + (active["failed"] or 0)
+    active = BatchJob.objects.filter(status__in=BatchJob.ACTIVE).aggregate(
+        total=Sum("items_total"), done=Sum("items_done"), failed=Sum("items_failed"), expired=Sum("items_expired")
+    )
+    total, settled = active["total"] or 0, (active["done"] or 0) + (active["failed"] or 0) + (active["expired"] or 0)
     pending = GaugeMetricFamily("orchestrator_batch_items_pending", "Items of queued and running batch jobs not answered or failed yet.", value=total - settled)
     progress = GaugeMetricFamily(
         "orchestrator_batch_progress_ratio",

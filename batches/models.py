@@ -14,7 +14,7 @@ class BatchJob(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
-        COMPLETED = "completed"  # every item answered or failed (see items_failed)
+        COMPLETED = "completed"  # every item answered, failed or expired (see items_failed, items_expired)
         CANCELLED = "cancelled"  # items not run by then stay pending
 
     class Priority(models.TextChoices):
@@ -41,6 +41,10 @@ class BatchJob(models.Model):
     items_total = models.PositiveIntegerField()
     items_done = models.PositiveIntegerField(default=0)
     items_failed = models.PositiveIntegerField(default=0)
+    items_expired = models.PositiveIntegerField(default=0, db_default=0)
+    # When its items must be answered by: they run earliest deadline first within a
+    # priority, near it before any other work, and at it the rest expire (batches.urgency).
+    deadline = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -61,12 +65,17 @@ class BatchJob(models.Model):
     def queue(self) -> str:
         return f"batch.{self.priority}"
 
+    @property
+    def items_settled(self) -> int:
+        return self.items_done + self.items_failed + self.items_expired
+
 
 class BatchItem(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending"
         DONE = "done"
         FAILED = "failed"
+        EXPIRED = "expired"  # not run by its job's deadline (error batch_expired)
 
     id = models.BigAutoField(primary_key=True)
     job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="items")

@@ -24,9 +24,9 @@ from django.db.models import F, Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from batches import metrics
+from batches import metrics, urgency
 from batches.models import BatchItem, BatchJob
-from orchestrator_site.errors import CircuitOpen, NotFound, OrchestratorError, PromptTooLarge, ServiceUnavailable, TransientWorkerError
+from orchestrator_site.errors import BatchExpired, CircuitOpen, NotFound, OrchestratorError, PromptTooLarge, ServiceUnavailable, TransientWorkerError
 from pipeline import selectors
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
@@ -73,13 +73,14 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
             metadata=dict(data.get("metadata") or {}),
             items_total=len(prompts),
             items_failed=refused,
+            deadline=data.get("deadline"),
             config_version=config_version(),
             # Nothing left to run when every prompt was over the limit.
             **({"status": BatchJob.Status.COMPLETED, "finished_at": now} if refused == len(prompts) else {}),
         )
         BatchItem.objects.bulk_create((_item(job, i, p, now) for i, p in enumerate(prompts)), batch_size=2000)
         chunks = chunk_ranges((i for i, p in enumerate(prompts) if not p.too_large), config.batch.chunk_size)
-        transaction.on_commit(lambda: _enqueue(job, chunks))
+        transaction.on_commit(lambda: _start(job, chunks))
     log.info("batch_created", job_id=str(job.id), tenant_id=str(tenant.id), items=len(prompts), priority=job.priority, worker=job.worker, outcome="ok")
     return job
 
@@ -95,6 +96,13 @@ def chunk_ranges(indexes: Iterable[int], size: int) -> list[tuple[int, int]]:
     """The chunks (first, last index, inclusive) of ``size`` that hold the given indexes."""
     starts = sorted({i - i % size for i in indexes})
     return [(start, start + size - 1) for start in starts]
+
+
+def _start(job: BatchJob, chunks: Sequence[tuple[int, int]]) -> None:
+    """A new job's chunks queued, and its urgency noted for the chunks already queued."""
+    if chunks:
+        urgency.enter(job)
+    _enqueue(job, chunks)
 
 
 def _enqueue(job: BatchJob, chunks: Sequence[tuple[int, int]], *, countdown: float = 0.0) -> bool:
@@ -128,6 +136,7 @@ def batch_cancel(*, tenant_id: str, job_id: Any) -> BatchJob:
     job = batch_get(tenant_id=tenant_id, job_id=job_id)
     if BatchJob.objects.filter(pk=job.pk, status__in=BatchJob.ACTIVE).update(status=BatchJob.Status.CANCELLED, finished_at=timezone.now()):
         log.info("batch_cancelled", job_id=str(job.id), outcome="cancelled")
+        urgency.leave(job.pk)
         job.refresh_from_db()
     return job
 
@@ -150,14 +159,68 @@ def _run_chunk(job_id: str, first: int, last: int) -> None:
     if job is None:
         return  # finished, cancelled or deleted: a late or duplicate message
     config = config_at(job.config_version)  # the version the job was submitted on
+    if expire_if_due(job):
+        return
     BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.QUEUED).update(status=BatchJob.Status.RUNNING, started_at=timezone.now())
+    preemption = urgency.Preemption(job, config.batch.deadline_near_s)
     try:
-        while (item := _claim_next(job, first, last, config)) is not None:
+        while True:
+            if expire_if_due(job):
+                return
+            urgent = preemption.urgent()
+            if urgent is not None:
+                # A more urgent job's items first, run by this chunk's thread, until none is
+                # left free; then this chunk's own. Paused for a while if its provider is down.
+                if not _help(urgent, helper=job):
+                    preemption.pause(urgent, config.batch.retry_delay_s)
+                continue
+            item = _claim_next(job, first, last, config)
+            if item is None:
+                return
             if not _run_item(job, item, config):
                 _enqueue(job, [(first, last)], countdown=config.batch.retry_delay_s)
                 return
     finally:
         _finish_if_complete(job)
+
+
+def _help(job_id: str, *, helper: BatchJob) -> bool:
+    """Run ``job_id``'s free items, any of them, until none is left; False when its
+    provider is down (the item stays pending for its own chunk's retry)."""
+    job = BatchJob.objects.filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
+    if job is None:
+        return True
+    config = config_at(job.config_version)
+    log.info("batch_chunk_preempted", job_id=str(helper.id), by_job_id=job_id, outcome="preempted")
+    BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.QUEUED).update(status=BatchJob.Status.RUNNING, started_at=timezone.now())
+    try:
+        while not expire_if_due(job) and (item := _claim_next(job, 0, job.items_total, config)) is not None:
+            if not _run_item(job, item, config):
+                return False
+    finally:
+        _finish_if_complete(job)
+    return True
+
+
+def expire_if_due(job: BatchJob, *, now: dt.datetime | None = None) -> bool:
+    """At the job's deadline, its items not run yet end ``expired`` (error
+    ``batch_expired``; one being run meanwhile is not recorded) and the job completes.
+    True when the deadline has passed."""
+    now = now or timezone.now()
+    if job.deadline is None or job.deadline > now:
+        return False
+    error = BatchExpired(f"the job's deadline {job.deadline.isoformat()} passed before this item ran", data={"deadline": job.deadline.isoformat()})
+    with transaction.atomic():
+        expired = BatchItem.objects.filter(job_id=job.pk, status=BatchItem.Status.PENDING).update(
+            status=BatchItem.Status.EXPIRED, error=error.to_dict(), finished_at=now, leased_until=None
+        )
+        if expired:
+            BatchJob.objects.filter(pk=job.pk).update(items_expired=F("items_expired") + expired, progressed_at=now)
+    if expired:
+        metrics.items_finished(job.priority, error.code, expired)
+        log.warning("batch_expired", job_id=str(job.id), items=expired, outcome="expired")
+    _finish_if_complete(job)
+    return True
 
 
 def _claim_next(job: BatchJob, first: int, last: int, config: PipelineSettings) -> BatchItem | None:
@@ -291,12 +354,13 @@ def _finish_if_complete(job: BatchJob) -> None:
     """Completed once every item is answered or failed. Each run checks after its own
     commits, so the run that records the last item sees the others'."""
     finished = (
-        BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.RUNNING)
-        .alias(settled=F("items_done") + F("items_failed"))
+        BatchJob.objects.filter(pk=job.pk, status__in=BatchJob.ACTIVE)
+        .alias(settled=F("items_done") + F("items_failed") + F("items_expired"))
         .filter(settled__gte=F("items_total"))
         .update(status=BatchJob.Status.COMPLETED, finished_at=timezone.now())
     )
     if finished:
+        urgency.leave(job.pk)
         log.info("batch_completed", job_id=str(job.id), outcome="ok")
 
 
@@ -306,6 +370,8 @@ def batch_recover(*, config: PipelineSettings | None = None, now: dt.datetime | 
     outage's). Run by the scheduler; returns the chunks queued."""
     config = config or get_config()
     now = now or timezone.now()
+    for due in BatchJob.objects.filter(status__in=BatchJob.ACTIVE, deadline__lte=now):
+        expire_if_due(due, now=now)  # a job whose chunks no worker is running expires here
     stalled = BatchJob.objects.filter(status__in=BatchJob.ACTIVE, progressed_at__lt=now - dt.timedelta(seconds=config.batch.stall_after_s))
     queued = 0
     for job in stalled:
@@ -333,7 +399,7 @@ def batch_results(*, job: BatchJob, after: int, limit: int) -> list[dict[str, An
     """Finished items with an index above ``after``, in index order, as the results
     endpoint writes them."""
     items = (
-        BatchItem.objects.filter(job=job, index__gt=after, status__in=(BatchItem.Status.DONE, BatchItem.Status.FAILED))
+        BatchItem.objects.filter(job=job, index__gt=after, status__in=(BatchItem.Status.DONE, BatchItem.Status.FAILED, BatchItem.Status.EXPIRED))
         .order_by("index")
         .values("index", "custom_id", "status", "output", "finish_reason", "usage", "error")[:limit]
     )

@@ -33,6 +33,7 @@ per integration with ``raise ... from exc``.
     ├── Overloaded ............................... 503 overloaded (queue full: shed, retry_after)
     ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
     ├── BudgetExceeded ........................... 402 budget_exceeded (a budget that applies cannot cover the request)
+    ├── BatchExpired ............................. 410 batch_expired (a batch item not run by its job's deadline)
     ├── CircuitOpen .............................. 503 circuit_open (worker's breaker open, no fallback)
     └── WorkerError .............................. 502 worker_error
         ├── TransientWorkerError ................. 503 worker_unavailable   (retryable)
@@ -274,6 +275,16 @@ class BudgetExceeded(OrchestratorError):
     http_status = 402
     ws_close_code = 4402
     default_message = "a budget that applies to this request is used up"
+
+
+class BatchExpired(OrchestratorError):
+    """A batch item its job's ``deadline`` passed before it ran: it was not run, and
+    will not be (``data``: the deadline)."""
+
+    code = "batch_expired"
+    http_status = 410
+    ws_close_code = 4410
+    default_message = "the batch job's deadline passed before this item ran"
 
 
 class CircuitOpen(OrchestratorError):

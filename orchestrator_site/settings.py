@@ -183,6 +183,10 @@ CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
     "interval_start": 0,
     "interval_step": 0.2,
     "interval_max": 0.5,
+    # A batch worker empties batch.high before it takes from batch.default, and that
+    # before batch.low, in the order of its -Q (kombu's Redis transport; round-robin
+    # by default). The chunks already running give way themselves (batches.urgency).
+    "queue_order_strategy": "priority",
 }
 if env_str("CELERY_BROKER_KEY_PREFIX", ""):
     # Several deployments (or test runs) on one Redis broker, each with its own queues.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -85,12 +87,24 @@ class BatchInput(RequestOptions):
 
     prompts = PromptsField()
     priority = serializers.ChoiceField(choices=BatchJob.Priority.values, required=False, default=BatchJob.Priority.DEFAULT)
+    deadline = serializers.DateTimeField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="ISO 8601: the items not run by then end expired (batch_expired); earlier deadlines run first within a priority.",
+    )
+
+    def validate_deadline(self, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value <= timezone.now():
+            raise serializers.ValidationError("the deadline has passed already; give a time in the future", code="invalid")
+        return value
 
 
 class BatchCountsOut(serializers.Serializer):
     total = serializers.IntegerField()
     done = serializers.IntegerField()
     failed = serializers.IntegerField()
+    expired = serializers.IntegerField()
     pending = serializers.IntegerField()
 
 
@@ -102,6 +116,7 @@ class BatchJobOut(serializers.Serializer):
     model = serializers.CharField()
     counts = BatchCountsOut()
     progress = serializers.FloatField()
+    deadline = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
@@ -110,14 +125,14 @@ class BatchJobOut(serializers.Serializer):
 def counts(job: BatchJob, settled: int) -> dict[str, int]:
     """The job's items by state; the ones a cancelled job never ran are ``cancelled``, not ``pending``."""
     left = job.items_total - settled
-    base = {"total": job.items_total, "done": job.items_done, "failed": job.items_failed}
+    base = {"total": job.items_total, "done": job.items_done, "failed": job.items_failed, "expired": job.items_expired}
     if job.status == BatchJob.Status.CANCELLED:
         return {**base, "pending": 0, "cancelled": left}
     return {**base, "pending": left, "cancelled": 0}
 
 
 def job_out(job: BatchJob) -> dict[str, Any]:
-    settled = job.items_done + job.items_failed
+    settled = job.items_settled
     return {
         "id": str(job.id),
         "status": job.status,
@@ -126,6 +141,7 @@ def job_out(job: BatchJob) -> dict[str, Any]:
         "model": job.model,
         "counts": counts(job, settled),
         "progress": round(settled / job.items_total, 6) if job.items_total else 1.0,
+        "deadline": job.deadline.isoformat() if job.deadline else None,
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

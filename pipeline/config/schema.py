@@ -185,6 +185,9 @@ class BatchConfig(_Strict):
     retry_delay_s: float = Field(30.0, ge=0, le=3600, description="Wait before a chunk whose provider was down runs again.")
     lease_s: float = Field(600.0, gt=0, le=86_400, description="An item being run is nobody else's for this long.")
     stall_after_s: float = Field(300.0, gt=0, le=86_400, description="A job without progress this long is re-queued by the scheduler's sweep.")
+    deadline_near_s: float = Field(
+        300.0, ge=0, le=86_400, description="A job this close to its deadline runs before any other batch work, whatever its priority."
+    )
 
 
 class RetryConfig(_Strict):

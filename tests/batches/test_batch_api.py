@@ -57,7 +57,7 @@ def test_a_job_is_stored_with_its_items_and_its_chunks_queued(
     job = resp.json()
     assert resp["Location"] == f"/api/v1/batch/{job['id']}"
     assert job["status"] == "queued" and job["priority"] == "high" and job["worker"] == "echo" and job["model"] == "echo-1"
-    assert job["counts"] == {"total": 3, "done": 0, "failed": 0, "pending": 3, "cancelled": 0} and job["progress"] == 0.0
+    assert job["counts"] == {"total": 3, "done": 0, "failed": 0, "expired": 0, "pending": 3, "cancelled": 0} and job["progress"] == 0.0
     assert job["started_at"] is None and job["finished_at"] is None
     items = list(BatchItem.objects.filter(job_id=job["id"]).values_list("index", "prompt", "custom_id", "status"))
     assert items == [(0, "one", "", "pending"), (1, "two", "b", "pending"), (2, "three", "", "pending")]
@@ -212,7 +212,9 @@ def test_a_failed_item_shows_its_error_in_the_results(owner: TenantFixture, fake
     assert row["status"] == "failed" and row["error"]["code"] == "worker_rejected" and "text" not in row
     status = owner.client.get(f"{BATCH}/{job['id']}").json()
     assert (
-        status["status"] == "completed" and status["counts"] == {"total": 1, "done": 0, "failed": 1, "pending": 0, "cancelled": 0} and status["progress"] == 1.0
+        status["status"] == "completed"
+        and status["counts"] == {"total": 1, "done": 0, "failed": 1, "expired": 0, "pending": 0, "cancelled": 0}
+        and status["progress"] == 1.0
     )
 
 
@@ -240,13 +242,13 @@ def test_a_batch_refuses_the_same_options_as_a_single_request(owner: TenantFixtu
 @pytest.mark.django_db
 def test_a_prompt_over_the_limit_fails_its_own_item_and_the_rest_run(owner: TenantFixture, fakes: Any) -> None:
     job = submit(owner, {"prompts": ["fine", {"prompt": "x" * 2001, "custom_id": "big"}, "also fine"]})
-    assert job["status"] == "queued" and job["counts"] == {"total": 3, "done": 0, "failed": 1, "pending": 2, "cancelled": 0}
+    assert job["status"] == "queued" and job["counts"] == {"total": 3, "done": 0, "failed": 1, "expired": 0, "pending": 2, "cancelled": 0}
     big = BatchItem.objects.get(job_id=job["id"], index=1)
     assert big.status == "failed" and big.error["code"] == "prompt_too_large" and big.error["message"] == "prompt is longer than 2000 characters"
     assert big.prompt == "" and big.custom_id == "big"  # the oversized text is not kept
     batch_run_chunk(job_id=job["id"], first=0, last=2)
     status = owner.client.get(f"{BATCH}/{job['id']}").json()
-    assert status["status"] == "completed" and status["counts"] == {"total": 3, "done": 2, "failed": 1, "pending": 0, "cancelled": 0}
+    assert status["status"] == "completed" and status["counts"] == {"total": 3, "done": 2, "failed": 1, "expired": 0, "pending": 0, "cancelled": 0}
     rows = ndjson(owner.client.get(f"{BATCH}/{job['id']}/results"))
     assert [(r["index"], r["status"]) for r in rows] == [(0, "done"), (1, "failed"), (2, "done")]
     assert rows[1]["error"]["code"] == "prompt_too_large" and rows[1]["custom_id"] == "big"
@@ -256,4 +258,4 @@ def test_a_prompt_over_the_limit_fails_its_own_item_and_the_rest_run(owner: Tena
 def test_a_job_whose_every_prompt_is_over_the_limit_is_complete_at_once(owner: TenantFixture, fakes: Any) -> None:
     job = submit(owner, {"prompts": ["x" * 2001, "y" * 2500]})
     assert job["status"] == "completed" and job["finished_at"] is not None and job["progress"] == 1.0
-    assert job["counts"] == {"total": 2, "done": 0, "failed": 2, "pending": 0, "cancelled": 0}
+    assert job["counts"] == {"total": 2, "done": 0, "failed": 2, "expired": 0, "pending": 0, "cancelled": 0}

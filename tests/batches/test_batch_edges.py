@@ -17,7 +17,7 @@ from orchestrator_site.errors import NotFound
 from pipeline.config import get_config
 from pipeline.models import Tenant
 from tests.batches.test_batch_api import BATCH, ndjson, submit
-from tests.batches.test_batch_services import queued, with_batch  # noqa: F401 - fixtures
+from tests.batches.test_batch_services import with_batch
 from tests.conftest import TenantFixture
 
 
@@ -75,11 +75,11 @@ def test_results_list_only_finished_items_and_skip_the_pending(owner: TenantFixt
 def test_progress_is_rounded_and_counts_add_up(owner: TenantFixture) -> None:
     job = BatchJob(tenant=owner.tenant, worker="echo", model="echo-1", max_tokens=1, items_total=3, items_done=1, created_at=timezone.now())
     out = job_out(job)
-    assert out["progress"] == 0.333333 and out["counts"] == {"total": 3, "done": 1, "failed": 0, "pending": 2, "cancelled": 0}
+    assert out["progress"] == 0.333333 and out["counts"] == {"total": 3, "done": 1, "failed": 0, "expired": 0, "pending": 2, "cancelled": 0}
 
 
 @pytest.mark.django_db
-def test_a_large_job_is_stored_in_several_inserts_with_contiguous_indexes(owner: TenantFixture, queued: list[tuple[Any, ...]]) -> None:  # noqa: F811
+def test_a_large_job_is_stored_in_several_inserts_with_contiguous_indexes(owner: TenantFixture, queued: list[tuple[Any, ...]]) -> None:
     job = batch_create(tenant=owner.tenant, data={"prompts": [Prompt(f"p{i}") for i in range(5001)]}, config=get_config())
     indexes = list(job.items.order_by("index").values_list("index", flat=True))
     assert indexes == list(range(5001)) and job.items_total == 5001
@@ -108,7 +108,7 @@ def test_a_claim_leases_the_item_for_lease_s(owner: TenantFixture, pipeline_conf
 @pytest.mark.django_db
 def test_the_sweep_restarts_a_job_whose_messages_were_all_lost_and_leaves_cancelled_ones(
     owner: TenantFixture,
-    queued: list[tuple[Any, ...]],  # noqa: F811
+    queued: list[tuple[Any, ...]],
     pipeline_config: Any,
 ) -> None:
     config = pipeline_config(with_batch(chunk_size=10, stall_after_s=5))

@@ -55,7 +55,7 @@ def test_a_job_survives_its_worker_being_killed(owner: TenantFixture, fakes: Fak
         job = wait_for(job_id, owner, 120)
     finally:
         stop_process(second.proc)
-    assert job["counts"] == {"total": 150, "done": 150, "failed": 0, "pending": 0, "cancelled": 0}
+    assert job["counts"] == {"total": 150, "done": 150, "failed": 0, "expired": 0, "pending": 0, "cancelled": 0}
     items = list(BatchItem.objects.filter(job_id=job_id).order_by("index"))
     assert all(item.status == "done" and item.output == "Hello, world!" for item in items)
     # Only the items the dead worker was running when it died were run twice.
@@ -75,6 +75,6 @@ def test_items_whose_provider_was_down_are_run_again_through_the_broker(owner: T
         job = wait_for(job_id, owner, 60)
     finally:
         stop_process(worker.proc)
-    assert job["counts"] == {"total": 3, "done": 3, "failed": 0, "pending": 0, "cancelled": 0}
+    assert job["counts"] == {"total": 3, "done": 3, "failed": 0, "expired": 0, "pending": 0, "cancelled": 0}
     first = BatchItem.objects.get(job_id=job_id, index=0)
     assert first.attempts == 4 and first.output == "Hello, world!"  # three deferrals, each a chunk queued again with a countdown

@@ -24,15 +24,6 @@ from pipeline.services.gates import breaker_for
 from tests.conftest import TenantFixture
 
 
-@pytest.fixture
-def queued(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    from batches.tasks import run_batch_chunk
-
-    seen: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(run_batch_chunk, "apply_async", lambda args, **options: seen.append((*args, options["queue"], options["countdown"])))
-    return seen
-
-
 def with_batch(**fields: Any) -> PipelineSettings:
     """The test config with other batch settings."""
     config = get_config()

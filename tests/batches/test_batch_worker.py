@@ -64,7 +64,7 @@ def test_ten_thousand_prompts_complete_with_their_progress_reported(owner: Tenan
 
     seen: list[dict[str, Any]] = []
     job = wait_for(job_id, owner, 480, seen)
-    assert job["counts"] == {"total": 10_000, "done": 10_000, "failed": 0, "pending": 0, "cancelled": 0} and job["progress"] == 1.0
+    assert job["counts"] == {"total": 10_000, "done": 10_000, "failed": 0, "expired": 0, "pending": 0, "cancelled": 0} and job["progress"] == 1.0
 
     # Progress on the way: the API's and the gauges' (read from Postgres at scrape time).
     midway = [s for s in seen if 0 < s["counts"]["done"] < 10_000]

@@ -93,7 +93,7 @@ def test_make_run_serves_and_stops_cleanly(tmp_path: Path) -> None:
         while (status := httpx.get(f"{base}/api/v1/batch/{job['id']}", headers=auth, timeout=10).json())["status"] != "completed":
             assert time.monotonic() < deadline, status
             time.sleep(0.3)
-        assert status["counts"] == {"total": 2, "done": 2, "failed": 0, "pending": 0, "cancelled": 0}
+        assert status["counts"] == {"total": 2, "done": 2, "failed": 0, "expired": 0, "pending": 0, "cancelled": 0}
         with httpx.stream("GET", f"{base}/api/v1/batch/{job['id']}/results", headers=auth, timeout=10) as results:
             assert results.headers["content-type"] == "application/x-ndjson"
             rows = [json.loads(line) for line in results.iter_lines() if line]

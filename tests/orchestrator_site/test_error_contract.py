@@ -37,6 +37,7 @@ CONTRACT = {
     "overloaded": (503, 4503),
     "rate_limited": (429, 4429),
     "budget_exceeded": (402, 4402),
+    "batch_expired": (410, 4410),
     "circuit_open": (503, 4503),
     "worker_error": (502, 4502),
     "worker_unavailable": (503, 4503),
