@@ -8,8 +8,9 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
-from batches.models import BatchItem, BatchJob
-from batches.services import batch_cancel
+from batches import destinations
+from batches.models import BatchDelivery, BatchItem, BatchJob
+from batches.services import batch_cancel, queue_delivery
 
 
 @admin.register(BatchJob)
@@ -32,8 +33,8 @@ class BatchJobAdmin(admin.ModelAdmin):
     )
     list_filter = ("status", "priority", "tenant")
     search_fields = ("id",)
-    actions = ["cancel"]
-    readonly_fields = ("items_shown",)
+    actions = ["cancel", "retry_deliveries"]
+    readonly_fields = ("items_shown", "deliveries_shown")
     ITEMS_SHOWN = 100  # a job may have 50,000: the rest are on the batch items page, filtered by job
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -43,7 +44,16 @@ class BatchJobAdmin(admin.ModelAdmin):
         return False
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
-        return (*(f.name for f in BatchJob._meta.fields), "items_shown")
+        return (*(f.name for f in BatchJob._meta.fields), "deliveries_shown", "items_shown")
+
+    @admin.display(description="destinations")
+    def deliveries_shown(self, obj: BatchJob) -> str:
+        rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ((d.kind, d.target.get("path", ""), d.state, d.attempts, (d.error or {}).get("message", "")) for d in obj.deliveries.all()),
+        )
+        return format_html("<table><tr><th>kind</th><th>target</th><th>state</th><th>attempts</th><th>last error</th></tr>{}</table>", rows)
 
     @admin.display(description="items and their results")
     def items_shown(self, obj: BatchJob) -> str:
@@ -55,6 +65,15 @@ class BatchJobAdmin(admin.ModelAdmin):
         )
         more = format_html('<p><a href="{}?job__id__exact={}">all {} items</a></p>', reverse("admin:batches_batchitem_changelist"), obj.pk, obj.items_total)
         return format_html("<table><tr><th>index</th><th>custom_id</th><th>status</th><th>attempts</th><th>result</th></tr>{}</table>{}", rows, more)
+
+    @admin.action(description="Retry the selected jobs' undelivered destinations")
+    def retry_deliveries(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        waiting = list(BatchDelivery.objects.filter(job__in=queryset, job__status=BatchJob.Status.COMPLETED).exclude(state=BatchDelivery.State.DELIVERED))
+        for delivery in waiting:
+            destinations.retry(delivery)
+        for job_id in {d.job_id for d in waiting}:
+            queue_delivery(job_id)
+        self.message_user(request, f"{len(waiting)} destination(s) of completed jobs are being delivered again.", messages.INFO)
 
     @admin.action(description="Cancel the selected jobs (items not run yet are never run)")
     def cancel(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:

@@ -99,3 +99,34 @@ class BatchItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id}#{self.index}"
+
+
+class BatchDelivery(models.Model):
+    """Where a job's results go once it completes (``batches.destinations``), and how
+    that went. A destination that fails does not fail the job: it is retried, and the
+    results stay readable from the API."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"  # tried delivery_attempts times (the admin can retry it)
+
+    id = models.BigAutoField(primary_key=True)
+    job = models.ForeignKey(BatchJob, on_delete=models.CASCADE, related_name="deliveries")
+    position = models.PositiveSmallIntegerField()  # its place in the job's list
+    kind = models.CharField(max_length=16)
+    target = models.JSONField()  # the destination as validated at submission
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.JSONField(null=True, blank=True)  # the last failure's
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    lines = models.PositiveIntegerField(default=0)  # written, once delivered
+
+    class Meta:
+        ordering = ["job", "position"]
+        constraints = [models.UniqueConstraint(fields=["job", "position"], name="batchdelivery_job_position")]
+        indexes = [models.Index(fields=["state", "next_attempt_at"], name="batchdelivery_state_next")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} → {self.kind} ({self.state})"

@@ -24,7 +24,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from batches import metrics, urgency
+from batches import destinations, metrics, urgency
 from batches.models import BatchItem, BatchJob
 from orchestrator_site.errors import BatchExpired, CircuitOpen, NotFound, OrchestratorError, PromptTooLarge, ServiceUnavailable, TransientWorkerError
 from pipeline import selectors
@@ -32,6 +32,7 @@ from pipeline.config import PipelineSettings, config_at, config_version, get_con
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.metrics import record_stages
 from pipeline.models import Tenant, UsageOutcome
+from pipeline.queues import Queue
 from pipeline.routing import route_request, worker_pool
 from pipeline.services import budgets
 from pipeline.services.gates import run_guarded
@@ -58,6 +59,7 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
     """Store the job and its items, then queue its chunks (after the commit: a worker
     must find what it is told about). Validated input: ``api.serializers.BatchInput``."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
+    targets = destinations.validated(data.get("destinations"), config)
     prompts: Sequence[Prompt] = data["prompts"]
     refused = sum(1 for p in prompts if p.too_large)
     now = timezone.now()
@@ -79,6 +81,7 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
             **({"status": BatchJob.Status.COMPLETED, "finished_at": now} if refused == len(prompts) else {}),
         )
         BatchItem.objects.bulk_create((_item(job, i, p, now) for i, p in enumerate(prompts)), batch_size=2000)
+        destinations.create(job, targets)
         chunks = chunk_ranges((i for i, p in enumerate(prompts) if not p.too_large), config.batch.chunk_size)
         transaction.on_commit(lambda: _start(job, chunks))
     log.info("batch_created", job_id=str(job.id), tenant_id=str(tenant.id), items=len(prompts), priority=job.priority, worker=job.worker, outcome="ok")
@@ -99,10 +102,38 @@ def chunk_ranges(indexes: Iterable[int], size: int) -> list[tuple[int, int]]:
 
 
 def _start(job: BatchJob, chunks: Sequence[tuple[int, int]]) -> None:
-    """A new job's chunks queued, and its urgency noted for the chunks already queued."""
+    """A new job's chunks queued, and its urgency noted for the chunks already queued;
+    one with nothing to run (every prompt too large) goes to its destinations at once."""
     if chunks:
         urgency.enter(job)
+    else:
+        queue_delivery(job.pk)
     _enqueue(job, chunks)
+
+
+def queue_delivery(job_id: object) -> None:
+    """A completed job's destinations, to a batch worker. The broker down: the sweep
+    finds them due."""
+    from batches.tasks import deliver_batch
+
+    try:
+        # On batch.high, as the sweep is: a delivery is short, and what waits for it is done.
+        deliver_batch.apply_async(args=(str(job_id),), queue=Queue.BATCH_HIGH.value, routing_key=Queue.BATCH_HIGH.value, retry=False)
+    except KombuOperationalError as exc:
+        log.warning("batch_delivery_unqueued", job_id=str(job_id), outcome="degraded", error_type=type(exc).__name__)
+
+
+def batch_deliver(*, job_id: str) -> None:
+    """The task boundary of a completed job's delivery: nothing escapes into Celery;
+    what did not go is due again at the sweep."""
+    try:
+        job = BatchJob.objects.filter(pk=job_id, status=BatchJob.Status.COMPLETED).first()
+        if job is not None:
+            destinations.deliver(job, config_at(job.config_version))
+    except DatabaseError as exc:
+        log.warning("batch_delivery_interrupted", job_id=job_id, outcome="degraded", error_type=type(exc).__name__)
+    except Exception as exc:  # task boundary: logged with its traceback; the sweep tries again when it is due
+        log.exception("batch_delivery_crashed", job_id=job_id, outcome="error", error_type=type(exc).__name__)
 
 
 def _enqueue(job: BatchJob, chunks: Sequence[tuple[int, int]], *, countdown: float = 0.0) -> bool:
@@ -362,6 +393,8 @@ def _finish_if_complete(job: BatchJob) -> None:
     if finished:
         urgency.leave(job.pk)
         log.info("batch_completed", job_id=str(job.id), outcome="ok")
+        if job.deliveries.exists():
+            queue_delivery(job.pk)
 
 
 def batch_recover(*, config: PipelineSettings | None = None, now: dt.datetime | None = None) -> int:
@@ -372,6 +405,8 @@ def batch_recover(*, config: PipelineSettings | None = None, now: dt.datetime | 
     now = now or timezone.now()
     for due in BatchJob.objects.filter(status__in=BatchJob.ACTIVE, deadline__lte=now):
         expire_if_due(due, now=now)  # a job whose chunks no worker is running expires here
+    for job_id in destinations.due(now):
+        queue_delivery(job_id)  # a delivery whose retry is due, or whose message was lost
     stalled = BatchJob.objects.filter(status__in=BatchJob.ACTIVE, progressed_at__lt=now - dt.timedelta(seconds=config.batch.stall_after_s))
     queued = 0
     for job in stalled:

@@ -22,3 +22,8 @@ def run_batch_chunk(job_id: str, first: int, last: int) -> None:
 @shared_task(name="batches.tasks.recover_batches", ignore_result=True)
 def recover_batches() -> None:
     services.batch_recover_boundary()
+
+
+@shared_task(name="batches.tasks.deliver_batch", ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def deliver_batch(job_id: str) -> None:
+    services.batch_deliver(job_id=job_id)

@@ -34,6 +34,7 @@ per integration with ``raise ... from exc``.
     ├── RateLimited .............................. 429 rate_limited (tenant over its RPM/TPM, retry_after)
     ├── BudgetExceeded ........................... 402 budget_exceeded (a budget that applies cannot cover the request)
     ├── BatchExpired ............................. 410 batch_expired (a batch item not run by its job's deadline)
+    ├── DeliveryFailed ........................... 502 delivery_failed (a batch job's destination could not take its results)
     ├── CircuitOpen .............................. 503 circuit_open (worker's breaker open, no fallback)
     └── WorkerError .............................. 502 worker_error
         ├── TransientWorkerError ................. 503 worker_unavailable   (retryable)
@@ -285,6 +286,16 @@ class BatchExpired(OrchestratorError):
     http_status = 410
     ws_close_code = 4410
     default_message = "the batch job's deadline passed before this item ran"
+
+
+class DeliveryFailed(OrchestratorError):
+    """A batch job's results could not be delivered to one of its destinations (a
+    delivery's state, never a response: the job and its results are unaffected)."""
+
+    code = "delivery_failed"
+    http_status = 502
+    ws_close_code = 4502
+    default_message = "the results could not be delivered"
 
 
 class CircuitOpen(OrchestratorError):

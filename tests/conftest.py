@@ -284,7 +284,7 @@ class Fakes:
             fake.client_aborts.clear()
 
 
-def _pipeline_toml(fakes: Fakes) -> str:
+def _pipeline_toml(fakes: Fakes, output_dir: Path) -> str:
     return f"""
 default_worker = "echo"
 
@@ -384,6 +384,9 @@ enabled = false  # most tests repeat prompts on purpose; tests/pipeline/test_ded
 [limits]
 max_prompt_chars = 2000
 request_timeout_s = 15
+
+[batch]
+output_dir = "{output_dir}"  # the file destinations' (tests/batches/test_batch_destinations.py)
 """
 
 
@@ -397,7 +400,7 @@ def session_fakes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fakes]:
     vllm.dialect = "vllm"
     fakes = Fakes(FakeOpenAI().start(), FakeAnthropic().start(), FakeLlamaCpp().start(), vllm.start())
     path = tmp_path_factory.mktemp("config") / "pipeline.toml"
-    path.write_text(_pipeline_toml(fakes))
+    path.write_text(_pipeline_toml(fakes, tmp_path_factory.mktemp("batch-output")))
     settings.PIPELINE_CONFIG_PATH = str(path)
     os.environ["PIPELINE_CONFIG"] = str(path)
     set_config(load_config(path))

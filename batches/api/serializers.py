@@ -9,6 +9,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from batches import destinations
 from batches.models import BatchJob
 from batches.services import Prompt
 from pipeline.api.serializers import RequestOptions
@@ -94,6 +95,13 @@ class BatchInput(RequestOptions):
         help_text="ISO 8601: the items not run by then end expired (batch_expired); earlier deadlines run first within a priority.",
     )
 
+    destinations = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text='Where the results go once the job completes: [{"kind": "file", "path": "out/name.jsonl"}] (docs/api.md).',
+    )
+
     def validate_deadline(self, value: dt.datetime | None) -> dt.datetime | None:
         if value is not None and value <= timezone.now():
             raise serializers.ValidationError("the deadline has passed already; give a time in the future", code="invalid")
@@ -117,6 +125,7 @@ class BatchJobOut(serializers.Serializer):
     counts = BatchCountsOut()
     progress = serializers.FloatField()
     deadline = serializers.DateTimeField(allow_null=True)
+    destinations = serializers.ListField(child=serializers.DictField())
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
@@ -142,6 +151,7 @@ def job_out(job: BatchJob) -> dict[str, Any]:
         "counts": counts(job, settled),
         "progress": round(settled / job.items_total, 6) if job.items_total else 1.0,
         "deadline": job.deadline.isoformat() if job.deadline else None,
+        "destinations": destinations.states(job),
         "created_at": job.created_at.isoformat(),
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,

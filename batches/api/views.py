@@ -52,7 +52,8 @@ class BatchListCreateApi(APIView):
 
     @extend_schema(responses={200: s.BatchJobOut(many=True), 401: ErrorOut}, operation_id="batch_list")
     def get(self, request: Request) -> Response:
-        return paginated(request, BatchJob.objects.filter(tenant_id=tenant_of(request).tenant_id).order_by("-created_at", "-id"), s.job_out)
+        jobs = BatchJob.objects.filter(tenant_id=tenant_of(request).tenant_id).prefetch_related("deliveries").order_by("-created_at", "-id")
+        return paginated(request, jobs, s.job_out)
 
 
 class BatchDetailApi(APIView):

@@ -188,6 +188,12 @@ class BatchConfig(_Strict):
     deadline_near_s: float = Field(
         300.0, ge=0, le=86_400, description="A job this close to its deadline runs before any other batch work, whatever its priority."
     )
+    output_dir: str = Field(
+        "var/batch-output",
+        description="Where file destinations write (relative to the working directory, or absolute); every batch worker must see the same directory.",
+    )
+    delivery_attempts: int = Field(5, ge=1, le=100, description="Tries of a destination's delivery before it is marked failed (the admin can retry it).")
+    delivery_backoff_s: float = Field(30.0, ge=0, le=86_400, description="Wait after a failed delivery before the next try; doubled after each.")
 
 
 class RetryConfig(_Strict):

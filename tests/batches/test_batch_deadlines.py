@@ -238,3 +238,57 @@ def test_expired_items_are_counted_in_the_metrics(owner: TenantFixture, queued: 
     job = job_of(owner, 3, priority="high", deadline=timezone.now() + HOUR)
     services.expire_if_due(job, now=timezone.now() + 2 * HOUR)
     assert expired_total() == before + 3
+
+
+def test_leave_takes_a_job_out_of_both_sets(owner: TenantFixture, queued: list[Any]) -> None:
+    job = job_of(owner, 1, deadline=timezone.now() + HOUR)
+    assert str(job.pk) in in_the_sets()[0] and str(job.pk) in in_the_sets()[1]
+    urgency.leave(job.pk)
+    assert in_the_sets() == ([], [])
+    assert str(job_of(owner, 1).pk) not in in_the_sets()[1]  # no deadline: in the order, not in the deadlines
+
+
+def test_a_pause_keeps_an_urgent_job_from_being_asked_about_until_it_ends(owner: TenantFixture, queued: list[Any]) -> None:
+    low, high = job_of(owner, 2, priority="low"), job_of(owner, 2, priority="high")
+    preemption = urgency.Preemption(low, 300)
+    assert preemption.urgent() == str(high.pk)
+    preemption.pause(str(high.pk), 60)
+    assert preemption.urgent() is None
+    preemption.pause(str(high.pk), -1)  # the pause is over
+    assert preemption.urgent() == str(high.pk)
+
+
+def test_the_progress_gauges_count_expired_items_as_settled(owner: TenantFixture, queued: list[Any]) -> None:
+    from batches.metrics import progress_families
+
+    BatchJob.objects.filter(status__in=BatchJob.ACTIVE).update(status=BatchJob.Status.CANCELLED)  # other tests' jobs
+    job = job_of(owner, 4, deadline=timezone.now() + HOUR)
+    batch_run_chunk(job_id=str(job.id), first=0, last=0)
+    _, pending, progress = progress_families()
+    assert (pending.samples[0].value, progress.samples[0].value) == (3, 0.25)
+    BatchItem.objects.filter(job=job, status=BatchItem.Status.PENDING, index=1).update(status=BatchItem.Status.EXPIRED)
+    BatchJob.objects.filter(pk=job.pk).update(items_expired=1)
+    _, pending, progress = progress_families()
+    assert (pending.samples[0].value, progress.samples[0].value) == (2, 0.5)
+
+
+def test_the_admin_shows_the_deadline_and_the_expired_count(owner: TenantFixture, queued: list[Any], admin_client: Any) -> None:
+    job = job_of(owner, 2, deadline=timezone.now() + HOUR)
+    services.expire_if_due(job, now=timezone.now() + 2 * HOUR)
+    page = admin_client.get("/admin/batches/batchjob/").content.decode()
+    assert "column-deadline" in page and "column-items_expired" in page
+    detail = admin_client.get(f"/admin/batches/batchjob/{job.pk}/change/").content.decode()
+    assert "batch_expired" in detail
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(("raw", "kept"), [("2031-05-06T07:08:09Z", "2031-05-06T07:08:09+00:00"), ("2031-05-06T09:08:09+02:00", "2031-05-06T07:08:09+00:00")])
+def test_a_deadline_is_kept_in_utc(owner: TenantFixture, queued: list[Any], raw: str, kept: str) -> None:
+    made = owner.client.post("/api/v1/batch", {"prompts": ["a"], "deadline": raw}, format="json")
+    assert made.status_code == 201 and made.json()["deadline"] == kept
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deadline_that_is_not_a_time_is_refused(owner: TenantFixture, queued: list[Any]) -> None:
+    refused = owner.client.post("/api/v1/batch", {"prompts": ["a"], "deadline": "tomorrow"}, format="json")
+    assert refused.status_code == 400 and list(refused.json()["error"]["data"]["fields"]) == ["deadline"]

@@ -38,6 +38,7 @@ CONTRACT = {
     "rate_limited": (429, 4429),
     "budget_exceeded": (402, 4402),
     "batch_expired": (410, 4410),
+    "delivery_failed": (502, 4502),
     "circuit_open": (503, 4503),
     "worker_error": (502, 4502),
     "worker_unavailable": (503, 4503),
