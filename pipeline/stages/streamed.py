@@ -148,7 +148,7 @@ def inference_streamed(
                 for chunk in batch:
                     state.raw.append(chunk.text)
                     state.leg_text.append(chunk.text)
-                    state.written += 1 if chunk.text else 0
+                    state.written += 1  # a piece is a token, about (a text piece: nothing else fails over)
                     state.finish = chunk.finish_reason or state.finish
                     state.usage = chunk.usage or state.usage
                     calls += chunk.tool_calls
@@ -179,9 +179,11 @@ def inference_streamed(
     def leg_of(leg: StreamingModelWorker, leg_prompt: AssembledPrompt, error: str = "") -> Leg:
         text, state.leg_text[:] = "".join(state.leg_text), []
         usage, state.usage = state.usage, None
-        if usage is None and error:
-            return Leg(leg.name, leg_prompt.model, usage_bound(leg_prompt, text), estimated=True, error=error)
-        return Leg(leg.name, leg_prompt.model, usage or Usage(), error=error)
+        if not error:
+            return Leg(leg.name, leg_prompt.model, usage or Usage())
+        # A provider says its usage with its final event, after which nothing fails: a
+        # leg that failed never has it, and is counted at its bounds.
+        return Leg(leg.name, leg_prompt.model, usage_bound(leg_prompt, text), estimated=True, error=error)
 
     async def pump() -> None:
         leg, leg_prompt = worker, prompt
