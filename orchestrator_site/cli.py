@@ -5,8 +5,10 @@
     orchestrator explain FILE             what a config makes the platform do
     orchestrator config ...               the config versions kept in Postgres
     orchestrator budget ...               spend budgets on tenants, keys and sessions
+    orchestrator batch ...                batch jobs through a gateway's API (``cli_batch``)
 
-Commands that read files only need no database; ``config`` and ``budget`` set Django up.
+Commands that read files only need no database; ``config`` and ``budget`` set Django up;
+``batch`` talks to a gateway over HTTP, as a tenant.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
+from orchestrator_site.cli_batch import batch_app
 from orchestrator_site.errors import ConfigInvalid
 from pipeline.config.loading import check_text, read_text
 from pipeline.config.problems import Problem
@@ -233,6 +236,9 @@ def budget_list(tenant: Annotated[str, typer.Option("--tenant", help="Only this 
             resets,
         )
     Console(width=160).print(table)
+
+
+app.add_typer(batch_app, name="batch")
 
 
 def main() -> None:

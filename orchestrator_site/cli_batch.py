@@ -1,0 +1,167 @@
+"""``orchestrator batch submit|status|results``: batch jobs through a gateway's API
+(``ORCHESTRATOR_URL``, default ``http://127.0.0.1:8000``; the tenant's key in
+``ORCHESTRATOR_API_KEY``). The lines a file may hold are in ``prompt_of`` and the
+README; a bad line refuses the whole file, naming it, and nothing is submitted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+batch_app = typer.Typer(help="Batch jobs through the gateway's API (ORCHESTRATOR_URL, ORCHESTRATOR_API_KEY).", no_args_is_help=True)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+POLL_S = 0.5
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _client() -> httpx.Client:
+    key = os.environ.get("ORCHESTRATOR_API_KEY", "")
+    if not key:
+        _fail("ORCHESTRATOR_API_KEY is not set: the tenant's API key (po_…) is needed", 2)
+    return httpx.Client(base_url=os.environ.get("ORCHESTRATOR_URL", DEFAULT_URL), headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """A request to the gateway; its error in one line (the API's message), exit 1."""
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.TransportError as exc:
+        _fail(f"cannot reach the gateway at {client.base_url}: {exc}")
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            detail = f"{error['code']}: {error['message']}"
+        except (ValueError, KeyError, TypeError):
+            detail = response.text[:200]
+        _fail(f"the gateway answered {response.status_code}: {detail}")
+    return response
+
+
+def prompt_of(line: str, number: int) -> dict[str, str]:
+    """One line of FILE.jsonl as a batch prompt, or ``ValueError`` saying what is wrong:
+    ``{"prompt", "custom_id"}``, or an OpenAI batch request line (``{"custom_id", "url":
+    "/v1/chat/completions", "body": {"model", "messages"}}``) of one user message (a
+    system message and history need ``/v1/batches``, not built yet)."""
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"line {number}: not JSON ({exc.msg})") from exc
+    if not isinstance(item, dict):
+        raise ValueError(f"line {number}: must be a JSON object")
+    if "prompt" in item:
+        return {"prompt": item["prompt"], **({"custom_id": item["custom_id"]} if "custom_id" in item else {})}
+    body = item.get("body")
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if item.get("url") != "/v1/chat/completions" or not isinstance(messages, list):
+        raise ValueError(f'line {number}: needs "prompt", or an OpenAI batch request to /v1/chat/completions with "body.messages"')
+    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str):
+        raise ValueError(f"line {number}: only one user message with text content per request (system messages and history need /v1/batches)")
+    return {"prompt": messages[0]["content"], "custom_id": str(item.get("custom_id", ""))}
+
+
+def read_prompts(path: Path) -> tuple[list[dict[str, str]], str | None]:
+    """The file's prompts, and the model its OpenAI lines name (one for all, as OpenAI requires)."""
+    prompts, models = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        prompts.append(prompt_of(line, number))
+        body = json.loads(line).get("body")
+        if isinstance(body, dict) and body.get("model"):
+            models.add(str(body["model"]))
+    if not prompts:
+        raise ValueError("the file has no prompts")
+    if len(models) > 1:
+        raise ValueError(f"one model per file, as in OpenAI's batches: this one names {', '.join(sorted(models))}")
+    return prompts, next(iter(models), None)
+
+
+def destination_of(target: str) -> dict[str, str]:
+    if target.startswith("file://") and len(target) > len("file://"):
+        return {"kind": "file", "path": target[len("file://") :]}
+    _fail(f"--to {target}: only file://PATH (under the gateway's batch.output_dir) is supported so far", 2)
+
+
+@batch_app.command("submit")
+def submit(
+    file: Annotated[Path, typer.Argument(help="JSON lines: prompts, or OpenAI batch request lines.", exists=True, dir_okay=False)],
+    priority: Annotated[str, typer.Option(help="high, default or low.")] = "default",
+    deadline: Annotated[str, typer.Option(help="ISO 8601: items not run by then expire.")] = "",
+    to: Annotated[list[str] | None, typer.Option("--to", help="A destination, file://PATH; may be repeated.")] = None,
+    worker: Annotated[str, typer.Option(help="The worker (else the model's, else the default).")] = "",
+    model: Annotated[str, typer.Option(help="The model (else the one the file names).")] = "",
+    max_tokens: Annotated[int, typer.Option(help="Per item (0: the configured default).")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="Show the progress until the job ends.")] = False,
+) -> None:
+    """Submit a job; print it (JSON), or with --wait follow it to its end (exit 1 if an item failed)."""
+    try:
+        prompts, named_model = read_prompts(file)
+    except (ValueError, UnicodeDecodeError) as exc:
+        _fail(f"{file}: {exc}", 2)
+    body: dict[str, Any] = {"prompts": prompts, "priority": priority}
+    for name, value in (("deadline", deadline), ("worker", worker), ("model", model or named_model), ("max_tokens", max_tokens)):
+        if value:
+            body[name] = value
+    if to:
+        body["destinations"] = [destination_of(target) for target in to]
+    with _client() as client:
+        job = _call(client, "POST", "/api/v1/batch", json=body).json()
+        if not wait:
+            typer.echo(json.dumps(job))
+            return
+        job = _follow(client, job)
+    counts = job["counts"]
+    typer.echo(f"job {job['id']}: {job['status']}, {counts['done']} done, {counts['failed']} failed, {counts['expired']} expired", err=True)
+    typer.echo(json.dumps(job))
+    if job["counts"]["failed"] or job["counts"]["expired"]:
+        raise typer.Exit(1)
+
+
+def _follow(client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
+    """Poll until the job is completed or cancelled, with a progress bar on stderr."""
+    total = job["counts"]["total"]
+    shown = 0
+    with typer.progressbar(length=total, label=f"job {job['id']}", file=sys.stderr) as bar:
+        while True:
+            settled = job["counts"]["done"] + job["counts"]["failed"] + job["counts"]["expired"]
+            bar.update(settled - shown)
+            shown = settled
+            if job["status"] in ("completed", "cancelled"):
+                return job
+            time.sleep(POLL_S)
+            job = _call(client, "GET", f"/api/v1/batch/{job['id']}").json()
+
+
+@batch_app.command("status")
+def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Print the job: its status, counts, progress and destinations (JSON)."""
+    with _client() as client:
+        typer.echo(json.dumps(_call(client, "GET", f"/api/v1/batch/{job_id}").json()))
+
+
+@batch_app.command("results")
+def results(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Print the finished items, one JSON object per line, in index order."""
+    with _client() as client:
+        try:
+            with client.stream("GET", f"/api/v1/batch/{job_id}/results") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    _fail(f"the gateway answered {response.status_code}: {response.text[:200]}")
+                for line in response.iter_lines():
+                    typer.echo(line)
+        except httpx.TransportError as exc:
+            _fail(f"cannot reach the gateway at {client.base_url}: {exc}")
