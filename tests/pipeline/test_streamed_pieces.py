@@ -73,12 +73,16 @@ def test_tool_call_deltas_and_logprobs_reach_the_publisher_and_the_completion() 
 
 def test_a_burst_keeps_every_pieces_text_calls_and_logprobs() -> None:
     """Pieces that arrive together are published together: nothing of any is lost."""
-    lp = [{"token": str(i), "logprob": -1.0} for i in range(3)]
-    chunks = [TokenChunk(index=i, text=str(i), logprobs=(lp[i],)) for i in range(3)] + [TokenChunk(index=3, text="", finish_reason="stop")]
+    lp = [{"token": str(i), "logprob": -1.0} for i in range(4)]
+    calls = [CALL_START, {"index": 0, "function": {"arguments": '{"q"'}}, {"index": 0, "function": {"arguments": ": 1}"}}, ()]
+    chunks = [TokenChunk(index=i, text=str(i), logprobs=(lp[i],), tool_calls=(calls[i],) if calls[i] else ()) for i in range(4)]
     published: list[TokenChunk] = []
-    ctx = run(Pieces("w", chunks), published)
-    assert "".join(c.text for c in published) == "012" and [x for c in published for x in c.logprobs] == lp
+    ctx = run(Pieces("w", [*chunks, TokenChunk(index=4, text="", finish_reason="tool_calls")]), published)
+    assert "".join(c.text for c in published) == "0123" and [x for c in published for x in c.logprobs] == lp
+    assert [x for c in published for x in c.tool_calls] == calls[:3]
     assert ctx.completion is not None and ctx.completion.logprobs == tuple(lp)
+    (call,) = ctx.completion.tool_calls
+    assert call.arguments == '{"q": 1}'
 
 
 def test_the_time_spent_post_processing_and_publishing_adds_up_over_the_pieces() -> None:
@@ -87,10 +91,28 @@ def test_the_time_spent_post_processing_and_publishing_adds_up_over_the_pieces()
     def slow_publish(chunk: TokenChunk) -> None:
         time.sleep(0.01)
 
+    started = time.perf_counter_ns()
     ctx = inference_streamed(StageContext(request=REQUEST, prompt=PROMPT), worker=Pieces("w", chunks, gap_s=0.02), config=PLAIN, publish=slow_publish)  # type: ignore[arg-type]
+    elapsed = time.perf_counter_ns() - started
     timings = ctx.streamed_timings
-    assert timings is not None and timings.stream_ns >= 4 * 10_000_000  # four publishes of 10 ms each, summed
+    assert timings is not None and 4 * 10_000_000 <= timings.stream_ns < elapsed  # four publishes of 10 ms each, summed
     assert 0 < timings.post_ns < timings.stream_ns
+
+
+def test_the_post_processing_time_is_the_sum_over_the_pieces() -> None:
+    """Twenty pieces cost about twenty times one (each is scanned for addresses): far
+    more than five times, however noisy the machine."""
+    piece = "write to someone@example.com about it " * 100  # 3.9 KB
+    config = PostprocessConfig(trim=False, redact_emails=True)
+
+    def post_ns(count: int) -> int:
+        chunks = [TokenChunk(index=i, text=piece) for i in range(count)] + [TokenChunk(index=count, text="", finish_reason="stop")]
+        timings = run(Pieces("w", chunks, gap_s=0.001), [], config=config).streamed_timings
+        assert timings is not None
+        return timings.post_ns
+
+    one = min(post_ns(1) for _ in range(3))
+    assert post_ns(20) > 5 * one
 
 
 def test_a_stop_sequence_ends_the_answer_with_stop() -> None:
