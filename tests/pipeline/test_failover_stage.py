@@ -119,7 +119,7 @@ def test_an_answer_that_fails_on_its_fallback_too_goes_on_on_the_next() -> None:
 
     assert result.text == "".join(ANSWER)
     assert [c.failover["to"] for c in published if c.failover] == ["second", "third"]
-    assert [leg.worker for leg in result.legs] == ["first", "second", "third"]
+    assert [leg.worker for leg in result.legs] == ["first", "second", "third"] and result.worker == "third"
     legs_asked = [tuple(leg.worker for leg in legs) for legs, _ in made.asked]  # type: ignore[attr-defined]
     assert legs_asked == [("first",), ("first", "second")]  # each time, every provider that failed so far
     assert third.prompts[0].prefix == "".join(ANSWER[:5]) and third.prompts[0].max_tokens == REQUEST.max_tokens - 5

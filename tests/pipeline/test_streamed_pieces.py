@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from orchestrator_site.errors import RequestCancelled, WorkerConnectionError
+from orchestrator_site.errors import RequestCancelled, WorkerConnectionError, WorkerTimeout
 from pipeline.config import PipelineSettings, PostprocessConfig
 from pipeline.failover import Next
 from pipeline.stages.context import StageContext
@@ -159,3 +159,20 @@ def test_pipeline_settings_default_post_process_is_used_unchanged() -> None:
     chunks = [TokenChunk(index=0, text="  mail a@b.example  "), TokenChunk(index=1, text="", finish_reason="stop")]
     ctx = run(Pieces("w", chunks), [], config=PipelineSettings().postprocess)
     assert "a@b.example" not in ctx.output and ctx.output == ctx.output.strip()
+
+
+def test_what_the_filter_held_back_goes_out_at_the_end() -> None:
+    """A reply ending in what could start a stop sequence ("EN" of "END") is held back
+    until the stream ends, then published."""
+    chunks = [TokenChunk(index=0, text="so EN"), TokenChunk(index=1, text="", finish_reason="stop")]
+    published: list[TokenChunk] = []
+    ctx = run(Pieces("w", chunks), published, config=PostprocessConfig(stop=("END",), trim=False, redact_emails=False))
+    assert ctx.output == "so EN" and "".join(c.text for c in published) == "so EN" and published[-1].text.endswith("EN")
+
+
+def test_at_the_deadline_the_pass_ends_with_worker_timeout() -> None:
+    chunks = [TokenChunk(index=0, text="first "), TokenChunk(index=1, text="never")]
+    with pytest.raises(WorkerTimeout) as ended:
+        run(Pieces("slow", chunks, gap_s=0.2), [], timeout_s=0.3)
+    assert ended.value.message == "the request's deadline passed during inference"
+    assert ended.value.data == {"worker": "slow", "after_tokens": 1}
