@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from batches.models import BatchItem, BatchJob
 from tests.batches.test_batch_api import ndjson
@@ -93,8 +95,9 @@ def test_ten_thousand_prompts_complete_with_their_progress_reported(owner: Tenan
 def config_with(tmp_path: Path, **batch: object) -> Path:
     """The suite's pipeline.toml with other [batch] settings, for a worker of one test."""
     path = tmp_path / "pipeline.toml"
-    lines = "".join(f"{key} = {value}\n" for key, value in batch.items())
-    path.write_text(Path(os.environ["PIPELINE_CONFIG"]).read_text() + "\n[batch]\n" + lines)
+    config = tomllib.loads(Path(os.environ["PIPELINE_CONFIG"]).read_text())
+    config["batch"] = {**config.get("batch", {}), **batch}
+    path.write_text(tomli_w.dumps(config))
     return path
 
 
