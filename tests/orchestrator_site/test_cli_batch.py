@@ -171,10 +171,12 @@ def test_results_redirected_to_a_file_are_the_apis_lines(gateway: str, owner: Te
 
 
 def test_a_wait_that_ends_in_expired_items_exits_with_one(gateway: str, owner: TenantFixture, tmp_path: Path) -> None:
-    soon = (dt.datetime.now(tz=dt.UTC) + dt.timedelta(seconds=1)).isoformat()
-    file = jsonl(tmp_path / "in.jsonl", *({"prompt": f"p{i}"} for i in range(2_000)))
+    # Far enough ahead that the command starts and the gateway accepts it on a slow
+    # machine; near enough that two threads cannot run 5,000 items by then.
+    soon = (dt.datetime.now(tz=dt.UTC) + dt.timedelta(seconds=6)).isoformat()
+    file = jsonl(tmp_path / "in.jsonl", *({"prompt": f"p{i}"} for i in range(5_000)))
     done = run(gateway, owner.key, "submit", str(file), "--deadline", soon, "--wait")
     assert done.returncode == 1, done.stderr
     counts = json.loads(done.stdout)["counts"]
-    assert counts["expired"] > 0 and counts["done"] + counts["expired"] == 2_000
+    assert counts["expired"] > 0 and counts["done"] + counts["expired"] == 5_000
     assert f"{counts['expired']} expired" in done.stderr.splitlines()[-1]
