@@ -90,10 +90,15 @@ def usage_nano(config: PipelineSettings, worker: str, usage: Usage) -> int:
     )
 
 
+def legs_nano(config: PipelineSettings, legs: Iterable[Leg]) -> int:
+    """What providers' parts of an answer cost, each at its own worker's prices."""
+    return sum(usage_nano(config, leg.worker, leg.usage) for leg in legs)
+
+
 def actual_nano(result: PipelineResult, config: PipelineSettings) -> int:
     """What an answer cost: each provider's part at its own prices, when it failed over."""
     if result.legs:
-        return sum(usage_nano(config, leg.worker, leg.usage) for leg in result.legs)
+        return legs_nano(config, result.legs)
     return usage_nano(config, result.worker, result.usage)
 
 
@@ -227,7 +232,7 @@ def count_spend(tenant_id: str, result: PipelineResult, config: PipelineSettings
 def cover_failover(record_key: str, config: PipelineSettings, legs: tuple[Leg, ...], *, worker: str, prompt: AssembledPrompt) -> bool:
     """The reservation, corrected to what ``legs`` cost plus the worst case of
     ``prompt`` on ``worker``: False (and unchanged) when that does not fit."""
-    spent = sum(usage_nano(config, leg.worker, leg.usage) for leg in legs)
+    spent = legs_nano(config, legs)
     prices = worker_config(config, worker)
     next_worst = budget.nano_cost(
         assembled_prompt_bound(prompt), prompt.max_tokens, price_input_per_mtok=prices.price_input_per_mtok, price_output_per_mtok=prices.price_output_per_mtok

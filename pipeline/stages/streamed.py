@@ -78,7 +78,7 @@ class StreamedPass:
     abandoned: bool = False
     closing: bool = False  # the upstream stream is being closed: nothing may interrupt that
     legs: list[Leg] = field(default_factory=list)  # the providers that failed over, in order
-    leg_text: list[str] = field(default_factory=list)  # what the current provider wrote
+    leg_start: int = 0  # where in ``raw`` the current provider's pieces begin
     written: int = 0  # text chunks read, from every provider: the tokens written, about
 
 
@@ -147,7 +147,6 @@ def inference_streamed(
                 logprobs: list[Mapping[str, Any]] = []
                 for chunk in batch:
                     state.raw.append(chunk.text)
-                    state.leg_text.append(chunk.text)
                     state.written += 1  # a piece is a token, about (a text piece: nothing else fails over)
                     state.finish = chunk.finish_reason or state.finish
                     state.usage = chunk.usage or state.usage
@@ -177,7 +176,7 @@ def inference_streamed(
         return None
 
     def leg_of(leg: StreamingModelWorker, leg_prompt: AssembledPrompt, error: str = "") -> Leg:
-        text, state.leg_text[:] = "".join(state.leg_text), []
+        text, state.leg_start = "".join(state.raw[state.leg_start :]), len(state.raw)
         usage, state.usage = state.usage, None
         if not error:
             return Leg(leg.name, leg_prompt.model, usage or Usage())
