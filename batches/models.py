@@ -86,7 +86,12 @@ class BatchItem(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     # Who runs it and until when: a pending item with a lease in the future is being run.
     leased_until = models.DateTimeField(null=True, blank=True)
+    # An OpenAI batch line's own request body (messages and parameters), validated at
+    # submission; None: the item is ``prompt`` with its job's options.
+    request = models.JSONField(null=True, blank=True)
     output = models.TextField(blank=True, default="")
+    # What an answer has besides its text, when it has it: tool_calls, logprobs.
+    detail = models.JSONField(null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True, default="")
     usage = models.JSONField(default=dict, blank=True)
     error = models.JSONField(null=True, blank=True)
@@ -130,3 +135,56 @@ class BatchDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id} → {self.kind} ({self.state})"
+
+
+def _file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
+def _batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+class BatchFile(models.Model):
+    """A file of the OpenAI-compatible Files API (``batches.openai_batches``). An upload
+    (purpose ``batch``) keeps its bytes; a batch's output or error file (``batch_output``)
+    is written from its items when asked for, so results are stored once."""
+
+    class Purpose(models.TextChoices):
+        BATCH = "batch"
+        BATCH_OUTPUT = "batch_output"
+
+    id = models.CharField(primary_key=True, max_length=64, default=_file_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="batch_files")
+    purpose = models.CharField(max_length=16, choices=Purpose.choices)
+    filename = models.CharField(max_length=255)
+    bytes = models.PositiveBigIntegerField()
+    content = models.BinaryField(null=True, blank=True)  # an upload's; None for an output file
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="batchfile_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"{self.id} ({self.purpose})"
+
+
+class OpenAIBatch(models.Model):
+    """A batch of the OpenAI-compatible Batch API: its job, the file it came from, and the
+    output and error files written once the job has ended (``finalized_at``)."""
+
+    id = models.CharField(primary_key=True, max_length=64, default=_batch_id, editable=False)
+    job = models.OneToOneField(BatchJob, on_delete=models.CASCADE, related_name="openai")
+    input_file = models.ForeignKey(BatchFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="batches")  # None: deleted since
+    endpoint = models.CharField(max_length=64)
+    completion_window = models.CharField(max_length=16)
+    output_file = models.OneToOneField(BatchFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="output_of")
+    error_file = models.OneToOneField(BatchFile, null=True, blank=True, on_delete=models.SET_NULL, related_name="errors_of")
+    finalized_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-job__created_at"]
+
+    def __str__(self) -> str:
+        return self.id

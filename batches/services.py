@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -28,6 +28,7 @@ from batches import destinations, metrics, urgency
 from batches.models import BatchItem, BatchJob
 from orchestrator_site.errors import BatchExpired, CircuitOpen, NotFound, OrchestratorError, PromptTooLarge, ServiceUnavailable, TransientWorkerError
 from pipeline import selectors
+from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.metrics import record_stages
@@ -36,7 +37,7 @@ from pipeline.queues import Queue
 from pipeline.routing import route_request, worker_pool
 from pipeline.services import budgets
 from pipeline.services.gates import run_guarded
-from pipeline.services.start import max_tokens_for
+from pipeline.services.start import infer_build_request, max_tokens_for
 from pipeline.types import PipelineResult, PromptRequest
 from workers.types import AssembledPrompt
 
@@ -53,15 +54,25 @@ class Prompt:
     # Set when the prompt is over limits.max_prompt_chars: the item is stored failed with it,
     # and the rest of the job runs (its text is not kept).
     too_large: str = ""
+    # An OpenAI batch line's request body (``batches.openai_batches``): the item runs with
+    # its own messages and parameters, not the job's.
+    request: Mapping[str, Any] | None = None
+    # Set when the line was refused at submission: the item is stored failed with it.
+    refused: OrchestratorError | None = None
+
+    @property
+    def error(self) -> OrchestratorError | None:
+        return PromptTooLarge(self.too_large) if self.too_large else self.refused
 
 
-def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSettings) -> BatchJob:
+def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSettings, before_start: Callable[[BatchJob], None] | None = None) -> BatchJob:
     """Store the job and its items, then queue its chunks (after the commit: a worker
-    must find what it is told about). Validated input: ``api.serializers.BatchInput``."""
+    must find what it is told about). Validated input: ``api.serializers.BatchInput``.
+    ``before_start`` stores what belongs to the job in its transaction."""
     route = route_request(config, worker=data.get("worker"), model=data.get("model"))
     targets = destinations.validated(data.get("destinations"), config)
     prompts: Sequence[Prompt] = data["prompts"]
-    refused = sum(1 for p in prompts if p.too_large)
+    refused = sum(1 for p in prompts if p.error)
     now = timezone.now()
     with transaction.atomic():
         job = BatchJob.objects.create(
@@ -77,22 +88,25 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
             items_failed=refused,
             deadline=data.get("deadline"),
             config_version=config_version(),
-            # Nothing left to run when every prompt was over the limit.
+            # Nothing left to run when every prompt was refused.
             **({"status": BatchJob.Status.COMPLETED, "finished_at": now} if refused == len(prompts) else {}),
         )
         BatchItem.objects.bulk_create((_item(job, i, p, now) for i, p in enumerate(prompts)), batch_size=2000)
         destinations.create(job, targets)
-        chunks = chunk_ranges((i for i, p in enumerate(prompts) if not p.too_large), config.batch.chunk_size)
+        if before_start is not None:
+            before_start(job)
+        chunks = chunk_ranges((i for i, p in enumerate(prompts) if not p.error), config.batch.chunk_size)
         transaction.on_commit(lambda: _start(job, chunks))
     log.info("batch_created", job_id=str(job.id), tenant_id=str(tenant.id), items=len(prompts), priority=job.priority, worker=job.worker, outcome="ok")
     return job
 
 
 def _item(job: BatchJob, index: int, prompt: Prompt, now: dt.datetime) -> BatchItem:
-    if not prompt.too_large:
-        return BatchItem(job=job, index=index, prompt=prompt.text, custom_id=prompt.custom_id)
-    error = PromptTooLarge(prompt.too_large).to_dict()
-    return BatchItem(job=job, index=index, prompt="", custom_id=prompt.custom_id, status=BatchItem.Status.FAILED, error=error, finished_at=now)
+    error = prompt.error
+    request = dict(prompt.request) if prompt.request is not None else None
+    if error is None:
+        return BatchItem(job=job, index=index, prompt=prompt.text, custom_id=prompt.custom_id, request=request)
+    return BatchItem(job=job, index=index, prompt="", custom_id=prompt.custom_id, status=BatchItem.Status.FAILED, error=error.to_dict(), finished_at=now)
 
 
 def chunk_ranges(indexes: Iterable[int], size: int) -> list[tuple[int, int]]:
@@ -124,11 +138,17 @@ def queue_delivery(job_id: object) -> None:
 
 
 def batch_deliver(*, job_id: str) -> None:
-    """The task boundary of a completed job's delivery: nothing escapes into Celery;
-    what did not go is due again at the sweep."""
+    """The task boundary of an ended job's delivery (an OpenAI batch's output files, then
+    a completed job's destinations): nothing escapes into Celery; what did not go is due
+    again at the sweep."""
+    from batches import openai_batches
+
     try:
-        job = BatchJob.objects.filter(pk=job_id, status=BatchJob.Status.COMPLETED).first()
-        if job is not None:
+        job = BatchJob.objects.filter(pk=job_id, status__in=(BatchJob.Status.COMPLETED, BatchJob.Status.CANCELLED)).first()
+        if job is None:
+            return
+        openai_batches.finalize(job)
+        if job.status == BatchJob.Status.COMPLETED:
             destinations.deliver(job, config_at(job.config_version))
     except DatabaseError as exc:
         log.warning("batch_delivery_interrupted", job_id=job_id, outcome="degraded", error_type=type(exc).__name__)
@@ -169,7 +189,20 @@ def batch_cancel(*, tenant_id: str, job_id: Any) -> BatchJob:
         log.info("batch_cancelled", job_id=str(job.id), outcome="cancelled")
         urgency.leave(job.pk)
         job.refresh_from_db()
+        if _has_openai_files(job):
+            queue_delivery(job.pk)  # its output files, of what ran before the cancel
     return job
+
+
+def _finalize_if_cancelled(job: BatchJob) -> None:
+    """A chunk that stops because its job was cancelled: the batch's output files may be
+    written now that its item is recorded (``openai_batches.finalize`` waits for the last)."""
+    if BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.CANCELLED, openai__isnull=False).exists():
+        queue_delivery(job.pk)
+
+
+def _has_openai_files(job: BatchJob) -> bool:
+    return BatchJob.objects.filter(pk=job.pk, openai__isnull=False).exists()
 
 
 def batch_run_chunk(*, job_id: str, first: int, last: int) -> None:
@@ -213,6 +246,7 @@ def _run_chunk(job_id: str, first: int, last: int) -> None:
                 return
     finally:
         _finish_if_complete(job)
+        _finalize_if_cancelled(job)
 
 
 def _help(job_id: str, *, helper: BatchJob) -> bool:
@@ -274,11 +308,17 @@ def _claim_next(job: BatchJob, first: int, last: int, config: PipelineSettings) 
     return item
 
 
-def _request_for(job: BatchJob, item: BatchItem) -> PromptRequest:
+def _request_for(job: BatchJob, item: BatchItem, config: PipelineSettings) -> PromptRequest:
+    """The item's request: its own body's (an OpenAI batch line), or its prompt with the job's options."""
+    request_id, session_id = f"{job.id.hex}-{item.index}", f"batch-{job.id.hex}"
+    if item.request is not None:
+        return body_request(
+            item.request, tenant_id=str(job.tenant_id), worker=job.worker, model=job.model, config=config, request_id=request_id, session_id=session_id
+        )
     return PromptRequest(
-        request_id=f"{job.id.hex}-{item.index}",
+        request_id=request_id,
         tenant_id=str(job.tenant_id),
-        session_id=f"batch-{job.id.hex}",
+        session_id=session_id,
         prompt=item.prompt,
         worker=job.worker,
         model=job.model,
@@ -287,6 +327,21 @@ def _request_for(job: BatchJob, item: BatchItem) -> PromptRequest:
         stop=tuple(job.stop),
         metadata=dict(job.metadata),
     )
+
+
+def body_request(
+    body: Mapping[str, Any], *, tenant_id: str, worker: str, model: str, config: PipelineSettings, request_id: str = "", session_id: str = ""
+) -> PromptRequest:
+    """A ``/v1/chat/completions`` body as a batch item's request on ``worker`` and
+    ``model``: its messages, sampling fields and tools, checked as the endpoint checks
+    them (an ``OrchestratorError`` says what is wrong). Never streamed, and it shares
+    no answer with a real-time request (its own deduplication aside)."""
+    data = validated(ChatCompletionInput, dict(body))
+    fields = data.request_fields(worker=worker, model=model, max_prompt_chars=config.limits.max_prompt_chars)
+    request = infer_build_request(
+        tenant_id=tenant_id, data=fields, config=config, tenant_has_documents=True, stream=False, route=route_request(config, worker=worker, model=model)
+    )
+    return dataclasses.replace(request, request_id=request_id or request.request_id, session_id=session_id or request.session_id)
 
 
 def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
@@ -326,7 +381,12 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
         return answered
 
     try:
-        result = run_guarded(_request_for(job, item), config, run)
+        request = _request_for(job, item, config)
+    except OrchestratorError as exc:  # a line the config it runs on refuses (a worker's seed, say)
+        _record(job, item, error=exc)
+        return True
+    try:
+        result = run_guarded(request, config, run)
     except TRANSIENT as exc:
         record_stages(observed, worker)
         if item.attempts >= config.batch.max_attempts:
@@ -350,7 +410,7 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
     budgets.count_spend(str(job.tenant_id), result, config)
     _record(job, item, result=result)
     budgets.ledger_write_safely(
-        _request_for(job, item),
+        request,
         worker=result.worker,
         model=result.model,
         prompt_tokens=result.usage.prompt_tokens,
@@ -368,6 +428,7 @@ def _record(job: BatchJob, item: BatchItem, *, result: PipelineResult | None = N
     fields: dict[str, Any] = {"leased_until": None, "finished_at": now}
     if result is not None:
         fields.update(status=BatchItem.Status.DONE, output=result.text, finish_reason=result.finish_reason, usage=result.usage.to_dict(), error=None)
+        fields["detail"] = detail_of(result)
         counter, outcome = "items_done", "ok"
     else:
         failure = error or OrchestratorError()
@@ -379,6 +440,16 @@ def _record(job: BatchJob, item: BatchItem, *, result: PipelineResult | None = N
         else:
             return
     metrics.item_finished(job.priority, outcome)
+
+
+def detail_of(result: PipelineResult) -> dict[str, Any] | None:
+    """What an answer has besides its text, kept with the item: its tool calls and logprobs."""
+    detail: dict[str, Any] = {}
+    if result.tool_calls:
+        detail["tool_calls"] = [call.to_dict() for call in result.tool_calls]
+    if result.logprobs is not None:
+        detail["logprobs"] = list(result.logprobs)
+    return detail or None
 
 
 def _finish_if_complete(job: BatchJob) -> None:
@@ -393,7 +464,7 @@ def _finish_if_complete(job: BatchJob) -> None:
     if finished:
         urgency.leave(job.pk)
         log.info("batch_completed", job_id=str(job.id), outcome="ok")
-        if job.deliveries.exists():
+        if job.deliveries.exists() or _has_openai_files(job):
             queue_delivery(job.pk)
 
 
@@ -401,11 +472,13 @@ def batch_recover(*, config: PipelineSettings | None = None, now: dt.datetime | 
     """Queue again the chunks of active jobs that have not moved for ``stall_after_s``
     and still have items nobody holds (a killed worker's, a lost message's, a broker
     outage's). Run by the scheduler; returns the chunks queued."""
+    from batches import openai_batches
+
     config = config or get_config()
     now = now or timezone.now()
     for due in BatchJob.objects.filter(status__in=BatchJob.ACTIVE, deadline__lte=now):
         expire_if_due(due, now=now)  # a job whose chunks no worker is running expires here
-    for job_id in destinations.due(now):
+    for job_id in destinations.due(now) + openai_batches.due():
         queue_delivery(job_id)  # a delivery whose retry is due, or whose message was lost
     stalled = BatchJob.objects.filter(status__in=BatchJob.ACTIVE, progressed_at__lt=now - dt.timedelta(seconds=config.batch.stall_after_s))
     queued = 0

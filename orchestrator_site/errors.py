@@ -16,6 +16,7 @@ per integration with ``raise ... from exc``.
     │   ├── NotAcceptable ........................ 406 not_acceptable (no answer in a type the Accept header allows)
     │   ├── PromptMissing ........................ 400 prompt_missing
     │   ├── PromptTooLarge ....................... 413 prompt_too_large
+    │   ├── FileTooLarge ......................... 413 file_too_large (an upload to /v1/files over batch.max_body_mb)
     │   ├── ContextLengthExceeded ................ 400 context_length_exceeded (longer than the model's window)
     │   ├── UnsupportedParameter ................. 400 unsupported_parameter (a field the worker cannot honour)
     │   ├── UnknownWorker ........................ 400 unknown_worker
@@ -172,6 +173,14 @@ class UnsupportedParameter(InvalidRequest):
 class UnknownWorker(InvalidRequest):
     code = "unknown_worker"
     default_message = "no such worker"
+
+
+class FileTooLarge(InvalidRequest):
+    """An upload to ``/v1/files`` over ``batch.max_body_mb``."""
+
+    code = "file_too_large"
+    http_status = 413
+    default_message = "the file is too large"
 
 
 class UnknownModel(InvalidRequest):

@@ -22,6 +22,7 @@ urlpatterns = [
     # The OpenAI-compatible API, where the openai SDK looks for it (base_url=<gateway>/v1).
     path("v1/models", ModelsApi.as_view(), name="openai-models"),
     path("v1/chat/completions", ChatCompletionsApi.as_view(), name="openai-chat-completions"),
+    path("v1/", include("batches.api.openai_urls")),
     re_path(r"^v1/", not_found_view),
     # API clients get the JSON error even when DEBUG would render an HTML 404 page.
     re_path(r"^api/", not_found_view),

@@ -306,6 +306,38 @@ class ChatCompletionInput(SamplingInput):
             raise ValueError(f"tool_choice names {value.function.name!r}, which is not among the tools")
         return value
 
+    def conversation(self) -> tuple[list[ChatMessage], ChatMessage, list[ChatMessage]]:
+        """The messages before the last user message, that message (the prompt: what the
+        RAG stage searches with), and the tool calls and results after it. Only those may
+        follow it: the model answers a user, or continues after its tools ran."""
+        messages = [m.message() for m in self.messages]
+        last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+        after = messages[last_user + 1 :]
+        if last_user < 0 or any(not m.is_tool_turn for m in after) or (after and after[-1].role != "tool"):
+            raise InvalidRequest("the last message must be the user's, or a tool's result after the assistant's tool calls", data={"field": "messages"})
+        return messages[:last_user], messages[last_user], after
+
+    def request_fields(self, *, worker: str, model: str, max_prompt_chars: int) -> dict[str, Any]:
+        """The fields of a ``PromptRequest`` (``services.start.infer_build_request``'s
+        ``data``) for ``worker`` and ``model``; ``PromptTooLarge`` when the messages are
+        longer than ``max_prompt_chars`` together."""
+        history, prompt, tool_turns = self.conversation()
+        if sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in (*history, prompt, *tool_turns)) > max_prompt_chars:
+            raise PromptTooLarge(f"the messages are longer than {max_prompt_chars} characters", data={"field": "messages"})
+        return {
+            "prompt": prompt.content,
+            "worker": worker,
+            "model": model,
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "temperature": self.temperature,
+            "stop": self.stop,
+            "history": history,
+            "tool_turns": tool_turns,
+            "dedup": self.dedup,
+            "seed": self.seed,
+            "options": self.options(),
+        }
+
 
 def validated(model: type[Input], data: Any) -> Input:
     """``data`` as ``model``, or the API error that says what is wrong with it."""

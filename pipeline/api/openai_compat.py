@@ -26,7 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from orchestrator_site.errors import InvalidRequest, OrchestratorError, PromptTooLarge, UnknownModel
+from orchestrator_site.errors import OrchestratorError, UnknownModel
 from pipeline import streaming
 from pipeline.api.errors import openai_body
 from pipeline.api.inputs import ChatCompletionInput, validated
@@ -74,26 +74,12 @@ class ChatCompletionsApi(AsyncAPIView):
         if not data.stream:
             refuse_event_stream_for_a_whole_answer(request)
         config = get_config()
-        history, prompt, tool_turns = conversation(data)
+        prompt = data.conversation()[1]
         route = None
         if data.model in config.routes:  # a route group: "model": "auto", say
             route = await routes.aroute(config, data.model, {"prompt": prompt.content}, tenant_id=principal.tenant_id, api_key_id=principal.api_key.id)
         worker, model = (route.worker, route.model) if route else resolve_model(config, data.model)
-        if sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls) for m in (*history, prompt, *tool_turns)) > config.limits.max_prompt_chars:
-            raise PromptTooLarge(f"the messages are longer than {config.limits.max_prompt_chars} characters", data={"field": "messages"})
-        fields = {
-            "prompt": prompt.content,
-            "worker": worker,
-            "model": model,
-            "max_tokens": data.max_completion_tokens or data.max_tokens,
-            "temperature": data.temperature,
-            "stop": data.stop,
-            "history": history,
-            "tool_turns": tool_turns,
-            "dedup": data.dedup,
-            "seed": data.seed,
-            "options": data.options(),
-        }
+        fields = data.request_fields(worker=worker, model=model, max_prompt_chars=config.limits.max_prompt_chars)
         prompt_request = start.infer_build_request(
             tenant_id=principal.tenant_id,
             api_key_id=principal.api_key.id,
@@ -114,36 +100,43 @@ class ChatCompletionsApi(AsyncAPIView):
         return json_answer(_completion(prompt_request.request_id, result, name))
 
 
-def conversation(data: ChatCompletionInput) -> tuple[list[ChatMessage], ChatMessage, list[ChatMessage]]:
-    """The messages before the last user message, that message (the prompt: what the
-    RAG stage searches with), and the tool calls and results after it. Only those may
-    follow it: the model answers a user, or continues after its tools ran."""
-    messages = [m.message() for m in data.messages]
-    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
-    after = messages[last_user + 1 :]
-    if last_user < 0 or any(not m.is_tool_turn for m in after) or (after and after[-1].role != "tool"):
-        raise InvalidRequest("the last message must be the user's, or a tool's result after the assistant's tool calls", data={"field": "messages"})
-    return messages[:last_user], messages[last_user], after
-
-
 def _completion(request_id: str, result: PipelineResult, model: str) -> dict[str, Any]:
-    logprobs = None if result.logprobs is None else {"content": list(result.logprobs)}
+    return completion_body(
+        request_id=request_id,
+        model=model,
+        created=int(time.time()),
+        message=ChatMessage("assistant", result.text, tool_calls=result.tool_calls),
+        logprobs=None if result.logprobs is None else list(result.logprobs),
+        finish_reason=result.finish_reason,
+        usage=result.usage.to_dict(),
+        sources=[source.to_dict() for source in result.sources],
+    )
+
+
+def completion_body(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    message: ChatMessage,
+    logprobs: list[Any] | None,
+    finish_reason: str,
+    usage: dict[str, Any],
+    sources: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A ``chat.completion`` object, as ``/v1/chat/completions`` answers and as a batch's
+    output file holds it."""
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "choices": [
-            {
-                "index": 0,
-                "message": ChatMessage("assistant", result.text, tool_calls=result.tool_calls).to_dict(),
-                "logprobs": logprobs,
-                "finish_reason": result.finish_reason,
-            }
+            {"index": 0, "message": message.to_dict(), "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": finish_reason}
         ],
-        "usage": result.usage.to_dict(),
+        "usage": usage,
         # An extension, as OpenAI-compatible servers add fields: the documents a RAG answer used.
-        "sources": [source.to_dict() for source in result.sources],
+        "sources": sources,
     }
 
 

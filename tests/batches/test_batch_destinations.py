@@ -36,16 +36,6 @@ def out(tmp_path: Path) -> Iterator[Path]:
     set_config(original)
 
 
-@pytest.fixture
-def deliveries_queued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The jobs whose delivery was queued, kept here: the test delivers them itself."""
-    from batches.tasks import deliver_batch
-
-    seen: list[str] = []
-    monkeypatch.setattr(deliver_batch, "apply_async", lambda args, **options: seen.append(args[0]))
-    return seen
-
-
 def submit(owner: TenantFixture, count: int, targets: list[dict[str, Any]]) -> BatchJob:
     prompts = [Prompt(f"line {i}", f"c-{i}" if i % 2 else "") for i in range(count)]
     return batch_create(tenant=owner.tenant, data={"prompts": prompts, "destinations": targets}, config=get_config())
