@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -45,6 +45,7 @@ WINDOW = dt.timedelta(hours=24)
 PAGE = 1000  # items read per query while writing a file
 CHUNK = 1 << 20  # an upload's bytes sent at a time
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+MAX_REPORTED = 10  # bad requests named in one error, at most
 
 
 # ---- files ----------------------------------------------------------------------
@@ -124,10 +125,9 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
     if source.purpose != BatchFile.Purpose.BATCH or source.content is None:
         raise InvalidRequest(f"file {source.id!r} is not a batch input file (purpose {source.purpose!r})", data={"field": "input_file_id"})
     lines = _lines(bytes(source.content), config)
-    name = _file_model(lines)
-    worker, model = resolve_model(config, name)
-    prompts = [_prompt(number, raw, name=name, tenant_id=str(tenant.id), worker=worker, model=model, config=config) for number, raw in lines]
-    _refuse_repeats(prompts, lines)
+    numbers = [number for number, _ in lines]  # the file's line numbers, blank lines counted
+    parsed = [_parsed(line) for _, line in lines]
+    worker, model, prompts = requests_as_prompts(parsed, numbers=numbers, field="input_file_id", tenant_id=str(tenant.id), config=config)
     made: list[OpenAIBatch] = []
 
     def attach(job: BatchJob) -> None:
@@ -135,7 +135,16 @@ def batch_create(*, tenant: Tenant, data: Mapping[str, Any], config: PipelineSet
 
     services.batch_create(
         tenant=tenant,
-        data={"prompts": prompts, "worker": worker, "model": model, "metadata": metadata, "deadline": timezone.now() + WINDOW},
+        # Low priority, as OpenAI's batches are served: behind real-time work and the native
+        # API's default jobs, until the window's end is near (batch.deadline_near_s).
+        data={
+            "prompts": prompts,
+            "worker": worker,
+            "model": model,
+            "metadata": metadata,
+            "deadline": timezone.now() + WINDOW,
+            "priority": BatchJob.Priority.LOW,
+        },
         config=config,
         before_start=attach,
     )
@@ -162,7 +171,7 @@ def _metadata(raw: object) -> dict[str, str]:
 def _lines(content: bytes, config: PipelineSettings) -> list[tuple[int, str]]:
     """The file's non-blank lines with their numbers (from 1)."""
     try:
-        text = content.decode("utf-8")
+        text = content.decode("utf-8-sig")  # a byte order mark, as Windows editors write it, is not part of the first line
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"the input file is not UTF-8 text (byte {exc.start})", data={"field": "input_file_id"}) from exc
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
@@ -173,42 +182,55 @@ def _lines(content: bytes, config: PipelineSettings) -> list[tuple[int, str]]:
     return lines
 
 
-def _json_or_none(line: str) -> Any:
-    """The line's JSON value; None when it is not JSON (that line is refused on its own)."""
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def _file_model(lines: list[tuple[int, str]]) -> str:
-    """The first request's model: the file's."""
-    for _, line in lines:
-        parsed = _json_or_none(line)
+def _model_named(requests: Iterable[object], field: str) -> str:
+    """The first request's model: the batch's."""
+    for parsed in requests:
         body = parsed.get("body") if isinstance(parsed, dict) else None
         if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"]:
             return str(body["model"])
-    raise InvalidRequest("no request in the input file names a model", data={"field": "input_file_id"})
+    raise InvalidRequest("no request names a model (body.model)", data={"field": field})
 
 
-def _prompt(number: int, line: str, *, name: str, tenant_id: str, worker: str, model: str, config: PipelineSettings) -> services.Prompt:
-    """The line as an item to run on ``worker`` and ``model`` (the file's model, ``name``
-    as the requests give it), or as one refused with what is wrong with it."""
-    custom_id = ""
+def _parsed(line: str) -> object:
+    """The line's JSON value, or the error saying where it stops being JSON."""
     try:
-        parsed = json.loads(line)
+        return json.loads(line)
+    except ValueError as exc:  # json's JSONDecodeError
+        return InvalidRequest(f"the line is not valid JSON: {exc}")
+
+
+def request_prompt(number: int, parsed: object, *, name: str, tenant_id: str, worker: str, model: str, config: PipelineSettings) -> services.Prompt:
+    """A batch request (a line's JSON value) as an item to run on ``worker`` and
+    ``model`` (the batch's model, ``name`` as the requests give it), or as one refused
+    with what is wrong with it."""
+    found = parsed.get("custom_id") if isinstance(parsed, dict) else None
+    custom_id = found if isinstance(found, str) else ""
+    try:
+        if isinstance(parsed, OrchestratorError):
+            raise parsed
         if not isinstance(parsed, dict):
             raise InvalidRequest("the line is not a JSON object")
-        found = parsed.get("custom_id")
-        custom_id = found if isinstance(found, str) else ""
         _check_line(parsed, name)
         body = dict(parsed["body"])
         request = services.body_request(body, tenant_id=tenant_id, worker=worker, model=model, config=config)
-    except ValueError as exc:  # json's JSONDecodeError: where the line stops being JSON
-        return _refused(number, custom_id, InvalidRequest(f"the line is not valid JSON: {exc}"))
     except OrchestratorError as exc:
         return _refused(number, custom_id, exc)
     return services.Prompt(request.prompt, custom_id, request=body)
+
+
+def requests_as_prompts(
+    requests: Sequence[object], *, numbers: Sequence[int], field: str, tenant_id: str, config: PipelineSettings
+) -> tuple[str, str, list[services.Prompt]]:
+    """Batch requests as a job's worker, model and items; a request that cannot run is
+    an item refused with its error and its line (``numbers``)."""
+    name = _model_named(requests, field)
+    worker, model = resolve_model(config, name)
+    prompts = [
+        request_prompt(n, parsed, name=name, tenant_id=tenant_id, worker=worker, model=model, config=config)
+        for n, parsed in zip(numbers, requests, strict=True)
+    ]
+    _refuse_repeats(prompts, numbers)
+    return worker, model, prompts
 
 
 def _check_line(parsed: dict[str, Any], name: str) -> None:
@@ -226,18 +248,29 @@ def _check_line(parsed: dict[str, Any], name: str) -> None:
         raise InvalidRequest(f"the model must be the file's, {name!r}: a batch has one model", data={"field": "body.model"})
 
 
+def native_requests(requests: Sequence[object], *, tenant_id: str, config: PipelineSettings) -> tuple[str, str, list[services.Prompt]]:
+    """``POST /api/v1/batch``'s ``requests``: as its ``prompts`` are, all of them valid or
+    the job refused, naming the first bad ones (``item N``, from 0)."""
+    worker, model, prompts = requests_as_prompts(requests, numbers=range(len(requests)), field="requests", tenant_id=tenant_id, config=config)
+    problems = [f"item {p.error.data.pop('line')}: {p.error.message}" for p in prompts if p.error is not None]
+    if problems:
+        shown = problems[:MAX_REPORTED] + ([f"and {len(problems) - MAX_REPORTED} more"] if len(problems) > MAX_REPORTED else [])
+        raise InvalidRequest("some fields are invalid: requests", data={"fields": {"requests": shown}})
+    return worker, model, prompts
+
+
 def _refused(number: int, custom_id: str, error: OrchestratorError) -> services.Prompt:
     error.data["line"] = number
     return services.Prompt("", custom_id if len(custom_id) <= 64 else "", refused=error)
 
 
-def _refuse_repeats(prompts: list[services.Prompt], lines: list[tuple[int, str]]) -> None:
-    """A ``custom_id`` used before in the file: the later lines are refused."""
+def _refuse_repeats(prompts: list[services.Prompt], numbers: Sequence[int]) -> None:
+    """A ``custom_id`` used before in the batch: the later requests are refused."""
     seen: set[str] = set()
     for place, prompt in enumerate(prompts):
         if prompt.error is None and prompt.custom_id in seen:
             error = InvalidRequest(f"custom_id {prompt.custom_id!r} is used by an earlier line", data={"field": "custom_id"})
-            prompts[place] = _refused(lines[place][0], prompt.custom_id, error)
+            prompts[place] = _refused(numbers[place], prompt.custom_id, error)
         seen.add(prompt.custom_id)
 
 

@@ -1,6 +1,6 @@
 """``orchestrator batch submit|status|results``: batch jobs through a gateway's API
 (``ORCHESTRATOR_URL``, default ``http://127.0.0.1:8000``; the tenant's key in
-``ORCHESTRATOR_API_KEY``). The lines a file may hold are in ``prompt_of`` and the
+``ORCHESTRATOR_API_KEY``). The lines a file may hold are in ``item_of`` and the
 README; a bad line refuses the whole file, naming it, and nothing is submitted.
 """
 
@@ -35,7 +35,7 @@ def _client() -> httpx.Client:
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """A request to the gateway; its error in one line (the API's message), exit 1."""
+    """A request to the gateway; its error (the API's message, then each field's problems), exit 1."""
     try:
         response = client.request(method, path, **kwargs)
     except httpx.TransportError as exc:
@@ -43,18 +43,18 @@ def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.
     if response.status_code >= 400:
         try:
             error = response.json()["error"]
-            detail = f"{error['code']}: {error['message']}"
+            fields = (error.get("data") or {}).get("fields") or {}
+            detail = f"{error['code']}: {error['message']}" + "".join(f"\n  {name}: {problem}" for name, problems in fields.items() for problem in problems)
         except (ValueError, KeyError, TypeError):
             detail = response.text[:200]
         _fail(f"the gateway answered {response.status_code}: {detail}")
     return response
 
 
-def prompt_of(line: str, number: int) -> dict[str, str]:
-    """One line of FILE.jsonl as a batch prompt, or ``ValueError`` saying what is wrong:
-    ``{"prompt", "custom_id"}``, or an OpenAI batch request line (``{"custom_id", "url":
-    "/v1/chat/completions", "body": {"model", "messages"}}``) of one user message (a
-    system message and history need ``/v1/batches``, not built yet)."""
+def item_of(line: str, number: int) -> tuple[str, dict[str, Any]]:
+    """One line of FILE.jsonl, or ``ValueError`` saying what is wrong: ``("prompts",
+    {"prompt", "custom_id"})``, or ``("requests", line)`` for an OpenAI batch request
+    line (``{"custom_id", "method", "url", "body"}``), which keeps its whole body."""
     try:
         item = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -62,31 +62,25 @@ def prompt_of(line: str, number: int) -> dict[str, str]:
     if not isinstance(item, dict):
         raise ValueError(f"line {number}: must be a JSON object")
     if "prompt" in item:
-        return {"prompt": item["prompt"], **({"custom_id": item["custom_id"]} if "custom_id" in item else {})}
-    body = item.get("body")
-    messages = body.get("messages") if isinstance(body, dict) else None
-    if item.get("url") != "/v1/chat/completions" or not isinstance(messages, list):
-        raise ValueError(f'line {number}: needs "prompt", or an OpenAI batch request to /v1/chat/completions with "body.messages"')
-    if len(messages) != 1 or not isinstance(messages[0], dict) or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str):
-        raise ValueError(f"line {number}: only one user message with text content per request (system messages and history need /v1/batches)")
-    return {"prompt": messages[0]["content"], "custom_id": str(item.get("custom_id", ""))}
+        return "prompts", {"prompt": item["prompt"], **({"custom_id": item["custom_id"]} if "custom_id" in item else {})}
+    if "body" in item or "url" in item:
+        return "requests", item
+    raise ValueError(f'line {number}: needs "prompt", or an OpenAI batch request ("custom_id", "method", "url", "body")')
 
 
-def read_prompts(path: Path) -> tuple[list[dict[str, str]], str | None]:
-    """The file's prompts, and the model its OpenAI lines name (one for all, as OpenAI requires)."""
-    prompts, models = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        prompts.append(prompt_of(line, number))
-        body = json.loads(line).get("body")
-        if isinstance(body, dict) and body.get("model"):
-            models.add(str(body["model"]))
-    if not prompts:
+def read_items(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """The file's items and their kind, ``prompts`` or ``requests``: one kind per file."""
+    kinds, items = set(), []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if line.strip():
+            kind, item = item_of(line, number)
+            kinds.add(kind)
+            items.append(item)
+    if not items:
         raise ValueError("the file has no prompts")
-    if len(models) > 1:
-        raise ValueError(f"one model per file, as in OpenAI's batches: this one names {', '.join(sorted(models))}")
-    return prompts, next(iter(models), None)
+    if len(kinds) > 1:
+        raise ValueError("one kind of line per file: prompts, or OpenAI batch requests")
+    return kinds.pop(), items
 
 
 def destination_of(target: str) -> dict[str, str]:
@@ -102,17 +96,19 @@ def submit(
     deadline: Annotated[str, typer.Option(help="ISO 8601: items not run by then expire.")] = "",
     to: Annotated[list[str] | None, typer.Option("--to", help="A destination, file://PATH; may be repeated.")] = None,
     worker: Annotated[str, typer.Option(help="The worker (else the model's, else the default).")] = "",
-    model: Annotated[str, typer.Option(help="The model (else the one the file names).")] = "",
+    model: Annotated[str, typer.Option(help="The model of prompt lines (else the worker's default).")] = "",
     max_tokens: Annotated[int, typer.Option(help="Per item (0: the configured default).")] = 0,
     wait: Annotated[bool, typer.Option("--wait", help="Show the progress until the job ends.")] = False,
 ) -> None:
     """Submit a job; print it (JSON), or with --wait follow it to its end (exit 1 if an item failed)."""
     try:
-        prompts, named_model = read_prompts(file)
+        kind, items = read_items(file)
     except (ValueError, UnicodeDecodeError) as exc:
         _fail(f"{file}: {exc}", 2)
-    body: dict[str, Any] = {"prompts": prompts, "priority": priority}
-    for name, value in (("deadline", deadline), ("worker", worker), ("model", model or named_model), ("max_tokens", max_tokens)):
+    if kind == "requests" and (worker or model or max_tokens):
+        _fail(f"{file}: its requests carry their model and max_tokens (body): drop --worker, --model and --max-tokens", 2)
+    body: dict[str, Any] = {kind: items, "priority": priority}
+    for name, value in (("deadline", deadline), ("worker", worker), ("model", model), ("max_tokens", max_tokens)):
         if value:
             body[name] = value
     if to:

@@ -74,8 +74,6 @@ class FilesApi(APIView):
             raise FileTooLarge(f"the file is larger than {config.batch.max_body_mb} MB (batch.max_body_mb)", data={"field": "file", "limit_bytes": limit})
         data = validated(FileUploadInput, request.data)
         upload = data["file"]
-        if upload.size > limit:
-            raise FileTooLarge(f"the file is larger than {config.batch.max_body_mb} MB (batch.max_body_mb)", data={"field": "file", "limit_bytes": limit})
         file = openai_batches.upload(tenant=principal.tenant, purpose=data["purpose"], filename=upload.name or "", content=upload.read(), config=config)
         return Response(openai_batches.file_object(file))
 

@@ -86,7 +86,13 @@ class PromptsField(serializers.Field):
 class BatchInput(RequestOptions):
     """The prompts, and the options (worker, model, max_tokens, …) every one of them runs with."""
 
-    prompts = PromptsField()
+    prompts = PromptsField(required=False)
+    requests = serializers.ListField(
+        child=serializers.JSONField(),
+        required=False,
+        allow_empty=False,
+        help_text="Instead of prompts: OpenAI batch request lines, each item with its own body (docs/api.md); the model is theirs.",
+    )
     priority = serializers.ChoiceField(choices=BatchJob.Priority.values, required=False, default=BatchJob.Priority.DEFAULT)
     deadline = serializers.DateTimeField(
         required=False,
@@ -101,6 +107,21 @@ class BatchInput(RequestOptions):
         default=None,
         help_text='Where the results go once the job completes: [{"kind": "file", "path": "out/name.jsonl"}] (docs/api.md).',
     )
+
+    def validate_requests(self, value: list[Any]) -> list[Any]:
+        limit = get_config().batch.max_items
+        if len(value) > limit:
+            raise serializers.ValidationError(f"at most {limit} requests in one job", code="max_length")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "prompts" not in attrs and "requests" not in attrs:
+            raise serializers.ValidationError({"prompts": ["This field is required."]}, code="required")
+        if "prompts" in attrs and "requests" in attrs:
+            raise serializers.ValidationError({"requests": ["give prompts or requests, not both"]}, code="invalid")
+        if "requests" in attrs and ({"worker", "model"} & set(attrs)):
+            raise serializers.ValidationError({"model": ["the requests name their model (body.model)"]}, code="invalid")
+        return attrs
 
     def validate_deadline(self, value: dt.datetime | None) -> dt.datetime | None:
         if value is not None and value <= timezone.now():

@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from batches import services
+from batches import openai_batches, services
 from batches.api import serializers as s
 from batches.models import BatchJob
 from orchestrator_site.errors import InvalidRequest
@@ -47,7 +47,10 @@ class BatchListCreateApi(APIView):
     def post(self, request: Request) -> Response:
         principal = tenant_of(request)
         data = validated(s.BatchInput, request.data)
-        job = services.batch_create(tenant=principal.tenant, data=data, config=get_config())
+        config = get_config()
+        if "requests" in data:  # OpenAI batch request lines: each item keeps its own body
+            data["worker"], data["model"], data["prompts"] = openai_batches.native_requests(data.pop("requests"), tenant_id=principal.tenant_id, config=config)
+        job = services.batch_create(tenant=principal.tenant, data=data, config=config)
         return Response(s.job_out(job), status=201, headers={"Location": f"/api/v1/batch/{job.id}"})
 
     @extend_schema(responses={200: s.BatchJobOut(many=True), 401: ErrorOut}, operation_id="batch_list")

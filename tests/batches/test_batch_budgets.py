@@ -70,7 +70,7 @@ def test_a_held_items_reservation_expires_if_its_run_never_ends(owner: TenantFix
 
     Budget.objects.create(tenant=owner.tenant, amount_usd=Decimal("1"), period="day")
     job = make_job(owner, ["held"])
-    request = _request_for(job, job.items.get())
+    request = _request_for(job, job.items.get(), get_config())
     prompt = AssembledPrompt(messages=(ChatMessage("user", "held"),), model="echo-priced-1", max_tokens=8)
     key = budgets.hold(request, get_config(), prompt)
     assert key == budgets.hold_key(request.request_id)

@@ -51,7 +51,7 @@ OPENAI_LINE = {
 
 
 def test_submit_wait_status_and_results(gateway: str, owner: TenantFixture, tmp_path: Path) -> None:
-    file = jsonl(tmp_path / "in.jsonl", {"prompt": "one", "custom_id": "req-1"}, OPENAI_LINE, "", {"prompt": "three"})
+    file = jsonl(tmp_path / "in.jsonl", {"prompt": "one", "custom_id": "req-1"}, {"prompt": "two", "custom_id": "req-2"}, "", {"prompt": "three"})
     done = run(gateway, owner.key, "submit", str(file), "--priority", "high", "--wait")
     assert done.returncode == 0, done.stderr
     job = json.loads(done.stdout)
@@ -68,6 +68,26 @@ def test_submit_wait_status_and_results(gateway: str, owner: TenantFixture, tmp_
     assert rows[1]["text"].startswith("two")
 
 
+def test_openai_request_lines_run_with_their_own_bodies(gateway: str, owner: TenantFixture, tmp_path: Path) -> None:
+    conversation = [
+        {"role": "system", "content": "terse"},
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "now"},
+    ]
+    second = {**OPENAI_LINE, "custom_id": "req-3", "body": {**OPENAI_LINE["body"], "messages": conversation, "max_tokens": 3}}
+    done = run(gateway, owner.key, "submit", str(jsonl(tmp_path / "in.jsonl", OPENAI_LINE, second)), "--wait")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert (job["worker"], job["model"], job["counts"]["done"]) == ("echo", "echo-1", 2)
+    item = BatchJob.objects.get(pk=job["id"]).items.get(custom_id="req-3")
+    assert item.request == second["body"] and item.usage["completion_tokens"] == 3  # its own body: its messages and max_tokens
+    rows = [json.loads(line) for line in run(gateway, owner.key, "results", job["id"]).stdout.splitlines()]
+    assert [(r["custom_id"], r["text"].split()[0]) for r in rows] == [("req-2", "two"), ("req-3", "now")]
+    flags = run(gateway, owner.key, "submit", str(jsonl(tmp_path / "again.jsonl", OPENAI_LINE)), "--model", "echo-1")
+    assert flags.returncode == 2 and "drop --worker, --model and --max-tokens" in flags.stderr
+
+
 def test_submit_without_wait_prints_the_job_at_once_with_its_destination(gateway: str, owner: TenantFixture, tmp_path: Path) -> None:
     file = jsonl(tmp_path / "in.jsonl", {"prompt": "later"})
     done = run(gateway, owner.key, "submit", str(file), "--to", "file://cli/out.jsonl", "--deadline", "2099-01-01T00:00:00Z")
@@ -82,8 +102,7 @@ def test_submit_without_wait_prints_the_job_at_once_with_its_destination(gateway
         (["{not json"], "line 1: not JSON"),
         (["[1, 2]"], "line 1: must be a JSON object"),
         ([{"prompt": "ok"}, {"custom_id": "x"}], 'line 2: needs "prompt"'),
-        ([{**OPENAI_LINE, "body": {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}}], "line 1: only one user message"),
-        ([OPENAI_LINE, {**OPENAI_LINE, "body": {**OPENAI_LINE["body"], "model": "other"}}], "one model per file"),
+        ([{"prompt": "ok"}, OPENAI_LINE], "one kind of line per file"),
         ([""], "the file has no prompts"),
     ],
 )
@@ -101,6 +120,9 @@ def test_what_the_gateway_refuses_is_said_in_one_line(gateway: str, owner: Tenan
     assert past.returncode == 1 and "the gateway answered 400: invalid_request" in past.stderr
     wrong_key = run(gateway, "po_nope_nope", "status", "6f1c2a4e-0000-4000-8000-000000000000")
     assert wrong_key.returncode == 1 and "401: api_key_invalid" in wrong_key.stderr
+    other = {**OPENAI_LINE, "custom_id": "req-9", "body": {**OPENAI_LINE["body"], "model": "other"}}
+    two_models = run(gateway, owner.key, "submit", str(jsonl(tmp_path / "two.jsonl", OPENAI_LINE, other)))
+    assert two_models.returncode == 1 and "400: invalid_request" in two_models.stderr and "item 1: the model must be" in two_models.stderr
     missing = run(gateway, owner.key, "results", "6f1c2a4e-0000-4000-8000-000000000000")
     assert missing.returncode == 1 and "404" in missing.stderr
 

@@ -1,6 +1,6 @@
-"""The lines ``orchestrator batch submit`` reads, in process: prompt lines and OpenAI
-batch request lines become the API's prompts, one model per file, destinations from
-``--to``; and each refusal names its line."""
+"""The lines ``orchestrator batch submit`` reads, in process: prompt lines become the
+API's prompts and OpenAI batch request lines its requests, one kind per file,
+destinations from ``--to``; and each refusal names its line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator_site.cli_batch import destination_of, prompt_of, read_prompts
+from orchestrator_site.cli_batch import destination_of, item_of, read_items
 
 
 def openai_line(content: object, *, url: str = "/v1/chat/completions", model: str = "echo-1", role: str = "user") -> str:
@@ -21,15 +21,18 @@ def openai_line(content: object, *, url: str = "/v1/chat/completions", model: st
 
 
 @pytest.mark.parametrize(
-    ("line", "prompt"),
+    ("line", "item"),
     [
-        ('{"prompt": "hi"}', {"prompt": "hi"}),
-        ('{"prompt": "hi", "custom_id": "a-1"}', {"prompt": "hi", "custom_id": "a-1"}),
-        (openai_line("hello"), {"prompt": "hello", "custom_id": "r"}),
+        ('{"prompt": "hi"}', ("prompts", {"prompt": "hi"})),
+        ('{"prompt": "hi", "custom_id": "a-1"}', ("prompts", {"prompt": "hi", "custom_id": "a-1"})),
+        (openai_line("hello"), ("requests", json.loads(openai_line("hello")))),
+        # A request line goes as written, whatever it holds: the gateway checks it and names what is wrong.
+        (openai_line("hi", role="system", url="/v1/embeddings"), ("requests", json.loads(openai_line("hi", role="system", url="/v1/embeddings")))),
+        (json.dumps({"url": "/v1/chat/completions"}), ("requests", {"url": "/v1/chat/completions"})),
     ],
 )
-def test_a_line_becomes_a_prompt(line: str, prompt: dict[str, str]) -> None:
-    assert prompt_of(line, 1) == prompt
+def test_a_line_becomes_a_prompt_or_a_request(line: str, item: tuple[str, dict[str, object]]) -> None:
+    assert item_of(line, 1) == item
 
 
 @pytest.mark.parametrize(
@@ -37,45 +40,44 @@ def test_a_line_becomes_a_prompt(line: str, prompt: dict[str, str]) -> None:
     [
         ("nope", "line 7: not JSON"),
         ('"a string"', "line 7: must be a JSON object"),
-        ('{"custom_id": "x"}', 'line 7: needs "prompt"'),
-        (openai_line("hi", url="/v1/embeddings"), 'line 7: needs "prompt"'),
-        (openai_line([{"type": "text", "text": "hi"}]), "line 7: only one user message with text content"),
-        (openai_line("hi", role="system"), "line 7: only one user message"),
-        (json.dumps({"url": "/v1/chat/completions", "body": {"messages": "hi"}}), 'line 7: needs "prompt"'),
-        (json.dumps({"url": "/v1/chat/completions", "body": "hi"}), 'line 7: needs "prompt"'),
+        ('{"custom_id": "x"}', 'line 7: needs "prompt", or an OpenAI batch request'),
+        ('{"messages": []}', 'line 7: needs "prompt"'),
     ],
 )
 def test_a_bad_line_is_named(line: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        prompt_of(line, 7)
+        item_of(line, 7)
 
 
 @given(text=st.text(min_size=1), custom_id=st.text(max_size=64))
 def test_any_prompt_line_is_passed_on_as_written(text: str, custom_id: str) -> None:
-    assert prompt_of(json.dumps({"prompt": text, "custom_id": custom_id}), 1) == {"prompt": text, "custom_id": custom_id}
+    assert item_of(json.dumps({"prompt": text, "custom_id": custom_id}), 1) == ("prompts", {"prompt": text, "custom_id": custom_id})
 
 
-def test_a_file_skips_blank_lines_and_names_its_one_model(tmp_path: Path) -> None:
+def test_a_file_skips_blank_lines_and_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
-    path.write_text(f'{{"prompt": "a"}}\n\n   \n{openai_line("b")}\n{openai_line("c")}\n')
-    prompts, model = read_prompts(path)
-    assert [p["prompt"] for p in prompts] == ["a", "b", "c"] and model == "echo-1"
-    path.write_text('{"prompt": "only"}\n')
-    assert read_prompts(path) == ([{"prompt": "only"}], None)
+    path.write_text('\ufeff{"prompt": "a"}\n\n   \n{"prompt": "b"}\n', encoding="utf-8")
+    assert read_items(path) == ("prompts", [{"prompt": "a"}, {"prompt": "b"}])
+    path.write_text(f"{openai_line('b')}\n\n{openai_line('c', model='m-2')}\n")
+    kind, items = read_items(path)
+    assert kind == "requests" and [i["body"]["messages"][0]["content"] for i in items] == ["b", "c"]  # two models: the gateway says so
 
 
-def test_a_file_of_two_models_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "message"), [(f'{{"prompt": "a"}}\n{openai_line("b")}\n', "one kind of line per file"), ("\n  \n", "the file has no prompts")]
+)
+def test_a_file_that_cannot_be_one_job_is_refused(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "in.jsonl"
-    path.write_text(f"{openai_line('a', model='m-1')}\n{openai_line('b', model='m-2')}\n")
-    with pytest.raises(ValueError, match="one model per file, as in OpenAI's batches: this one names m-1, m-2"):
-        read_prompts(path)
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_items(path)
 
 
 def test_a_bad_line_deep_in_a_file_is_named_by_its_number(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{oops\n')
     with pytest.raises(ValueError, match="line 4: not JSON"):
-        read_prompts(path)
+        read_items(path)
 
 
 def test_destinations_from_to(capsys: pytest.CaptureFixture[str]) -> None:
