@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import HttpRequest, StreamingHttpResponse
+from django.shortcuts import get_object_or_404
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
-from batches import destinations
-from batches.models import BatchDelivery, BatchItem, BatchJob
-from batches.services import batch_cancel, queue_delivery
+from batches import destinations, openai_batches
+from batches.models import BatchDelivery, BatchItem, BatchJob, OpenAIBatch
+from batches.services import batch_cancel, batch_results, batch_retry_failed, queue_delivery
+
+PAGE = 1000  # result rows read per query while a download is written
 
 
 @admin.register(BatchJob)
@@ -21,6 +26,7 @@ class BatchJobAdmin(admin.ModelAdmin):
         "id",
         "tenant",
         "status",
+        "progress_shown",
         "priority",
         "deadline",
         "worker",
@@ -33,8 +39,8 @@ class BatchJobAdmin(admin.ModelAdmin):
     )
     list_filter = ("status", "priority", "tenant")
     search_fields = ("id",)
-    actions = ["cancel", "retry_deliveries"]
-    readonly_fields = ("items_shown", "deliveries_shown")
+    actions = ["cancel", "retry_failed_items", "retry_deliveries"]
+    readonly_fields = ("progress_shown", "items_shown", "deliveries_shown")
     ITEMS_SHOWN = 100  # a job may have 50,000: the rest are on the batch items page, filtered by job
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -44,7 +50,40 @@ class BatchJobAdmin(admin.ModelAdmin):
         return False
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
-        return (*(f.name for f in BatchJob._meta.fields), "deliveries_shown", "items_shown")
+        return ("progress_shown", *(f.name for f in BatchJob._meta.fields), "deliveries_shown", "items_shown")
+
+    def get_urls(self) -> list[URLPattern]:
+        download = path("<uuid:job_id>/results/", self.admin_site.admin_view(self.results_view), name="batches_batchjob_results")
+        return [download, *super().get_urls()]
+
+    def results_view(self, request: HttpRequest, job_id: Any) -> StreamingHttpResponse:
+        """The job's results as the API's NDJSON, to download (staff only)."""
+        job = get_object_or_404(BatchJob, pk=job_id)
+
+        def lines() -> Iterator[bytes]:
+            after = -1
+            while page := batch_results(job=job, after=after, limit=PAGE):
+                yield "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in page).encode()
+                after = page[-1]["index"]
+
+        response = StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+        response["Content-Disposition"] = f'attachment; filename="batch-{job.pk}.jsonl"'
+        return response
+
+    @admin.display(description="progress")
+    def progress_shown(self, obj: BatchJob) -> str:
+        settled = obj.items_settled
+        share = settled / obj.items_total if obj.items_total else 1.0
+        return format_html(
+            '<progress value="{}" max="{}"></progress> {}% ({} done, {} failed, {} expired of {})',
+            settled,
+            obj.items_total,
+            round(share * 100),
+            obj.items_done,
+            obj.items_failed,
+            obj.items_expired,
+            obj.items_total,
+        )
 
     @admin.display(description="destinations")
     def deliveries_shown(self, obj: BatchJob) -> str:
@@ -63,7 +102,13 @@ class BatchJobAdmin(admin.ModelAdmin):
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             ((i.index, i.custom_id, i.status, i.attempts, i.output or (i.error or {}).get("code", "")) for i in items),
         )
-        more = format_html('<p><a href="{}?job__id__exact={}">all {} items</a></p>', reverse("admin:batches_batchitem_changelist"), obj.pk, obj.items_total)
+        more = format_html(
+            '<p><a href="{}?job__id__exact={}">all {} items</a> · <a href="{}">download the results (NDJSON)</a></p>',
+            reverse("admin:batches_batchitem_changelist"),
+            obj.pk,
+            obj.items_total,
+            reverse("admin:batches_batchjob_results", args=(obj.pk,)),
+        )
         return format_html("<table><tr><th>index</th><th>custom_id</th><th>status</th><th>attempts</th><th>result</th></tr>{}</table>{}", rows, more)
 
     @admin.action(description="Retry the selected jobs' undelivered destinations")
@@ -74,6 +119,11 @@ class BatchJobAdmin(admin.ModelAdmin):
         for job_id in {d.job_id for d in waiting}:
             queue_delivery(job_id)
         self.message_user(request, f"{len(waiting)} destination(s) of completed jobs are being delivered again.", messages.INFO)
+
+    @admin.action(description="Run the selected completed jobs' failed items again")
+    def retry_failed_items(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
+        retried = sum(batch_retry_failed(job_id=job.pk) for job in queryset)
+        self.message_user(request, f"{retried} failed item(s) are being run again.", messages.INFO)
 
     @admin.action(description="Cancel the selected jobs (items not run yet are never run)")
     def cancel(self, request: HttpRequest, queryset: QuerySet[BatchJob]) -> None:
@@ -94,3 +144,22 @@ class BatchItemAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(OpenAIBatch)
+class OpenAIBatchAdmin(admin.ModelAdmin):
+    """Batches of the OpenAI-compatible API: each is a job, whose page has its items and actions."""
+
+    list_display = ("id", "job", "status_shown", "input_file", "output_file", "error_file", "finalized_at")
+    list_select_related = ("job",)
+    search_fields = ("id", "job__id")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="status")
+    def status_shown(self, obj: OpenAIBatch) -> str:
+        return openai_batches.status_of(obj)

@@ -194,6 +194,38 @@ def batch_cancel(*, tenant_id: str, job_id: Any) -> BatchJob:
     return job
 
 
+def batch_retry_failed(*, job_id: Any) -> int:
+    """Run a completed job's failed items again (the operator's action: the provider is
+    back, a budget was raised). Items refused at submission are not retried: they would
+    fail the same way. The job runs again, and its destinations and OpenAI output files
+    are made anew when it completes. Returns the items retried."""
+    from batches.models import BatchDelivery, OpenAIBatch
+
+    with transaction.atomic():
+        job = BatchJob.objects.select_for_update().filter(pk=job_id, status=BatchJob.Status.COMPLETED).first()
+        if job is None:
+            return 0
+        failed = BatchItem.objects.filter(job=job, status=BatchItem.Status.FAILED, attempts__gt=0)
+        indexes = list(failed.values_list("index", flat=True))
+        if not indexes:
+            return 0
+        failed.update(status=BatchItem.Status.PENDING, attempts=0, error=None, finished_at=None, leased_until=None)
+        BatchJob.objects.filter(pk=job.pk).update(
+            status=BatchJob.Status.RUNNING, items_failed=F("items_failed") - len(indexes), finished_at=None, progressed_at=timezone.now()
+        )
+        job.deliveries.update(state=BatchDelivery.State.PENDING, attempts=0, error=None, next_attempt_at=None, delivered_at=None)
+        for batch in OpenAIBatch.objects.filter(job=job):
+            stale = [f for f in (batch.output_file, batch.error_file) if f is not None]
+            OpenAIBatch.objects.filter(pk=batch.pk).update(finalized_at=None, output_file=None, error_file=None)
+            for file in stale:
+                file.delete()
+        job.refresh_from_db()
+        chunks = chunk_ranges(indexes, config_at(job.config_version).batch.chunk_size)
+        transaction.on_commit(lambda: _start(job, chunks))
+    log.info("batch_retried", job_id=str(job.id), items=len(indexes), outcome="retry")
+    return len(indexes)
+
+
 def _finalize_if_cancelled(job: BatchJob) -> None:
     """A chunk that stops because its job was cancelled: the batch's output files may be
     written now that its item is recorded (``openai_batches.finalize`` waits for the last)."""

@@ -78,3 +78,42 @@ def test_items_whose_provider_was_down_are_run_again_through_the_broker(owner: T
     assert job["counts"] == {"total": 3, "done": 3, "failed": 0, "expired": 0, "pending": 0, "cancelled": 0}
     first = BatchItem.objects.get(job_id=job_id, index=0)
     assert first.attempts == 4 and first.output == "Hello, world!"  # three deferrals, each a chunk queued again with a countdown
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.django_db(transaction=True)
+def test_an_openai_batch_survives_its_worker_being_killed_with_each_line_once(owner: TenantFixture, fakes: Fakes, tmp_path: Path) -> None:
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from tests.batches.test_openai_batches import content, jsonl, line
+
+    fakes.openai.token_delay_s = 0.02  # about 100 ms an item: the kill lands mid-batch
+    config = config_with(tmp_path, lease_s=LEASE_S)
+    first = start_batch_worker(tmp_path, "doomed-openai", config=config)
+    only_consumer(first)
+    text = "\n".join(line(f"req-{i}", f"item {i}") for i in range(120))
+    file_id = owner.client.post("/v1/files", {"file": SimpleUploadedFile("in.jsonl", text.encode()), "purpose": "batch"}, format="multipart").json()["id"]
+    batch = owner.client.post("/v1/batches", {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}, format="json").json()
+    job_id = BatchJob.objects.get(openai__id=batch["id"]).pk
+    deadline = time.monotonic() + 60
+    while BatchJob.objects.get(pk=job_id).items_done < 20:
+        assert time.monotonic() < deadline, "the first worker made no progress"
+        time.sleep(0.05)
+    first.proc.kill()
+    first.proc.wait(timeout=10)
+    time.sleep(LEASE_S + 0.5)
+    second = start_batch_worker(tmp_path, "rescuer-openai", config=config)
+    try:
+        only_consumer(second)
+        assert batch_recover(now=timezone.now() + dt.timedelta(seconds=get_config().batch.stall_after_s + 1)) > 0
+        deadline = time.monotonic() + 120
+        while (done := owner.client.get(f"/v1/batches/{batch['id']}").json())["status"] != "completed":
+            assert time.monotonic() < deadline, done
+            time.sleep(0.3)
+    finally:
+        stop_process(second.proc)
+    assert done["request_counts"] == {"total": 120, "completed": 120, "failed": 0} and done["error_file_id"] is None
+    rows = jsonl(content(owner, done["output_file_id"]))
+    assert [row["custom_id"] for row in rows] == [f"req-{i}" for i in range(120)]  # each line once, in the file's order
+    assert {row["response"]["body"]["choices"][0]["message"]["content"] for row in rows} == {"Hello, world!"}

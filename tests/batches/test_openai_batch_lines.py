@@ -431,3 +431,56 @@ def test_a_line_the_config_it_runs_on_refuses_fails_when_it_runs(owner: TenantFi
     items = {item.custom_id: item for item in job_of(batch).items.all()}
     assert items["small"].status == BatchItem.Status.DONE and items["big"].status == BatchItem.Status.FAILED
     assert items["big"].error["code"] == "invalid_request" and "max_tokens" in items["big"].error["data"]["fields"]
+
+
+def test_an_output_file_of_many_pages_is_whole_and_in_order(owner: TenantFixture, finished: list[str]) -> None:
+    count = openai_batches.PAGE * 2 + 37
+    batch = create(owner, "\n".join(line(f"r{i}", f"q{i}") for i in range(count)))
+    job = job_of(batch)
+    now = timezone.now()
+    job.items.update(status=BatchItem.Status.DONE, output="answered", finish_reason="stop", usage={"total_tokens": 1}, finished_at=now)
+    BatchJob.objects.filter(pk=job.pk).update(items_done=count, status=BatchJob.Status.COMPLETED, finished_at=now)
+    job.refresh_from_db()
+    assert openai_batches.finalize(job) is True
+    raw = content(owner, fetch(owner, batch)["output_file_id"])  # its length checked against bytes, counted at finalizing
+    rows = jsonl(raw)
+    assert [row["custom_id"] for row in rows] == [f"r{i}" for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("stored", "status", "kind", "code"),
+    [
+        ({"code": "worker_rate_limited", "message": "slow down", "data": {"retry_after": 3}}, 429, "rate_limit_error", "worker_rate_limited"),
+        ({"code": "worker_timeout", "message": "no answer", "data": {}}, 504, "server_error", "worker_timeout"),
+        ({"code": "circuit_open", "message": "open", "data": {"worker": "openai"}}, 503, "server_error", "circuit_open"),
+        ({"code": "budget_exceeded", "message": "spent", "data": {}}, 402, "insufficient_quota", "insufficient_quota"),
+        ({"code": "context_length_exceeded", "message": "too long", "data": {}}, 400, "invalid_request_error", "context_length_exceeded"),
+        (None, 500, "server_error", "internal_error"),
+    ],
+)
+def test_a_failed_items_error_is_openais_status_and_body(owner: TenantFixture, finished: list[str], stored: Any, status: int, kind: str, code: str) -> None:
+    batch = create(owner, line("a", "x"))
+    job = job_of(batch)
+    job.items.update(status=BatchItem.Status.FAILED, error=stored, attempts=1, finished_at=timezone.now())
+    BatchJob.objects.filter(pk=job.pk).update(items_failed=1, status=BatchJob.Status.COMPLETED, finished_at=timezone.now())
+    deliver([str(job.id)])
+    (row,) = jsonl(content(owner, fetch(owner, batch)["error_file_id"]))
+    assert row["response"]["status_code"] == status and row["error"] is None
+    assert (row["response"]["body"]["error"]["type"], row["response"]["body"]["error"]["code"]) == (kind, code)
+
+
+def test_an_upload_without_a_name_gets_one(owner: TenantFixture) -> None:
+    file = openai_batches.upload(tenant=owner.tenant, purpose="batch", filename="", content=b"{}", config=get_config())
+    assert file.filename == "upload.jsonl" and file.bytes == 2 and bytes(file.content or b"") == b"{}"
+
+
+def test_the_admin_cancels_an_openai_batch_and_its_files_follow(staff: Any, owner: TenantFixture, finished: list[str]) -> None:
+    batch = create(owner, line("a", "x") + "\n" + line("b", "y"))
+    job = job_of(batch)
+    batch_run_chunk(job_id=str(job.id), first=0, last=0)
+    staff.post("/admin/batches/batchjob/", {"action": "cancel", "_selected_action": [str(job.id)]}, follow=True)
+    assert finished == [str(job.id)]
+    deliver(finished)
+    done = fetch(owner, batch)
+    assert done["status"] == "cancelled" and done["request_counts"]["completed"] == 1
+    assert [(r["custom_id"], r["error"]["code"]) for r in jsonl(content(owner, done["error_file_id"]))] == [("b", "batch_cancelled")]
