@@ -447,11 +447,23 @@ def process_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def start_celery_worker(
-    queues: str, name: str, log_path: Path, extra_env: dict[str, str] | None = None, *, concurrency: int | None = 8, extra_args: tuple[str, ...] = ()
+    queues: str,
+    name: str,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    *,
+    concurrency: int | None = 8,
+    extra_args: tuple[str, ...] = (),
+    measured: bool = True,
 ) -> subprocess.Popen[bytes]:
     """A real Celery worker process, returned once it answers a ping on its broker
-    (``concurrency=None``: no ``-c``, the config's ``[queues]`` decides)."""
+    (``concurrency=None``: no ``-c``, the config's ``[queues]`` decides). ``measured``
+    False: outside the suite's coverage, for a worker whose test is its scale (its
+    lines are measured by the others), which coverage's tracing would slow threefold."""
     env = process_env(extra_env)
+    if not measured:
+        env.pop("COVERAGE_PROCESS_CONFIG", None)
+        env.pop("COVERAGE_PROCESS_START", None)
     control = _control_app(env)
     cmd = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "worker", "-Q", queues, "-P", "threads"]
     cmd += ["-c", str(concurrency)] if concurrency is not None else []
