@@ -12,6 +12,8 @@ from ``GET /api/v1/batch/{id}/results`` whatever happens here.
 
 Kinds:
 
+- ``webhook``: ``{"kind": "webhook", "url": "https://…"}``: the results POSTed in
+  signed batches of lines, then a ``batch.completed`` event (``batches.webhooks``).
 - ``file``: ``{"kind": "file", "path": "name.jsonl"}``, a path under
   ``batch.output_dir``. The results, one JSON object per line in index order (the
   results endpoint's lines, each with its ``index`` and ``custom_id``), are written
@@ -33,13 +35,14 @@ import structlog
 from django.db.models import Q
 from django.utils import timezone
 
+from batches import webhooks
 from batches.models import BatchDelivery, BatchJob
 from orchestrator_site.errors import DeliveryFailed, InvalidRequest
 from pipeline.config import PipelineSettings
 
 log = structlog.get_logger("batches")
 
-KINDS = ("file",)
+KINDS = ("file", "webhook")
 MAX_DESTINATIONS = 8
 PAGE = 1000  # result rows read per query while writing
 
@@ -63,6 +66,8 @@ def _one(place: int, item: object, config: PipelineSettings) -> dict[str, Any]:
     if not isinstance(item, Mapping) or item.get("kind") not in KINDS:
         kind = item.get("kind") if isinstance(item, Mapping) else None
         raise InvalidRequest(f"{field}: kind must be one of {', '.join(KINDS)}, not {kind!r}", data={"field": f"{field}.kind", "kinds": list(KINDS)})
+    if item["kind"] == "webhook":
+        return webhooks.validated(field, dict(item), config)
     extra = set(item) - {"kind", "path"}
     if extra:
         raise InvalidRequest(f"{field}: unknown field {sorted(extra)[0]!r} for a file destination", data={"field": f"{field}.{sorted(extra)[0]}"})
@@ -119,11 +124,9 @@ def deliver(job: BatchJob, config: PipelineSettings, *, now: dt.datetime | None 
 def _attempt(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings, now: dt.datetime) -> BatchDelivery:
     delivery.attempts += 1
     try:
-        delivery.lines = _write_file(job, delivery.target, config)
-    except OSError as exc:
-        error = DeliveryFailed(
-            f"{delivery.kind}: {exc.strerror or exc}", data={"kind": delivery.kind, "reason": exc.strerror or str(exc), "attempt": delivery.attempts}
-        )
+        delivery.lines = _send(job, delivery, config)
+    except DeliveryFailed as error:
+        error.data.update(kind=delivery.kind, attempt=delivery.attempts)
         delivery.error = error.to_dict()
         last = delivery.attempts >= config.batch.delivery_attempts
         delivery.state = BatchDelivery.State.FAILED if last else BatchDelivery.State.PENDING
@@ -134,7 +137,7 @@ def _attempt(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings, n
             kind=delivery.kind,
             attempt=delivery.attempts,
             outcome="failed" if last else "retry",
-            reason=exc.strerror,
+            reason=error.data.get("reason"),
         )
     else:
         delivery.state, delivery.error, delivery.delivered_at, delivery.next_attempt_at = BatchDelivery.State.DELIVERED, None, timezone.now(), None
@@ -143,11 +146,22 @@ def _attempt(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings, n
     return delivery
 
 
+def _send(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) -> int:
+    """Deliver by the destination's kind; the lines delivered, or ``DeliveryFailed``."""
+    if delivery.kind == "webhook":
+        return webhooks.deliver(job, delivery, config)
+    try:
+        return _write_file(job, delivery.target, config)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DeliveryFailed(f"{delivery.kind}: {reason}", data={"reason": reason}) from exc
+
+
 def retry(delivery: BatchDelivery) -> None:
     """A delivery tried again from its first attempt, at the next sweep or now."""
     BatchDelivery.objects.filter(pk=delivery.pk).exclude(state=BatchDelivery.State.DELIVERED).update(
         state=BatchDelivery.State.PENDING, attempts=0, next_attempt_at=None
-    )
+    )  # a webhook goes on after the lines it delivered (``lines``)
 
 
 def _write_file(job: BatchJob, target: Mapping[str, Any], config: PipelineSettings) -> int:

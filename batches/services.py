@@ -213,7 +213,7 @@ def batch_retry_failed(*, job_id: Any) -> int:
         BatchJob.objects.filter(pk=job.pk).update(
             status=BatchJob.Status.RUNNING, items_failed=F("items_failed") - len(indexes), finished_at=None, progressed_at=timezone.now()
         )
-        job.deliveries.update(state=BatchDelivery.State.PENDING, attempts=0, error=None, next_attempt_at=None, delivered_at=None)
+        job.deliveries.update(state=BatchDelivery.State.PENDING, attempts=0, error=None, next_attempt_at=None, delivered_at=None, lines=0)
         for batch in OpenAIBatch.objects.filter(job=job):
             stale = [f for f in (batch.output_file, batch.error_file) if f is not None]
             OpenAIBatch.objects.filter(pk=batch.pk).update(finalized_at=None, output_file=None, error_file=None)

@@ -86,7 +86,9 @@ def read_items(path: Path) -> tuple[str, list[dict[str, Any]]]:
 def destination_of(target: str) -> dict[str, str]:
     if target.startswith("file://") and len(target) > len("file://"):
         return {"kind": "file", "path": target[len("file://") :]}
-    _fail(f"--to {target}: only file://PATH (under the gateway's batch.output_dir) is supported so far", 2)
+    if target.startswith(("https://", "http://")):
+        return {"kind": "webhook", "url": target}  # the gateway checks where it may POST
+    _fail(f"--to {target}: file://PATH (under the gateway's batch.output_dir) or an http(s):// webhook URL; s3:// is not built yet", 2)
 
 
 @batch_app.command("submit")
@@ -94,7 +96,7 @@ def submit(
     file: Annotated[Path, typer.Argument(help="JSON lines: prompts, or OpenAI batch request lines.", exists=True, dir_okay=False)],
     priority: Annotated[str, typer.Option(help="high, default or low.")] = "default",
     deadline: Annotated[str, typer.Option(help="ISO 8601: items not run by then expire.")] = "",
-    to: Annotated[list[str] | None, typer.Option("--to", help="A destination, file://PATH; may be repeated.")] = None,
+    to: Annotated[list[str] | None, typer.Option("--to", help="A destination, file://PATH or https://URL (a webhook); may be repeated.")] = None,
     worker: Annotated[str, typer.Option(help="The worker (else the model's, else the default).")] = "",
     model: Annotated[str, typer.Option(help="The model of prompt lines (else the worker's default).")] = "",
     max_tokens: Annotated[int, typer.Option(help="Per item (0: the configured default).")] = 0,

@@ -26,6 +26,9 @@ class Tenant(models.Model):
     # Kept by services.documents; read with the cached key, so that a request of a tenant
     # with no documents skips the RAG search (which would find nothing).
     has_documents = models.BooleanField(default=False, db_default=False, editable=False)
+    # Signs the tenant's batch webhooks (Standard Webhooks: "whsec_" + base64); made on
+    # first use (batches.webhooks.secret_of).
+    webhook_secret = models.CharField(max_length=64, blank=True, default="", db_default="", editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

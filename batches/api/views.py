@@ -14,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from batches import openai_batches, services
+from batches import openai_batches, services, webhooks
 from batches.api import serializers as s
 from batches.models import BatchJob
 from orchestrator_site.errors import InvalidRequest
@@ -94,3 +94,10 @@ async def _lines(job: BatchJob, after: int) -> AsyncIterator[bytes]:
             return
         yield "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in page).encode()
         after = page[-1]["index"]
+
+
+class BatchWebhookSecretApi(APIView):
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 401: ErrorOut}, operation_id="batch_webhook_secret")
+    def get(self, request: Request) -> Response:
+        """The secret the tenant's batch webhooks are signed with (Standard Webhooks)."""
+        return Response({"secret": webhooks.secret_of(tenant_of(request).tenant_id)})

@@ -194,6 +194,24 @@ class BatchConfig(_Strict):
     )
     delivery_attempts: int = Field(5, ge=1, le=100, description="Tries of a destination's delivery before it is marked failed (the admin can retry it).")
     delivery_backoff_s: float = Field(30.0, ge=0, le=86_400, description="Wait after a failed delivery before the next try; doubled after each.")
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) a webhook destination may reach besides the public internet: loopback, private and link-local addresses are refused unless listed.",
+    )
+    webhook_lines: int = Field(500, ge=1, le=100_000, description="Result lines in one webhook POST.")
+    webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="How long a webhook receiver has to answer one POST.")
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{network!r} is not a network (CIDR, e.g. 10.0.0.0/8 or 127.0.0.1/32)") from exc
+        return value
 
 
 class RetryConfig(_Strict):

@@ -85,11 +85,13 @@ def test_destinations_from_to(capsys: pytest.CaptureFixture[str]) -> None:
     # The path as written: the gateway checks it (relative, under its output directory).
     assert destination_of("file://a b.jsonl") == {"kind": "file", "path": "a b.jsonl"}
     assert destination_of("file:///abs.jsonl") == {"kind": "file", "path": "/abs.jsonl"}
-    for target in ("file://", "https://example.com/hook", "s3://bucket/key"):
+    assert destination_of("https://example.com/hook") == {"kind": "webhook", "url": "https://example.com/hook"}
+    assert destination_of("http://10.0.0.5/in") == {"kind": "webhook", "url": "http://10.0.0.5/in"}  # the gateway refuses it, naming why
+    for target in ("file://", "s3://bucket/key", "ftp://host/x"):
         with pytest.raises(typer.Exit) as refused:
             destination_of(target)
         assert refused.value.exit_code == 2
-        assert f"--to {target}: only file://PATH" in capsys.readouterr().err
+        assert f"--to {target}: file://PATH (under the gateway's batch.output_dir) or an http(s):// webhook URL" in capsys.readouterr().err
 
 
 def test_without_a_key_nothing_is_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
