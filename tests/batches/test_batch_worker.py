@@ -38,8 +38,8 @@ def start_batch_worker(tmp: Path, name: str, *, concurrency: int = 4, config: Pa
 @pytest.fixture(scope="module")
 def batch_worker(django_db_setup: None, session_fakes: Fakes, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
     # Outside coverage: under its tracing the 10,000 items took 180-210 s of the suite's
-    # time, not 60-70 s; the workers of test_batch_own_workers and the in-process tests
-    # measure the same code.
+    # time, about 115 s without it; the workers of test_batch_own_workers and the
+    # in-process tests measure the same code.
     worker = start_batch_worker(tmp_path_factory.mktemp("batch"), "batch-test", measured=False)
     yield worker
     stop_process(worker.proc)
