@@ -180,6 +180,7 @@ class FileTooLarge(InvalidRequest):
 
     code = "file_too_large"
     http_status = 413
+    ws_close_code = 4413
     default_message = "the file is too large"
 
 

@@ -135,21 +135,28 @@ def test_flower_lists_realtime_tasks(cluster: Cluster, owner: TenantFixture, tmp
                 assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()[-2000:]
                 time.sleep(0.2)
 
-        def until_flower_sees(prompt: str) -> dict[str, object]:
+        def flower_sees(prompt: str, wait_s: float) -> dict[str, object] | None:
             resp = httpx.post(f"{cluster.gateway_url}/api/v1/infer", json={"prompt": prompt}, headers={"Authorization": f"Bearer {owner.key}"}, timeout=30)
             request_id = resp.json()["request_id"]
-            deadline = time.monotonic() + 15
-            while True:
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
                 task = httpx.get(f"http://127.0.0.1:{port}/api/tasks", timeout=5).json().get(request_id)
                 if task and task.get("state") == "SUCCESS":
                     return {**task, "request_id": request_id}
-                assert time.monotonic() < deadline, task
                 time.sleep(0.2)
+            return None
 
-        # Flower's API answers before its event receiver has joined: a first task it
-        # sees succeed shows the receiver is there, for every event of the next one.
-        until_flower_sees("flower is listening")
-        task = until_flower_sees("seen by flower")
+        # Flower's API answers before its event receiver has joined, and a task that ran
+        # before it joined is never seen: new tasks until one is, which shows the receiver
+        # is there for every event of the next one (seen once: a single first task ran
+        # before the receiver joined, and the test waited on it in vain).
+        deadline = time.monotonic() + 60
+        attempt = 0
+        while flower_sees(f"flower is listening {attempt}", wait_s=3) is None:
+            assert time.monotonic() < deadline, (tmp_path / "flower.log").read_text()[-2000:]
+            attempt += 1
+        task = flower_sees("seen by flower", wait_s=15)
+        assert task is not None
         assert task["name"] == TASK and task["args"] == f"('{task['request_id']}', 1)"
     finally:
         stop_process(flower)

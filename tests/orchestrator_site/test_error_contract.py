@@ -20,6 +20,7 @@ CONTRACT = {
     "not_acceptable": (406, 4406),
     "prompt_missing": (400, 4400),
     "prompt_too_large": (413, 4413),
+    "file_too_large": (413, 4413),
     "context_length_exceeded": (400, 4400),
     "unsupported_parameter": (400, 4400),
     "unknown_worker": (400, 4400),

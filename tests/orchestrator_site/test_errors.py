@@ -122,6 +122,7 @@ def test_categories_group_their_members() -> None:
         "not_acceptable",
         "prompt_missing",
         "prompt_too_large",
+        "file_too_large",
         "context_length_exceeded",
         "unsupported_parameter",
         "unknown_worker",
