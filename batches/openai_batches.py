@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from batches import services
@@ -66,8 +66,15 @@ def upload(*, tenant: Tenant, purpose: object, filename: str, content: bytes, co
     return file
 
 
+def files(tenant_id: str) -> QuerySet[BatchFile]:
+    """The tenant's files: uploads, and the output files of batches that still exist
+    (one whose batch was deleted with its job is gone too)."""
+    kept = Q(content__isnull=False) | Q(output_of__isnull=False) | Q(errors_of__isnull=False)
+    return BatchFile.objects.filter(kept, tenant_id=tenant_id)
+
+
 def file_of(*, tenant_id: str, file_id: str) -> BatchFile:
-    file = BatchFile.objects.filter(pk=file_id, tenant_id=tenant_id).first()
+    file = files(tenant_id).filter(pk=file_id).first()
     if file is None:
         raise NotFound(f"no file {file_id!r}", data={"field": "file_id", "file_id": file_id})
     return file
@@ -104,7 +111,7 @@ def file_chunks(file: BatchFile) -> Iterator[bytes]:
             yield content[start : start + CHUNK]
         return
     batch = OpenAIBatch.objects.select_related("job").filter(Q(output_file=file) | Q(error_file=file)).first()
-    if batch is None:  # its batch was deleted with its job
+    if batch is None:  # its batch was deleted with its job since it was found
         return
     lines = _output_lines if batch.output_file_id == file.id else _error_lines
     for page in lines(batch):

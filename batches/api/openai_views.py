@@ -3,8 +3,10 @@ calls one service, renders. Errors are OpenAI's shape, as everywhere under ``/v1
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.db.models import F
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -18,7 +20,7 @@ from rest_framework.views import APIView
 
 from batches import openai_batches
 from batches.api.views import BatchJSONParser
-from batches.models import BatchFile, OpenAIBatch
+from batches.models import OpenAIBatch
 from orchestrator_site.errors import FileTooLarge, InvalidRequest
 from pipeline.api.serializers import validated
 from pipeline.api.views import tenant_of
@@ -83,7 +85,7 @@ class FilesApi(APIView):
         operation_id="openai_files_list",
     )
     def get(self, request: Request) -> Response:
-        rows = BatchFile.objects.filter(tenant_id=tenant_of(request).tenant_id).defer("content").order_by("-created_at", "-id")
+        rows = openai_batches.files(tenant_of(request).tenant_id).defer("content").order_by("-created_at", "-id")
         purpose = request.query_params.get("purpose")
         if purpose:
             rows = rows.filter(purpose=purpose)
@@ -108,13 +110,25 @@ class ContentRenderer(JSONRenderer):
     format = "bin"
 
 
+async def _streamed(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """``parts`` read a page at a time in Django's sync thread (they query Postgres):
+    under ASGI a sync iterator would be read whole into memory before the first byte."""
+    step = sync_to_async(_next_part)
+    while (part := await step(parts)) is not None:
+        yield part
+
+
+def _next_part(parts: Iterator[bytes]) -> bytes | None:
+    return next(parts, None)
+
+
 class FileContentApi(APIView):
     renderer_classes = [JSONRenderer, ContentRenderer]
 
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY}, operation_id="openai_files_content")
     def get(self, request: Request, file_id: str) -> StreamingHttpResponse:
         file = openai_batches.file_of(tenant_id=tenant_of(request).tenant_id, file_id=file_id)
-        response = StreamingHttpResponse(openai_batches.file_chunks(file), content_type="application/octet-stream")
+        response = StreamingHttpResponse(_streamed(openai_batches.file_chunks(file)), content_type="application/octet-stream")
         response["Content-Length"] = str(file.bytes)
         response["Content-Disposition"] = f'attachment; filename="{file.filename}"'
         return response

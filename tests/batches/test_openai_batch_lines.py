@@ -484,3 +484,26 @@ def test_the_admin_cancels_an_openai_batch_and_its_files_follow(staff: Any, owne
     done = fetch(owner, batch)
     assert done["status"] == "cancelled" and done["request_counts"]["completed"] == 1
     assert [(r["custom_id"], r["error"]["code"]) for r in jsonl(content(owner, done["error_file_id"]))] == [("b", "batch_cancelled")]
+
+
+def test_a_files_content_is_read_a_part_at_a_time() -> None:
+    """Under ASGI a sync iterator is read whole before the first byte: the content view
+    hands Django an async one that reads a page only when the client is ready for it."""
+    from asgiref.sync import async_to_sync
+
+    from batches.api.openai_views import _streamed
+
+    read: list[int] = []
+
+    def parts() -> Any:
+        for page in range(3):
+            read.append(page)
+            yield bytes([page])
+
+    async def first_then_rest() -> tuple[bytes, list[int], list[bytes]]:
+        stream = _streamed(parts())
+        first = await anext(stream)
+        seen = list(read)
+        return first, seen, [part async for part in stream]
+
+    assert async_to_sync(first_then_rest)() == (b"\x00", [0], [b"\x01", b"\x02"]) and read == [0, 1, 2]
