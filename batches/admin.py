@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from typing import Any
 
 from django.contrib import admin, messages
@@ -12,10 +10,9 @@ from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
 from batches import destinations, openai_batches
+from batches.api.views import results_stream
 from batches.models import BatchDelivery, BatchItem, BatchJob, OpenAIBatch
-from batches.services import batch_cancel, batch_results, batch_retry_failed, queue_delivery
-
-PAGE = 1000  # result rows read per query while a download is written
+from batches.services import batch_cancel, batch_retry_failed, queue_delivery
 
 
 @admin.register(BatchJob)
@@ -59,14 +56,7 @@ class BatchJobAdmin(admin.ModelAdmin):
     def results_view(self, request: HttpRequest, job_id: Any) -> StreamingHttpResponse:
         """The job's results as the API's NDJSON, to download (staff only)."""
         job = get_object_or_404(BatchJob, pk=job_id)
-
-        def lines() -> Iterator[bytes]:
-            after = -1
-            while page := batch_results(job=job, after=after, limit=PAGE):
-                yield "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in page).encode()
-                after = page[-1]["index"]
-
-        response = StreamingHttpResponse(lines(), content_type="application/x-ndjson")
+        response = StreamingHttpResponse(results_stream(job), content_type="application/x-ndjson")
         response["Content-Disposition"] = f'attachment; filename="batch-{job.pk}.jsonl"'
         return response
 

@@ -24,7 +24,6 @@ Kinds:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -44,7 +43,6 @@ log = structlog.get_logger("batches")
 
 KINDS = ("file", "webhook")
 MAX_DESTINATIONS = 8
-PAGE = 1000  # result rows read per query while writing
 
 
 def output_dir(config: PipelineSettings) -> Path:
@@ -157,6 +155,12 @@ def _send(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) -> i
         raise DeliveryFailed(f"{delivery.kind}: {reason}", data={"reason": reason}) from exc
 
 
+def start_over(job: BatchJob) -> None:
+    """The job runs again (its failed items retried): each destination is delivered
+    anew, from its first line, once it completes."""
+    job.deliveries.update(state=BatchDelivery.State.PENDING, attempts=0, error=None, next_attempt_at=None, delivered_at=None, lines=0)
+
+
 def retry(delivery: BatchDelivery) -> None:
     """A delivery tried again from its first attempt, at the next sweep or now."""
     BatchDelivery.objects.filter(pk=delivery.pk).exclude(state=BatchDelivery.State.DELIVERED).update(
@@ -167,19 +171,17 @@ def retry(delivery: BatchDelivery) -> None:
 def _write_file(job: BatchJob, target: Mapping[str, Any], config: PipelineSettings) -> int:
     """The results into ``target``'s path: a temporary file beside it, fsynced, renamed
     over it, and the directory fsynced (the rename survives a power cut)."""
-    from batches.services import batch_results  # the results endpoint's lines, exactly
+    from batches.services import ndjson, result_pages  # the results endpoint's lines, exactly
 
     final = output_dir(config) / str(target["path"])
     final.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
     written = 0
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            after = -1
-            while page := batch_results(job=job, after=after, limit=PAGE):
-                out.write("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in page))
+        with os.fdopen(handle, "wb") as out:
+            for page in result_pages(job):
+                out.write(ndjson(page))
                 written += len(page)
-                after = page[-1]["index"]
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, final)

@@ -55,9 +55,7 @@ def upload(*, tenant: Tenant, purpose: object, filename: str, content: bytes, co
     """An uploaded file, kept as it came; only ``batch`` files are taken here."""
     if purpose != BatchFile.Purpose.BATCH:
         raise InvalidRequest(f"purpose must be 'batch', not {purpose!r}: only batch input files are served here", data={"field": "purpose"})
-    limit = config.batch.max_body_mb * 1024 * 1024
-    if len(content) > limit:
-        raise FileTooLarge(f"the file is larger than {config.batch.max_body_mb} MB (batch.max_body_mb)", data={"field": "file", "limit_bytes": limit})
+    refuse_larger_than_allowed(len(content), config)
     if not content.strip():
         raise InvalidRequest("the file is empty", data={"field": "file"})
     name = (filename or "upload.jsonl").replace("\x00", "")[-255:]
@@ -71,6 +69,23 @@ def files(tenant_id: str) -> QuerySet[BatchFile]:
     (one whose batch was deleted with its job is gone too)."""
     kept = Q(content__isnull=False) | Q(output_of__isnull=False) | Q(errors_of__isnull=False)
     return BatchFile.objects.filter(kept, tenant_id=tenant_id)
+
+
+def refuse_larger_than_allowed(size: int, config: PipelineSettings) -> None:
+    """``FileTooLarge`` for an upload of ``size`` bytes over ``batch.max_body_mb``."""
+    limit = config.batch.max_body_mb * 1024 * 1024
+    if size > limit:
+        raise FileTooLarge(f"the file is larger than {config.batch.max_body_mb} MB (batch.max_body_mb)", data={"field": "file", "limit_bytes": limit})
+
+
+def unfinalize(job: BatchJob) -> None:
+    """The job runs again (its failed items retried): its batch's files are gone, to be
+    made anew when it ends."""
+    for batch in OpenAIBatch.objects.select_related("output_file", "error_file").filter(job=job):
+        stale = [file for file in (batch.output_file, batch.error_file) if file is not None]
+        OpenAIBatch.objects.filter(pk=batch.pk).update(finalized_at=None, output_file=None, error_file=None)
+        for file in stale:
+            file.delete()
 
 
 def file_of(*, tenant_id: str, file_id: str) -> BatchFile:
@@ -115,7 +130,7 @@ def file_chunks(file: BatchFile) -> Iterator[bytes]:
         return
     lines = _output_lines if batch.output_file_id == file.id else _error_lines
     for page in lines(batch):
-        yield "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in page).encode()
+        yield services.ndjson(page)
 
 
 # ---- batches --------------------------------------------------------------------
@@ -363,7 +378,7 @@ def finalize(job: BatchJob, *, now: dt.datetime | None = None) -> bool:
         if batch.finalized_at is not None:
             return True
         for role, lines in (("output", _output_lines), ("error", _error_lines)):
-            size = sum(len(json.dumps(line, separators=(",", ":"))) + 1 for page in lines(batch) for line in page)
+            size = sum(len(services.ndjson(page)) for page in lines(batch))  # what file_chunks will send
             if size:
                 file = BatchFile.objects.create(
                     tenant_id=job.tenant_id, purpose=BatchFile.Purpose.BATCH_OUTPUT, filename=f"{batch.id}_{role}.jsonl", bytes=size

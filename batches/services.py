@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -199,7 +200,7 @@ def batch_retry_failed(*, job_id: Any) -> int:
     back, a budget was raised). Items refused at submission are not retried: they would
     fail the same way. The job runs again, and its destinations and OpenAI output files
     are made anew when it completes. Returns the items retried."""
-    from batches.models import BatchDelivery, OpenAIBatch
+    from batches import openai_batches  # it builds on this module
 
     with transaction.atomic():
         job = BatchJob.objects.select_for_update().filter(pk=job_id, status=BatchJob.Status.COMPLETED).first()
@@ -213,12 +214,8 @@ def batch_retry_failed(*, job_id: Any) -> int:
         BatchJob.objects.filter(pk=job.pk).update(
             status=BatchJob.Status.RUNNING, items_failed=F("items_failed") - len(indexes), finished_at=None, progressed_at=timezone.now()
         )
-        job.deliveries.update(state=BatchDelivery.State.PENDING, attempts=0, error=None, next_attempt_at=None, delivered_at=None, lines=0)
-        for batch in OpenAIBatch.objects.filter(job=job):
-            stale = [f for f in (batch.output_file, batch.error_file) if f is not None]
-            OpenAIBatch.objects.filter(pk=batch.pk).update(finalized_at=None, output_file=None, error_file=None)
-            for file in stale:
-                file.delete()
+        destinations.start_over(job)
+        openai_batches.unfinalize(job)
         job.refresh_from_db()
         chunks = chunk_ranges(indexes, config_at(job.config_version).batch.chunk_size)
         transaction.on_commit(lambda: _start(job, chunks))
@@ -229,12 +226,14 @@ def batch_retry_failed(*, job_id: Any) -> int:
 def _finalize_if_cancelled(job: BatchJob) -> None:
     """A chunk that stops because its job was cancelled: the batch's output files may be
     written now that its item is recorded (``openai_batches.finalize`` waits for the last)."""
-    if BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.CANCELLED, openai__isnull=False).exists():
+    if _has_openai_files(job, cancelled=True):
         queue_delivery(job.pk)
 
 
-def _has_openai_files(job: BatchJob) -> bool:
-    return BatchJob.objects.filter(pk=job.pk, openai__isnull=False).exists()
+def _has_openai_files(job: BatchJob, *, cancelled: bool = False) -> bool:
+    """Whether the job is an OpenAI batch's (and, with ``cancelled``, cancelled now)."""
+    jobs = BatchJob.objects.filter(pk=job.pk, openai__isnull=False)
+    return (jobs.filter(status=BatchJob.Status.CANCELLED) if cancelled else jobs).exists()
 
 
 def batch_run_chunk(*, job_id: str, first: int, last: int) -> None:
@@ -556,6 +555,22 @@ def batch_results(*, job: BatchJob, after: int, limit: int) -> list[dict[str, An
         }
         for row in items
     ]
+
+
+RESULTS_PAGE = 1000  # result rows read from Postgres per query while results are written
+
+
+def result_pages(job: BatchJob, *, after: int = -1, limit: int | None = None) -> Iterator[list[dict[str, Any]]]:
+    """The job's finished items (``batch_results``' rows) after index ``after``, a page of
+    ``limit`` (``RESULTS_PAGE``) at a time: memory stays flat however large the job."""
+    while page := batch_results(job=job, after=after, limit=limit or RESULTS_PAGE):
+        yield page
+        after = page[-1]["index"]
+
+
+def ndjson(rows: Iterable[Mapping[str, Any]]) -> bytes:
+    """Rows as JSON lines, as every results stream and file writes them."""
+    return "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows).encode()
 
 
 def batch_workers_in_use() -> set[str]:

@@ -94,7 +94,7 @@ def deliver(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) ->
     """POST the job's results, from the first line the receiver has not taken, then the
     completion event; the lines delivered. ``DeliveryFailed`` on the first POST refused."""
     from batches.api.serializers import counts
-    from batches.services import batch_results
+    from batches.services import result_pages
 
     try:
         url, address = checked_url(delivery.target.get("url"), config)
@@ -102,11 +102,10 @@ def deliver(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) ->
         raise DeliveryFailed(str(exc), data={"reason": str(exc)}) from exc
     secret = secret_of(job.tenant_id)
     with httpx.Client(timeout=config.batch.webhook_timeout_s, follow_redirects=False, trust_env=False) as client:
-        after = delivery.lines - 1  # every item of a completed job has a line: the n-th line is index n - 1
-        while page := batch_results(job=job, after=after, limit=config.batch.webhook_lines):
+        # Every item of a completed job has a line: the n-th line is index n - 1.
+        for page in result_pages(job, after=delivery.lines - 1, limit=config.batch.webhook_lines):
             message_id = f"msg_{job.id.hex}_{delivery.position}_{page[0]['index']}"
             _post(client, url, address, secret, message_id, {"type": "batch.results", "data": {"job_id": str(job.id), "lines": page}})
-            after = page[-1]["index"]
             delivery.lines += len(page)
             BatchDelivery.objects.filter(pk=delivery.pk).update(lines=delivery.lines)  # a later attempt resumes here
         completed = {"job_id": str(job.id), "status": job.status, "counts": counts(job, job.items_settled), "lines": delivery.lines}

@@ -3,10 +3,8 @@ calls one service, renders. Errors are OpenAI's shape, as everywhere under ``/v1
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.db.models import F
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -19,9 +17,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from batches import openai_batches
-from batches.api.views import BatchJSONParser
+from batches.api.views import BatchJSONParser, streamed
 from batches.models import OpenAIBatch
-from orchestrator_site.errors import FileTooLarge, InvalidRequest
+from orchestrator_site.errors import InvalidRequest
 from pipeline.api.serializers import validated
 from pipeline.api.views import tenant_of
 from pipeline.config import get_config
@@ -70,10 +68,9 @@ class FilesApi(APIView):
     def post(self, request: Request) -> Response:
         principal = tenant_of(request)
         config = get_config()
-        limit = config.batch.max_body_mb * 1024 * 1024
         length = request.META.get("CONTENT_LENGTH") or ""
-        if length.isdigit() and int(length) > limit + FORM_ROOM:  # refused before the body is read
-            raise FileTooLarge(f"the file is larger than {config.batch.max_body_mb} MB (batch.max_body_mb)", data={"field": "file", "limit_bytes": limit})
+        if length.isdigit():  # refused before the body is read
+            openai_batches.refuse_larger_than_allowed(int(length) - FORM_ROOM, config)
         data = validated(FileUploadInput, request.data)
         upload = data["file"]
         file = openai_batches.upload(tenant=principal.tenant, purpose=data["purpose"], filename=upload.name or "", content=upload.read(), config=config)
@@ -110,25 +107,13 @@ class ContentRenderer(JSONRenderer):
     format = "bin"
 
 
-async def _streamed(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
-    """``parts`` read a page at a time in Django's sync thread (they query Postgres):
-    under ASGI a sync iterator would be read whole into memory before the first byte."""
-    step = sync_to_async(_next_part)
-    while (part := await step(parts)) is not None:
-        yield part
-
-
-def _next_part(parts: Iterator[bytes]) -> bytes | None:
-    return next(parts, None)
-
-
 class FileContentApi(APIView):
     renderer_classes = [JSONRenderer, ContentRenderer]
 
     @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY}, operation_id="openai_files_content")
     def get(self, request: Request, file_id: str) -> StreamingHttpResponse:
         file = openai_batches.file_of(tenant_id=tenant_of(request).tenant_id, file_id=file_id)
-        response = StreamingHttpResponse(_streamed(openai_batches.file_chunks(file)), content_type="application/octet-stream")
+        response = StreamingHttpResponse(streamed(openai_batches.file_chunks(file)), content_type="application/octet-stream")
         response["Content-Length"] = str(file.bytes)
         response["Content-Disposition"] = f'attachment; filename="{file.filename}"'
         return response

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from asgiref.sync import sync_to_async
 from django.http import StreamingHttpResponse
@@ -25,7 +24,6 @@ from pipeline.api.views import tenant_of
 from pipeline.config import get_config
 
 _ERRORS = {code: OpenApiResponse(ErrorOut) for code in (400, 401, 404, 413, 415)}
-PAGE = 1000  # items read from Postgres per query while writing results
 
 
 class BatchJSONParser(LimitedJSONParser):
@@ -80,20 +78,26 @@ class BatchResultsApi(APIView):
     def get(self, request: Request, job_id: uuid.UUID) -> StreamingHttpResponse:
         job = services.batch_get(tenant_id=tenant_of(request).tenant_id, job_id=job_id)
         after = _int_param(request, "after", -1, low=-1, high=10**9)
-        response = StreamingHttpResponse(_lines(job, after), content_type="application/x-ndjson")
+        response = StreamingHttpResponse(results_stream(job, after), content_type="application/x-ndjson")
         response["Cache-Control"] = "no-cache"
         return response
 
 
-async def _lines(job: BatchJob, after: int) -> AsyncIterator[bytes]:
-    """The finished items, one JSON object per line, a page of Postgres rows at a time
-    (memory stays flat however large the job)."""
-    while True:
-        page = await sync_to_async(services.batch_results)(job=job, after=after, limit=PAGE)
-        if not page:
-            return
-        yield "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in page).encode()
-        after = page[-1]["index"]
+async def streamed(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """``parts`` read one at a time in Django's sync thread (they query Postgres): under
+    ASGI a sync iterator would be read whole into memory before the first byte."""
+    step = sync_to_async(_next_part)
+    while (part := await step(parts)) is not None:
+        yield part
+
+
+def _next_part(parts: Iterator[bytes]) -> bytes | None:
+    return next(parts, None)
+
+
+def results_stream(job: BatchJob, after: int = -1) -> AsyncIterator[bytes]:
+    """The job's finished items as JSON lines, a page of Postgres rows at a time."""
+    return streamed(services.ndjson(page) for page in services.result_pages(job, after=after))
 
 
 class BatchWebhookSecretApi(APIView):

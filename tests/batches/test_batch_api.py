@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batches.api import views
+from batches import services
 from batches.api.serializers import PromptsField
 from batches.models import BatchItem, BatchJob
 from batches.services import batch_run_chunk
@@ -189,7 +189,7 @@ def test_cancel_stops_a_job_and_leaves_a_finished_one_alone(owner: TenantFixture
 
 @pytest.mark.django_db
 def test_results_are_json_lines_in_index_order_and_resume_after_an_index(owner: TenantFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(views, "PAGE", 2)  # several pages from Postgres
+    monkeypatch.setattr(services, "RESULTS_PAGE", 2)  # several pages from Postgres
     job = submit(owner, {"prompts": ["zero", {"prompt": "one", "custom_id": "c1"}, "two", "three", "four"]})
     assert ndjson(owner.client.get(f"{BATCH}/{job['id']}/results")) == []  # nothing finished yet
     batch_run_chunk(job_id=job["id"], first=0, last=24)

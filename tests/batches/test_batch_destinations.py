@@ -222,7 +222,7 @@ def test_a_delivery_whose_worker_died_is_due_again_after_its_claim(owner: Tenant
 def test_a_large_job_is_written_a_page_at_a_time_in_order(owner: TenantFixture, out: Path, queued: list[Any], deliveries_queued: list[str]) -> None:
     from batches.models import BatchItem
 
-    count = destinations.PAGE * 2 + 7
+    count = services.RESULTS_PAGE * 2 + 7
     job = submit(owner, count, [{"kind": "file", "path": "large.jsonl"}])
     BatchItem.objects.filter(job=job).update(status=BatchItem.Status.DONE, output="ok", finish_reason="stop", usage={})
     BatchJob.objects.filter(pk=job.pk).update(status=BatchJob.Status.COMPLETED, items_done=count)

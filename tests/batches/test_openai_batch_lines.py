@@ -491,7 +491,7 @@ def test_a_files_content_is_read_a_part_at_a_time() -> None:
     hands Django an async one that reads a page only when the client is ready for it."""
     from asgiref.sync import async_to_sync
 
-    from batches.api.openai_views import _streamed
+    from batches.api.views import streamed
 
     read: list[int] = []
 
@@ -501,7 +501,7 @@ def test_a_files_content_is_read_a_part_at_a_time() -> None:
             yield bytes([page])
 
     async def first_then_rest() -> tuple[bytes, list[int], list[bytes]]:
-        stream = _streamed(parts())
+        stream = streamed(parts())
         first = await anext(stream)
         seen = list(read)
         return first, seen, [part async for part in stream]
