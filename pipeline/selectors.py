@@ -39,12 +39,18 @@ def document_search(*, tenant_id: str, query: str, top_k: int, timeout_ms: int, 
     # one implicit transaction: SET LOCAL lasts for the search only, in one round trip
     # (BEGIN, SET, SELECT and COMMIT were four). Inside one, a savepoint to roll back to
     # when the search is cancelled.
-    within = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    # A savepoint released keeps its SET LOCAL until the outer transaction ends: the
+    # timeout is put back after the search, or every statement after it in that
+    # transaction would be cut at the search's timeout.
+    inside = connection.in_atomic_block
+    within = transaction.atomic() if inside else contextlib.nullcontext()
     try:
         with within, connection.cursor() as cursor:
             cursor.execute(_SEARCH_SQL, params)
             cursor.nextset()  # past SET's (empty) result, to the search's rows
             rows = cursor.fetchall()
+            if inside:
+                cursor.execute("SET LOCAL statement_timeout TO DEFAULT")
     except OperationalError as exc:
         if isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
             return RetrievalResult(documents=(), timed_out=True)

@@ -89,6 +89,18 @@ def test_slow_search_times_out_and_reports_it(owner: TenantFixture) -> None:
     assert search(owner, "refund", top_k=1, timeout_ms=60_000)
 
 
+@pytest.mark.django_db
+def test_inside_a_transaction_the_search_timeout_ends_with_the_search(owner: TenantFixture) -> None:
+    """A search inside a caller's transaction (a test's, a batch chunk's) leaves the
+    transaction's later statements without its timeout, found or cancelled."""
+    documents.document_create(tenant=owner.tenant, title="Refund policy", body="refund within 30 days")
+    assert connection.in_atomic_block and statement_timeout() == "0"
+    assert search(owner, "refund", timeout_ms=1500) == ["Refund policy"]
+    assert statement_timeout() == "0"
+    assert slow_search(owner).timed_out
+    assert statement_timeout() == "0"
+
+
 @pytest.mark.django_db(transaction=True)
 def test_outside_a_transaction_the_timed_search_is_one_round_trip_and_its_timeout_ends_with_it(owner: TenantFixture) -> None:
     """A worker's case (autocommit): the timeout and the search are one string, one
