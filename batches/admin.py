@@ -80,7 +80,7 @@ class BatchJobAdmin(admin.ModelAdmin):
         rows = format_html_join(
             "",
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            ((d.kind, d.target.get("path", ""), d.state, d.attempts, (d.error or {}).get("message", "")) for d in obj.deliveries.all()),
+            ((d.kind, destinations.where(d), d.state, d.attempts, (d.error or {}).get("message", "")) for d in obj.deliveries.all()),
         )
         return format_html("<table><tr><th>kind</th><th>target</th><th>state</th><th>attempts</th><th>last error</th></tr>{}</table>", rows)
 

@@ -14,6 +14,8 @@ Kinds:
 
 - ``webhook``: ``{"kind": "webhook", "url": "https://…"}``: the results POSTed in
   signed batches of lines, then a ``batch.completed`` event (``batches.webhooks``).
+- ``s3``: ``{"kind": "s3", "bucket": "name", "prefix": "runs/"}``: one object
+  ``{prefix}{job id}.jsonl``, put whole or uploaded in parts (``batches.s3``).
 - ``file``: ``{"kind": "file", "path": "name.jsonl"}``, a path under
   ``batch.output_dir``. The results, one JSON object per line in index order (the
   results endpoint's lines, each with its ``index`` and ``custom_id``), are written
@@ -34,14 +36,14 @@ import structlog
 from django.db.models import Q
 from django.utils import timezone
 
-from batches import webhooks
+from batches import s3, webhooks
 from batches.models import BatchDelivery, BatchJob
 from orchestrator_site.errors import DeliveryFailed, InvalidRequest
 from pipeline.config import PipelineSettings
 
 log = structlog.get_logger("batches")
 
-KINDS = ("file", "webhook")
+KINDS = ("file", "s3", "webhook")
 MAX_DESTINATIONS = 8
 
 
@@ -66,6 +68,8 @@ def _one(place: int, item: object, config: PipelineSettings) -> dict[str, Any]:
         raise InvalidRequest(f"{field}: kind must be one of {', '.join(KINDS)}, not {kind!r}", data={"field": f"{field}.kind", "kinds": list(KINDS)})
     if item["kind"] == "webhook":
         return webhooks.validated(field, dict(item), config)
+    if item["kind"] == "s3":
+        return s3.validated(field, dict(item), config)
     extra = set(item) - {"kind", "path"}
     if extra:
         raise InvalidRequest(f"{field}: unknown field {sorted(extra)[0]!r} for a file destination", data={"field": f"{field}.{sorted(extra)[0]}"})
@@ -148,6 +152,8 @@ def _send(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) -> i
     """Deliver by the destination's kind; the lines delivered, or ``DeliveryFailed``."""
     if delivery.kind == "webhook":
         return webhooks.deliver(job, delivery, config)
+    if delivery.kind == "s3":
+        return s3.deliver(job, delivery, config)
     try:
         return _write_file(job, delivery.target, config)
     except OSError as exc:
@@ -194,6 +200,14 @@ def _write_file(job: BatchJob, target: Mapping[str, Any], config: PipelineSettin
     finally:
         os.close(directory)
     return written
+
+
+def where(delivery: BatchDelivery) -> str:
+    """Where a delivery goes, in a word for people: a path, a URL, an S3 object."""
+    target = delivery.target
+    if delivery.kind == "s3":
+        return f"s3://{target.get('bucket')}/{s3.key_of(delivery.job, target)}"
+    return str(target.get("path") or target.get("url") or "")
 
 
 def states(job: BatchJob) -> list[dict[str, Any]]:

@@ -88,7 +88,11 @@ def destination_of(target: str) -> dict[str, str]:
         return {"kind": "file", "path": target[len("file://") :]}
     if target.startswith(("https://", "http://")):
         return {"kind": "webhook", "url": target}  # the gateway checks where it may POST
-    _fail(f"--to {target}: file://PATH (under the gateway's batch.output_dir) or an http(s):// webhook URL; s3:// is not built yet", 2)
+    if target.startswith("s3://") and len(target) > len("s3://"):
+        # The gateway checks the bucket, with its own credentials and AWS_ENDPOINT_URL.
+        bucket, _, prefix = target[len("s3://") :].partition("/")
+        return {"kind": "s3", "bucket": bucket, "prefix": prefix}
+    _fail(f"--to {target}: file://PATH (under the gateway's batch.output_dir), s3://BUCKET/PREFIX or an http(s):// webhook URL", 2)
 
 
 @batch_app.command("submit")
@@ -96,7 +100,9 @@ def submit(
     file: Annotated[Path, typer.Argument(help="JSON lines: prompts, or OpenAI batch request lines.", exists=True, dir_okay=False)],
     priority: Annotated[str, typer.Option(help="high, default or low.")] = "default",
     deadline: Annotated[str, typer.Option(help="ISO 8601: items not run by then expire.")] = "",
-    to: Annotated[list[str] | None, typer.Option("--to", help="A destination, file://PATH or https://URL (a webhook); may be repeated.")] = None,
+    to: Annotated[
+        list[str] | None, typer.Option("--to", help="A destination, file://PATH, s3://BUCKET/PREFIX or https://URL (a webhook); may be repeated.")
+    ] = None,
     worker: Annotated[str, typer.Option(help="The worker (else the model's, else the default).")] = "",
     model: Annotated[str, typer.Option(help="The model of prompt lines (else the worker's default).")] = "",
     max_tokens: Annotated[int, typer.Option(help="Per item (0: the configured default).")] = 0,

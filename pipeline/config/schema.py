@@ -196,10 +196,14 @@ class BatchConfig(_Strict):
     delivery_backoff_s: float = Field(30.0, ge=0, le=86_400, description="Wait after a failed delivery before the next try; doubled after each.")
     webhook_allow: list[str] = Field(
         default_factory=list,
-        description="Networks (CIDR) a webhook destination may reach besides the public internet: loopback, private and link-local addresses are refused unless listed.",
+        description="Networks (CIDR) a webhook URL or an s3 destination's endpoint_url may reach besides the public internet: loopback, private and link-local addresses are refused unless listed.",
     )
     webhook_lines: int = Field(500, ge=1, le=100_000, description="Result lines in one webhook POST.")
     webhook_timeout_s: float = Field(10.0, gt=0, le=300, description="How long a webhook receiver has to answer one POST.")
+    s3_part_mb: int = Field(
+        8, ge=5, le=5120, description="s3 destinations: results larger than this go up as a multipart upload of parts this size (S3's least is 5)."
+    )
+    s3_timeout_s: float = Field(30.0, gt=0, le=600, description="s3 destinations: connect and read timeout of each call to S3.")
 
     @field_validator("webhook_allow")
     @classmethod

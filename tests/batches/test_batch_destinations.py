@@ -153,7 +153,8 @@ def test_the_sweep_queues_the_deliveries_that_are_due(owner: TenantFixture, out:
 @pytest.mark.parametrize(
     ("raw", "field"),
     [
-        ({"kind": "s3", "bucket": "b"}, "destinations[0].kind"),
+        ({"kind": "ftp", "host": "b"}, "destinations[0].kind"),
+        ({"kind": "s3", "bucket": "b"}, "destinations[0].bucket"),  # too short for a bucket name
         ("file", "destinations[0].kind"),
         ({"kind": "file", "path": "/etc/passwd"}, "destinations[0].path"),
         ({"kind": "file", "path": "../outside.jsonl"}, "destinations[0].path"),

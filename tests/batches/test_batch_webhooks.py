@@ -140,6 +140,7 @@ def test_a_receiver_that_never_recovers_is_dead_lettered_then_replayed(owner: Te
     assert (tried.state, tried.attempts) == ("failed", 3) and tried.error["code"] == "delivery_failed"
     page = staff.get(f"/admin/batches/batchjob/{job.id}/change/").content.decode()
     assert "webhook" in page and "failed" in page and "HTTP 503" in page
+    assert f"<td>{receiver.url}</td>" in page  # where it goes
     staff.post("/admin/batches/batchjob/", {"action": "retry_deliveries", "_selected_action": [str(job.id)]})
     services.batch_deliver(job_id=str(job.id))
     assert job.deliveries.get().state == "delivered" and len(receiver.events("batch.results")) == 1

@@ -133,8 +133,8 @@ def test_without_a_key_a_gateway_or_a_supported_destination_it_says_so(gateway: 
     assert no_key.returncode == 2 and "ORCHESTRATOR_API_KEY is not set" in no_key.stderr
     nowhere = run(f"http://127.0.0.1:{free_port()}", owner.key, "status", "x")
     assert nowhere.returncode == 1 and "cannot reach the gateway" in nowhere.stderr
-    s3 = run(gateway, owner.key, "submit", str(file), "--to", "s3://bucket/prefix")
-    assert s3.returncode == 2 and "s3:// is not built yet" in s3.stderr
+    s3 = run(gateway, owner.key, "submit", str(file), "--to", "s3://Not_A_Bucket/prefix")
+    assert s3.returncode == 1 and "destinations[0]: bucket must be an S3 bucket name" in s3.stderr
     private = run(gateway, owner.key, "submit", str(file), "--to", "http://10.0.0.5/hook")
     assert private.returncode == 1 and "10.0.0.5, which is not public" in private.stderr
     assert not BatchJob.objects.filter(tenant=owner.tenant).exists()

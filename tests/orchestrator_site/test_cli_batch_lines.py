@@ -87,11 +87,13 @@ def test_destinations_from_to(capsys: pytest.CaptureFixture[str]) -> None:
     assert destination_of("file:///abs.jsonl") == {"kind": "file", "path": "/abs.jsonl"}
     assert destination_of("https://example.com/hook") == {"kind": "webhook", "url": "https://example.com/hook"}
     assert destination_of("http://10.0.0.5/in") == {"kind": "webhook", "url": "http://10.0.0.5/in"}  # the gateway refuses it, naming why
-    for target in ("file://", "s3://bucket/key", "ftp://host/x"):
+    assert destination_of("s3://results/runs/") == {"kind": "s3", "bucket": "results", "prefix": "runs/"}
+    assert destination_of("s3://results") == {"kind": "s3", "bucket": "results", "prefix": ""}
+    for target in ("file://", "s3://", "ftp://host/x"):
         with pytest.raises(typer.Exit) as refused:
             destination_of(target)
         assert refused.value.exit_code == 2
-        assert f"--to {target}: file://PATH (under the gateway's batch.output_dir) or an http(s):// webhook URL" in capsys.readouterr().err
+        assert f"--to {target}: file://PATH (under the gateway's batch.output_dir), s3://BUCKET/PREFIX or an http(s):// webhook URL" in capsys.readouterr().err
 
 
 def test_without_a_key_nothing_is_sent(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
