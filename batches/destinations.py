@@ -16,6 +16,10 @@ Kinds:
   signed batches of lines, then a ``batch.completed`` event (``batches.webhooks``).
 - ``s3``: ``{"kind": "s3", "bucket": "name", "prefix": "runs/"}``: one object
   ``{prefix}{job id}.jsonl``, put whole or uploaded in parts (``batches.s3``).
+- ``stream``: ``{"kind": "stream"}``: the results followed live, by
+  ``GET /api/v1/batch/{id}/results?follow=true`` or the WebSocket's ``batch_follow``
+  (``batches.follow``; any job can be followed, this one says it is meant to be).
+  Delivered when the job completes: every line was there to read.
 - ``file``: ``{"kind": "file", "path": "name.jsonl"}``, a path under
   ``batch.output_dir``. The results, one JSON object per line in index order (the
   results endpoint's lines, each with its ``index`` and ``custom_id``), are written
@@ -43,7 +47,7 @@ from pipeline.config import PipelineSettings
 
 log = structlog.get_logger("batches")
 
-KINDS = ("file", "s3", "webhook")
+KINDS = ("file", "s3", "stream", "webhook")
 MAX_DESTINATIONS = 8
 
 
@@ -70,6 +74,10 @@ def _one(place: int, item: object, config: PipelineSettings) -> dict[str, Any]:
         return webhooks.validated(field, dict(item), config)
     if item["kind"] == "s3":
         return s3.validated(field, dict(item), config)
+    if item["kind"] == "stream":
+        if set(item) != {"kind"}:
+            raise InvalidRequest(f"{field}: a stream destination has no other field", data={"field": f"{field}.{sorted(set(item) - {'kind'})[0]}"})
+        return {"kind": "stream"}
     extra = set(item) - {"kind", "path"}
     if extra:
         raise InvalidRequest(f"{field}: unknown field {sorted(extra)[0]!r} for a file destination", data={"field": f"{field}.{sorted(extra)[0]}"})
@@ -154,6 +162,8 @@ def _send(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) -> i
         return webhooks.deliver(job, delivery, config)
     if delivery.kind == "s3":
         return s3.deliver(job, delivery, config)
+    if delivery.kind == "stream":
+        return job.items_settled  # nothing to push: followers read each line as it finished (batches.follow)
     try:
         return _write_file(job, delivery.target, config)
     except OSError as exc:

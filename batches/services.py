@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -534,14 +534,13 @@ def batch_recover_boundary() -> None:
         log.exception("batch_recovery_crashed", outcome="error", error_type=type(exc).__name__)
 
 
-def batch_results(*, job: BatchJob, after: int, limit: int) -> list[dict[str, Any]]:
-    """Finished items with an index above ``after``, in index order, as the results
-    endpoint writes them."""
-    items = (
-        BatchItem.objects.filter(job=job, index__gt=after, status__in=(BatchItem.Status.DONE, BatchItem.Status.FAILED, BatchItem.Status.EXPIRED))
-        .order_by("index")
-        .values("index", "custom_id", "status", "output", "finish_reason", "usage", "error")[:limit]
-    )
+def batch_results(*, job: BatchJob, after: int, limit: int, among: Collection[int] | None = None) -> list[dict[str, Any]]:
+    """Finished items with an index above ``after`` (and in ``among``, when given), in
+    index order, as the results endpoint writes them."""
+    finished = BatchItem.objects.filter(job=job, index__gt=after, status__in=(BatchItem.Status.DONE, BatchItem.Status.FAILED, BatchItem.Status.EXPIRED))
+    if among is not None:
+        finished = finished.filter(index__in=list(among))
+    items = finished.order_by("index").values("index", "custom_id", "status", "output", "finish_reason", "usage", "error")[:limit]
     return [
         {
             "index": row["index"],

@@ -15,10 +15,10 @@ from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from pipeline.consumers import StreamConsumer  # noqa: E402
+from batches.consumers import BatchStreamConsumer  # noqa: E402  (the pipeline's consumer, with batch_follow)
 
 http_app = ASGIStaticFilesHandler(django_app) if settings.SERVE_STATIC else django_app
-websocket_app = URLRouter([path("api/v1/stream", StreamConsumer.as_asgi())])
+websocket_app = URLRouter([path("api/v1/stream", BatchStreamConsumer.as_asgi())])
 application = ProtocolTypeRouter({"http": http_app, "websocket": websocket_app})
 
 

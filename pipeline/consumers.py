@@ -66,6 +66,10 @@ def tagged(event: dict[str, Any], message_id: str | int | None) -> dict[str, Any
 
 
 class StreamConsumer(AsyncWebsocketConsumer):
+    # A message's type and the method that handles it, once the client is
+    # authenticated; the batches app adds its own (orchestrator_site.asgi wires it).
+    HANDLERS: dict[str, str] = {"prompt": "on_prompt", "resume": "on_resume"}
+
     principal: TenantPrincipal | None
     streams: dict[str, asyncio.Task[None]]
 
@@ -121,12 +125,10 @@ class StreamConsumer(AsyncWebsocketConsumer):
             await self.on_auth(message)
         elif self.principal is None:
             await self.refuse(ApiKeyMissing("authenticate first: an Authorization header, or an auth message"))
-        elif kind == "prompt":
-            await self.on_prompt(message)
-        elif kind == "resume":
-            await self.on_resume(message)
+        elif isinstance(kind, str) and kind in self.HANDLERS:
+            await getattr(self, self.HANDLERS[kind])(message)
         else:
-            raise InvalidRequest("type must be one of auth, prompt, resume", data={"type": kind})
+            raise InvalidRequest(f"type must be one of auth, {', '.join(self.HANDLERS)}", data={"type": kind})
 
     async def on_auth(self, message: dict[str, Any]) -> None:
         key = message.get("api_key")
@@ -140,8 +142,8 @@ class StreamConsumer(AsyncWebsocketConsumer):
         await self.send_event({"type": "authenticated", "tenant_id": self.principal.tenant_id})
 
     async def on_prompt(self, message: dict[str, Any]) -> None:
-        principal = self._principal()
-        self._room_for_one_more()
+        principal = self.principal_or_refuse()
+        self.room_for_one_more()
         data = validated(InferInput, {k: v for k, v in message.items() if k != "type"})
         config = get_config()
         fields = data.fields()
@@ -160,11 +162,11 @@ class StreamConsumer(AsyncWebsocketConsumer):
             await self.send_event(tagged(streaming.error_event(request.request_id, exc), self.message_id))
             return
         events = streaming.prompt_events(request, started, timeout_s=streaming.wait_s(config.limits.request_timeout_s))
-        self._forward(request.request_id, events, self.message_id)
+        self.forward(request.request_id, events, self.message_id)
 
     async def on_resume(self, message: dict[str, Any]) -> None:
-        principal = self._principal()
-        self._room_for_one_more()
+        principal = self.principal_or_refuse()
+        self.room_for_one_more()
         request_id, after_seq = message.get("request_id"), message.get("after_seq", -1)
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequest("resume needs a request_id", data={"field": "request_id"})
@@ -174,19 +176,19 @@ class StreamConsumer(AsyncWebsocketConsumer):
         await sync_to_async(selectors.request_status_for_tenant, thread_sensitive=False)(tenant_id=principal.tenant_id, request_id=request_id)
         timeout_s = streaming.wait_s(get_config().limits.request_timeout_s)
         events = streaming.stream_events(request_id, client_request_id=request_id, timeout_s=timeout_s, after_seq=after_seq)
-        self._forward(request_id, events, self.message_id)
+        self.forward(request_id, events, self.message_id)
 
-    def _principal(self) -> TenantPrincipal:
+    def principal_or_refuse(self) -> TenantPrincipal:
         if self.principal is None:  # handle() refuses first; this keeps the types honest
             raise ApiKeyMissing()
         return self.principal
 
-    def _room_for_one_more(self) -> None:
+    def room_for_one_more(self) -> None:
         self.streams = {rid: task for rid, task in self.streams.items() if not task.done()}
         if len(self.streams) >= MAX_STREAMS_PER_CONNECTION:
             raise Overloaded(f"at most {MAX_STREAMS_PER_CONNECTION} streams at once on one connection", data={"limit": MAX_STREAMS_PER_CONNECTION})
 
-    def _forward(self, request_id: str, events: Any, message_id: str | int | None) -> None:
+    def forward(self, request_id: str, events: Any, message_id: str | int | None) -> None:
         async def pump() -> None:
             try:
                 async with contextlib.aclosing(events):  # a cancelled pump signs out of the stream at once

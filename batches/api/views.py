@@ -13,7 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from batches import openai_batches, services, webhooks
+from batches import follow, openai_batches, services, webhooks
 from batches.api import serializers as s
 from batches.models import BatchJob
 from orchestrator_site.errors import InvalidRequest
@@ -36,6 +36,13 @@ def _int_param(request: Request, name: str, default: int, *, low: int, high: int
         return min(max(int(request.query_params.get(name, default)), low), high)
     except ValueError as exc:
         raise InvalidRequest(f"{name} must be an integer", data={"field": name}) from exc
+
+
+def _bool_param(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise InvalidRequest(f"{name} must be true or false", data={"field": name})
+    return raw in ("true", "1")
 
 
 class BatchListCreateApi(APIView):
@@ -71,14 +78,21 @@ class BatchCancelApi(APIView):
 
 class BatchResultsApi(APIView):
     @extend_schema(
-        parameters=[OpenApiParameter("after", int, description="only items with a higher index (to resume a download)")],
-        responses={(200, "application/x-ndjson"): OpenApiTypes.STR, 401: ErrorOut, 404: ErrorOut},
+        parameters=[
+            OpenApiParameter("after", int, description="only items with a higher index (to resume a download)"),
+            OpenApiParameter("follow", bool, description="keep the response open and send each item as it finishes, until the job ends"),
+        ],
+        responses={(200, "application/x-ndjson"): OpenApiTypes.STR, 400: ErrorOut, 401: ErrorOut, 404: ErrorOut},
         operation_id="batch_results",
     )
     def get(self, request: Request, job_id: uuid.UUID) -> StreamingHttpResponse:
         job = services.batch_get(tenant_id=tenant_of(request).tenant_id, job_id=job_id)
         after = _int_param(request, "after", -1, low=-1, high=10**9)
-        response = StreamingHttpResponse(results_stream(job, after), content_type="application/x-ndjson")
+        following = _bool_param(request, "follow")
+        lines = follow.follow_ndjson(job, after) if following else results_stream(job, after)
+        response = StreamingHttpResponse(lines, content_type="application/x-ndjson")
+        if following:
+            response["X-Accel-Buffering"] = "no"  # a proxy in front (nginx) passes each line on at once
         response["Cache-Control"] = "no-cache"
         return response
 

@@ -77,12 +77,12 @@ def test_a_connection_holds_at_most_its_cap_of_streams() -> None:
         never = asyncio.get_running_loop().create_future()
         consumer.streams = {str(i): asyncio.ensure_future(asyncio.shield(never)) for i in range(consumers.MAX_STREAMS_PER_CONNECTION)}
         with pytest.raises(Overloaded):
-            consumer._room_for_one_more()
+            consumer.room_for_one_more()
         done = asyncio.ensure_future(asyncio.sleep(0))
         await done
         consumer.streams["0"].cancel()
         await asyncio.sleep(0)
-        consumer._room_for_one_more()  # a finished stream makes room
+        consumer.room_for_one_more()  # a finished stream makes room
         assert len(consumer.streams) == consumers.MAX_STREAMS_PER_CONNECTION - 1
         for task in consumer.streams.values():
             task.cancel()
