@@ -1,12 +1,18 @@
 """Batch jobs through batch workers of their own test, with no other batch worker
-consuming: one killed mid-job and replaced, one whose provider is down at first."""
+consuming: one killed mid-job and replaced, one whose provider is down at first, and
+a 10,000-item job whose every process (gateway, batch worker, scheduler) is killed
+and started again, its file and S3 destinations holding each item once."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from django.utils import timezone
 
@@ -14,8 +20,9 @@ from batches.models import BatchItem, BatchJob
 from batches.services import batch_recover
 from orchestrator_site.celery import app
 from pipeline.config import get_config
+from tests.batches.conftest import S3
 from tests.batches.test_batch_worker import LEASE_S, config_with, start_batch_worker, submit, wait_for
-from tests.conftest import Fakes, TenantFixture, WorkerProcess, stop_process
+from tests.conftest import ROOT, Fakes, TenantFixture, WorkerProcess, process_env, start_gateway, stop_process
 
 
 def only_consumer(worker: WorkerProcess) -> None:
@@ -117,3 +124,65 @@ def test_an_openai_batch_survives_its_worker_being_killed_with_each_line_once(ow
     rows = jsonl(content(owner, done["output_file_id"]))
     assert [row["custom_id"] for row in rows] == [f"req-{i}" for i in range(120)]  # each line once, in the file's order
     assert {row["response"]["body"]["choices"][0]["message"]["content"] for row in rows} == {"Hello, world!"}
+
+
+def start_beat(tmp_path: Path, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The scheduler, as ``make run`` starts it, with a schedule file of its own."""
+    command = [sys.executable, "-m", "celery", "-A", "orchestrator_site", "--quiet", "beat", "-s", str(tmp_path / "celerybeat-schedule")]
+    with (tmp_path / f"{name}.log").open("ab") as log:
+        return subprocess.Popen([*command, "--loglevel", "WARNING"], cwd=ROOT, env=process_env(env), stdout=log, stderr=subprocess.STDOUT)
+
+
+def kill(*procs: subprocess.Popen[bytes]) -> None:
+    for proc in procs:
+        proc.kill()  # SIGKILL: nothing finishes, nothing is acknowledged or cleaned up
+    for proc in procs:
+        proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.django_db(transaction=True)
+def test_every_process_killed_mid_job_then_restarted_each_destination_holds_each_item_once(owner: TenantFixture, tmp_path: Path, s3: S3) -> None:
+    out = tmp_path / "out"
+    config = config_with(tmp_path, lease_s=LEASE_S, stall_after_s=2, output_dir=str(out), webhook_allow=["127.0.0.1/32"])
+    env = {"PIPELINE_CONFIG": str(config), "BATCH_RECOVERY_INTERVAL_S": "1", "LOG_LEVEL": "WARNING"}
+    gateway, url = start_gateway(tmp_path / "gateway.log", env)
+    worker = start_batch_worker(tmp_path, "node-a", config=config, measured=False)  # its scale is the test: outside coverage
+    beat = start_beat(tmp_path, "beat-a", env)
+    only_consumer(worker)
+    auth = {"Authorization": f"Bearer {owner.key}"}
+    prompts = [{"prompt": f"prompt number {i}", "custom_id": f"p{i}"} for i in range(10_000)]
+    places = [{"kind": "file", "path": "night/run.jsonl"}, {"kind": "s3", "bucket": s3.bucket, "prefix": "night/", "endpoint_url": s3.endpoint_url}]
+    resp = httpx.post(f"{url}/api/v1/batch", json={"prompts": prompts, "destinations": places}, headers=auth, timeout=60)
+    assert resp.status_code == 201, resp.text
+    job_id = resp.json()["id"]
+    deadline = time.monotonic() + 120
+    while BatchJob.objects.get(pk=job_id).items_done < 1500:
+        assert time.monotonic() < deadline, "no progress before the kill"
+        time.sleep(0.05)
+    kill(gateway, worker.proc, beat)
+    stalled = BatchJob.objects.get(pk=job_id)
+    assert stalled.status == "running" and 1500 <= stalled.items_done < 10_000
+
+    time.sleep(LEASE_S + 0.5)  # the dead worker's leases run out, as they would
+    gateway, url = start_gateway(tmp_path / "gateway.log", env)
+    worker = start_batch_worker(tmp_path, "node-a-again", config=config, measured=False)
+    beat = start_beat(tmp_path, "beat-a-again", env)
+    try:
+        only_consumer(worker)
+        deadline = time.monotonic() + 300  # the sweep on the restarted scheduler queues what was left
+        while (job := httpx.get(f"{url}/api/v1/batch/{job_id}", headers=auth, timeout=10).json())["status"] != "completed" or any(
+            d["state"] != "delivered" for d in job["destinations"]
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.5)
+    finally:
+        for proc in (gateway, worker.proc, beat):
+            stop_process(proc)
+    assert job["counts"]["done"] == 10_000 and [d["lines"] for d in job["destinations"]] == [10_000, 10_000]
+    written = (out / "night" / "run.jsonl").read_bytes()
+    assert s3.body(f"night/{job_id}.jsonl") == written  # the same lines in both
+    rows = [json.loads(line) for line in written.splitlines()]
+    assert [row["index"] for row in rows] == list(range(10_000))  # every item once, in order
+    assert all(row["status"] == "done" and row["custom_id"] == f"p{row['index']}" and row["text"].startswith(f"prompt number {row['index']}") for row in rows)
