@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
+import itertools
 import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
 from django.core.exceptions import ValidationError
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F, Q
+from django.db.models.functions import Greatest
 from django.utils import timezone
 from kombu.exceptions import OperationalError as KombuOperationalError
 
@@ -33,7 +36,7 @@ from pipeline.api.inputs import ChatCompletionInput, validated
 from pipeline.config import PipelineSettings, config_at, config_version, get_config
 from pipeline.engine import PipelineDeps, run_pipeline
 from pipeline.metrics import record_stages
-from pipeline.models import Tenant, UsageOutcome
+from pipeline.models import Tenant
 from pipeline.queues import Queue
 from pipeline.routing import route_request, worker_pool
 from pipeline.services import budgets
@@ -248,9 +251,10 @@ def batch_run_chunk(*, job_id: str, first: int, last: int) -> None:
 
 
 def _run_chunk(job_id: str, first: int, last: int) -> None:
-    """Run the pending items of ``first``..``last``. When their provider is down, the
+    """Run the pending items of ``first``..``last``, ``batch.claim_group`` at a time:
+    one transaction claims a group, one records it. When their provider is down, the
     chunk is queued again to run after ``retry_delay_s``."""
-    job = BatchJob.objects.filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
+    job = BatchJob.objects.select_related("tenant").filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
     if job is None:
         return  # finished, cancelled or deleted: a late or duplicate message
     config = config_at(job.config_version)  # the version the job was submitted on
@@ -269,10 +273,10 @@ def _run_chunk(job_id: str, first: int, last: int) -> None:
                 if not _help(urgent, helper=job):
                     preemption.pause(urgent, config.batch.retry_delay_s)
                 continue
-            item = _claim_next(job, first, last, config)
-            if item is None:
+            group = _claim(job, first, last, config)
+            if not group:
                 return
-            if not _run_item(job, item, config):
+            if _run_group(job, group, config, preemption) == GroupEnd.PROVIDER_DOWN:
                 _enqueue(job, [(first, last)], countdown=config.batch.retry_delay_s)
                 return
     finally:
@@ -283,19 +287,69 @@ def _run_chunk(job_id: str, first: int, last: int) -> None:
 def _help(job_id: str, *, helper: BatchJob) -> bool:
     """Run ``job_id``'s free items, any of them, until none is left; False when its
     provider is down (the item stays pending for its own chunk's retry)."""
-    job = BatchJob.objects.filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
+    job = BatchJob.objects.select_related("tenant").filter(pk=job_id, status__in=BatchJob.ACTIVE).first()
     if job is None:
         return True
     config = config_at(job.config_version)
     log.info("batch_chunk_preempted", job_id=str(helper.id), by_job_id=job_id, outcome="preempted")
     BatchJob.objects.filter(pk=job.pk, status=BatchJob.Status.QUEUED).update(status=BatchJob.Status.RUNNING, started_at=timezone.now())
     try:
-        while not expire_if_due(job) and (item := _claim_next(job, 0, job.items_total, config)) is not None:
-            if not _run_item(job, item, config):
+        while not expire_if_due(job) and (group := _claim(job, 0, job.items_total, config)):
+            if _run_group(job, group, config) == GroupEnd.PROVIDER_DOWN:
                 return False
     finally:
         _finish_if_complete(job)
     return True
+
+
+class GroupEnd(enum.Enum):
+    RAN = "ran"  # every item claimed was run
+    YIELDED = "yielded"  # stopped for a more urgent job, or a cancel: the rest released
+    PROVIDER_DOWN = "provider_down"  # the provider is down: the rest released, the chunk waits
+
+
+def _run_group(job: BatchJob, group: list[BatchItem], config: PipelineSettings, preemption: urgency.Preemption | None = None) -> GroupEnd:
+    """Run a claimed group's items, one by one, and record what came of them together.
+    Before each item but the first, a more urgent job or a cancel stops the group; the
+    items not run go back, their attempt not counted."""
+    outcomes: list[Outcome] = []
+    end, ran = GroupEnd.RAN, 0
+    try:
+        for ran, item in enumerate(group):
+            if ran and _should_yield(job, preemption):
+                end = GroupEnd.YIELDED
+                break
+            outcome = _run_item(job, item, config)
+            if outcome is None:
+                end = GroupEnd.PROVIDER_DOWN
+                ran += 1  # this one was deferred by _run_item itself
+                break
+            outcomes.append(outcome)
+        else:
+            ran = len(group)
+    finally:
+        _record_many(job, outcomes)
+    if ran < len(group):
+        _release(group[ran:])
+    return end
+
+
+def _should_yield(job: BatchJob, preemption: urgency.Preemption | None) -> bool:
+    """Whether a group stops before its next item: a more urgent job waits, or this one
+    was cancelled. The urgency check (a Redis round trip) says when the job has left
+    its set; Postgres confirms it then, or every item where there is no such check."""
+    if preemption is not None and preemption.urgent() is not None:
+        return True
+    if preemption is None or preemption.gone:
+        return not BatchJob.objects.filter(pk=job.pk, status__in=BatchJob.ACTIVE).exists()
+    return False
+
+
+def _release(items: Sequence[BatchItem]) -> None:
+    """Claimed items not run after all: free again, the attempt given back."""
+    BatchItem.objects.filter(pk__in=[item.pk for item in items], status=BatchItem.Status.PENDING).update(
+        leased_until=None, attempts=Greatest(F("attempts") - 1, 0)
+    )
 
 
 def expire_if_due(job: BatchJob, *, now: dt.datetime | None = None) -> bool:
@@ -319,24 +373,27 @@ def expire_if_due(job: BatchJob, *, now: dt.datetime | None = None) -> bool:
     return True
 
 
-def _claim_next(job: BatchJob, first: int, last: int, config: PipelineSettings) -> BatchItem | None:
-    """The chunk's next pending item nobody holds, leased to this run (the attempt is
-    counted now: a worker that dies on an item has used an attempt)."""
+def _claim(job: BatchJob, first: int, last: int, config: PipelineSettings) -> list[BatchItem]:
+    """The chunk's next pending items nobody holds, up to ``batch.claim_group``, leased
+    to this run in one transaction (the attempt is counted now: a worker that dies on
+    an item has used an attempt). An item tried before (its run died, or its provider
+    was down) is claimed alone: an item that kills its worker then costs only its own
+    attempts, not those of the group it came in."""
     now = timezone.now()
+    lease = now + dt.timedelta(seconds=config.batch.lease_s)
     with transaction.atomic():
-        item = (
+        free = list(
             BatchItem.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(job_id=job.pk, index__gte=first, index__lte=last, status=BatchItem.Status.PENDING, job__status__in=BatchJob.ACTIVE)
             .filter(Q(leased_until__isnull=True) | Q(leased_until__lt=now))
-            .order_by("index")
-            .first()
+            .order_by("index")[: config.batch.claim_group]
         )
-        if item is None:
-            return None
-        item.attempts += 1
-        item.leased_until = now + dt.timedelta(seconds=config.batch.lease_s)
-        item.save(update_fields=["attempts", "leased_until"])
-    return item
+        items = free[:1] if free and free[0].attempts else list(itertools.takewhile(lambda item: item.attempts == 0, free))
+        if items:
+            BatchItem.objects.filter(pk__in=[item.pk for item in items]).update(attempts=F("attempts") + 1, leased_until=lease)
+    for item in items:
+        item.attempts, item.leased_until = item.attempts + 1, lease
+    return items
 
 
 def _request_for(job: BatchJob, item: BatchItem, config: PipelineSettings) -> PromptRequest:
@@ -344,7 +401,14 @@ def _request_for(job: BatchJob, item: BatchItem, config: PipelineSettings) -> Pr
     request_id, session_id = f"{job.id.hex}-{item.index}", f"batch-{job.id.hex}"
     if item.request is not None:
         return body_request(
-            item.request, tenant_id=str(job.tenant_id), worker=job.worker, model=job.model, config=config, request_id=request_id, session_id=session_id
+            item.request,
+            tenant_id=str(job.tenant_id),
+            worker=job.worker,
+            model=job.model,
+            config=config,
+            request_id=request_id,
+            session_id=session_id,
+            tenant_has_documents=job.tenant.has_documents,
         )
     return PromptRequest(
         request_id=request_id,
@@ -357,11 +421,20 @@ def _request_for(job: BatchJob, item: BatchItem, config: PipelineSettings) -> Pr
         temperature=job.temperature,
         stop=tuple(job.stop),
         metadata=dict(job.metadata),
+        tenant_has_documents=job.tenant.has_documents,  # as the chunk found it: no search for a tenant without any
     )
 
 
 def body_request(
-    body: Mapping[str, Any], *, tenant_id: str, worker: str, model: str, config: PipelineSettings, request_id: str = "", session_id: str = ""
+    body: Mapping[str, Any],
+    *,
+    tenant_id: str,
+    worker: str,
+    model: str,
+    config: PipelineSettings,
+    request_id: str = "",
+    session_id: str = "",
+    tenant_has_documents: bool = True,
 ) -> PromptRequest:
     """A ``/v1/chat/completions`` body as a batch item's request on ``worker`` and
     ``model``: its messages, sampling fields and tools, checked as the endpoint checks
@@ -370,18 +443,33 @@ def body_request(
     data = validated(ChatCompletionInput, dict(body))
     fields = data.request_fields(worker=worker, model=model, max_prompt_chars=config.limits.max_prompt_chars)
     request = infer_build_request(
-        tenant_id=tenant_id, data=fields, config=config, tenant_has_documents=True, stream=False, route=route_request(config, worker=worker, model=model)
+        tenant_id=tenant_id,
+        data=fields,
+        config=config,
+        tenant_has_documents=tenant_has_documents,
+        stream=False,
+        route=route_request(config, worker=worker, model=model),
     )
     return dataclasses.replace(request, request_id=request_id or request.request_id, session_id=session_id or request.session_id)
 
 
-def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
-    """Run one item and record what came of it. False when its provider is down and the
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What came of running an item: its answer (and the request, for the ledger), or
+    its error."""
+
+    item: BatchItem
+    result: PipelineResult | None = None
+    error: OrchestratorError | None = None
+    request: PromptRequest | None = None
+
+
+def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> Outcome | None:
+    """Run one item; what came of it, to record. None when its provider is down and the
     item has attempts left (it stays pending: the chunk should pause)."""
     if item.attempts > config.batch.max_attempts:  # earlier runs died on it
         last = OrchestratorError.from_dict(item.error) if item.error else OrchestratorError(f"the item's run was interrupted {item.attempts - 1} times")
-        _record(job, item, error=last)
-        return True
+        return Outcome(item, error=last)
     observed: list[tuple[str, str, int]] = []
     worker = job.worker
 
@@ -414,63 +502,77 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> bool:
     try:
         request = _request_for(job, item, config)
     except OrchestratorError as exc:  # a line the config it runs on refuses (a worker's seed, say)
-        _record(job, item, error=exc)
-        return True
+        return Outcome(item, error=exc)
     try:
         result = run_guarded(request, config, run)
     except TRANSIENT as exc:
         record_stages(observed, worker)
         if item.attempts >= config.batch.max_attempts:
-            _record(job, item, error=exc)
-            return True
+            return Outcome(item, error=exc)
         BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(leased_until=None, error=exc.to_dict())
         metrics.item_finished(job.priority, "retry_later")
         log.warning("batch_item_deferred", job_id=str(job.id), index=item.index, attempts=item.attempts, error_code=exc.code, outcome="retry")
-        return False
+        return None
     except OrchestratorError as exc:
         record_stages(observed, worker)
-        _record(job, item, error=exc)
-        return True
+        return Outcome(item, error=exc)
     except Exception as exc:  # item boundary: one bad item fails alone, with its traceback logged
         log.exception("batch_item_crashed", job_id=str(job.id), index=item.index, outcome="error", error_type=type(exc).__name__)
-        _record(job, item, error=OrchestratorError("internal error while running the item"))
-        return True
+        return Outcome(item, error=OrchestratorError("internal error while running the item"))
     record_stages(observed, worker)
-    cost = budgets.actual_nano(result, config)
     # Spent at the provider, even by a duplicate run.
     budgets.count_spend(str(job.tenant_id), result, config)
-    _record(job, item, result=result)
-    budgets.ledger_write_safely(
-        request,
-        worker=result.worker,
-        model=result.model,
-        prompt_tokens=result.usage.prompt_tokens,
-        completion_tokens=result.usage.completion_tokens,
-        cost_nano=cost,
-        outcome=UsageOutcome.ANSWERED,
-    )
-    return True
+    return Outcome(item, result=result, request=request)
 
 
 def _record(job: BatchJob, item: BatchItem, *, result: PipelineResult | None = None, error: OrchestratorError | None = None) -> None:
-    """The item's answer or error, and the job's count, in one transaction; an item
-    answered already (a duplicate run) is not counted twice."""
+    """One item's answer or error (``_record_many`` of one)."""
+    _record_many(job, [Outcome(item, result=result, error=error)])
+
+
+_RECORD_SQL = """
+UPDATE {items} AS i SET
+    status = v.status, leased_until = NULL, finished_at = %s,
+    output = COALESCE(v.output, i.output), finish_reason = COALESCE(v.finish_reason, i.finish_reason),
+    usage = COALESCE(v.usage::jsonb, i.usage), detail = v.detail::jsonb, error = v.error::jsonb
+FROM (VALUES {rows}) AS v(id, status, output, finish_reason, usage, detail, error)
+WHERE i.id = v.id AND i.status = 'pending'
+RETURNING i.id
+"""
+
+
+def _record_many(job: BatchJob, outcomes: Sequence[Outcome]) -> None:
+    """Items' answers and errors, and the job's counts, in one transaction of two
+    statements; an item answered already (a duplicate run) is neither written nor
+    counted again. Then the answers' ledger rows, in one more."""
+    if not outcomes:
+        return
     now = timezone.now()
-    fields: dict[str, Any] = {"leased_until": None, "finished_at": now}
-    if result is not None:
-        fields.update(status=BatchItem.Status.DONE, output=result.text, finish_reason=result.finish_reason, usage=result.usage.to_dict(), error=None)
-        fields["detail"] = detail_of(result)
-        counter, outcome = "items_done", "ok"
-    else:
-        failure = error or OrchestratorError()
-        fields.update(status=BatchItem.Status.FAILED, error=failure.to_dict())
-        counter, outcome = "items_failed", failure.code
-    with transaction.atomic():
-        if BatchItem.objects.filter(pk=item.pk, status=BatchItem.Status.PENDING).update(**fields):
-            BatchJob.objects.filter(pk=job.pk).update(**{counter: F(counter) + 1}, progressed_at=now)
+    params: list[Any] = [now]
+    for outcome in outcomes:
+        if outcome.result is not None:
+            answer = outcome.result
+            status, output, reason, usage = BatchItem.Status.DONE.value, answer.text, answer.finish_reason, json.dumps(answer.usage.to_dict())
+            detail, error = detail_of(answer), None
         else:
-            return
-    metrics.item_finished(job.priority, outcome)
+            status, output, reason, usage, detail = BatchItem.Status.FAILED.value, None, None, None, None
+            error = (outcome.error or OrchestratorError()).to_dict()
+        params += [outcome.item.pk, status, output, reason, usage, None if detail is None else json.dumps(detail), None if error is None else json.dumps(error)]
+    rows = ", ".join(["(%s::bigint, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_RECORD_SQL.format(items=BatchItem._meta.db_table, rows=rows), params)
+        written = {row[0] for row in cursor.fetchall()}
+        recorded = [outcome for outcome in outcomes if outcome.item.pk in written]
+        done = sum(outcome.result is not None for outcome in recorded)
+        if recorded:
+            BatchJob.objects.filter(pk=job.pk).update(
+                items_done=F("items_done") + done, items_failed=F("items_failed") + len(recorded) - done, progressed_at=now
+            )
+    for outcome in recorded:
+        metrics.item_finished(job.priority, "ok" if outcome.result is not None else (outcome.error or OrchestratorError()).code)
+    answered = [(o.request, o.result) for o in outcomes if o.result is not None and o.request is not None]
+    if answered:
+        budgets.ledger_write_answers_safely(answered, config_at(job.config_version))
 
 
 def detail_of(result: PipelineResult) -> dict[str, Any] | None:

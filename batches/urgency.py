@@ -46,8 +46,11 @@ NO_DEADLINE = RANK_SPAN - 1
 # deadline (1/0), the end of "near" (epoch seconds), its deadline (epoch seconds, 0:
 # none). The id of a job more urgent than this one, or nothing: for a job near its
 # deadline, one with an earlier deadline; for any other, a job near its deadline, else
-# the one with the lowest score if lower than this one's.
+# the one with the lowest score if lower than this one's. GONE when this job has no
+# entry (it left: cancelled or ended, or Redis lost it).
+GONE = "-"
 MORE_URGENT = """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return '-' end
 if ARGV[3] == '1' then
   local earlier = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[5], 'LIMIT', 0, 1)
   if earlier[1] and earlier[1] ~= ARGV[1] then return earlier[1] end
@@ -161,12 +164,15 @@ class Preemption:
     def __init__(self, job: BatchJob, near_s: float) -> None:
         self.job = job
         self.near_s = near_s
+        self.gone = False
         self._quiet_until: dict[str, float] = {}
 
     def urgent(self) -> str | None:
-        """The job whose free items should run before this run's next one, if any."""
+        """The job whose free items should run before this run's next one, if any.
+        Sets ``gone`` when Redis no longer has this run's job (see ``GONE``)."""
         found = more_urgent(self.job, self.near_s)
-        if found is None or self._quiet_until.get(found, 0.0) > time.monotonic():
+        self.gone = found == GONE
+        if found is None or self.gone or self._quiet_until.get(found, 0.0) > time.monotonic():
             return None
         if waits(found):
             return found

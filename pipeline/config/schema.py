@@ -181,6 +181,9 @@ class BatchConfig(_Strict):
     max_items: int = Field(50_000, ge=1, le=1_000_000, description="Prompts in one job at most.")
     max_body_mb: int = Field(64, ge=1, le=1024, description="A job's request body at most, in MB.")
     chunk_size: int = Field(25, ge=1, le=10_000, description="Items per Celery task.")
+    claim_group: int = Field(
+        10, ge=1, le=1000, description="Items a chunk claims in one transaction and records in one: fewer round trips, more items run again after a crash."
+    )
     max_attempts: int = Field(3, ge=1, le=20, description="Tries of an item whose provider is down before it is failed.")
     retry_delay_s: float = Field(30.0, ge=0, le=3600, description="Wait before a chunk whose provider was down runs again.")
     lease_s: float = Field(600.0, gt=0, le=86_400, description="An item being run is nobody else's for this long.")

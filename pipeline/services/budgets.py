@@ -20,7 +20,7 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -345,26 +345,30 @@ def ledger_row(result: PipelineResult, *, cost_nano: int) -> dict[str, object]:
     }
 
 
+def _usage_entry(
+    request: PromptRequest, *, worker: str, model: str, prompt_tokens: int, completion_tokens: int, cost_nano: int, outcome: UsageOutcome
+) -> UsageEntry:
+    return UsageEntry(
+        tenant_id=request.tenant_id,
+        api_key_id=request.api_key_id,
+        session_id=request.session_id,
+        request_id=request.request_id,
+        worker=worker,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_usd=usd(cost_nano),
+        outcome=outcome,
+        created_at=dt.datetime.now(tz=dt.UTC),
+    )
+
+
 def ledger_write(request: PromptRequest, *, worker: str, model: str, prompt_tokens: int, completion_tokens: int, cost_nano: int, outcome: UsageOutcome) -> None:
     """One row of the ledger; a request already in it is not written twice."""
-    UsageEntry.objects.bulk_create(
-        [
-            UsageEntry(
-                tenant_id=request.tenant_id,
-                api_key_id=request.api_key_id,
-                session_id=request.session_id,
-                request_id=request.request_id,
-                worker=worker,
-                model=model,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cost_usd=usd(cost_nano),
-                outcome=outcome,
-                created_at=dt.datetime.now(tz=dt.UTC),
-            )
-        ],
-        ignore_conflicts=True,
+    entry = _usage_entry(
+        request, worker=worker, model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_nano=cost_nano, outcome=outcome
     )
+    UsageEntry.objects.bulk_create([entry], ignore_conflicts=True)
 
 
 def ledger_write_safely(request: PromptRequest, **entry: Any) -> None:
@@ -374,6 +378,27 @@ def ledger_write_safely(request: PromptRequest, **entry: Any) -> None:
         ledger_write(request, **entry)
     except DatabaseError as exc:
         log.warning("usage_unrecorded", request_id=request.request_id, outcome="error", error_type=type(exc).__name__)
+
+
+def ledger_write_answers_safely(answers: Sequence[tuple[PromptRequest, PipelineResult]], config: PipelineSettings) -> None:
+    """The ledger rows of several answers (a batch group's) in one INSERT; a request
+    already in it is not written twice, and Postgres refusing is logged, as above."""
+    entries = [
+        _usage_entry(
+            request,
+            worker=result.worker,
+            model=result.model,
+            prompt_tokens=result.usage.prompt_tokens,
+            completion_tokens=result.usage.completion_tokens,
+            cost_nano=actual_nano(result, config),
+            outcome=UsageOutcome.ANSWERED,
+        )
+        for request, result in answers
+    ]
+    try:
+        UsageEntry.objects.bulk_create(entries, ignore_conflicts=True)
+    except DatabaseError as exc:
+        log.warning("usage_unrecorded", request_id=entries[0].request_id if entries else "", rows=len(entries), outcome="error", error_type=type(exc).__name__)
 
 
 # --- operators and reports ------------------------------------------------------------

@@ -95,14 +95,17 @@ def test_every_setting_of_the_job_reaches_the_provider(owner: TenantFixture, fak
 
 
 @pytest.mark.django_db
-def test_a_claim_leases_the_item_for_lease_s(owner: TenantFixture, pipeline_config: Any) -> None:
-    config = pipeline_config(with_batch(lease_s=120))
-    job = batch_create(tenant=owner.tenant, data={"prompts": [Prompt("a")]}, config=config)
+def test_a_claim_leases_a_group_of_items_for_lease_s(owner: TenantFixture, pipeline_config: Any) -> None:
+    config = pipeline_config(with_batch(lease_s=120, claim_group=3))
+    job = batch_create(tenant=owner.tenant, data={"prompts": [Prompt(p) for p in "abcde"]}, config=config)
     before = timezone.now()
-    item = services._claim_next(job, 0, 0, config)
-    assert item is not None and item.attempts == 1
-    assert before + dt.timedelta(seconds=119) < item.leased_until < timezone.now() + dt.timedelta(seconds=121)
-    assert services._claim_next(job, 0, 0, config) is None  # held
+    group = services._claim(job, 1, 4, config)
+    assert [item.index for item in group] == [1, 2, 3] and all(item.attempts == 1 for item in group)
+    stored = list(job.items.filter(index__in=[1, 2, 3]).values_list("attempts", "leased_until"))
+    assert [(attempts, leased == group[0].leased_until) for attempts, leased in stored] == [(1, True)] * 3
+    assert before + dt.timedelta(seconds=119) < group[0].leased_until < timezone.now() + dt.timedelta(seconds=121)
+    assert [item.index for item in services._claim(job, 1, 4, config)] == [4]  # the others are held
+    assert services._claim(job, 1, 4, config) == []
 
 
 @pytest.mark.django_db

@@ -190,9 +190,9 @@ def test_the_chunk_boundary_keeps_database_and_unexpected_errors_inside(owner: T
     def down(*args: Any) -> None:
         raise DatabaseError("server closed the connection unexpectedly")
 
-    monkeypatch.setattr(services, "_claim_next", down)
+    monkeypatch.setattr(services, "_claim", down)
     batch_run_chunk(job_id=str(job.id), first=0, last=0)  # logged, not raised
-    monkeypatch.setattr(services, "_claim_next", lambda *args: 1 / 0)
+    monkeypatch.setattr(services, "_claim", lambda *args: 1 / 0)
     batch_run_chunk(job_id=str(job.id), first=0, last=0)
     assert statuses(job) == ["pending"]  # left for the next run or the sweep
 

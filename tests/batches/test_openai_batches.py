@@ -412,7 +412,7 @@ def test_a_chunk_stopped_by_the_cancel_queues_the_files_itself(owner: TenantFixt
     job = job_of(batch)
     run_item = services._run_item
 
-    def cancelled_meanwhile(*args: Any) -> bool:
+    def cancelled_meanwhile(*args: Any) -> Any:
         ran = run_item(*args)
         services.batch_cancel(tenant_id=str(owner.tenant.id), job_id=job.id)  # as the client cancels during the item
         return ran
