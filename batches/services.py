@@ -373,6 +373,19 @@ def expire_if_due(job: BatchJob, *, now: dt.datetime | None = None) -> bool:
     return True
 
 
+def _commit_without_waiting() -> None:
+    """This transaction's commit does not wait for its WAL to reach the disk
+    (``synchronous_commit = off``, for it alone). Claims and records are the batch path's
+    commits, one each per group: a Postgres crash may lose the last few hundred
+    milliseconds of them, which puts those items back to pending, to be run again (a
+    record only takes a pending item: nothing counts twice). Never the job's creation,
+    which the client is told about. Only for a transaction of its own: inside a caller's,
+    the setting would outlive the savepoint and reach the caller's commit."""
+    if len(connection.savepoint_ids) == 0:  # the outermost atomic block: the transaction is ours
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
 def _claim(job: BatchJob, first: int, last: int, config: PipelineSettings) -> list[BatchItem]:
     """The chunk's next pending items nobody holds, up to ``batch.claim_group``, leased
     to this run in one transaction (the attempt is counted now: a worker that dies on
@@ -382,6 +395,7 @@ def _claim(job: BatchJob, first: int, last: int, config: PipelineSettings) -> li
     now = timezone.now()
     lease = now + dt.timedelta(seconds=config.batch.lease_s)
     with transaction.atomic():
+        _commit_without_waiting()
         free = list(
             BatchItem.objects.select_for_update(skip_locked=True, of=("self",))
             .filter(job_id=job.pk, index__gte=first, index__lte=last, status=BatchItem.Status.PENDING, job__status__in=BatchJob.ACTIVE)
@@ -560,6 +574,7 @@ def _record_many(job: BatchJob, outcomes: Sequence[Outcome]) -> None:
         params += [outcome.item.pk, status, output, reason, usage, None if detail is None else json.dumps(detail), None if error is None else json.dumps(error)]
     rows = ", ".join(["(%s::bigint, %s, %s, %s, %s, %s, %s)"] * len(outcomes))
     with transaction.atomic(), connection.cursor() as cursor:
+        _commit_without_waiting()
         cursor.execute(_RECORD_SQL.format(items=BatchItem._meta.db_table, rows=rows), params)
         written = {row[0] for row in cursor.fetchall()}
         recorded = [outcome for outcome in outcomes if outcome.item.pk in written]

@@ -91,7 +91,7 @@ def test_a_group_is_one_claim_one_record_and_one_ledger_insert(
     pipeline_config(with_batch(claim_group=10))
     with django_capture_on_commit_callbacks(execute=True):  # its urgency noted: Redis vouches that it is not cancelled
         job = make_job(owner, [f"p{i}" for i in range(10)])
-    with django_assert_max_num_queries(20):  # savepoints included; per item it was 7 (claim 4, record 2, ledger 1): 70 and more
+    with django_assert_max_num_queries(22):  # savepoints and SET LOCALs included; per item it was 7 (claim 4, record 2, ledger 1): 70 and more
         batch_run_chunk(job_id=str(job.id), first=0, last=9)
     assert statuses(job) == ["done"] * 10
     rows = UsageEntry.objects.filter(request_id__startswith=job.id.hex).aggregate(n=Count("id"))
@@ -153,3 +153,33 @@ def test_an_item_that_kills_its_worker_fails_alone(owner: TenantFixture, queued:
     items = {item.index: item for item in job.items.all()}
     assert items[1].status == "failed" and "interrupted" in items[1].error["message"]
     assert (items[2].status, items[3].status) == ("done", "done")  # one extra attempt each, not three
+
+
+@pytest.mark.django_db(transaction=True)  # the worker's case: the claim's and the record's transactions are their own
+def test_claims_and_records_commit_without_waiting_for_the_disk_and_only_they(
+    owner: TenantFixture, queued: list[tuple[Any, ...]], pipeline_config: Any
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    pipeline_config(with_batch(claim_group=2))
+    job = make_job(owner, ["a", "b"])
+    with CaptureQueriesContext(connection) as captured:
+        batch_run_chunk(job_id=str(job.id), first=0, last=1)
+    sql = [q["sql"] for q in captured.captured_queries]
+    claim = next(i for i, q in enumerate(sql) if "SKIP LOCKED" in q)
+    record = next(i for i, q in enumerate(sql) if q.lstrip().startswith("UPDATE batches_batchitem AS i"))
+    assert sql[claim - 1] == sql[record - 1] == "SET LOCAL synchronous_commit TO OFF"
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"  # for those transactions alone
+
+
+def test_inside_a_callers_transaction_the_commit_setting_is_left_alone(owner: TenantFixture, queued: list[tuple[Any, ...]]) -> None:
+    from django.db import connection
+
+    job = make_job(owner, ["a"])
+    batch_run_chunk(job_id=str(job.id), first=0, last=0)  # inside the test's transaction
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "on"
