@@ -38,9 +38,9 @@ OUT="$(mktemp)"
     echo
     "$PY" scripts/bench_ttft.py --server uvicorn --worker-pool prefork
     echo
-    echo "### A batch job beside real-time traffic (scripts/bench_batch.py: 10,000 echo prompts, RAG over 1,000 documents; the batch worker at nice 0 and 10)"
+    echo "### A batch job beside real-time traffic, side by side with 75eb38a (scripts/bench_batch.py: 10,000 echo prompts of a tenant without documents; real-time requests with RAG over 1,000; the batch worker at nice 0 and 10)"
     echo
-    "$PY" scripts/bench_batch.py
+    "$PY" scripts/bench_batch.py --baseline 75eb38a
 } >"$OUT"
 
 # Keep the hand-written part of BENCHMARKS.md (everything before "## Results").
