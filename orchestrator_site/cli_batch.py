@@ -157,11 +157,18 @@ def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None
 
 
 @batch_app.command("results")
-def results(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
-    """Print the finished items, one JSON object per line, in index order."""
+def results(
+    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    follow: Annotated[bool, typer.Option("--follow", help="Print each item as it finishes, until the job ends.")] = False,
+) -> None:
+    """Print the finished items, one JSON object per line, in index order (with
+    --follow: those finished, then each as it finishes)."""
     with _client() as client:
         try:
-            with client.stream("GET", f"/api/v1/batch/{job_id}/results") as response:
+            # Following, the gateway may say nothing for as long as no item finishes.
+            timeout = httpx.Timeout(60, read=None) if follow else client.timeout
+            params = {"follow": "true"} if follow else {}
+            with client.stream("GET", f"/api/v1/batch/{job_id}/results", params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
                     response.read()
                     _fail(f"the gateway answered {response.status_code}: {response.text[:200]}")

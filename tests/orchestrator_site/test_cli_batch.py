@@ -67,6 +67,13 @@ def test_submit_wait_status_and_results(gateway: str, owner: TenantFixture, tmp_
     assert [(r["index"], r["custom_id"], r["status"]) for r in rows] == [(0, "req-1", "done"), (1, "req-2", "done"), (2, "", "done")]
     assert rows[1]["text"].startswith("two")
 
+    # Followed from its submission: each item as it finishes, and the command ends with the job.
+    running = json.loads(run(gateway, owner.key, "submit", str(jsonl(tmp_path / "more.jsonl", *[{"prompt": f"p{i}"} for i in range(30)]))).stdout)
+    followed = run(gateway, owner.key, "results", running["id"], "--follow")
+    assert followed.returncode == 0, followed.stderr
+    assert sorted(json.loads(line)["index"] for line in followed.stdout.splitlines()) == list(range(30))
+    assert json.loads(run(gateway, owner.key, "status", running["id"]).stdout)["status"] == "completed"
+
 
 def test_openai_request_lines_run_with_their_own_bodies(gateway: str, owner: TenantFixture, tmp_path: Path) -> None:
     conversation = [
