@@ -16,6 +16,7 @@ from batches import services
 from batches.models import BatchJob
 from batches.services import Prompt, batch_cancel, batch_create, batch_run_chunk
 from pipeline.models import UsageEntry
+from tests.batches.test_batch_deadlines import _no_urgency  # noqa: F401 - autouse: no other test's job in the urgency sets
 from tests.batches.test_batch_services import make_job, statuses, with_batch
 from tests.conftest import TenantFixture
 

@@ -148,7 +148,10 @@ def kill(*procs: subprocess.Popen[bytes]) -> None:
 def test_every_process_killed_mid_job_then_restarted_each_destination_holds_each_item_once(owner: TenantFixture, tmp_path: Path, s3: S3) -> None:
     out = tmp_path / "out"
     config = config_with(tmp_path, lease_s=LEASE_S, stall_after_s=2, output_dir=str(out), webhook_allow=["127.0.0.1/32"])
-    env = {"PIPELINE_CONFIG": str(config), "BATCH_RECOVERY_INTERVAL_S": "1", "LOG_LEVEL": "WARNING"}
+    # Metrics of their own: the files of processes killed with SIGKILL stay behind, and
+    # in the suite's shared directory they would show in other tests' scrapes.
+    (tmp_path / "metrics").mkdir()
+    env = {"PIPELINE_CONFIG": str(config), "BATCH_RECOVERY_INTERVAL_S": "1", "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
     gateway, url = start_gateway(tmp_path / "gateway.log", env)
     worker = start_batch_worker(tmp_path, "node-a", config=config, measured=False)  # its scale is the test: outside coverage
     beat = start_beat(tmp_path, "beat-a", env)
