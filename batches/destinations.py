@@ -216,7 +216,7 @@ def where(delivery: BatchDelivery) -> str:
     """Where a delivery goes, in a word for people: a path, a URL, an S3 object."""
     target = delivery.target
     if delivery.kind == "s3":
-        return f"s3://{target.get('bucket')}/{s3.key_of(delivery.job, target)}"
+        return f"s3://{target.get('bucket')}/{s3.key_of(delivery.job_id, target)}"
     return str(target.get("path") or target.get("url") or "")
 
 

@@ -21,6 +21,7 @@ and never duplicates.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,8 +73,8 @@ def validated(field: str, item: dict[str, Any], config: PipelineSettings) -> dic
     return target
 
 
-def key_of(job: BatchJob, target: dict[str, Any]) -> str:
-    return f"{target.get('prefix', '')}{job.id}.jsonl"
+def key_of(job_id: uuid.UUID, target: dict[str, Any]) -> str:
+    return f"{target.get('prefix', '')}{job_id}.jsonl"
 
 
 def deliver(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) -> int:
@@ -81,7 +82,7 @@ def deliver(job: BatchJob, delivery: BatchDelivery, config: PipelineSettings) ->
     from batches.services import result_pages  # the results endpoint's lines, exactly
 
     target = delivery.target
-    bucket, key = str(target["bucket"]), key_of(job, target)
+    bucket, key = str(target["bucket"]), key_of(job.id, target)
     part_bytes = config.batch.s3_part_mb * 1024 * 1024
     client = _client(target, config)
     written, upload_id = 0, ""

@@ -539,11 +539,6 @@ def _run_item(job: BatchJob, item: BatchItem, config: PipelineSettings) -> Outco
     return Outcome(item, result=result, request=request)
 
 
-def _record(job: BatchJob, item: BatchItem, *, result: PipelineResult | None = None, error: OrchestratorError | None = None) -> None:
-    """One item's answer or error (``_record_many`` of one)."""
-    _record_many(job, [Outcome(item, result=result, error=error)])
-
-
 _RECORD_SQL = """
 UPDATE {items} AS i SET
     status = v.status, leased_until = NULL, finished_at = %s,

@@ -79,7 +79,7 @@ def test_recording_an_item_answered_already_changes_nothing(owner: TenantFixture
     job = make_job(owner, ["a"])
     batch_run_chunk(job_id=str(job.id), first=0, last=0)
     item = job.items.get()
-    services._record(job, item, error=services.OrchestratorError("late duplicate"))
+    services._record_many(job, [services.Outcome(item, error=services.OrchestratorError("late duplicate"))])
     job.refresh_from_db()
     item.refresh_from_db()
     assert (job.items_done, job.items_failed, item.status, item.error) == (1, 0, "done", None)
